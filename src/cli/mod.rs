@@ -1,0 +1,68 @@
+//! Command line: parse flags, run a command, turn errors into one line that says
+//! what to do.
+
+pub mod create;
+pub mod examine;
+pub mod size;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// vhost-user-blk backend serving a clustered RAID1 in the Linux md-cluster format.
+#[derive(Debug, Parser)]
+#[command(name = "vhost-user-md", version, about)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make a new RAID1 on two or more legs (like mdadm --create --level=1 --metadata=1.2).
+    Create(create::CreateArgs),
+    /// Show the md superblock and bitmaps of legs (like mdadm --examine and --examine-bitmap).
+    Examine {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Legs to examine (block devices or image files).
+        #[arg(required = true, value_name = "LEG")]
+        legs: Vec<PathBuf>,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("vhost-user-md: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a parsed command; `Err` is the one-line message for the operator.
+pub fn run(cli: Cli) -> Result<ExitCode, String> {
+    match cli.command {
+        Command::Create(args) => create::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Examine { json, legs } => {
+            let report = examine::examine(&legs);
+            if json {
+                let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+                println!("{text}");
+            } else {
+                print!("{}", examine::render(&report));
+            }
+            if report.legs.iter().any(|l| l.error.is_some()) {
+                Ok(ExitCode::FAILURE)
+            } else {
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+}

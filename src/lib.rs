@@ -1,0 +1,10 @@
+//! vhost-user-md: a vhost-user-blk backend serving a clustered RAID1 whose on-disk
+//! format and cluster protocol are those of Linux md-cluster.
+//!
+//! Layers, top to bottom: `cli` (commands), `raid1` (the mirror), `storage` (legs),
+//! `md` (pure on-disk and wire formats).
+
+pub mod cli;
+pub mod md;
+pub mod raid1;
+pub mod storage;

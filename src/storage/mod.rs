@@ -1,0 +1,45 @@
+//! Legs: positional I/O on the block devices or image files that hold the mirrors.
+//!
+//! Everything above talks to a leg through the narrow [`Leg`] trait, so tests can
+//! put a fault-injecting or in-memory leg in place of a real one.
+
+mod file;
+mod mem;
+
+pub use file::{FileLeg, OpenMode};
+pub use mem::MemLeg;
+
+use std::io;
+
+/// One mirror leg: a fixed-size array of bytes with positional I/O.
+pub trait Leg: Send + Sync {
+    /// The name used in messages (the path given by the operator).
+    fn name(&self) -> &str;
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Reads exactly `buf.len()` bytes at byte offset `off`.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// Writes all of `buf` at byte offset `off`.
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+}
+
+/// Reads `len` bytes at `off`, failing with `UnexpectedEof` when the leg is shorter.
+pub fn read_vec(leg: &dyn Leg, off: u64, len: usize) -> io::Result<Vec<u8>> {
+    let end = off.checked_add(len as u64);
+    if end.is_none_or(|e| e > leg.size()) {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "{} bytes at offset {} lie beyond the end of the leg ({} bytes)",
+                len,
+                off,
+                leg.size()
+            ),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    leg.read_at(&mut buf, off)?;
+    Ok(buf)
+}
