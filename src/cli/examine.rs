@@ -3,7 +3,7 @@
 
 use crate::md::bitmap::state as bstate;
 use crate::md::human::{ctime_utc, human_chunksize, human_size, percent};
-use crate::md::superblock::{feature, role, time_seconds};
+use crate::md::superblock::{devflag, feature, role, time_seconds};
 use crate::raid1::metadata::LegMetadata;
 use crate::storage::{FileLeg, OpenMode};
 use serde::Serialize;
@@ -97,6 +97,12 @@ pub struct SuperblockReport {
     pub checksum: u32,
     /// Update counter.
     pub events: u64,
+    /// `WriteMostly1` (1) / `FailFast1` (2) bits.
+    pub devflags: u8,
+    /// Bad-block log size in sectors (0: none).
+    pub bblog_size: u16,
+    /// Bad-block log offset from the superblock (sectors).
+    pub bblog_offset: i32,
     /// Index of this leg in the role table.
     pub dev_number: u32,
     /// This leg's role, as mdadm words it.
@@ -153,7 +159,8 @@ fn bitmap_state_text(state: u32) -> &'static str {
     }
 }
 
-fn report_meta(leg: &str, m: &LegMetadata) -> LegReport {
+/// The report of one leg whose metadata was read.
+pub fn report_leg(leg: &str, m: &LegMetadata) -> LegReport {
     let sb = &m.sb;
     let b = m.bitmap();
     let superblock = SuperblockReport {
@@ -178,6 +185,9 @@ fn report_meta(leg: &str, m: &LegMetadata) -> LegReport {
         update_time: time_seconds(sb.utime),
         checksum: sb.sb_csum,
         events: sb.events,
+        devflags: sb.devflags,
+        bblog_size: sb.bblog_size,
+        bblog_offset: sb.bblog_offset,
         dev_number: sb.dev_number,
         device_role: role_text(sb),
         array_state: sb.array_state(),
@@ -297,7 +307,7 @@ pub fn examine(paths: &[PathBuf]) -> Report {
             .and_then(|leg| LegMetadata::load(&leg).map_err(|e| e.to_string()));
         match leg {
             Ok(m) => {
-                legs.push(report_meta(&name, &m));
+                legs.push(report_leg(&name, &m));
                 loaded.push((name, m));
             }
             Err(e) => legs.push(LegReport {
@@ -393,7 +403,33 @@ pub fn render_leg(r: &LegReport) -> String {
         "Internal Bitmap",
         format!("{} sectors from superblock", s.bitmap_offset),
     );
+    if s.devflags != 0 {
+        let mut f = String::new();
+        if s.devflags & devflag::WRITE_MOSTLY != 0 {
+            f.push_str(" write-mostly");
+        }
+        if s.devflags & devflag::FAIL_FAST != 0 {
+            f.push_str(" failfast");
+        }
+        let _ = writeln!(o, "          Flags :{f}");
+    }
     line(&mut o, "Update Time", ctime_utc(s.update_time));
+    if s.bblog_size != 0 && s.bblog_offset != 0 {
+        let present = if s.feature_map & feature::BAD_BLOCKS != 0 {
+            " - bad blocks present."
+        } else {
+            ""
+        };
+        line(
+            &mut o,
+            "Bad Block Log",
+            format!(
+                "{} entries available at offset {} sectors{present}",
+                u32::from(s.bblog_size) * 512 / 8,
+                s.bblog_offset
+            ),
+        );
+    }
     line(&mut o, "Checksum", format!("{:x} - correct", s.checksum));
     line(&mut o, "Events", s.events.to_string());
     o.push('\n');
