@@ -3,7 +3,8 @@
 use super::size::parse_size;
 use crate::md::human::{human_chunksize, human_size};
 use crate::md::layout::DEFAULT_NODES;
-use crate::raid1::metadata::{create_array, find_existing_md, NewArray};
+use crate::md::Uuid;
+use crate::raid1::metadata::{build_new_array, create_array, find_existing_md, NewArray};
 use crate::storage::{FileLeg, Leg, OpenMode};
 use clap::Args;
 use std::os::unix::fs::MetadataExt;
@@ -73,17 +74,19 @@ pub fn run(args: &CreateArgs) -> Result<(), String> {
             }
         }
     }
-    // Check every existing leg before creating or writing anything.
+    // Check every existing leg, and the geometry, before creating or writing anything.
+    let mut sizes = Vec::with_capacity(args.legs.len());
     for path in &args.legs {
         match std::fs::metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if args.size.is_none() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match args.size {
+                Some(s) => sizes.push(s),
+                None => {
                     return Err(format!(
                         "{} does not exist; give --size to create image files",
                         path.display()
-                    ));
+                    ))
                 }
-            }
+            },
             Err(e) => return Err(format!("{}: {e}", path.display())),
             Ok(meta) => {
                 if meta.file_type().is_dir() {
@@ -110,19 +113,10 @@ pub fn run(args: &CreateArgs) -> Result<(), String> {
                         md.version
                     ));
                 }
+                sizes.push(leg.size().max(args.size.unwrap_or(0)));
             }
         }
     }
-    let mode = match args.size {
-        Some(s) => OpenMode::CreateSize(s),
-        None => OpenMode::ReadWrite,
-    };
-    let legs = args
-        .legs
-        .iter()
-        .map(|p| FileLeg::open(p, mode).map_err(|e| format!("{}: cannot open: {e}", p.display())))
-        .collect::<Result<Vec<_>, _>>()?;
-    let refs: Vec<&dyn Leg> = legs.iter().map(|l| l as &dyn Leg).collect();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -136,6 +130,18 @@ pub fn run(args: &CreateArgs) -> Result<(), String> {
         now,
         uuid: None,
     };
+    let placeholder = vec![Uuid::default(); sizes.len()];
+    build_new_array(&sizes, &opts, &placeholder, Uuid::default()).map_err(|e| e.to_string())?;
+    let mode = match args.size {
+        Some(s) => OpenMode::CreateSize(s),
+        None => OpenMode::ReadWrite,
+    };
+    let legs = args
+        .legs
+        .iter()
+        .map(|p| FileLeg::open(p, mode).map_err(|e| format!("{}: cannot open: {e}", p.display())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&dyn Leg> = legs.iter().map(|l| l as &dyn Leg).collect();
     let (g, metas) = create_array(&refs, &opts).map_err(|e| e.to_string())?;
     let uuid = metas[0].sb.set_uuid;
     let kind = match &args.cluster_name {
