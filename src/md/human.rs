@@ -4,28 +4,26 @@
 /// 2 GiB, TiB/TB from 2 TiB), rounded to hundredths the way mdadm rounds.
 pub fn human_size(bytes: u64) -> String {
     let b = u128::from(bytes);
-    let cent = |unit: u128| (b * 200 / unit + 1) / 2;
-    let fmt = |c: u128, suffix: &str| format!("{}.{:02} {suffix}", c / 100, c % 100);
+    // Hundredths of a binary and of a decimal unit, rounded half up like mdadm.
+    let pair = |bin: u128, dec: u128, bs: &str, ds: &str| {
+        let cb = (b * 200 / bin).div_ceil(2);
+        let cd = (b / (dec / 200)).div_ceil(2);
+        format!(
+            " ({}.{:02} {bs} {}.{:02} {ds})",
+            cb / 100,
+            cb % 100,
+            cd / 100,
+            cd % 100
+        )
+    };
     if bytes < 5000 * 1024 {
         String::new()
     } else if bytes < 2 << 30 {
-        format!(
-            " ({} {})",
-            fmt(cent(1 << 20), "MiB"),
-            fmt((b / (1_000_000 / 200) + 1) / 2, "MB")
-        )
+        pair(1 << 20, 1_000_000, "MiB", "MB")
     } else if bytes < 2 << 40 {
-        format!(
-            " ({} {})",
-            fmt(cent(1 << 30), "GiB"),
-            fmt((b / (1_000_000_000 / 200) + 1) / 2, "GB")
-        )
+        pair(1 << 30, 1_000_000_000, "GiB", "GB")
     } else {
-        format!(
-            " ({} {})",
-            fmt(cent(1 << 40), "TiB"),
-            fmt((b / (1_000_000_000_000 / 200) + 1) / 2, "TB")
-        )
+        pair(1 << 40, 1_000_000_000_000, "TiB", "TB")
     }
 }
 

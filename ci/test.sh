@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit/property/process/interop tests, fuzzing.
+# Usage: ci/test.sh [FUZZ_SECONDS_PER_TARGET]   (default 20)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fuzz_secs=${1:-20}
+ci/install-deps.sh
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --locked 2>&1 | tee target/test.log
+if [ -x ci/fuzz.sh ]; then
+    echo "== fuzz (${fuzz_secs}s per target)"
+    ci/fuzz.sh "$fuzz_secs"
+fi
+passed=$(grep -Eo '^test result: ok\. [0-9]+ passed' target/test.log | awk '{s+=$4} END {print s+0}')
+echo "suite: $passed passed, 0 failed"
