@@ -4,6 +4,7 @@
 //! Layers, top to bottom: `cli` (commands), `raid1` (the mirror), `storage` (legs),
 //! `md` (pure on-disk and wire formats).
 
+pub mod bitmap;
 pub mod cli;
 pub mod md;
 pub mod raid1;

@@ -1,4 +1,7 @@
-//! The mirror: array metadata, and (with the serving layers) fan-out writes, read
-//! balancing, leg failure and resync.
+//! The mirror: array metadata, assembly, fan-out writes, read balancing, leg
+//! failure and resync.
 
+pub mod array;
 pub mod metadata;
+
+pub use array::{Array, AssembleError, AssembleReport, LegState, Member};

@@ -64,4 +64,14 @@ impl Leg for MemLeg {
     fn flush(&self) -> io::Result<()> {
         Ok(())
     }
+
+    fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(off, len)
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+        let r = self.range(off, len as usize)?;
+        self.lock()[r].fill(0);
+        Ok(())
+    }
 }

@@ -3,13 +3,17 @@
 //! Everything above talks to a leg through the narrow [`Leg`] trait, so tests can
 //! put a fault-injecting or in-memory leg in place of a real one.
 
+mod aligned;
+mod faulty;
 mod file;
 mod mem;
 
+pub use aligned::AlignedBuf;
+pub use faulty::{Faults, FaultyLeg};
 pub use file::{FileLeg, OpenMode};
 pub use mem::MemLeg;
 
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 
 /// One mirror leg: a fixed-size array of bytes with positional I/O.
 pub trait Leg: Send + Sync {
@@ -21,8 +25,30 @@ pub trait Leg: Send + Sync {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
     /// Writes all of `buf` at byte offset `off`.
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Reads into several buffers, in order, starting at `off`.
+    fn readv_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<()> {
+        let mut pos = off;
+        for b in bufs.iter_mut() {
+            self.read_at(b, pos)?;
+            pos += b.len() as u64;
+        }
+        Ok(())
+    }
+    /// Writes several buffers, in order, starting at `off`.
+    fn writev_at(&self, bufs: &[IoSlice<'_>], off: u64) -> io::Result<()> {
+        let mut pos = off;
+        for b in bufs {
+            self.write_at(b, pos)?;
+            pos += b.len() as u64;
+        }
+        Ok(())
+    }
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
+    /// Tells the leg that `len` bytes at `off` are no longer needed.
+    fn discard(&self, off: u64, len: u64) -> io::Result<()>;
+    /// Makes `len` bytes at `off` read as zeroes.
+    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()>;
 }
 
 /// Reads `len` bytes at `off`, failing with `UnexpectedEof` when the leg is shorter.
@@ -42,4 +68,17 @@ pub fn read_vec(leg: &dyn Leg, off: u64, len: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
     leg.read_at(&mut buf, off)?;
     Ok(buf)
+}
+
+/// Writes zeroes by writing a zero buffer (for legs without a native way).
+pub(crate) fn write_zero_buffers(leg: &dyn Leg, off: u64, len: u64) -> io::Result<()> {
+    const STEP: u64 = 1 << 20;
+    let zeros = AlignedBuf::zeroed(STEP.min(len) as usize);
+    let mut done = 0;
+    while done < len {
+        let n = STEP.min(len - done) as usize;
+        leg.write_at(&zeros.as_slice()[..n], off + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }

@@ -1,0 +1,489 @@
+//! This node's write-intent bitmap: per-chunk counters in memory, bits on disk.
+//!
+//! The guarantee (md's): a chunk's bit is durable on every in-sync leg before any
+//! data write to that chunk is issued, and is cleared only after every write to the
+//! chunk completed, the legs were flushed, the chunk stayed idle for a daemon period,
+//! and the array is not degraded. Many writers waiting for the same bitmap write
+//! share one flush.
+
+use crate::md::bitmap::{BitmapBits, BitmapGeometry, BitmapSuper, BITMAP_SB_LEN};
+use std::io;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// Where the bitmap goes: implemented by the mirror, which knows the in-sync legs.
+pub trait BitmapStore: Send + Sync {
+    /// Writes `data` at byte offset `off` on every in-sync leg and makes it durable.
+    /// Succeeds when at least one in-sync leg has it (failed legs are failed).
+    fn write_bitmap(&self, off: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes every completed data write durable on every in-sync leg.
+    fn flush_data(&self) -> io::Result<()>;
+}
+
+struct Inner {
+    sb: BitmapSuper,
+    /// Writes in flight per chunk.
+    pending: Vec<u32>,
+    /// The bits as they are (or are about to be) on disk.
+    bits: BitmapBits,
+    /// Chunks whose legs may differ: must be resynced before both legs are trusted.
+    needed: BitmapBits,
+    /// Chunks seen idle by the previous daemon pass.
+    idle: BitmapBits,
+    /// Chunk being resynced right now (writes to it wait).
+    resyncing: Option<u64>,
+    /// Some mirror slot is not in sync: bits must stay set.
+    hold_bits: bool,
+    /// Writes miss a mirror slot: their chunks stay needed for a later recovery.
+    incomplete_writes: bool,
+    /// Generation of the in-memory bits; `flushed` is the generation on disk.
+    generation: u64,
+    flushed: u64,
+    flushing: bool,
+}
+
+/// Counters of what the bitmap did, for status and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BitmapStats {
+    /// Chunks with the bit set.
+    pub dirty: u64,
+    /// Chunks that need a resync.
+    pub needed: u64,
+    /// Total chunks.
+    pub chunks: u64,
+}
+
+/// This node's write-intent bitmap.
+pub struct WriteIntent {
+    geometry: BitmapGeometry,
+    /// Byte offset of this node's bitmap slot on every leg.
+    slot_offset: u64,
+    inner: Mutex<Inner>,
+    changed: Condvar,
+}
+
+impl WriteIntent {
+    /// A bitmap whose on-disk state is `sb` + `bits` at `slot_offset`. Every set bit
+    /// is also marked needed (it may cover a write that reached only some legs).
+    pub fn new(sb: BitmapSuper, bits: BitmapBits, slot_offset: u64) -> Self {
+        let geometry = sb.geometry();
+        let chunks = geometry.chunks();
+        let needed = bits.clone();
+        WriteIntent {
+            geometry,
+            slot_offset,
+            inner: Mutex::new(Inner {
+                sb,
+                pending: vec![0; chunks as usize],
+                bits,
+                needed,
+                idle: BitmapBits::new(chunks),
+                resyncing: None,
+                hold_bits: false,
+                incomplete_writes: false,
+                generation: 0,
+                flushed: 0,
+                flushing: false,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> BitmapGeometry {
+        self.geometry
+    }
+
+    /// The chunks touched by `sectors` sectors at array sector `sector`.
+    pub fn chunk_range(&self, sector: u64, sectors: u64) -> std::ops::RangeInclusive<u64> {
+        let first = self.geometry.chunk_of(sector);
+        let last = self
+            .geometry
+            .chunk_of(sector + sectors.max(1) - 1)
+            .min(self.geometry.chunks().saturating_sub(1));
+        first..=last
+    }
+
+    /// Marks chunks needed (e.g. dirty bits merged from another node's slot) and sets
+    /// their bits; they are written with the next flush.
+    pub fn mark_needed(&self, bits: &BitmapBits) {
+        let mut g = self.lock();
+        for c in bits.dirty() {
+            g.needed.set(c);
+            g.bits.set(c);
+        }
+        g.generation += 1;
+    }
+
+    /// Marks every chunk needed (full resync).
+    pub fn mark_all_needed(&self) {
+        let mut g = self.lock();
+        g.needed.set_all();
+        g.bits.set_all();
+        g.generation += 1;
+    }
+
+    /// Records the array's state: with `hold_bits` (some mirror slot not in sync)
+    /// bits are never cleared; with `incomplete_writes` (writes miss a mirror slot)
+    /// every completed write leaves its chunk needed, for a later recovery.
+    pub fn set_state(&self, hold_bits: bool, incomplete_writes: bool) {
+        let mut g = self.lock();
+        g.hold_bits = hold_bits;
+        g.incomplete_writes = incomplete_writes;
+    }
+
+    /// Called before a data write: counts the write and makes its chunks' bits
+    /// durable. Waits while one of the chunks is being resynced.
+    pub fn start_write(
+        &self,
+        sector: u64,
+        sectors: u64,
+        store: &dyn BitmapStore,
+    ) -> io::Result<()> {
+        let range = self.chunk_range(sector, sectors);
+        let mut g = self.lock();
+        while g.resyncing.is_some_and(|c| range.contains(&c)) {
+            g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        let mut newly_set = false;
+        for c in range.clone() {
+            let p = &mut g.pending[c as usize];
+            *p = p.saturating_add(1);
+            g.idle.clear(c);
+            if !g.bits.get(c) {
+                g.bits.set(c);
+                newly_set = true;
+            }
+        }
+        if newly_set {
+            g.generation += 1;
+        }
+        let want = g.generation;
+        let r = self.flush_locked(g, want, store);
+        if r.is_err() {
+            self.end_write(sector, sectors, true);
+        }
+        r
+    }
+
+    /// Called when a data write finished (on every leg it went to).
+    pub fn end_write(&self, sector: u64, sectors: u64, degraded: bool) {
+        let range = self.chunk_range(sector, sectors);
+        let mut g = self.lock();
+        let degraded = degraded || g.incomplete_writes;
+        for c in range {
+            let p = &mut g.pending[c as usize];
+            *p = p.saturating_sub(1);
+            if degraded {
+                g.needed.set(c);
+            }
+        }
+        drop(g);
+        self.changed.notify_all();
+    }
+
+    /// Writes the bitmap if its generation `want` is not on disk yet; concurrent
+    /// callers share one write.
+    fn flush_locked<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Inner>,
+        want: u64,
+        store: &dyn BitmapStore,
+    ) -> io::Result<()> {
+        loop {
+            if g.flushed >= want {
+                return Ok(());
+            }
+            if g.flushing {
+                g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            g.flushing = true;
+            let target = g.generation;
+            let data = self.encode(&g);
+            drop(g);
+            let r = store.write_bitmap(self.slot_offset, &data);
+            g = self.lock();
+            g.flushing = false;
+            if r.is_ok() && g.flushed < target {
+                g.flushed = target;
+            }
+            self.changed.notify_all();
+            r?;
+        }
+    }
+
+    fn encode(&self, g: &Inner) -> Vec<u8> {
+        let mut data = vec![0u8; self.geometry.slot_len() as usize];
+        data[..BITMAP_SB_LEN].copy_from_slice(&g.sb.encode());
+        let bits = g.bits.as_bytes();
+        data[BITMAP_SB_LEN..BITMAP_SB_LEN + bits.len()].copy_from_slice(bits);
+        data
+    }
+
+    /// Writes the bitmap now (superblock fields and bits).
+    pub fn flush(&self, store: &dyn BitmapStore) -> io::Result<()> {
+        let mut g = self.lock();
+        g.generation += 1;
+        let want = g.generation;
+        self.flush_locked(g, want, store)
+    }
+
+    /// Updates the bitmap superblock's `events` (as on every md superblock write)
+    /// and writes it.
+    pub fn set_events(&self, events: u64, store: &dyn BitmapStore) -> io::Result<()> {
+        {
+            let mut g = self.lock();
+            g.sb.events = events;
+        }
+        self.flush(store)
+    }
+
+    /// One pass of the bitmap daemon: clears the bits of chunks that stayed idle
+    /// since the previous pass, after flushing the legs. Returns how many were cleared.
+    pub fn daemon_pass(&self, events: u64, store: &dyn BitmapStore) -> io::Result<u64> {
+        let candidates: Vec<u64> = {
+            let mut g = self.lock();
+            if g.hold_bits {
+                return Ok(0);
+            }
+            let mut ready = Vec::new();
+            let set: Vec<u64> = g.bits.dirty().collect();
+            for c in set {
+                let busy = g.pending[c as usize] > 0 || g.needed.get(c) || g.resyncing == Some(c);
+                if busy {
+                    g.idle.clear(c);
+                } else if g.idle.get(c) {
+                    ready.push(c);
+                } else {
+                    g.idle.set(c);
+                }
+            }
+            ready
+        };
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        // The writes that set these bits must be durable on every leg first.
+        store.flush_data()?;
+        let mut g = self.lock();
+        if g.hold_bits {
+            return Ok(0);
+        }
+        let mut cleared = 0;
+        for c in candidates {
+            let busy = g.pending[c as usize] > 0 || g.needed.get(c) || g.resyncing == Some(c);
+            if !busy && g.idle.get(c) {
+                g.bits.clear(c);
+                g.idle.clear(c);
+                cleared += 1;
+            }
+        }
+        if cleared > 0 {
+            g.sb.events_cleared = events;
+            g.generation += 1;
+            let want = g.generation;
+            self.flush_locked(g, want, store)?;
+        }
+        Ok(cleared)
+    }
+
+    /// Whether any chunk of the range must be read from the resync source only.
+    pub fn is_needed(&self, sector: u64, sectors: u64) -> bool {
+        let range = self.chunk_range(sector, sectors);
+        let g = self.lock();
+        range.into_iter().any(|c| g.needed.get(c))
+    }
+
+    /// The next needed chunk at or after `from`.
+    pub fn next_needed(&self, from: u64) -> Option<u64> {
+        let g = self.lock();
+        (from..self.geometry.chunks()).find(|&c| g.needed.get(c))
+    }
+
+    /// The chunks whose bit is set (for a bitmap-guided recovery).
+    pub fn dirty_chunks(&self) -> Vec<u64> {
+        self.lock().bits.dirty().collect()
+    }
+
+    /// Takes chunk `c` for resync: waits until no write is in flight on it and
+    /// holds new writes off until [`WriteIntent::end_resync`].
+    pub fn begin_resync(&self, c: u64) {
+        let mut g = self.lock();
+        while g.resyncing.is_some() {
+            g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.resyncing = Some(c);
+        while g.pending.get(c as usize).is_some_and(|&p| p > 0) {
+            g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Ends the resync of chunk `c`; `in_sync` clears its needed mark.
+    pub fn end_resync(&self, c: u64, in_sync: bool) {
+        let mut g = self.lock();
+        if in_sync {
+            g.needed.clear(c);
+        }
+        if g.resyncing == Some(c) {
+            g.resyncing = None;
+        }
+        drop(g);
+        self.changed.notify_all();
+    }
+
+    /// Clears every needed mark (after a full recovery made all legs equal).
+    pub fn clear_needed(&self) {
+        let mut g = self.lock();
+        let chunks = g.needed.chunks();
+        g.needed = BitmapBits::new(chunks);
+    }
+
+    /// Writes in flight, over all chunks.
+    pub fn writes_in_flight(&self) -> u64 {
+        self.lock().pending.iter().map(|&p| u64::from(p)).sum()
+    }
+
+    /// Counters for status.
+    pub fn stats(&self) -> BitmapStats {
+        let g = self.lock();
+        BitmapStats {
+            dirty: g.bits.count_dirty(),
+            needed: g.needed.count_dirty(),
+            chunks: self.geometry.chunks(),
+        }
+    }
+
+    /// A copy of the bitmap superblock.
+    pub fn superblock(&self) -> BitmapSuper {
+        self.lock().sb.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::md::Uuid;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Recorder {
+        writes: Mutex<Vec<Vec<u8>>>,
+        flushes: AtomicUsize,
+    }
+
+    impl BitmapStore for Recorder {
+        fn write_bitmap(&self, _off: u64, data: &[u8]) -> io::Result<()> {
+            self.writes.lock().unwrap().push(data.to_vec());
+            Ok(())
+        }
+        fn flush_data(&self) -> io::Result<()> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn bitmap() -> WriteIntent {
+        let sb = BitmapSuper {
+            version: 4,
+            uuid: Uuid([1; 16]),
+            events: 3,
+            events_cleared: 3,
+            sync_size: 1024 * 1024, // 512 MiB
+            state: 0,
+            chunksize: 1 << 20,
+            daemon_sleep: 5,
+            write_behind: 0,
+            sectors_reserved: 0,
+            nodes: 0,
+            cluster_name: [0; 64],
+        };
+        let bits = BitmapBits::new(sb.geometry().chunks());
+        WriteIntent::new(sb, bits, 8192)
+    }
+
+    fn on_disk_bits(rec: &Recorder) -> BitmapBits {
+        let w = rec.writes.lock().unwrap();
+        let last = w.last().expect("a bitmap write");
+        BitmapBits::from_bytes(&last[256..], 512).unwrap()
+    }
+
+    #[test]
+    fn bit_is_on_disk_before_start_write_returns() {
+        let b = bitmap();
+        let rec = Recorder::default();
+        b.start_write(2048 * 3 + 5, 8, &rec).unwrap();
+        assert!(on_disk_bits(&rec).get(3));
+        // A second write to the same chunk needs no bitmap write.
+        b.start_write(2048 * 3 + 100, 8, &rec).unwrap();
+        assert_eq!(rec.writes.lock().unwrap().len(), 1);
+        // A write spanning chunks 4 and 5 sets both.
+        b.start_write(2048 * 5 - 4, 8, &rec).unwrap();
+        let bits = on_disk_bits(&rec);
+        assert!(bits.get(4) && bits.get(5));
+        assert_eq!(b.writes_in_flight(), 4);
+    }
+
+    #[test]
+    fn bits_clear_only_after_two_idle_passes_and_a_data_flush() {
+        let b = bitmap();
+        let rec = Recorder::default();
+        b.start_write(0, 8, &rec).unwrap();
+        assert_eq!(b.daemon_pass(4, &rec).unwrap(), 0, "write still in flight");
+        b.end_write(0, 8, false);
+        assert_eq!(
+            b.daemon_pass(4, &rec).unwrap(),
+            0,
+            "first idle pass only marks"
+        );
+        assert_eq!(rec.flushes.load(Ordering::SeqCst), 0);
+        assert_eq!(b.daemon_pass(4, &rec).unwrap(), 1);
+        assert_eq!(
+            rec.flushes.load(Ordering::SeqCst),
+            1,
+            "data flushed before clearing"
+        );
+        assert!(!on_disk_bits(&rec).get(0));
+        assert_eq!(b.superblock().events_cleared, 4);
+    }
+
+    #[test]
+    fn degraded_writes_stay_needed() {
+        let b = bitmap();
+        let rec = Recorder::default();
+        b.set_state(true, true);
+        b.start_write(0, 8, &rec).unwrap();
+        b.end_write(0, 8, false);
+        for _ in 0..3 {
+            assert_eq!(b.daemon_pass(4, &rec).unwrap(), 0);
+        }
+        assert!(b.is_needed(0, 8));
+        b.set_state(false, false);
+        assert_eq!(
+            b.daemon_pass(5, &rec).unwrap(),
+            0,
+            "needed chunks are not cleared"
+        );
+        b.begin_resync(0);
+        b.end_resync(0, true);
+        b.daemon_pass(5, &rec).unwrap();
+        assert_eq!(b.daemon_pass(5, &rec).unwrap(), 1);
+    }
+
+    #[test]
+    fn writes_wait_for_a_chunk_under_resync() {
+        let b = std::sync::Arc::new(bitmap());
+        let rec = std::sync::Arc::new(Recorder::default());
+        b.begin_resync(7);
+        let (b2, r2) = (b.clone(), rec.clone());
+        let t = std::thread::spawn(move || b2.start_write(2048 * 7, 8, &*r2).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(b.writes_in_flight(), 0, "write must wait for the resync");
+        b.end_resync(7, true);
+        t.join().unwrap();
+        assert_eq!(b.writes_in_flight(), 1);
+    }
+}

@@ -1,0 +1,759 @@
+//! An assembled mirror: its members, their states, superblock updates and the
+//! read/write/flush paths.
+
+use super::metadata::{LegMetadata, MetaError};
+use crate::bitmap::{BitmapStore, WriteIntent};
+use crate::md::bitmap::BitmapBits;
+use crate::md::superblock::{feature, role, Superblock};
+use crate::md::{Uuid, MAX_SECTOR};
+use crate::storage::Leg;
+use log::{error, info, warn};
+use serde::Serialize;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// State of one member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LegState {
+    /// Holds a complete copy; reads may go here.
+    InSync,
+    /// Receives writes and is being rebuilt; never read.
+    Recovering,
+    /// Failed: no I/O goes here.
+    Faulty,
+}
+
+impl LegState {
+    fn from_u8(v: u8) -> LegState {
+        match v {
+            0 => LegState::InSync,
+            1 => LegState::Recovering,
+            _ => LegState::Faulty,
+        }
+    }
+}
+
+/// One leg in a mirror slot.
+pub struct Member {
+    /// The leg.
+    pub leg: Arc<dyn Leg>,
+    /// Index in `dev_roles[]`.
+    pub dev_number: u32,
+    /// Per-device uuid.
+    pub device_uuid: Uuid,
+    /// Sector where data starts on this leg.
+    pub data_offset: u64,
+    /// Sectors usable for data on this leg.
+    pub data_size: u64,
+    state: AtomicU8,
+    inflight: AtomicU64,
+    /// The events this leg's superblock had when it joined (re-add decisions).
+    pub joined_events: u64,
+}
+
+impl Member {
+    /// Current state.
+    pub fn state(&self) -> LegState {
+        LegState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    fn set_state(&self, s: LegState) -> LegState {
+        LegState::from_u8(self.state.swap(s as u8, Ordering::AcqRel))
+    }
+
+    fn byte_offset(&self, sector: u64) -> u64 {
+        (self.data_offset + sector) * 512
+    }
+
+    /// The leg's name.
+    pub fn name(&self) -> &str {
+        self.leg.name()
+    }
+}
+
+/// Why an array could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    /// A leg's metadata is unreadable or invalid.
+    #[error("leg {leg}: {source}")]
+    Leg {
+        /// The leg.
+        leg: String,
+        /// What is wrong.
+        #[source]
+        source: MetaError,
+    },
+    /// A leg belongs to another array.
+    #[error("leg {leg} belongs to array {found}, not to array {expected} of leg {first}")]
+    OtherArray {
+        /// The leg.
+        leg: String,
+        /// Its uuid.
+        found: Uuid,
+        /// The uuid of the first leg.
+        expected: Uuid,
+        /// The first leg.
+        first: String,
+    },
+    /// Two legs claim the same device number.
+    #[error("legs {a} and {b} both have dev_number {dev}: the same leg given twice?")]
+    Duplicate {
+        /// One leg.
+        a: String,
+        /// The other.
+        b: String,
+        /// The number.
+        dev: u32,
+    },
+    /// No leg holds a complete copy.
+    #[error("no in-sync leg: {0}")]
+    NoInSyncLeg(String),
+}
+
+/// Array-wide superblock state, changed only under its mutex.
+struct Meta {
+    /// The freshest superblock (common fields); per-leg fields are filled on write.
+    sb: Superblock,
+    /// dev_numbers that once were in this array but are faulty or removed.
+    faulty: Vec<u32>,
+}
+
+/// Counters for status and tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Bytes copied by resync and recovery.
+    pub resync_bytes: AtomicU64,
+    /// Reads that failed on one leg and were served by another.
+    pub read_retries: AtomicU64,
+}
+
+/// An assembled RAID1.
+pub struct Array {
+    /// Array uuid.
+    pub uuid: Uuid,
+    /// Array size in sectors.
+    pub size: u64,
+    /// Whether the bitmap is clustered (md-cluster).
+    pub clustered: bool,
+    /// Mirror slots (index = role); `None` = missing.
+    members: RwLock<Arc<Vec<Option<Arc<Member>>>>>,
+    meta: Mutex<Meta>,
+    /// This node's write-intent bitmap.
+    pub bitmap: WriteIntent,
+    unrecorded_failure: AtomicBool,
+    next_read: AtomicUsize,
+    /// Counters.
+    pub counters: Counters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What assembly decided about the legs it was given.
+#[derive(Debug, Default)]
+pub struct AssembleReport {
+    /// Legs left out, with the reason (one line each).
+    pub left_out: Vec<String>,
+    /// Chunks that need a resync.
+    pub needed_chunks: u64,
+}
+
+impl Array {
+    /// Assembles a mirror from `legs` (in any order), like `mdadm --assemble`:
+    /// refuses legs of another array, leaves out stale and faulty legs, and marks
+    /// every chunk dirty in any bitmap slot as needing a resync.
+    pub fn assemble(legs: Vec<Arc<dyn Leg>>) -> Result<(Array, AssembleReport), AssembleError> {
+        let mut loaded = Vec::new();
+        for leg in legs {
+            let meta = LegMetadata::load(&*leg).map_err(|source| AssembleError::Leg {
+                leg: leg.name().to_string(),
+                source,
+            })?;
+            if let Err(source) = meta.sb.check_raid1() {
+                return Err(AssembleError::Leg {
+                    leg: leg.name().to_string(),
+                    source: source.into(),
+                });
+            }
+            loaded.push((leg, meta));
+        }
+        let Some((first_leg, first)) = loaded.first() else {
+            return Err(AssembleError::NoInSyncLeg("no legs given".into()));
+        };
+        let uuid = first.sb.set_uuid;
+        for (leg, m) in &loaded {
+            if m.sb.set_uuid != uuid {
+                return Err(AssembleError::OtherArray {
+                    leg: leg.name().to_string(),
+                    found: m.sb.set_uuid,
+                    expected: uuid,
+                    first: first_leg.name().to_string(),
+                });
+            }
+        }
+        for (i, (a, ma)) in loaded.iter().enumerate() {
+            for (b, mb) in &loaded[..i] {
+                if ma.sb.dev_number == mb.sb.dev_number {
+                    return Err(AssembleError::Duplicate {
+                        a: b.name().to_string(),
+                        b: a.name().to_string(),
+                        dev: ma.sb.dev_number,
+                    });
+                }
+            }
+        }
+        // The freshest superblock decides the roles.
+        let newest = loaded
+            .iter()
+            .max_by_key(|(_, m)| m.sb.events)
+            .map(|(_, m)| m.clone())
+            .ok_or_else(|| AssembleError::NoInSyncLeg("no legs".into()))?;
+        let sb = newest.sb.clone();
+        let mut report = AssembleReport::default();
+        let mut slots: Vec<Option<Arc<Member>>> = vec![None; sb.raid_disks as usize];
+        let mut faulty = Vec::new();
+        for (leg, m) in &loaded {
+            let name = leg.name().to_string();
+            let r = sb
+                .dev_roles
+                .get(m.sb.dev_number as usize)
+                .copied()
+                .unwrap_or(role::SPARE);
+            if r == role::FAULTY {
+                report.left_out.push(format!(
+                    "leg {name}: marked faulty in the array's superblock (events {}); re-add it to resync",
+                    sb.events
+                ));
+                faulty.push(m.sb.dev_number);
+                continue;
+            }
+            if u32::from(r) >= sb.raid_disks {
+                report
+                    .left_out
+                    .push(format!("leg {name}: has no role in the array (spare)"));
+                continue;
+            }
+            if m.sb.events + 1 < sb.events {
+                report.left_out.push(format!(
+                    "leg {name}: events {} is behind {} (stale); re-add it to resync",
+                    m.sb.events, sb.events
+                ));
+                faulty.push(m.sb.dev_number);
+                continue;
+            }
+            let recovering = m.sb.feature_map & feature::RECOVERY_OFFSET != 0
+                && m.sb.recovery_offset != MAX_SECTOR;
+            let member = Member {
+                leg: leg.clone(),
+                dev_number: m.sb.dev_number,
+                device_uuid: m.sb.device_uuid,
+                data_offset: m.sb.data_offset,
+                data_size: m.sb.data_size,
+                state: AtomicU8::new(if recovering {
+                    LegState::Recovering as u8
+                } else {
+                    LegState::InSync as u8
+                }),
+                inflight: AtomicU64::new(0),
+                joined_events: m.sb.events,
+            };
+            slots[r as usize] = Some(Arc::new(member));
+        }
+        if !slots
+            .iter()
+            .flatten()
+            .any(|m| m.state() == LegState::InSync)
+        {
+            return Err(AssembleError::NoInSyncLeg(report.left_out.join("; ")));
+        }
+        // This node's bitmap is slot 0; with one node, every other slot is free:
+        // its dirty bits are merged into ours and resynced.
+        let own = &newest.bitmaps[0];
+        let slot_offset = own
+            .sb
+            .geometry()
+            .slot_offset(sb.super_offset, sb.bitmap_offset, 0)
+            .unwrap_or(8192);
+        let bitmap = WriteIntent::new(own.sb.clone(), own.bits.clone(), slot_offset);
+        let mut merged = BitmapBits::new(own.bits.chunks());
+        for other in &newest.bitmaps[1..] {
+            merged.merge(&other.bits);
+        }
+        bitmap.mark_needed(&merged);
+        if own.sb.state & crate::md::bitmap::state::STALE != 0 {
+            warn!("bitmap is marked stale: the whole array will be resynced");
+            bitmap.mark_all_needed();
+        }
+        let clustered = own.sb.is_clustered();
+        let array = Array {
+            uuid,
+            size: sb.size,
+            clustered,
+            members: RwLock::new(Arc::new(slots)),
+            meta: Mutex::new(Meta { sb, faulty }),
+            bitmap,
+            unrecorded_failure: AtomicBool::new(false),
+            next_read: AtomicUsize::new(0),
+            counters: Counters::default(),
+        };
+        array.update_bitmap_state();
+        report.needed_chunks = array.bitmap.stats().needed;
+        for l in &report.left_out {
+            warn!("{l}");
+        }
+        Ok((array, report))
+    }
+
+    /// A snapshot of the mirror slots.
+    pub fn members(&self) -> Arc<Vec<Option<Arc<Member>>>> {
+        self.members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn in_sync(&self) -> Vec<Arc<Member>> {
+        self.members()
+            .iter()
+            .flatten()
+            .filter(|m| m.state() == LegState::InSync)
+            .cloned()
+            .collect()
+    }
+
+    fn writable(&self) -> Vec<Arc<Member>> {
+        self.members()
+            .iter()
+            .flatten()
+            .filter(|m| m.state() != LegState::Faulty)
+            .cloned()
+            .collect()
+    }
+
+    /// True when some mirror slot lacks an in-sync leg.
+    pub fn is_degraded(&self) -> bool {
+        self.members()
+            .iter()
+            .any(|m| m.as_ref().is_none_or(|m| m.state() != LegState::InSync))
+    }
+
+    /// Tells the bitmap whether bits must be kept (any slot not in sync) and whether
+    /// writes miss a mirror slot (then they stay needed for a later re-add).
+    fn update_bitmap_state(&self) {
+        let members = self.members();
+        let incomplete_writes = members
+            .iter()
+            .any(|m| m.as_ref().is_none_or(|m| m.state() == LegState::Faulty));
+        self.bitmap.set_state(self.is_degraded(), incomplete_writes);
+    }
+
+    /// The current events counter.
+    pub fn events(&self) -> u64 {
+        lock(&self.meta).sb.events
+    }
+
+    /// A copy of the array's current superblock (common fields).
+    pub fn superblock(&self) -> Superblock {
+        lock(&self.meta).sb.clone()
+    }
+
+    /// Marks `m` faulty (no more I/O). The superblocks are updated by
+    /// [`Array::settle_failures`], which every request runs before completing.
+    pub fn fail(&self, m: &Member, why: &dyn std::fmt::Display) {
+        if m.set_state(LegState::Faulty) != LegState::Faulty {
+            error!(
+                "leg {}: {why}; marking it faulty, the array continues degraded",
+                m.name()
+            );
+            self.unrecorded_failure.store(true, Ordering::Release);
+            self.update_bitmap_state();
+        }
+    }
+
+    /// Records failed legs in the superblocks of the survivors (events++). Returns an
+    /// error only when no leg could record it.
+    pub fn settle_failures(&self) -> io::Result<()> {
+        if !self.unrecorded_failure.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.update_superblocks(|_| {})
+    }
+
+    /// Rewrites every non-faulty leg's superblock after `change`, with events + 1,
+    /// and this node's bitmap superblock before them.
+    pub fn update_superblocks(&self, change: impl FnOnce(&mut Superblock)) -> io::Result<()> {
+        let mut meta = lock(&self.meta);
+        change(&mut meta.sb);
+        loop {
+            self.unrecorded_failure.store(false, Ordering::Release);
+            let members = self.members();
+            meta.sb.events += 1;
+            meta.sb.utime = now();
+            let mut roles = meta.sb.dev_roles.clone();
+            for &d in &meta.faulty {
+                if let Some(r) = roles.get_mut(d as usize) {
+                    *r = role::FAULTY;
+                }
+            }
+            for (slot, m) in members.iter().enumerate() {
+                let Some(m) = m else { continue };
+                if let Some(r) = roles.get_mut(m.dev_number as usize) {
+                    *r = if m.state() == LegState::Faulty {
+                        role::FAULTY
+                    } else {
+                        slot as u16
+                    };
+                }
+            }
+            meta.sb.dev_roles = roles;
+            let events = meta.sb.events;
+            if let Err(e) = self.bitmap.set_events(events, self) {
+                warn!("bitmap superblock update failed: {e}");
+            }
+            let mut written = 0;
+            for m in members.iter().flatten() {
+                if m.state() == LegState::Faulty {
+                    continue;
+                }
+                let mut sb = meta.sb.clone();
+                sb.dev_number = m.dev_number;
+                sb.device_uuid = m.device_uuid;
+                sb.data_offset = m.data_offset;
+                sb.data_size = m.data_size;
+                if m.state() == LegState::Recovering {
+                    sb.feature_map |= feature::RECOVERY_OFFSET;
+                    sb.recovery_offset = 0;
+                } else {
+                    sb.feature_map &= !(feature::RECOVERY_OFFSET | feature::RECOVERY_BITMAP);
+                    sb.recovery_offset = 0;
+                }
+                let r = m
+                    .leg
+                    .write_at(&sb.encode(), sb.super_offset * 512)
+                    .and_then(|()| m.leg.flush());
+                match r {
+                    Ok(()) => written += 1,
+                    Err(e) => self.fail(m, &format!("superblock write failed: {e}")),
+                }
+            }
+            if !self.unrecorded_failure.load(Ordering::Acquire) {
+                if written == 0 {
+                    return Err(io::Error::other("no leg accepted the superblock update"));
+                }
+                for m in members.iter().flatten() {
+                    if m.state() == LegState::Faulty && !meta.faulty.contains(&m.dev_number) {
+                        meta.faulty.push(m.dev_number);
+                    }
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// Marks the array active (resync_offset 0) for serving.
+    pub fn mark_active(&self) -> io::Result<()> {
+        self.update_superblocks(|sb| sb.resync_offset = 0)
+    }
+
+    /// Marks the array clean when nothing needs a resync and no leg is missing.
+    pub fn mark_clean_if_possible(&self) -> io::Result<bool> {
+        let stats = self.bitmap.stats();
+        let clean = stats.needed == 0 && !self.is_degraded();
+        if clean {
+            self.update_superblocks(|sb| sb.resync_offset = MAX_SECTOR)?;
+        } else {
+            self.update_superblocks(|_| {})?;
+        }
+        Ok(clean)
+    }
+
+    fn check_range(&self, sector: u64, bytes: u64) -> io::Result<u64> {
+        let sectors = bytes.div_ceil(512);
+        match sector.checked_add(sectors) {
+            Some(end) if end <= self.size && bytes % 512 == 0 => Ok(sectors),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{bytes} bytes at sector {sector} lie outside the {}-sector array",
+                    self.size
+                ),
+            )),
+        }
+    }
+
+    /// Picks the leg to read `sectors` at `sector` from: the first in-sync leg for
+    /// chunks that still need a resync, else the least busy in-sync leg.
+    fn read_order(&self, sector: u64, sectors: u64) -> Vec<Arc<Member>> {
+        let mut legs = self.in_sync();
+        if legs.len() > 1 && !self.bitmap.is_needed(sector, sectors) {
+            let start = self.next_read.fetch_add(1, Ordering::Relaxed) % legs.len();
+            legs.rotate_left(start);
+            legs.sort_by_key(|m| m.inflight.load(Ordering::Relaxed));
+        }
+        legs
+    }
+
+    /// Reads guest data. A leg that fails is skipped (and the good data written back
+    /// to it; if that fails too, it is failed).
+    pub fn read(&self, sector: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let bytes: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let sectors = self.check_range(sector, bytes)?;
+        let mut failed: Vec<(Arc<Member>, io::Error)> = Vec::new();
+        let mut result = Err(io::Error::other("no in-sync leg to read from"));
+        for m in self.read_order(sector, sectors) {
+            m.inflight.fetch_add(1, Ordering::Relaxed);
+            let r = m.leg.readv_at(bufs, m.byte_offset(sector));
+            m.inflight.fetch_sub(1, Ordering::Relaxed);
+            match r {
+                Ok(()) => {
+                    result = Ok(());
+                    break;
+                }
+                Err(e) => failed.push((m, e)),
+            }
+        }
+        if result.is_ok() && !failed.is_empty() {
+            self.counters.read_retries.fetch_add(1, Ordering::Relaxed);
+            let good: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+            for (m, e) in &failed {
+                warn!(
+                    "leg {}: read error at sector {sector}: {e}; rewriting from another leg",
+                    m.name()
+                );
+                if let Err(e2) = m.leg.writev_at(&good, m.byte_offset(sector)) {
+                    self.fail(m, &format!("read error ({e}) and rewrite failed ({e2})"));
+                }
+            }
+        } else if let (Err(_), Some((_, e))) = (&result, failed.last()) {
+            result = Err(io::Error::new(
+                e.kind(),
+                format!("read failed on every leg: {e}"),
+            ));
+        }
+        self.settle_failures()?;
+        result
+    }
+
+    /// Writes guest data to every non-faulty leg, after its bitmap bits are durable.
+    /// Succeeds when at least one in-sync leg has it; legs that fail are failed and
+    /// recorded before this returns.
+    pub fn write(&self, sector: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        let bytes: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let sectors = self.check_range(sector, bytes)?;
+        self.mutate(sector, sectors, |m| {
+            m.leg.writev_at(bufs, m.byte_offset(sector))
+        })
+    }
+
+    /// Discards a range on every leg (bitmap-gated like a write).
+    pub fn discard(&self, sector: u64, sectors: u64) -> io::Result<()> {
+        self.check_range(sector, sectors * 512)?;
+        self.mutate(sector, sectors, |m| {
+            m.leg.discard(m.byte_offset(sector), sectors * 512)
+        })
+    }
+
+    /// Zeroes a range on every leg (bitmap-gated like a write).
+    pub fn write_zeroes(&self, sector: u64, sectors: u64) -> io::Result<()> {
+        self.check_range(sector, sectors * 512)?;
+        self.mutate(sector, sectors, |m| {
+            m.leg.write_zeroes(m.byte_offset(sector), sectors * 512)
+        })
+    }
+
+    fn mutate(
+        &self,
+        sector: u64,
+        sectors: u64,
+        op: impl Fn(&Member) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.bitmap.start_write(sector, sectors, self)?;
+        let mut ok_in_sync = 0;
+        let mut last_err = None;
+        for m in self.writable() {
+            m.inflight.fetch_add(1, Ordering::Relaxed);
+            let r = op(&m);
+            m.inflight.fetch_sub(1, Ordering::Relaxed);
+            match r {
+                Ok(()) => {
+                    if m.state() == LegState::InSync {
+                        ok_in_sync += 1;
+                    }
+                }
+                Err(e) => {
+                    self.fail(&m, &format!("write error at sector {sector}: {e}"));
+                    last_err = Some(e);
+                }
+            }
+        }
+        let settled = self.settle_failures();
+        self.bitmap.end_write(sector, sectors, false);
+        settled?;
+        if ok_in_sync == 0 {
+            return Err(last_err.unwrap_or_else(|| io::Error::other("no in-sync leg")));
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable on every non-faulty leg.
+    pub fn flush(&self) -> io::Result<()> {
+        let mut ok_in_sync = 0;
+        for m in self.writable() {
+            match m.leg.flush() {
+                Ok(()) => {
+                    if m.state() == LegState::InSync {
+                        ok_in_sync += 1;
+                    }
+                }
+                Err(e) => self.fail(&m, &format!("flush failed: {e}")),
+            }
+        }
+        self.settle_failures()?;
+        if ok_in_sync == 0 {
+            return Err(io::Error::other("no in-sync leg could flush"));
+        }
+        Ok(())
+    }
+
+    /// One pass of the bitmap daemon.
+    pub fn bitmap_daemon_pass(&self) -> io::Result<u64> {
+        let r = self.bitmap.daemon_pass(self.events(), self);
+        self.settle_failures()?;
+        r
+    }
+
+    /// Copies chunk `c` from the first in-sync leg to every other non-faulty leg.
+    /// Returns the bytes copied per target.
+    pub fn resync_chunk(&self, c: u64) -> io::Result<u64> {
+        let g = self.bitmap.geometry();
+        let start = g.chunk_start(c);
+        let end = (start + g.chunk_sectors()).min(self.size);
+        self.bitmap.begin_resync(c);
+        let r = self.copy_range(start, end);
+        self.bitmap.end_resync(c, r.is_ok());
+        let settled = self.settle_failures();
+        let n = r?;
+        settled?;
+        Ok(n)
+    }
+
+    fn copy_range(&self, start: u64, end: u64) -> io::Result<u64> {
+        const STEP: u64 = 2048; // 1 MiB
+        let mut buf = crate::storage::AlignedBuf::zeroed((STEP * 512) as usize);
+        let mut pos = start;
+        let mut copied = 0;
+        while pos < end {
+            let n = STEP.min(end - pos);
+            let data = &mut buf.as_mut_slice()[..(n * 512) as usize];
+            let mut src = None;
+            for m in self.in_sync() {
+                match m.leg.read_at(data, m.byte_offset(pos)) {
+                    Ok(()) => {
+                        src = Some(m);
+                        break;
+                    }
+                    Err(e) => self.fail(&m, &format!("read error during resync: {e}")),
+                }
+            }
+            let Some(src) = src else {
+                return Err(io::Error::other("no in-sync leg to resync from"));
+            };
+            let data = &buf.as_slice()[..(n * 512) as usize];
+            for m in self.writable() {
+                if Arc::ptr_eq(&m, &src) {
+                    continue;
+                }
+                if let Err(e) = m.leg.write_at(data, m.byte_offset(pos)) {
+                    self.fail(&m, &format!("write error during resync: {e}"));
+                } else {
+                    copied += n * 512;
+                    self.counters
+                        .resync_bytes
+                        .fetch_add(n * 512, Ordering::Relaxed);
+                }
+            }
+            pos += n;
+        }
+        Ok(copied)
+    }
+
+    /// After every needed chunk was copied: recovering legs become in sync.
+    pub fn finish_recovery(&self) -> io::Result<()> {
+        let mut promoted = false;
+        for m in self.members().iter().flatten() {
+            if m.state() == LegState::Recovering {
+                m.state
+                    .compare_exchange(
+                        LegState::Recovering as u8,
+                        LegState::InSync as u8,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                    .ok();
+                info!("leg {}: recovery complete, in sync", m.name());
+                promoted = true;
+            }
+        }
+        self.update_bitmap_state();
+        if promoted {
+            self.update_superblocks(|_| {})?;
+        }
+        Ok(())
+    }
+
+    /// Whether any leg is recovering.
+    pub fn recovering(&self) -> bool {
+        self.members()
+            .iter()
+            .flatten()
+            .any(|m| m.state() == LegState::Recovering)
+    }
+}
+
+impl BitmapStore for Array {
+    fn write_bitmap(&self, off: u64, data: &[u8]) -> io::Result<()> {
+        let mut ok = 0;
+        let mut last = None;
+        for m in self.writable() {
+            match m.leg.write_at(data, off).and_then(|()| m.leg.flush()) {
+                Ok(()) => {
+                    if m.state() == LegState::InSync {
+                        ok += 1;
+                    }
+                }
+                Err(e) => {
+                    self.fail(&m, &format!("bitmap write failed: {e}"));
+                    last = Some(e);
+                }
+            }
+        }
+        if ok == 0 {
+            return Err(last.unwrap_or_else(|| io::Error::other("no in-sync leg for the bitmap")));
+        }
+        Ok(())
+    }
+
+    fn flush_data(&self) -> io::Result<()> {
+        let mut ok = 0;
+        for m in self.writable() {
+            match m.leg.flush() {
+                Ok(()) => ok += 1,
+                Err(e) => self.fail(&m, &format!("flush failed: {e}")),
+            }
+        }
+        if ok == 0 {
+            return Err(io::Error::other("no leg could flush"));
+        }
+        Ok(())
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,136 @@
+//! A leg wrapper that injects faults, for tests and fault drills.
+
+use super::Leg;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Fault knobs and counters, shared with whoever drives the drill.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Writes left before every write fails (negative: never).
+    pub writes_until_failure: AtomicI64,
+    /// Every read fails.
+    pub fail_reads: AtomicBool,
+    /// Every flush fails.
+    pub fail_flushes: AtomicBool,
+    /// Bytes written through the wrapper.
+    pub bytes_written: AtomicU64,
+    /// Bytes read through the wrapper.
+    pub bytes_read: AtomicU64,
+}
+
+impl Faults {
+    /// Knobs that inject nothing.
+    pub fn none() -> Arc<Faults> {
+        let f = Faults::default();
+        f.writes_until_failure.store(-1, Ordering::Relaxed);
+        Arc::new(f)
+    }
+
+    /// Makes every write fail from now on.
+    pub fn fail_writes_now(&self) {
+        self.writes_until_failure.store(0, Ordering::Relaxed);
+    }
+
+    fn write_allowed(&self) -> bool {
+        let left = self.writes_until_failure.load(Ordering::Relaxed);
+        if left < 0 {
+            return true;
+        }
+        if left == 0 {
+            return false;
+        }
+        self.writes_until_failure.fetch_sub(1, Ordering::Relaxed) > 0
+    }
+}
+
+fn injected() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+/// A leg that fails on command.
+pub struct FaultyLeg {
+    inner: Arc<dyn Leg>,
+    faults: Arc<Faults>,
+}
+
+impl FaultyLeg {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Leg>, faults: Arc<Faults>) -> Self {
+        FaultyLeg { inner, faults }
+    }
+}
+
+impl Leg for FaultyLeg {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        if self.faults.fail_reads.load(Ordering::Relaxed) {
+            return Err(injected());
+        }
+        self.faults
+            .bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.inner.read_at(buf, off)
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        if !self.faults.write_allowed() {
+            return Err(injected());
+        }
+        self.faults
+            .bytes_written
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.inner.write_at(buf, off)
+    }
+
+    fn readv_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<()> {
+        if self.faults.fail_reads.load(Ordering::Relaxed) {
+            return Err(injected());
+        }
+        let n: usize = bufs.iter().map(|b| b.len()).sum();
+        self.faults
+            .bytes_read
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.inner.readv_at(bufs, off)
+    }
+
+    fn writev_at(&self, bufs: &[IoSlice<'_>], off: u64) -> io::Result<()> {
+        if !self.faults.write_allowed() {
+            return Err(injected());
+        }
+        let n: usize = bufs.iter().map(|b| b.len()).sum();
+        self.faults
+            .bytes_written
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.inner.writev_at(bufs, off)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.faults.fail_flushes.load(Ordering::Relaxed) {
+            return Err(injected());
+        }
+        self.inner.flush()
+    }
+
+    fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        if !self.faults.write_allowed() {
+            return Err(injected());
+        }
+        self.inner.discard(off, len)
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+        if !self.faults.write_allowed() {
+            return Err(injected());
+        }
+        self.inner.write_zeroes(off, len)
+    }
+}
