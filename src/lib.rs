@@ -8,4 +8,6 @@ pub mod bitmap;
 pub mod cli;
 pub mod md;
 pub mod raid1;
+pub mod serve;
 pub mod storage;
+pub mod vhost;

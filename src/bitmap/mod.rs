@@ -291,6 +291,32 @@ impl WriteIntent {
         Ok(cleared)
     }
 
+    /// At shutdown: flushes the legs and clears every bit whose chunk has no write in
+    /// flight and needs no resync (unless bits must be held). Returns how many.
+    pub fn clear_idle_now(&self, events: u64, store: &dyn BitmapStore) -> io::Result<u64> {
+        if self.lock().hold_bits {
+            return Ok(0);
+        }
+        store.flush_data()?;
+        let mut g = self.lock();
+        if g.hold_bits {
+            return Ok(0);
+        }
+        let set: Vec<u64> = g.bits.dirty().collect();
+        let mut cleared = 0;
+        for c in set {
+            if g.pending[c as usize] == 0 && !g.needed.get(c) && g.resyncing != Some(c) {
+                g.bits.clear(c);
+                cleared += 1;
+            }
+        }
+        g.sb.events_cleared = events;
+        g.generation += 1;
+        let want = g.generation;
+        self.flush_locked(g, want, store)?;
+        Ok(cleared)
+    }
+
     /// Whether any chunk of the range must be read from the resync source only.
     pub fn is_needed(&self, sector: u64, sectors: u64) -> bool {
         let range = self.chunk_range(sector, sectors);
@@ -304,9 +330,9 @@ impl WriteIntent {
         (from..self.geometry.chunks()).find(|&c| g.needed.get(c))
     }
 
-    /// The chunks whose bit is set (for a bitmap-guided recovery).
-    pub fn dirty_chunks(&self) -> Vec<u64> {
-        self.lock().bits.dirty().collect()
+    /// A copy of the bits that are set (for a bitmap-guided recovery).
+    pub fn dirty_bits(&self) -> BitmapBits {
+        self.lock().bits.clone()
     }
 
     /// Takes chunk `c` for resync: waits until no write is in flight on it and

@@ -39,7 +39,8 @@ pub struct CreateArgs {
     pub legs: Vec<PathBuf>,
 }
 
-fn hostname() -> String {
+/// This host's name (for array names).
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()

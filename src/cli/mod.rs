@@ -3,6 +3,7 @@
 
 pub mod create;
 pub mod examine;
+pub mod serve;
 pub mod size;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,29 @@ pub struct Cli {
 pub enum Command {
     /// Make a new RAID1 on two or more legs (like mdadm --create --level=1 --metadata=1.2).
     Create(create::CreateArgs),
+    /// Serve the mirror to a VM over a vhost-user-blk socket.
+    Serve(serve::ServeArgs),
+    /// Show a running array: legs, degraded, resync progress, bitmap (like /proc/mdstat).
+    Status {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: serve::Format,
+        /// The vhost-user socket of the `serve` (or its .ctl control socket).
+        #[arg(value_name = "SOCKET")]
+        socket: PathBuf,
+    },
+    /// Change a running array: fail, remove, add or re-add a leg.
+    Manage {
+        /// The vhost-user socket of the `serve` (or its .ctl control socket).
+        #[arg(value_name = "SOCKET")]
+        socket: PathBuf,
+        /// What to do.
+        #[arg(value_enum)]
+        op: serve::ManageOp,
+        /// The leg, as named when `serve` started (a new path for add).
+        #[arg(value_name = "LEG")]
+        leg: PathBuf,
+    },
     /// Show the md superblock and bitmaps of legs (like mdadm --examine and --examine-bitmap).
     Examine {
         /// Print JSON instead of text.
@@ -80,6 +104,13 @@ fn usage_error(e: clap::Error) -> ExitCode {
 pub fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
         Command::Create(args) => create::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Status { format, socket } => {
+            serve::status(&socket, format).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Manage { socket, op, leg } => {
+            serve::manage(&socket, op, &leg).map(|()| ExitCode::SUCCESS)
+        }
         Command::Examine { json, legs } => {
             let report = examine::examine(&legs);
             if json {

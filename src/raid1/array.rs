@@ -47,8 +47,8 @@ pub struct Member {
     pub data_offset: u64,
     /// Sectors usable for data on this leg.
     pub data_size: u64,
-    state: AtomicU8,
-    inflight: AtomicU64,
+    pub(super) state: AtomicU8,
+    pub(super) inflight: AtomicU64,
     /// The events this leg's superblock had when it joined (re-add decisions).
     pub joined_events: u64,
 }
@@ -59,7 +59,7 @@ impl Member {
         LegState::from_u8(self.state.load(Ordering::Acquire))
     }
 
-    fn set_state(&self, s: LegState) -> LegState {
+    pub(super) fn set_state(&self, s: LegState) -> LegState {
         LegState::from_u8(self.state.swap(s as u8, Ordering::AcqRel))
     }
 
@@ -113,11 +113,11 @@ pub enum AssembleError {
 }
 
 /// Array-wide superblock state, changed only under its mutex.
-struct Meta {
+pub(super) struct Meta {
     /// The freshest superblock (common fields); per-leg fields are filled on write.
-    sb: Superblock,
-    /// dev_numbers that once were in this array but are faulty or removed.
-    faulty: Vec<u32>,
+    pub(super) sb: Superblock,
+    /// dev_numbers that once were in this array but are faulty.
+    pub(super) faulty: Vec<u32>,
 }
 
 /// Counters for status and tests.
@@ -138,25 +138,31 @@ pub struct Array {
     /// Whether the bitmap is clustered (md-cluster).
     pub clustered: bool,
     /// Mirror slots (index = role); `None` = missing.
-    members: RwLock<Arc<Vec<Option<Arc<Member>>>>>,
-    meta: Mutex<Meta>,
+    pub(super) members: RwLock<Arc<Vec<Option<Arc<Member>>>>>,
+    pub(super) meta: Mutex<Meta>,
     /// This node's write-intent bitmap.
     pub bitmap: WriteIntent,
-    unrecorded_failure: AtomicBool,
+    pub(super) unrecorded_failure: AtomicBool,
     next_read: AtomicUsize,
+    /// Legs that belong to the array but are not in a slot (left out or removed).
+    pub(super) detached: Mutex<Vec<Arc<Member>>>,
+    /// Serialises chunk copies against legs joining a recovery.
+    pub(super) recovery: Mutex<()>,
     /// Counters.
     pub counters: Counters,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What assembly decided about the legs it was given.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct AssembleReport {
     /// Legs left out, with the reason (one line each).
     pub left_out: Vec<String>,
+    /// The legs left out (faulty or stale), kept for a later re-add.
+    pub left_out_legs: Vec<Arc<Member>>,
     /// Chunks that need a resync.
     pub needed_chunks: u64,
 }
@@ -297,6 +303,8 @@ impl Array {
             bitmap,
             unrecorded_failure: AtomicBool::new(false),
             next_read: AtomicUsize::new(0),
+            detached: Mutex::new(Vec::new()),
+            recovery: Mutex::new(()),
             counters: Counters::default(),
         };
         array.update_bitmap_state();
@@ -315,7 +323,22 @@ impl Array {
             .clone()
     }
 
-    fn in_sync(&self) -> Vec<Arc<Member>> {
+    /// Number of in-sync legs.
+    pub fn in_sync_count(&self) -> usize {
+        self.in_sync().len()
+    }
+
+    /// Keeps legs that belong to the array but have no slot (for re-add).
+    pub fn set_detached(&self, legs: Vec<Arc<Member>>) {
+        lock(&self.detached).extend(legs);
+    }
+
+    /// Names of the detached legs.
+    pub fn detached(&self) -> Vec<Arc<Member>> {
+        lock(&self.detached).clone()
+    }
+
+    pub(super) fn in_sync(&self) -> Vec<Arc<Member>> {
         self.members()
             .iter()
             .flatten()
@@ -324,7 +347,7 @@ impl Array {
             .collect()
     }
 
-    fn writable(&self) -> Vec<Arc<Member>> {
+    pub(super) fn writable(&self) -> Vec<Arc<Member>> {
         self.members()
             .iter()
             .flatten()
@@ -342,7 +365,7 @@ impl Array {
 
     /// Tells the bitmap whether bits must be kept (any slot not in sync) and whether
     /// writes miss a mirror slot (then they stay needed for a later re-add).
-    fn update_bitmap_state(&self) {
+    pub(super) fn update_bitmap_state(&self) {
         let members = self.members();
         let incomplete_writes = members
             .iter()
@@ -631,6 +654,7 @@ impl Array {
         let g = self.bitmap.geometry();
         let start = g.chunk_start(c);
         let end = (start + g.chunk_sectors()).min(self.size);
+        let _joining = lock(&self.recovery);
         self.bitmap.begin_resync(c);
         let r = self.copy_range(start, end);
         self.bitmap.end_resync(c, r.is_ok());
@@ -682,6 +706,10 @@ impl Array {
 
     /// After every needed chunk was copied: recovering legs become in sync.
     pub fn finish_recovery(&self) -> io::Result<()> {
+        let guard = lock(&self.recovery);
+        if self.bitmap.next_needed(0).is_some() {
+            return Ok(());
+        }
         let mut promoted = false;
         for m in self.members().iter().flatten() {
             if m.state() == LegState::Recovering {
@@ -697,6 +725,7 @@ impl Array {
                 promoted = true;
             }
         }
+        drop(guard);
         self.update_bitmap_state();
         if promoted {
             self.update_superblocks(|_| {})?;
@@ -751,7 +780,7 @@ impl BitmapStore for Array {
     }
 }
 
-fn now() -> u64 {
+pub(super) fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -2,6 +2,8 @@
 //! failure and resync.
 
 pub mod array;
+pub mod manage;
 pub mod metadata;
 
 pub use array::{Array, AssembleError, AssembleReport, LegState, Member};
+pub use manage::{ManageError, RecoveryKind};

@@ -101,3 +101,223 @@ pub fn mdadm(args: &[&str], dev: &Path) -> String {
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vhost-user-md"))
 }
+
+/// A running `vhost-user-md serve`, stopped with SIGTERM on drop.
+pub struct Serve {
+    pub child: Option<std::process::Child>,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Serve {
+    /// Starts `serve` with `args` (legs included) on `socket`, waits for it to listen.
+    pub fn start(socket: &Path, args: &[&str]) -> Serve {
+        let log = socket.with_extension("log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = bin()
+            .arg("serve")
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let mut s = Serve {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+            log,
+        };
+        let ctl = PathBuf::from(format!("{}.ctl", socket.display()));
+        for _ in 0..200 {
+            if socket.exists() && ctl.exists() {
+                return s;
+            }
+            if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("serve exited with {st}: {}", s.log_text());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("serve did not start: {}", s.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap()
+    }
+
+    /// SIGKILL and wait.
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// Runs `vhost-user-md status --format json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = bin()
+            .args(["status", "--format", "json"])
+            .arg(&self.socket)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Runs `vhost-user-md manage SOCKET op leg`; returns (ok, output).
+    pub fn manage(&self, op: &str, leg: &Path) -> (bool, String) {
+        let out = bin()
+            .arg("manage")
+            .arg(&self.socket)
+            .arg(op)
+            .arg(leg)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A libblkio virtio-blk-vhost-user client with one shared buffer region.
+pub struct Client {
+    pub blkio: blkio::Blkio,
+    pub queues: Vec<blkio::Blkioq>,
+    pub capacity: u64,
+    region: blkio::MemoryRegion,
+}
+
+impl Client {
+    pub fn connect(socket: &Path, queues: i32, buf_len: usize) -> Client {
+        let mut b = blkio::Blkio::new("virtio-blk-vhost-user").unwrap();
+        b.set_str("path", socket.to_str().unwrap()).unwrap();
+        b.connect().unwrap();
+        b.set_i32("num-queues", queues).unwrap();
+        let capacity = b.get_u64("capacity").unwrap();
+        let out = b.start().unwrap();
+        let region = b.alloc_mem_region(buf_len).unwrap();
+        b.map_mem_region(&region).unwrap();
+        Client {
+            blkio: b,
+            queues: out.queues,
+            capacity,
+            region,
+        }
+    }
+
+    /// The shared buffer.
+    pub fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the region is mapped for `len` bytes while `self` lives.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
+    }
+
+    fn ptr(&self, off: usize) -> *mut u8 {
+        (self.region.addr + off) as *mut u8
+    }
+
+    /// Waits for `n` completions on queue `q`; returns their (user_data, ret).
+    pub fn wait(&mut self, q: usize, n: usize) -> Vec<(usize, i32)> {
+        let mut got = Vec::new();
+        let mut comps: Vec<std::mem::MaybeUninit<blkio::Completion>> = (0..n.max(1))
+            .map(|_| std::mem::MaybeUninit::uninit())
+            .collect();
+        while got.len() < n {
+            let want = n - got.len();
+            let k = self.queues[q]
+                .do_io(&mut comps[..want], want, None, None)
+                .unwrap();
+            for c in &comps[..k] {
+                // SAFETY: do_io initialised the first k completions.
+                let c = unsafe { c.as_ptr().read() };
+                got.push((c.user_data, c.ret));
+            }
+        }
+        got
+    }
+
+    /// Writes `len` bytes of the buffer at `buf_off` to disk offset `off`; returns ret.
+    pub fn write(&mut self, q: usize, off: u64, buf_off: usize, len: usize) -> i32 {
+        let p = self.ptr(buf_off);
+        self.queues[q].write(off, p, len, 0, blkio::ReqFlags::empty());
+        self.wait(q, 1)[0].1
+    }
+
+    pub fn read(&mut self, q: usize, off: u64, buf_off: usize, len: usize) -> i32 {
+        let p = self.ptr(buf_off);
+        self.queues[q].read(off, p, len, 0, blkio::ReqFlags::empty());
+        self.wait(q, 1)[0].1
+    }
+
+    pub fn flush(&mut self, q: usize) -> i32 {
+        self.queues[q].flush(0, blkio::ReqFlags::empty());
+        self.wait(q, 1)[0].1
+    }
+
+    pub fn discard(&mut self, q: usize, off: u64, len: u64) -> i32 {
+        self.queues[q].discard(off, len, 0, blkio::ReqFlags::empty());
+        self.wait(q, 1)[0].1
+    }
+
+    pub fn write_zeroes(&mut self, q: usize, off: u64, len: u64) -> i32 {
+        self.queues[q].write_zeroes(off, len, 0, blkio::ReqFlags::empty());
+        self.wait(q, 1)[0].1
+    }
+
+    /// Submits many requests at once on queue `q`: (write?, disk off, buf off, len).
+    pub fn batch(&mut self, q: usize, reqs: &[(bool, u64, usize, usize)]) -> Vec<(usize, i32)> {
+        for (i, &(w, off, boff, len)) in reqs.iter().enumerate() {
+            let p = self.ptr(boff);
+            if w {
+                self.queues[q].write(off, p, len, i, blkio::ReqFlags::empty());
+            } else {
+                self.queues[q].read(off, p, len, i, blkio::ReqFlags::empty());
+            }
+        }
+        self.wait(q, reqs.len())
+    }
+}
+
+/// Deterministic test data for disk offset `off` (same bytes every time).
+pub fn pattern(seed: u64, off: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            let x = ((off + i) / 8) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8 ^ ((off + i) as u8)
+        })
+        .collect()
+}
+
+/// The data area of a leg image (after its data offset), for comparing legs.
+pub fn data_area(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).unwrap();
+    let sb = vhost_user_md::md::Superblock::decode(&bytes[4096..8192]).unwrap();
+    let start = (sb.data_offset * 512) as usize;
+    let end = start + (sb.size * 512) as usize;
+    bytes[start..end].to_vec()
+}

@@ -1,0 +1,294 @@
+//! `serve`, `status` and `manage`.
+
+use super::size::parse_size;
+use crate::md::human::human_size;
+use crate::raid1::metadata::{create_array, NewArray};
+use crate::serve::control::{self, Request, Status};
+use crate::serve::{control_path, FaultSpec, ServeConfig};
+use crate::storage::{FileLeg, Leg, OpenMode};
+use clap::{Args, ValueEnum};
+use std::path::{Path, PathBuf};
+
+/// Flags of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// vhost-user socket to listen on (QEMU's `-chardev socket,path=...`).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Number of virtqueues (one worker thread each).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub queues: u16,
+    /// Present the disk read-only to the guest.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Lock manager: `local` (this process only; one node).
+    #[arg(long, value_name = "KIND", default_value = "local", value_parser = parse_lock_manager)]
+    pub lock_manager: String,
+    /// Create missing image files of this size (e.g. 10G) with a new array on them.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub create_size: Option<u64>,
+    /// Cluster name for an array made by --create-size (clustered bitmap).
+    #[arg(long, value_name = "NAME", requires = "create_size")]
+    pub cluster_name: Option<String>,
+    /// Control socket (default: SOCKET.ctl).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Use the page cache instead of direct I/O on the legs.
+    #[arg(long)]
+    pub buffered: bool,
+    /// Fault drill: make leg INDEX fail, e.g. `1:writes-after=500` or `0:reads`.
+    #[arg(long, value_name = "INDEX:FAULT", value_parser = parse_fault, hide = true)]
+    pub inject_fault: Vec<(usize, FaultSpec)>,
+    /// Legs: block devices or image files.
+    #[arg(required = true, num_args = 2.., value_name = "LEG")]
+    pub legs: Vec<PathBuf>,
+}
+
+fn parse_lock_manager(s: &str) -> Result<String, String> {
+    match s {
+        "local" => Ok(s.to_string()),
+        _ if s == "dlm" || s.starts_with("lockd:") => Err(format!(
+            "lock manager {s:?} is not available in this build; use local"
+        )),
+        _ => Err(format!("unknown lock manager {s:?}; use local")),
+    }
+}
+
+fn parse_fault(s: &str) -> Result<(usize, FaultSpec), String> {
+    let (idx, what) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected INDEX:FAULT"))?;
+    let idx: usize = idx
+        .parse()
+        .map_err(|_| format!("{idx:?} is not a leg index"))?;
+    let mut spec = FaultSpec::default();
+    for part in what.split(',') {
+        if part == "reads" {
+            spec.fail_reads = true;
+        } else if let Some(n) = part.strip_prefix("writes-after=") {
+            spec.writes_after = Some(n.parse().map_err(|_| format!("{n:?} is not a number"))?);
+        } else {
+            return Err(format!(
+                "unknown fault {part:?}: use reads or writes-after=N"
+            ));
+        }
+    }
+    Ok((idx, spec))
+}
+
+/// Runs `serve`.
+pub fn run(args: ServeArgs) -> Result<(), String> {
+    if let Some(size) = args.create_size {
+        create_missing(&args.legs, size, args.cluster_name.as_deref())?;
+    } else if let Some(missing) = args.legs.iter().find(|p| !p.exists()) {
+        return Err(format!(
+            "leg {} does not exist; give --create-size to create image files",
+            missing.display()
+        ));
+    }
+    let control = args
+        .control
+        .clone()
+        .unwrap_or_else(|| control_path(&args.socket));
+    crate::serve::run(ServeConfig {
+        socket: args.socket,
+        control,
+        queues: usize::from(args.queues),
+        read_only: args.read_only,
+        buffered: args.buffered,
+        legs: args.legs,
+        faults: args.inject_fault,
+    })
+}
+
+/// With --create-size: when every leg is missing, create the images and a new
+/// (already clean: all zero) array on them. Existing legs are used as they are.
+fn create_missing(legs: &[PathBuf], size: u64, cluster: Option<&str>) -> Result<(), String> {
+    let missing: Vec<&PathBuf> = legs.iter().filter(|p| !p.exists()).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if missing.len() != legs.len() {
+        return Err(format!(
+            "leg {} is missing but others exist; --create-size only creates a whole new array (use `manage add` for a new leg)",
+            missing[0].display()
+        ));
+    }
+    let opened = legs
+        .iter()
+        .map(|p| {
+            FileLeg::open(p, OpenMode::CreateSize(size))
+                .map_err(|e| format!("leg {}: cannot create: {e}", p.display()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&dyn Leg> = opened.iter().map(|l| l as &dyn Leg).collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (g, metas) = create_array(
+        &refs,
+        &NewArray {
+            name: super::create::stored_name("vumd", &super::create::hostname()),
+            cluster_name: cluster.map(str::to_string),
+            nodes: crate::md::layout::DEFAULT_NODES,
+            bitmap_chunk: None,
+            assume_clean: true,
+            now,
+            uuid: None,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    log::info!(
+        "created array {} on {} new image files: {} sectors{}",
+        metas[0].sb.set_uuid,
+        legs.len(),
+        g.size,
+        human_size(g.size * 512)
+    );
+    Ok(())
+}
+
+/// Output format of `status`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    /// Human-readable.
+    Text,
+    /// JSON.
+    Json,
+}
+
+/// Renders a status like /proc/mdstat.
+pub fn render_status(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let in_sync = s.legs.iter().filter(|l| l.state == "in-sync").count();
+    let _ = writeln!(
+        o,
+        "array {} raid1{}: {} sectors{}, events {}",
+        s.uuid,
+        if s.clustered { " (clustered)" } else { "" },
+        s.size_sectors,
+        human_size(s.size_sectors * 512),
+        s.events
+    );
+    let mut map = vec!['_'; s.raid_disks];
+    for l in &s.legs {
+        if let (Some(slot), "in-sync") = (l.slot, l.state.as_str()) {
+            if slot < map.len() {
+                map[slot] = 'U';
+            }
+        }
+    }
+    let _ = writeln!(
+        o,
+        "  [{}/{}] [{}]{}",
+        s.raid_disks,
+        in_sync,
+        map.iter().collect::<String>(),
+        if s.degraded { " degraded" } else { "" }
+    );
+    for l in &s.legs {
+        let _ = writeln!(
+            o,
+            "  leg {} dev {} slot {}: {}",
+            l.name,
+            l.dev_number,
+            l.slot.map(|x| x.to_string()).unwrap_or_else(|| "-".into()),
+            l.state
+        );
+    }
+    let _ = writeln!(
+        o,
+        "  bitmap: {}/{} chunks dirty, chunk {}",
+        s.bitmap_dirty,
+        s.bitmap_chunks,
+        crate::md::human::human_chunksize(s.bitmap_chunk)
+    );
+    let r = &s.resync;
+    if r.active || r.remaining_chunks > 0 {
+        let total = r.done_chunks + r.remaining_chunks;
+        let pct = if total > 0 {
+            100.0 * r.done_chunks as f64 / total as f64
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            o,
+            "  {} = {pct:.1}% ({}/{} chunks) speed={}K/sec finish={}",
+            r.kind,
+            r.done_chunks,
+            total,
+            r.rate_bytes_per_sec / 1024,
+            r.eta_seconds
+                .map(|e| format!("{}.{}min", e / 60, (e % 60) / 6))
+                .unwrap_or_else(|| "?".into())
+        );
+    }
+    let _ = writeln!(o, "  requests completed: {}", s.requests_completed);
+    o
+}
+
+/// The control socket for a path given on the command line: the vhost-user socket
+/// (its `.ctl` companion is used) or the control socket itself.
+pub fn resolve_control(path: &Path) -> PathBuf {
+    if path.extension().is_some_and(|e| e == "ctl") {
+        path.to_path_buf()
+    } else {
+        control_path(path)
+    }
+}
+
+/// Runs `status`.
+pub fn status(socket: &Path, format: Format) -> Result<(), String> {
+    let resp = control::request(&resolve_control(socket), &Request::Status)?;
+    let s = resp.status.ok_or_else(|| {
+        resp.error
+            .unwrap_or_else(|| "no status in the answer".into())
+    })?;
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
+        ),
+        Format::Text => print!("{}", render_status(&s)),
+    }
+    Ok(())
+}
+
+/// Manage operations.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ManageOp {
+    /// Mark a leg faulty.
+    Fail,
+    /// Take a faulty leg out of the array.
+    Remove,
+    /// Add a blank leg (full recovery).
+    Add,
+    /// Put a former leg back (resyncs only chunks dirty in the bitmap).
+    ReAdd,
+}
+
+/// Runs `manage`.
+pub fn manage(socket: &Path, op: ManageOp, leg: &Path) -> Result<(), String> {
+    let mut name = leg.display().to_string();
+    if op == ManageOp::Add {
+        name = std::fs::canonicalize(leg)
+            .map_err(|e| format!("{}: {e}", leg.display()))?
+            .display()
+            .to_string();
+    }
+    let req = match op {
+        ManageOp::Fail => Request::Fail { leg: name },
+        ManageOp::Remove => Request::Remove { leg: name },
+        ManageOp::Add => Request::Add { leg: name },
+        ManageOp::ReAdd => Request::ReAdd { leg: name },
+    };
+    let resp = control::request(&resolve_control(socket), &req)?;
+    if resp.ok {
+        println!("{}", resp.message.unwrap_or_default());
+        Ok(())
+    } else {
+        Err(resp.error.unwrap_or_else(|| "refused".into()))
+    }
+}

@@ -1,0 +1,259 @@
+//! Operator changes to a running mirror: fail, remove, re-add and add legs.
+
+use super::array::{lock, Array, LegState, Member};
+use super::metadata::read_superblock;
+use crate::md::superblock::{role, MAX_DEVS};
+use crate::md::Uuid;
+use crate::storage::{read_vec, Leg};
+use log::info;
+use std::sync::atomic::{AtomicU64, AtomicU8};
+use std::sync::Arc;
+
+/// Why a change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManageError {
+    /// No leg of that name.
+    #[error("no leg named {0} in this array")]
+    UnknownLeg(String),
+    /// The change needs a faulty leg.
+    #[error("leg {0} is not faulty; fail it first")]
+    NotFaulty(String),
+    /// Already failed.
+    #[error("leg {0} is already faulty")]
+    AlreadyFaulty(String),
+    /// The leg is in use in a slot.
+    #[error("leg {0} is already part of the array")]
+    InUse(String),
+    /// Every mirror slot has a leg.
+    #[error("no free mirror slot: remove a faulty leg first")]
+    NoFreeSlot,
+    /// Failing the last in-sync leg would lose the data.
+    #[error("leg {0} is the last in-sync leg; failing it would stop the array")]
+    LastLeg(String),
+    /// The leg cannot join.
+    #[error("leg {leg}: {why}")]
+    Unsuitable {
+        /// The leg.
+        leg: String,
+        /// Why.
+        why: String,
+    },
+    /// I/O failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Whether a re-add copies only the bitmap's dirty chunks or everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecoveryKind {
+    /// Only chunks dirty in the bitmap.
+    Bitmap,
+    /// The whole array.
+    Full,
+}
+
+impl Array {
+    fn find_in_slots(&self, name: &str) -> Option<(usize, Arc<Member>)> {
+        self.members().iter().enumerate().find_map(|(i, m)| {
+            m.as_ref()
+                .filter(|m| m.name() == name)
+                .map(|m| (i, m.clone()))
+        })
+    }
+
+    fn set_slot(&self, slot: usize, m: Option<Arc<Member>>) {
+        let mut w = self.members.write().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<Option<Arc<Member>>> = (**w).clone();
+        v[slot] = m;
+        *w = Arc::new(v);
+    }
+
+    /// Fails a leg on operator request (like `mdadm --fail`).
+    pub fn fail_leg(&self, name: &str) -> Result<(), ManageError> {
+        let (_, m) = self
+            .find_in_slots(name)
+            .ok_or_else(|| ManageError::UnknownLeg(name.into()))?;
+        if m.state() == LegState::Faulty {
+            return Err(ManageError::AlreadyFaulty(name.into()));
+        }
+        if m.state() == LegState::InSync && self.in_sync_count() <= 1 {
+            return Err(ManageError::LastLeg(name.into()));
+        }
+        self.fail(&m, &"failed by the operator");
+        self.settle_failures()?;
+        Ok(())
+    }
+
+    /// Takes a faulty leg out of its slot (like `mdadm --remove`).
+    pub fn remove_leg(&self, name: &str) -> Result<(), ManageError> {
+        let (slot, m) = self
+            .find_in_slots(name)
+            .ok_or_else(|| ManageError::UnknownLeg(name.into()))?;
+        if m.state() != LegState::Faulty {
+            return Err(ManageError::NotFaulty(name.into()));
+        }
+        self.set_slot(slot, None);
+        let dev = m.dev_number;
+        lock(&self.detached).push(m);
+        {
+            let mut meta = lock(&self.meta);
+            meta.faulty.retain(|&d| d != dev);
+        }
+        self.update_superblocks(|sb| {
+            if let Some(r) = sb.dev_roles.get_mut(dev as usize) {
+                *r = role::SPARE;
+            }
+        })?;
+        info!("leg {name}: removed from the array");
+        Ok(())
+    }
+
+    /// Puts a leg that was part of the array back (like `mdadm --re-add`): only the
+    /// chunks dirty in the bitmap are copied when the leg is recent enough.
+    pub fn re_add_leg(&self, name: &str) -> Result<RecoveryKind, ManageError> {
+        let (slot, member) = match self.find_in_slots(name) {
+            Some((slot, m)) => {
+                if m.state() != LegState::Faulty {
+                    return Err(ManageError::InUse(name.into()));
+                }
+                (slot, m)
+            }
+            None => {
+                let m = self
+                    .detached()
+                    .into_iter()
+                    .find(|m| m.name() == name)
+                    .ok_or_else(|| ManageError::UnknownLeg(name.into()))?;
+                let slot = self
+                    .members()
+                    .iter()
+                    .position(|s| s.is_none())
+                    .ok_or(ManageError::NoFreeSlot)?;
+                (slot, m)
+            }
+        };
+        let sb = read_superblock(&*member.leg).map_err(|e| ManageError::Unsuitable {
+            leg: name.into(),
+            why: e.to_string(),
+        })?;
+        if sb.set_uuid != self.uuid {
+            return Err(ManageError::Unsuitable {
+                leg: name.into(),
+                why: format!("belongs to array {}, not {}", sb.set_uuid, self.uuid),
+            });
+        }
+        let cleared = self.bitmap.superblock().events_cleared;
+        let kind = if sb.events >= cleared {
+            RecoveryKind::Bitmap
+        } else {
+            RecoveryKind::Full
+        };
+        {
+            let _joining = lock(&self.recovery);
+            member.set_state(LegState::Recovering);
+            self.set_slot(slot, Some(member.clone()));
+            lock(&self.detached).retain(|m| !Arc::ptr_eq(m, &member));
+            lock(&self.meta).faulty.retain(|&d| d != member.dev_number);
+            match kind {
+                RecoveryKind::Bitmap => {
+                    let dirty = self.bitmap.dirty_bits();
+                    self.bitmap.mark_needed(&dirty);
+                }
+                RecoveryKind::Full => self.bitmap.mark_all_needed(),
+            }
+            self.update_bitmap_state();
+        }
+        self.update_superblocks(|_| {})?;
+        info!(
+            "leg {name}: re-added to slot {slot}; {} recovery of {} chunks",
+            if kind == RecoveryKind::Bitmap {
+                "bitmap-guided"
+            } else {
+                "full"
+            },
+            self.bitmap.stats().needed
+        );
+        Ok(kind)
+    }
+
+    /// Adds a blank leg into a free slot and rebuilds it completely (like `mdadm --add`).
+    pub fn add_leg(&self, leg: Arc<dyn Leg>) -> Result<usize, ManageError> {
+        let name = leg.name().to_string();
+        if self.find_in_slots(&name).is_some() {
+            return Err(ManageError::InUse(name));
+        }
+        let slot = self
+            .members()
+            .iter()
+            .position(|s| s.is_none())
+            .ok_or(ManageError::NoFreeSlot)?;
+        let source = self
+            .in_sync()
+            .into_iter()
+            .next()
+            .ok_or_else(|| ManageError::Unsuitable {
+                leg: name.clone(),
+                why: "no in-sync leg to copy from".into(),
+            })?;
+        let sb = self.superblock();
+        let data_offset = source.data_offset;
+        let sectors = leg.size() / 512;
+        if sectors < data_offset + self.size {
+            return Err(ManageError::Unsuitable {
+                leg: name,
+                why: format!(
+                    "{sectors} sectors is too small: needs {} (data offset {data_offset} + array {})",
+                    data_offset + self.size,
+                    self.size
+                ),
+            });
+        }
+        if let Ok(other) = read_superblock(&*leg) {
+            if other.set_uuid != self.uuid {
+                return Err(ManageError::Unsuitable {
+                    leg: name,
+                    why: format!("carries array {}; wipe it first", other.set_uuid),
+                });
+            }
+        }
+        let mut used: Vec<u32> = self
+            .members()
+            .iter()
+            .flatten()
+            .map(|m| m.dev_number)
+            .collect();
+        used.extend(self.detached().iter().map(|m| m.dev_number));
+        used.extend(lock(&self.meta).faulty.iter().copied());
+        let dev_number = (0..MAX_DEVS.min(sb.max_dev()))
+            .find(|d| !used.contains(d))
+            .ok_or_else(|| ManageError::Unsuitable {
+                leg: name.clone(),
+                why: "no free device number in the role table".into(),
+            })?;
+        // Every node's bitmap goes along, so the new leg carries the whole metadata.
+        let start = (sb.super_offset + 8) * 512;
+        let end = data_offset * 512;
+        let area = read_vec(&*source.leg, start, (end - start) as usize)?;
+        leg.write_at(&area, start)?;
+        let member = Arc::new(Member {
+            leg,
+            dev_number,
+            device_uuid: Uuid::random()?,
+            data_offset,
+            data_size: sectors - data_offset,
+            state: AtomicU8::new(LegState::Recovering as u8),
+            inflight: AtomicU64::new(0),
+            joined_events: 0,
+        });
+        {
+            let _joining = lock(&self.recovery);
+            self.set_slot(slot, Some(member));
+            self.bitmap.mark_all_needed();
+            self.update_bitmap_state();
+        }
+        self.update_superblocks(|_| {})?;
+        info!("leg {name}: added to slot {slot} as device {dev_number}; full recovery");
+        Ok(slot)
+    }
+}

@@ -1,0 +1,259 @@
+//! `serve`: assemble the mirror, serve it over a vhost-user socket until SIGINT or
+//! SIGTERM, run the bitmap daemon and resync, answer the control socket.
+
+pub mod control;
+mod resync;
+
+use crate::raid1::Array;
+use crate::storage::{Faults, FaultyLeg, FileLeg, Leg, OpenMode};
+use crate::vhost::{BlockBackend, BlockConfig};
+use log::{error, info, warn};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+pub use resync::ResyncProgress;
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// vhost-user socket path.
+    pub socket: PathBuf,
+    /// Control socket path.
+    pub control: PathBuf,
+    /// Virtqueues.
+    pub queues: usize,
+    /// Refuse guest writes.
+    pub read_only: bool,
+    /// Use the page cache instead of direct I/O.
+    pub buffered: bool,
+    /// Legs.
+    pub legs: Vec<PathBuf>,
+    /// Fault drills: (leg index, knobs).
+    pub faults: Vec<(usize, FaultSpec)>,
+}
+
+/// A fault to inject into one leg (for drills and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultSpec {
+    /// Fail every write after this many.
+    pub writes_after: Option<i64>,
+    /// Fail every read.
+    pub fail_reads: bool,
+}
+
+/// The control path that goes with a vhost-user socket path.
+pub fn control_path(socket: &Path) -> PathBuf {
+    let mut s = socket.as_os_str().to_owned();
+    s.push(".ctl");
+    PathBuf::from(s)
+}
+
+/// Shared state of a running `serve`.
+pub struct Service {
+    /// The mirror.
+    pub array: Arc<Array>,
+    /// The device.
+    pub backend: Arc<BlockBackend>,
+    /// Resync progress.
+    pub progress: Arc<ResyncProgress>,
+    /// Set when shutting down.
+    pub stopping: Arc<AtomicBool>,
+    /// How the service was started.
+    pub config: ServeConfig,
+}
+
+/// Opens the legs for serving.
+pub fn open_legs(config: &ServeConfig) -> Result<Vec<Arc<dyn Leg>>, String> {
+    let mut legs: Vec<Arc<dyn Leg>> = Vec::new();
+    for (i, p) in config.legs.iter().enumerate() {
+        let leg = FileLeg::open_with(p, OpenMode::ReadWrite, !config.buffered)
+            .map_err(|e| format!("leg {}: cannot open: {e}", p.display()))?;
+        let leg: Arc<dyn Leg> = Arc::new(leg);
+        let leg = match config.faults.iter().find(|(n, _)| *n == i) {
+            Some((_, spec)) => {
+                let f = Faults::none();
+                if let Some(n) = spec.writes_after {
+                    f.writes_until_failure.store(n, Ordering::Relaxed);
+                }
+                f.fail_reads.store(spec.fail_reads, Ordering::Relaxed);
+                warn!("leg {}: fault drill active: {spec:?}", p.display());
+                Arc::new(FaultyLeg::new(leg, f)) as Arc<dyn Leg>
+            }
+            None => leg,
+        };
+        legs.push(leg);
+    }
+    Ok(legs)
+}
+
+/// Runs `serve` until a signal; returns the process exit status message on errors
+/// that prevent starting.
+pub fn run(config: ServeConfig) -> Result<(), String> {
+    let legs = open_legs(&config)?;
+    let (array, report) = Array::assemble(legs).map_err(|e| e.to_string())?;
+    let array = Arc::new(array);
+    array
+        .mark_active()
+        .map_err(|e| format!("cannot mark the array active: {e}"))?;
+    info!(
+        "array {} assembled: {} sectors, {} of {} legs in sync{}, {} chunks to resync",
+        array.uuid,
+        array.size,
+        array
+            .members()
+            .iter()
+            .flatten()
+            .filter(|m| m.state() == crate::raid1::LegState::InSync)
+            .count(),
+        array.members().len(),
+        if array.clustered {
+            " (clustered bitmap, this node uses slot 0)"
+        } else {
+            ""
+        },
+        report.needed_chunks
+    );
+    let block_size = 512;
+    let backend = Arc::new(BlockBackend::new(
+        array.clone(),
+        BlockConfig {
+            queues: config.queues,
+            read_only: config.read_only,
+            block_size,
+        },
+    ));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(ResyncProgress::default());
+    let service = Arc::new(Service {
+        array: array.clone(),
+        backend: backend.clone(),
+        progress: progress.clone(),
+        stopping: stopping.clone(),
+        config: config.clone(),
+    });
+    array.set_detached(report.left_out_legs);
+
+    let resync_thread = resync::spawn(array.clone(), progress, stopping.clone())
+        .map_err(|e| format!("cannot start the resync thread: {e}"))?;
+    let daemon_thread = spawn_bitmap_daemon(array.clone(), stopping.clone())
+        .map_err(|e| format!("cannot start the bitmap thread: {e}"))?;
+    let control = control::Server::bind(&config.control, service.clone())
+        .map_err(|e| format!("control socket {}: {e}", config.control.display()))?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || control.run())
+        .map_err(|e| e.to_string())?;
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+
+    let socket = config.socket.clone();
+    let be = backend.clone();
+    let stop = stopping.clone();
+    // Bind once before announcing, so a wrong path fails the start-up.
+    let listener =
+        Listener::new(&socket, true).map_err(|e| format!("socket {}: {e}", socket.display()))?;
+    std::thread::Builder::new()
+        .name("vhost-user".into())
+        .spawn(move || serve_connections(be, listener, stop))
+        .map_err(|e| e.to_string())?;
+    info!(
+        "serving on {} (control {}); attach with: qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=<RAM>,share=on -machine memory-backend=mem -chardev socket,id=vumd0,path={} -device vhost-user-blk-pci,chardev=vumd0,num-queues={}",
+        config.socket.display(),
+        config.control.display(),
+        config.socket.display(),
+        config.queues
+    );
+
+    let sig = signals.forever().next();
+    info!("signal {sig:?}: shutting down");
+    stopping.store(true, Ordering::SeqCst);
+    backend.drain();
+    let _ = resync_thread.join();
+    let _ = daemon_thread.join();
+    shutdown_array(&array);
+    let _ = std::fs::remove_file(&config.socket);
+    let _ = std::fs::remove_file(&config.control);
+    Ok(())
+}
+
+/// Flushes, clears idle bitmap bits and marks the array clean when it is.
+fn shutdown_array(array: &Array) {
+    if let Err(e) = array.flush() {
+        error!("final flush failed: {e}");
+    }
+    match array.bitmap.clear_idle_now(array.events(), array) {
+        Ok(n) => info!("cleared {n} bitmap chunks"),
+        Err(e) => error!("bitmap clear failed: {e}"),
+    }
+    match array.mark_clean_if_possible() {
+        Ok(true) => info!("array marked clean"),
+        Ok(false) => warn!("array left active: resync or recovery still needed"),
+        Err(e) => error!("cannot write the superblocks: {e}"),
+    }
+}
+
+fn serve_connections(
+    backend: Arc<BlockBackend>,
+    mut listener: Listener,
+    stopping: Arc<AtomicBool>,
+) {
+    while !stopping.load(Ordering::SeqCst) {
+        let mut daemon = match VhostUserDaemon::new(
+            "vhost-user-md".to_string(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                error!("cannot create the vhost-user daemon: {e}");
+                return;
+            }
+        };
+        if let Err(e) = daemon.start(&mut listener) {
+            error!("vhost-user connection failed: {e}");
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        info!("front-end connected");
+        match daemon.wait() {
+            Ok(()) => info!("front-end disconnected"),
+            Err(e) => warn!("front-end connection ended: {e}"),
+        }
+        daemon.request_shutdown();
+    }
+}
+
+fn spawn_bitmap_daemon(
+    array: Arc<Array>,
+    stopping: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let period = Duration::from_secs(u64::from(array.bitmap.superblock().daemon_sleep.max(1)));
+    std::thread::Builder::new()
+        .name("bitmap".into())
+        .spawn(move || {
+            let step = Duration::from_millis(100);
+            let mut waited = Duration::ZERO;
+            while !stopping.load(Ordering::SeqCst) {
+                std::thread::sleep(step);
+                waited += step;
+                if waited < period {
+                    continue;
+                }
+                waited = Duration::ZERO;
+                match array.bitmap_daemon_pass() {
+                    Ok(0) => {}
+                    Ok(n) => log::debug!("bitmap: cleared {n} chunks"),
+                    Err(e) => warn!("bitmap daemon: {e}"),
+                }
+            }
+        })
+}
