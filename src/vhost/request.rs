@@ -491,7 +491,8 @@ mod tests {
     fn malformed_chains_get_a_status_and_the_device_keeps_working() {
         let r = rig();
         let cap = r.array.size;
-        let cases: Vec<(&str, u32, u64, Vec<(u64, u32, u16)>, u8)> = vec![
+        type Case = (&'static str, u32, u64, Vec<(u64, u32, u16)>, u8);
+        let cases: Vec<Case> = vec![
             (
                 "short header",
                 kind::IN,
