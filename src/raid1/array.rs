@@ -228,45 +228,54 @@ impl Array {
                 .get(m.sb.dev_number as usize)
                 .copied()
                 .unwrap_or(role::SPARE);
-            if r == role::FAULTY {
-                report.left_out.push(format!(
-                    "leg {name}: marked faulty in the array's superblock (events {}); re-add it to resync",
-                    sb.events
-                ));
-                faulty.push(m.sb.dev_number);
-                continue;
-            }
-            if u32::from(r) >= sb.raid_disks {
-                report
-                    .left_out
-                    .push(format!("leg {name}: has no role in the array (spare)"));
-                continue;
-            }
-            if m.sb.events + 1 < sb.events {
-                report.left_out.push(format!(
-                    "leg {name}: events {} is behind {} (stale); re-add it to resync",
-                    m.sb.events, sb.events
-                ));
-                faulty.push(m.sb.dev_number);
-                continue;
-            }
             let recovering = m.sb.feature_map & feature::RECOVERY_OFFSET != 0
                 && m.sb.recovery_offset != MAX_SECTOR;
-            let member = Member {
-                leg: leg.clone(),
-                dev_number: m.sb.dev_number,
-                device_uuid: m.sb.device_uuid,
-                data_offset: m.sb.data_offset,
-                data_size: m.sb.data_size,
-                state: AtomicU8::new(if recovering {
-                    LegState::Recovering as u8
-                } else {
-                    LegState::InSync as u8
-                }),
-                inflight: AtomicU64::new(0),
-                joined_events: m.sb.events,
+            let member = |state: LegState| {
+                Arc::new(Member {
+                    leg: leg.clone(),
+                    dev_number: m.sb.dev_number,
+                    device_uuid: m.sb.device_uuid,
+                    data_offset: m.sb.data_offset,
+                    data_size: m.sb.data_size,
+                    state: AtomicU8::new(state as u8),
+                    inflight: AtomicU64::new(0),
+                    joined_events: m.sb.events,
+                })
             };
-            slots[r as usize] = Some(Arc::new(member));
+            let why = if r == role::FAULTY {
+                Some(format!(
+                    "marked faulty in the array's superblock (events {}); re-add it to resync",
+                    sb.events
+                ))
+            } else if u32::from(r) >= sb.raid_disks {
+                Some("has no role in the array (spare); add it to use it".to_string())
+            } else if m.sb.events + 1 < sb.events {
+                Some(format!(
+                    "events {} is behind {} (stale); re-add it to resync",
+                    m.sb.events, sb.events
+                ))
+            } else if slots[r as usize].is_some() {
+                Some(format!("role {r} is already taken by another leg"))
+            } else {
+                None
+            };
+            match why {
+                Some(why) => {
+                    report.left_out.push(format!("leg {name}: {why}"));
+                    if r != role::SPARE && !faulty.contains(&m.sb.dev_number) {
+                        faulty.push(m.sb.dev_number);
+                    }
+                    report.left_out_legs.push(member(LegState::Faulty));
+                }
+                None => {
+                    let state = if recovering {
+                        LegState::Recovering
+                    } else {
+                        LegState::InSync
+                    };
+                    slots[r as usize] = Some(member(state));
+                }
+            }
         }
         if !slots
             .iter()

@@ -113,6 +113,10 @@ impl Serve {
     /// Starts `serve` with `args` (legs included) on `socket`, waits for it to listen.
     pub fn start(socket: &Path, args: &[&str]) -> Serve {
         let log = socket.with_extension("log");
+        let ctl = PathBuf::from(format!("{}.ctl", socket.display()));
+        // A killed serve leaves its sockets behind; wait for the new ones.
+        let _ = std::fs::remove_file(socket);
+        let _ = std::fs::remove_file(&ctl);
         let out = std::fs::File::create(&log).unwrap();
         let child = bin()
             .arg("serve")
@@ -129,7 +133,6 @@ impl Serve {
             socket: socket.to_path_buf(),
             log,
         };
-        let ctl = PathBuf::from(format!("{}.ctl", socket.display()));
         for _ in 0..200 {
             if socket.exists() && ctl.exists() {
                 return s;

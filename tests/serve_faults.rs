@@ -1,0 +1,354 @@
+//! Leg failures and crashes: the guest sees no error, survivors record the failed
+//! leg, acknowledged writes survive `kill -9`, and resync/re-add copy only the chunks
+//! dirty in the bitmap.
+
+mod common;
+
+use common::{bin, data_area, pattern, Client, Serve};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: usize = 64 * 1024;
+
+/// Two 64 MiB legs with 1 MiB bitmap chunks (63 chunks), known identical.
+fn make_array(dir: &Path) -> (PathBuf, PathBuf) {
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    let out = bin()
+        .args([
+            "create",
+            "--size",
+            "64M",
+            "--bitmap-chunk",
+            "1M",
+            "--assume-clean",
+        ])
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (a, b)
+}
+
+fn wait_for(
+    serve: &Serve,
+    what: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let s = serve.status();
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn examine(legs: &[&Path]) -> serde_json::Value {
+    let out = bin()
+        .args(["examine", "--json"])
+        .args(legs)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn leg_state(s: &serde_json::Value, leg: &Path) -> String {
+    s["legs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == leg.to_str().unwrap())
+        .map(|l| l["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+/// Writes block `i` of a region with seed `seed`; panics on a guest-visible error.
+fn write_block(c: &mut Client, region: u64, i: u64, seed: u64) {
+    let off = region + i * BLOCK as u64;
+    let data = pattern(seed, off, BLOCK);
+    c.buf()[..BLOCK].copy_from_slice(&data);
+    assert_eq!(c.write(0, off, 0, BLOCK), 0, "write at {off} failed");
+}
+
+fn verify_block(c: &mut Client, off: u64, seeds: &[u64]) {
+    assert_eq!(c.read(0, off, 0, BLOCK), 0);
+    let got = c.buf()[..BLOCK].to_vec();
+    assert!(
+        seeds.iter().any(|&s| got == pattern(s, off, BLOCK)),
+        "block at {off} holds none of seeds {seeds:?}"
+    );
+}
+
+#[test]
+fn kill_9_mid_writes_resyncs_only_dirty_chunks_and_keeps_acknowledged_writes() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = make_array(d.path());
+    let sock = d.path().join("vm.sock");
+    let mut serve = Serve::start(&sock, &[a.to_str().unwrap(), b.to_str().unwrap()]);
+    // Writer thread: 64 KiB writes over MiB 8..16 (chunks 8-15), one at a time; the
+    // write in flight and every acknowledged write are recorded under one lock.
+    type Log = (Vec<(u64, u64)>, Option<(u64, u64)>);
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Log::default()));
+    let (log2, sock2) = (log.clone(), sock.clone());
+    // The thread is not joined: after the kill its last request never completes.
+    std::thread::spawn(move || {
+        let mut c = Client::connect(&sock2, 1, BLOCK);
+        let blocks = 8 * MIB / BLOCK as u64;
+        for seed in 1u64.. {
+            let i = (seed * 37) % blocks;
+            let off = 8 * MIB + i * BLOCK as u64;
+            log2.lock().unwrap().1 = Some((off, seed));
+            let data = pattern(seed, off, BLOCK);
+            c.buf()[..BLOCK].copy_from_slice(&data);
+            let p = c.buf().as_mut_ptr();
+            c.queues[0].write(off, p, BLOCK, 0, blkio::ReqFlags::empty());
+            let mut comps = [std::mem::MaybeUninit::<blkio::Completion>::uninit()];
+            match c.queues[0].do_io(&mut comps, 1, None, None) {
+                // SAFETY: do_io returned one initialised completion.
+                Ok(1) if unsafe { comps[0].as_ptr().read() }.ret == 0 => {
+                    log2.lock().unwrap().0.push((off, seed));
+                }
+                _ => return,
+            }
+        }
+    });
+    while log.lock().unwrap().0.len() < 300 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    serve.kill9();
+    let (acked, inflight) = log.lock().unwrap().clone();
+    // The bitmap on disk still marks the chunks that were being written.
+    let ex = examine(&[&a]);
+    let dirty = ex["legs"][0]["bitmap"]["slots"][0]["dirty"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (1..=8).contains(&dirty),
+        "dirty chunks after the crash: {dirty}"
+    );
+    assert_eq!(ex["legs"][0]["superblock"]["state"], "active");
+
+    let mut serve = Serve::start(&sock, &[a.to_str().unwrap(), b.to_str().unwrap()]);
+    let s = wait_for(&serve, "resync", |s| {
+        s["resync"]["remaining_chunks"] == 0 && !s["resync"]["active"].as_bool().unwrap()
+    });
+    assert_eq!(
+        s["resync"]["bytes_copied"].as_u64().unwrap(),
+        dirty * MIB,
+        "resync must copy exactly the dirty chunks"
+    );
+    let mut c = Client::connect(&sock, 1, BLOCK);
+    let mut last = std::collections::HashMap::new();
+    for &(off, seed) in &acked {
+        last.insert(off, seed);
+    }
+    for (&off, &seed) in &last {
+        let mut ok = vec![seed];
+        if let Some((ioff, iseed)) = inflight {
+            if ioff == off {
+                ok.push(iseed);
+            }
+        }
+        verify_block(&mut c, off, &ok);
+    }
+    drop(c);
+    assert!(serve.stop().success());
+    assert!(data_area(&a) == data_area(&b), "legs differ after resync");
+    assert!(last.len() > 50, "the test wrote too little: {}", last.len());
+}
+
+#[test]
+fn injected_write_errors_degrade_without_guest_errors_and_re_add_copies_dirty_chunks() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = make_array(d.path());
+    let sock = d.path().join("vm.sock");
+    let mut serve = Serve::start(
+        &sock,
+        &[
+            "--inject-fault",
+            "1:writes-after=100",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
+    let mut c = Client::connect(&sock, 1, BLOCK);
+    // 16 MiB in 64 KiB writes: leg b fails after 100 writes, the guest sees nothing.
+    let region = 0;
+    for i in 0..256 {
+        write_block(&mut c, region, i, 7);
+    }
+    let s = serve.status();
+    assert_eq!(s["degraded"], true);
+    assert_eq!(leg_state(&s, &b), "faulty");
+    assert_eq!(leg_state(&s, &a), "in-sync");
+    for i in 0..256 {
+        verify_block(&mut c, region + i * BLOCK as u64, &[7]);
+    }
+    drop(c);
+    assert!(serve.stop().success());
+    // The survivor's superblock records b as faulty, with newer events.
+    let ex = examine(&[&a, &b]);
+    assert_eq!(ex["legs"][0]["superblock"]["array_state"], "A.");
+    assert!(
+        ex["legs"][0]["superblock"]["events"].as_u64()
+            > ex["legs"][1]["superblock"]["events"].as_u64()
+    );
+    assert!(serve.log_text().contains("marking it faulty"));
+
+    // Restart without the fault: b is left out until re-added.
+    let mut serve = Serve::start(&sock, &[a.to_str().unwrap(), b.to_str().unwrap()]);
+    let s = serve.status();
+    assert_eq!(s["degraded"], true);
+    assert_eq!(leg_state(&s, &b), "removed");
+    let dirty = s["bitmap_dirty"].as_u64().unwrap();
+    assert!((1..63).contains(&dirty), "dirty chunks: {dirty}");
+    let (ok, out) = serve.manage("re-add", &b);
+    assert!(ok, "{out}");
+    assert!(out.contains("dirty in the bitmap"), "{out}");
+    let s = wait_for(&serve, "recovery", |s| s["degraded"] == false);
+    assert_eq!(
+        s["resync"]["bytes_copied"].as_u64().unwrap(),
+        dirty * MIB,
+        "only dirty chunks are copied"
+    );
+    assert!(serve.stop().success());
+    assert!(data_area(&a) == data_area(&b), "legs differ after re-add");
+    assert_eq!(examine(&[&a, &b])["array"]["consistent"], true);
+}
+
+#[test]
+fn operator_fail_then_re_add_copies_only_chunks_written_meanwhile() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = make_array(d.path());
+    let sock = d.path().join("vm.sock");
+    let mut serve = Serve::start(
+        &sock,
+        &["--queues", "2", a.to_str().unwrap(), b.to_str().unwrap()],
+    );
+    let mut c = Client::connect(&sock, 2, BLOCK);
+    for i in 0..64 {
+        write_block(&mut c, 0, i, 1);
+    }
+    // Let the bitmap daemon clear the bits (two idle passes of 5 s).
+    wait_for(&serve, "bits cleared", |s| s["bitmap_dirty"] == 0);
+    let (ok, out) = serve.manage("fail", &b);
+    assert!(ok, "{out}");
+    let (ok, out) = serve.manage("fail", &a);
+    assert!(!ok && out.contains("last in-sync leg"), "{out}");
+    // Writes while degraded touch exactly chunks 20, 21 and 40.
+    write_block(&mut c, 20 * MIB, 0, 2);
+    write_block(&mut c, 21 * MIB, 3, 2);
+    write_block(&mut c, 40 * MIB, 15, 2);
+    let (ok, out) = serve.manage("re-add", &b);
+    assert!(ok, "{out}");
+    let s = wait_for(&serve, "recovery", |s| s["degraded"] == false);
+    assert_eq!(s["resync"]["bytes_copied"].as_u64().unwrap(), 3 * MIB);
+    drop(c);
+    assert!(serve.stop().success());
+    assert!(data_area(&a) == data_area(&b));
+}
+
+#[test]
+fn remove_and_add_a_blank_leg_rebuilds_it_completely() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = make_array(d.path());
+    let sock = d.path().join("vm.sock");
+    let mut serve = Serve::start(&sock, &[a.to_str().unwrap(), b.to_str().unwrap()]);
+    let mut c = Client::connect(&sock, 1, BLOCK);
+    for i in 0..32 {
+        write_block(&mut c, 3 * MIB, i, 9);
+    }
+    let (ok, out) = serve.manage("remove", &b);
+    assert!(!ok && out.contains("not faulty"), "{out}");
+    assert!(serve.manage("fail", &b).0);
+    let (ok, out) = serve.manage("remove", &b);
+    assert!(ok, "{out}");
+    let fresh = d.path().join("c.img");
+    std::fs::File::create(&fresh)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let (ok, out) = serve.manage("add", &fresh);
+    assert!(ok, "{out}");
+    let s = wait_for(&serve, "rebuild", |s| s["degraded"] == false);
+    assert_eq!(s["resync"]["bytes_copied"].as_u64().unwrap(), 129_024 * 512);
+    for i in 0..32 {
+        verify_block(&mut c, 3 * MIB + i * BLOCK as u64, &[9]);
+    }
+    drop(c);
+    assert!(serve.stop().success());
+    assert!(data_area(&a) == data_area(&fresh));
+    let ex = examine(&[&a, &fresh]);
+    assert_eq!(ex["array"]["consistent"], true, "{ex}");
+}
+
+#[test]
+fn a_real_leg_running_out_of_space_is_failed_without_guest_errors() {
+    // Leg b is a sparse image on a 12 MiB tmpfs: writes beyond that get ENOSPC
+    // from the kernel.
+    let d = tempfile::tempdir().unwrap();
+    let small = d.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .expect("mount (root) is needed for this test");
+    assert!(st.success(), "mounting a tmpfs needs root");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(small.clone());
+    let a = d.path().join("a.img");
+    let b = small.join("b.img");
+    let out = bin()
+        .args([
+            "create",
+            "--size",
+            "64M",
+            "--bitmap-chunk",
+            "1M",
+            "--assume-clean",
+        ])
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sock = d.path().join("vm.sock");
+    let mut serve = Serve::start(&sock, &[a.to_str().unwrap(), b.to_str().unwrap()]);
+    let mut c = Client::connect(&sock, 1, BLOCK);
+    for i in 0..(32 * MIB / BLOCK as u64) {
+        write_block(&mut c, 0, i, 5);
+    }
+    let s = serve.status();
+    assert_eq!(leg_state(&s, &b), "faulty", "{s}");
+    for i in 0..(32 * MIB / BLOCK as u64) {
+        verify_block(&mut c, i * BLOCK as u64, &[5]);
+    }
+    drop(c);
+    assert!(serve.stop().success());
+    assert!(
+        serve.log_text().contains("No space left"),
+        "{}",
+        serve.log_text()
+    );
+}
