@@ -4,7 +4,7 @@
 /// 2 GiB, TiB/TB from 2 TiB), rounded to hundredths the way mdadm rounds.
 pub fn human_size(bytes: u64) -> String {
     let b = u128::from(bytes);
-    let cent = |unit: u128| (b * 200 / unit + 1) / 2;
+    let cent = |unit: u128| (b * 200 / unit).div_ceil(2);
     let fmt = |c: u128, suffix: &str| format!("{}.{:02} {suffix}", c / 100, c % 100);
     if bytes < 5000 * 1024 {
         String::new()
@@ -12,19 +12,19 @@ pub fn human_size(bytes: u64) -> String {
         format!(
             " ({} {})",
             fmt(cent(1 << 20), "MiB"),
-            fmt((b / (1_000_000 / 200) + 1) / 2, "MB")
+            fmt((b / (1_000_000 / 200)).div_ceil(2), "MB")
         )
     } else if bytes < 2 << 40 {
         format!(
             " ({} {})",
             fmt(cent(1 << 30), "GiB"),
-            fmt((b / (1_000_000_000 / 200) + 1) / 2, "GB")
+            fmt((b / (1_000_000_000 / 200)).div_ceil(2), "GB")
         )
     } else {
         format!(
             " ({} {})",
             fmt(cent(1 << 40), "TiB"),
-            fmt((b / (1_000_000_000_000 / 200) + 1) / 2, "TB")
+            fmt((b / (1_000_000_000_000 / 200)).div_ceil(2), "TB")
         )
     }
 }
