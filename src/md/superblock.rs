@@ -509,20 +509,24 @@ impl Superblock {
 
     /// Array state as `mdadm -E` prints it: one character per mirror slot,
     /// 'A' (one device has the role), '.' (none), 'R' (two: replacing), '?' (more).
+    ///
+    /// Roles from `role::MAX` up are special values, not slots, so at most
+    /// `role::MAX` slots are shown however large `raid_disks` is.
     pub fn array_state(&self) -> String {
-        (0..self.raid_disks)
-            .map(|d| {
-                let n = self
-                    .dev_roles
-                    .iter()
-                    .filter(|&&r| u32::from(r) == d)
-                    .count();
-                match n {
-                    0 => '.',
-                    1 => 'A',
-                    2 => 'R',
-                    _ => '?',
-                }
+        let slots = self.raid_disks.min(u32::from(role::MAX)) as usize;
+        let mut holders = vec![0u8; slots];
+        for &r in &self.dev_roles {
+            if let Some(n) = holders.get_mut(usize::from(r)) {
+                *n = n.saturating_add(1);
+            }
+        }
+        holders
+            .iter()
+            .map(|n| match n {
+                0 => '.',
+                1 => 'A',
+                2 => 'R',
+                _ => '?',
             })
             .collect()
     }
@@ -599,6 +603,26 @@ mod tests {
         let b = sb.encode();
         assert_eq!(le32(&b, 216), 0xdddf_6d35);
         Superblock::decode(&b).unwrap();
+    }
+
+    #[test]
+    fn array_state_is_bounded_by_the_role_range() {
+        // Found by fuzzing: a superblock with raid_disks 0x8c8c8c8c decodes, and
+        // array_state then tried to build a 2.3 GB string.
+        let mut sb = appendix_a();
+        sb.raid_disks = 0x8c8c_8c8c;
+        let sb = Superblock::decode(&sb.encode()).unwrap();
+        let state = sb.array_state();
+        assert_eq!(state.len(), usize::from(role::MAX));
+        assert_eq!(&state[..3], "AA.");
+        // Spare (0xffff) and faulty (0xfffe) entries are never counted as slots.
+        assert!(state.chars().skip(2).all(|c| c == '.'));
+        let mut sb = appendix_a();
+        sb.raid_disks = 3;
+        sb.dev_roles[5] = 1;
+        sb.dev_roles[6] = 1;
+        sb.dev_roles[7] = role::FAULTY;
+        assert_eq!(sb.array_state(), "A?.");
     }
 
     #[test]

@@ -165,6 +165,13 @@ fn load_slot(
     let head = read_vec(leg, off, BITMAP_SB_LEN)
         .map_err(io_err(format!("read the bitmap of node slot {slot}")))?;
     let bsb = BitmapSuper::decode(&head).map_err(bad)?;
+    // Slots are spaced by slot 0's geometry; the bits of a later slot must not run
+    // into the next slot.
+    if let Some(g) = geometry {
+        if BITMAP_SB_LEN as u64 + bsb.geometry().bits_len() > g.slot_len() {
+            return Err(slot_overflow(slot, &bsb));
+        }
+    }
     if bsb.uuid != sb.set_uuid {
         return Err(MetaError::BitmapUuid {
             slot,
@@ -181,6 +188,17 @@ fn load_slot(
         sb: bsb,
         bits,
     })
+}
+
+fn slot_overflow(slot: u32, bsb: &BitmapSuper) -> MetaError {
+    MetaError::Bitmap {
+        slot,
+        source: BitmapError::Field {
+            field: "sync_size",
+            value: bsb.sync_size.to_string(),
+            why: "with this chunksize the bits do not fit in the space slot 0's geometry gives each node",
+        },
+    }
 }
 
 /// Where an existing md superblock was found on a leg.
@@ -391,7 +409,10 @@ pub fn write_leg_metadata(leg: &dyn Leg, meta: &LegMetadata) -> Result<(), MetaE
         let mut buf = vec![0u8; g.slot_len() as usize];
         buf[..BITMAP_SB_LEN].copy_from_slice(&b.sb.encode());
         let bits = b.bits.as_bytes();
-        buf[BITMAP_SB_LEN..BITMAP_SB_LEN + bits.len()].copy_from_slice(bits);
+        let Some(dst) = buf.get_mut(BITMAP_SB_LEN..BITMAP_SB_LEN + bits.len()) else {
+            return Err(slot_overflow(b.slot, &b.sb));
+        };
+        dst.copy_from_slice(bits);
         leg.write_at(&buf, off)
             .map_err(io_err(format!("write the bitmap of node slot {}", b.slot)))?;
     }
@@ -481,6 +502,31 @@ mod tests {
             LegMetadata::load(&a),
             Err(MetaError::Superblock(SuperblockError::Magic { found: 0 }))
         ));
+    }
+
+    #[test]
+    fn bitmap_running_into_the_next_slot_is_refused() {
+        // Found by fuzzing: slot 1's sync_size was changed to 629526146603; its
+        // bits then reached far past its 4 KiB slot, load accepted it, and writing
+        // the loaded metadata back panicked.
+        let a = MemLeg::new("a", 64 << 20);
+        let b = MemLeg::new("b", 64 << 20);
+        let (_, metas) = create_array(&[&a, &b], &opts(true)).unwrap();
+        let g = metas[0].bitmap().geometry();
+        let mut big = metas[0].bitmaps[1].sb.clone();
+        big.sync_size = 629_526_146_603;
+        a.write_at(&big.encode(), g.slot_offset(8, 8, 1).unwrap())
+            .unwrap();
+        let e = LegMetadata::load(&a).unwrap_err();
+        assert!(matches!(e, MetaError::Bitmap { slot: 1, .. }), "{e}");
+        assert!(e.to_string().contains("sync_size"), "{e}");
+
+        // Inconsistent metadata in memory is refused on write, not a panic.
+        let mut meta = metas[1].clone();
+        meta.bitmaps[1].sb = big;
+        meta.bitmaps[1].bits = BitmapBits::new(1 << 20);
+        let e = write_leg_metadata(&b, &meta).unwrap_err();
+        assert!(matches!(e, MetaError::Bitmap { slot: 1, .. }), "{e}");
     }
 
     #[test]

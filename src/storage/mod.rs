@@ -54,7 +54,7 @@ pub trait Leg: Send + Sync {
 /// Reads `len` bytes at `off`, failing with `UnexpectedEof` when the leg is shorter.
 pub fn read_vec(leg: &dyn Leg, off: u64, len: usize) -> io::Result<Vec<u8>> {
     let end = off.checked_add(len as u64);
-    if end.is_none_or(|e| e > leg.size()) {
+    if !matches!(end, Some(e) if e <= leg.size()) {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             format!(
