@@ -63,7 +63,7 @@ impl Member {
         LegState::from_u8(self.state.swap(s as u8, Ordering::AcqRel))
     }
 
-    fn byte_offset(&self, sector: u64) -> u64 {
+    pub(super) fn byte_offset(&self, sector: u64) -> u64 {
         (self.data_offset + sector) * 512
     }
 
@@ -337,6 +337,11 @@ impl Array {
         self.in_sync().len()
     }
 
+    /// Legs a resync would copy to (non-faulty legs besides the source).
+    pub fn copy_targets(&self) -> usize {
+        self.writable().len().saturating_sub(1)
+    }
+
     /// Keeps legs that belong to the array but have no slot (for re-add).
     pub fn set_detached(&self, legs: Vec<Arc<Member>>) {
         lock(&self.detached).extend(legs);
@@ -502,7 +507,7 @@ impl Array {
         Ok(clean)
     }
 
-    fn check_range(&self, sector: u64, bytes: u64) -> io::Result<u64> {
+    pub(super) fn check_range(&self, sector: u64, bytes: u64) -> io::Result<u64> {
         let sectors = bytes.div_ceil(512);
         match sector.checked_add(sectors) {
             Some(end) if end <= self.size && bytes % 512 == 0 => Ok(sectors),
@@ -518,7 +523,7 @@ impl Array {
 
     /// Picks the leg to read `sectors` at `sector` from: the first in-sync leg for
     /// chunks that still need a resync, else the least busy in-sync leg.
-    fn read_order(&self, sector: u64, sectors: u64) -> Vec<Arc<Member>> {
+    pub(super) fn read_order(&self, sector: u64, sectors: u64) -> Vec<Arc<Member>> {
         let mut legs = self.in_sync();
         if legs.len() > 1 && !self.bitmap.is_needed(sector, sectors) {
             let start = self.next_read.fetch_add(1, Ordering::Relaxed) % legs.len();

@@ -1,9 +1,11 @@
 //! The mirror: array metadata, assembly, fan-out writes, read balancing, leg
 //! failure and resync.
 
+pub mod aio;
 pub mod array;
 pub mod manage;
 pub mod metadata;
 
+pub use aio::AsyncIo;
 pub use array::{Array, AssembleError, AssembleReport, LegState, Member};
 pub use manage::{ManageError, RecoveryKind};

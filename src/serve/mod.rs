@@ -15,6 +15,7 @@ use std::time::Duration;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 pub use resync::ResyncProgress;
 
@@ -127,6 +128,9 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             block_size,
         },
     ));
+    if let Err(e) = backend.enable_async_io() {
+        warn!("io_uring unavailable ({e}): leg I/O runs synchronously");
+    }
     let stopping = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(ResyncProgress::default());
     let service = Arc::new(Service {
@@ -218,6 +222,14 @@ fn serve_connections(
                 return;
             }
         };
+        for (i, h) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = backend.completion_fd(i) {
+                if let Err(e) = h.register_listener(fd, EventSet::IN, backend.completion_event()) {
+                    error!("cannot watch the completions of queue {i}: {e}");
+                    return;
+                }
+            }
+        }
         if let Err(e) = daemon.start(&mut listener) {
             error!("vhost-user connection failed: {e}");
             std::thread::sleep(Duration::from_millis(100));
@@ -229,6 +241,7 @@ fn serve_connections(
             Err(e) => warn!("front-end connection ended: {e}"),
         }
         daemon.request_shutdown();
+        backend.abandon_in_flight();
     }
 }
 

@@ -82,6 +82,11 @@ fn run(array: &Array, progress: &ResyncProgress, stopping: &AtomicBool) {
     let mut cursor = 0;
     let mut last_log = Instant::now();
     while !stopping.load(Ordering::SeqCst) {
+        if array.copy_targets() == 0 {
+            // Degraded to one leg: nothing to copy to until a leg is re-added.
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
         let Some(c) = array.bitmap.next_needed(cursor) else {
             if progress.active.swap(false, Ordering::Relaxed) {
                 let bytes = array.counters.resync_bytes.load(Ordering::Relaxed);

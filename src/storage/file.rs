@@ -247,6 +247,10 @@ impl Leg for FileLeg {
         &self.name
     }
 
+    fn raw_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        Some((self.file.as_raw_fd(), self.align))
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

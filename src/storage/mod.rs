@@ -7,6 +7,7 @@ mod aligned;
 mod faulty;
 mod file;
 mod mem;
+pub mod uring;
 
 pub use aligned::AlignedBuf;
 pub use faulty::{Faults, FaultyLeg};
@@ -49,6 +50,11 @@ pub trait Leg: Send + Sync {
     fn discard(&self, off: u64, len: u64) -> io::Result<()>;
     /// Makes `len` bytes at `off` read as zeroes.
     fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()>;
+    /// The file descriptor for asynchronous I/O and the alignment its buffers and
+    /// offsets need (0: any), or `None` when the leg only does synchronous I/O.
+    fn raw_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        None
+    }
 }
 
 /// Reads `len` bytes at `off`, failing with `UnexpectedEof` when the leg is shorter.

@@ -1,20 +1,24 @@
 //! The `VhostUserBackend` implementation: what the device offers, its config space,
 //! and the per-queue workers.
 
-use super::request::{self, Context, Limits, ID_LEN};
+use super::request::{self, Context, Limits, Prepared, RequestError, ID_LEN};
 use crate::raid1::Array;
+use crate::raid1::AsyncIo;
 use log::{debug, info, warn};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -45,6 +49,53 @@ pub struct BlockConfig {
     pub block_size: u32,
 }
 
+/// A request handed to the asynchronous path, until it completes.
+struct Pending {
+    head: u16,
+    status: GuestAddress,
+    /// Bytes written into guest memory on success (read data).
+    used: u32,
+    /// Keeps the guest memory the buffers live in mapped.
+    mem: Arc<Mem>,
+    /// Guest buffers a read fills (marked dirty for migration logging).
+    read_segs: Vec<(GuestAddress, usize)>,
+    write: bool,
+}
+
+/// Per-queue asynchronous state, used by that queue's worker.
+struct QueueState {
+    io: AsyncIo,
+    pending: Vec<Option<Pending>>,
+    free: Vec<usize>,
+}
+
+impl QueueState {
+    fn insert(&mut self, p: Pending) -> u64 {
+        match self.free.pop() {
+            Some(i) => {
+                self.pending[i] = Some(p);
+                i as u64
+            }
+            None => {
+                self.pending.push(Some(p));
+                (self.pending.len() - 1) as u64
+            }
+        }
+    }
+
+    fn take(&mut self, token: u64) -> Option<Pending> {
+        let p = self.pending.get_mut(token as usize)?.take();
+        if p.is_some() {
+            self.free.push(token as usize);
+        }
+        p
+    }
+
+    fn in_flight(&self) -> usize {
+        self.pending.len() - self.free.len()
+    }
+}
+
 /// The vhost-user-blk device backed by a mirror.
 pub struct BlockBackend {
     array: Arc<Array>,
@@ -59,6 +110,8 @@ pub struct BlockBackend {
     stopping: AtomicBool,
     /// Requests completed, for status.
     pub completed: AtomicU64,
+    /// One asynchronous I/O state per queue (`None`: synchronous I/O).
+    queues: Vec<Mutex<Option<QueueState>>>,
 }
 
 fn serial_of(array: &Array) -> [u8; ID_LEN] {
@@ -74,6 +127,7 @@ impl BlockBackend {
     /// A device for `array`.
     pub fn new(array: Arc<Array>, config: BlockConfig) -> BlockBackend {
         BlockBackend {
+            queues: (0..config.queues).map(|_| Mutex::new(None)).collect(),
             serial: serial_of(&array),
             array,
             config,
@@ -87,6 +141,68 @@ impl BlockBackend {
         }
     }
 
+    /// Sets up io_uring for every queue; without it, requests run synchronously.
+    pub fn enable_async_io(&self) -> io::Result<()> {
+        for q in &self.queues {
+            let io = AsyncIo::new(QUEUE_SIZE as u32)?;
+            *lock(q) = Some(QueueState {
+                io,
+                pending: Vec::new(),
+                free: Vec::new(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The eventfd of queue `i`'s completions, to register with its worker's epoll.
+    pub fn completion_fd(&self, i: usize) -> Option<std::os::fd::RawFd> {
+        lock(self.queues.get(i)?).as_ref().map(|q| q.io.eventfd())
+    }
+
+    /// The epoll data value of completion events (past the queues and exit event).
+    pub fn completion_event(&self) -> u64 {
+        self.config.queues as u64 + 1
+    }
+
+    /// Waits until queue `i` has no request in flight (at most `limit`).
+    fn wait_idle(&self, i: usize, limit: std::time::Duration) -> bool {
+        let start = std::time::Instant::now();
+        loop {
+            let busy = self
+                .queues
+                .get(i)
+                .is_some_and(|q| lock(q).as_ref().is_some_and(|s| s.in_flight() > 0));
+            if !busy {
+                return true;
+            }
+            if start.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+
+    /// After the front-end went away: finishes every request still in flight on the
+    /// legs (nobody is left to tell).
+    pub fn abandon_in_flight(&self) {
+        for q in &self.queues {
+            let mut g = lock(q);
+            if let Some(s) = g.as_mut() {
+                if let Err(e) = s.io.drain(&self.array) {
+                    warn!("draining in-flight I/O: {e}");
+                }
+                let done = s.io.take_done();
+                let n = done.len();
+                for (t, _) in done {
+                    s.take(t);
+                }
+                if n > 0 {
+                    warn!("{n} requests finished after the front-end left");
+                }
+            }
+        }
+    }
+
     /// The serial number GET_ID returns.
     pub fn serial(&self) -> [u8; ID_LEN] {
         self.serial
@@ -97,6 +213,11 @@ impl BlockBackend {
     pub fn drain(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         drop(self.io_gate.write().unwrap_or_else(|e| e.into_inner()));
+        for i in 0..self.queues.len() {
+            if !self.wait_idle(i, std::time::Duration::from_secs(30)) {
+                warn!("queue {i}: requests still in flight after 30 s");
+            }
+        }
     }
 
     /// The `virtio_blk_config` bytes.
@@ -124,30 +245,18 @@ impl BlockBackend {
         c
     }
 
-    /// Runs every available request of `vring`; returns whether to signal the guest.
-    fn process_queue(&self, vring: &Vring, mem: &Mem) -> io::Result<bool> {
-        let ctx = Context {
+    fn context(&self) -> Context<'_> {
+        Context {
             array: &self.array,
             read_only: self.config.read_only,
             writethrough: self.writethrough.load(Ordering::Relaxed),
             serial: self.serial,
             limits: self.limits,
-        };
-        let mut used_any = false;
-        let mut state = vring.get_mut();
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let descs: Vec<_> = chain.collect();
-            let used = request::process(&ctx, mem, &descs);
-            state
-                .add_used(head, used)
-                .map_err(|e| io::Error::other(format!("add_used: {e:?}")))?;
-            self.completed.fetch_add(1, Ordering::Relaxed);
-            used_any = true;
         }
-        if !used_any {
-            return Ok(false);
-        }
+    }
+
+    /// Whether the guest must be signalled after used entries were added.
+    fn needs_signal(&self, state: &mut VringState<GuestMem>) -> io::Result<bool> {
         if self.event_idx.load(Ordering::Relaxed) {
             state
                 .needs_notification()
@@ -156,6 +265,149 @@ impl BlockBackend {
             Ok(true)
         }
     }
+
+    /// Takes every available request of `vring`: synchronous ones complete here, reads,
+    /// writes and flushes are submitted. Returns whether to signal the guest.
+    fn process_queue(&self, qi: usize, vring: &Vring, mem: &Arc<Mem>) -> io::Result<bool> {
+        let ctx = self.context();
+        let mut qs = lock(&self.queues[qi]);
+        let mut state = vring.get_mut();
+        let mut used_any = false;
+        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) {
+            let head = chain.head_index();
+            let descs: Vec<_> = chain.collect();
+            let Some(qs) = qs.as_mut() else {
+                let used = request::process(&ctx, &**mem, &descs);
+                add_used(&mut state, head, used)?;
+                self.completed.fetch_add(1, Ordering::Relaxed);
+                used_any = true;
+                continue;
+            };
+            match request::prepare(&ctx, &**mem, &descs) {
+                Prepared::Done(used) => {
+                    add_used(&mut state, head, used)?;
+                    self.completed.fetch_add(1, Ordering::Relaxed);
+                    used_any = true;
+                }
+                Prepared::Flush { status } => {
+                    let token = qs.insert(Pending {
+                        head,
+                        status,
+                        used: 0,
+                        mem: mem.clone(),
+                        read_segs: Vec::new(),
+                        write: false,
+                    });
+                    self.array.submit_flush(&mut qs.io, token);
+                }
+                Prepared::Transfer(t) => {
+                    let mut iovs = Vec::with_capacity(t.segs.len());
+                    let mut bad = None;
+                    for &(addr, len) in &t.segs {
+                        for v in GuestMemoryBackend::get_slices(&**mem, addr, len) {
+                            match v {
+                                Ok(v) => iovs.push(libc::iovec {
+                                    iov_base: v.ptr_guard_mut().as_ptr() as *mut libc::c_void,
+                                    iov_len: v.len(),
+                                }),
+                                Err(e) => bad = Some(e.to_string()),
+                            }
+                        }
+                    }
+                    if let Some(e) = bad {
+                        let used = request::finish(&**mem, t.status, Err(RequestError::Memory(e)));
+                        add_used(&mut state, head, used)?;
+                        used_any = true;
+                        continue;
+                    }
+                    let token = qs.insert(Pending {
+                        head,
+                        status: t.status,
+                        used: if t.write { 0 } else { t.len as u32 },
+                        mem: mem.clone(),
+                        read_segs: if t.write { Vec::new() } else { t.segs.clone() },
+                        write: t.write,
+                    });
+                    // SAFETY: the buffers are guest memory kept mapped by the `mem`
+                    // Arc in the pending entry until the completion is taken; the guest
+                    // does not touch buffers it handed to the device before completion.
+                    unsafe {
+                        if t.write {
+                            self.array.submit_write(&mut qs.io, token, t.sector, iovs);
+                        } else {
+                            self.array.submit_read(&mut qs.io, token, t.sector, iovs);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(qs) = qs.as_mut() {
+            qs.io.submit()?;
+            used_any |= self.complete_done(qs, &mut state)?;
+        }
+        if !used_any {
+            return Ok(false);
+        }
+        self.needs_signal(&mut state)
+    }
+
+    /// Completes the requests the asynchronous path finished; returns whether any.
+    fn complete_done(
+        &self,
+        qs: &mut QueueState,
+        state: &mut VringState<GuestMem>,
+    ) -> io::Result<bool> {
+        let done = qs.io.take_done();
+        let any = !done.is_empty();
+        for (token, result) in done {
+            let Some(p) = qs.take(token) else {
+                warn!("completion for an unknown request {token}");
+                continue;
+            };
+            let mut result = result.map(|()| p.used).map_err(RequestError::Io);
+            if result.is_ok() {
+                for &(addr, len) in &p.read_segs {
+                    for v in GuestMemoryBackend::get_slices(&*p.mem, addr, len).flatten() {
+                        v.bitmap().mark_dirty(0, v.len());
+                    }
+                }
+                if p.write && self.writethrough.load(Ordering::Relaxed) {
+                    if let Err(e) = self.array.flush() {
+                        result = Err(RequestError::Io(e));
+                    }
+                }
+            }
+            let used = request::finish(&*p.mem, p.status, result);
+            add_used(state, p.head, used)?;
+            self.completed.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(any)
+    }
+
+    /// Handles the completion eventfd of queue `qi`.
+    fn handle_completions(&self, qi: usize, vring: &Vring) -> io::Result<()> {
+        let mut qs = lock(&self.queues[qi]);
+        let Some(qs) = qs.as_mut() else {
+            return Ok(());
+        };
+        qs.io.reap(&self.array);
+        let mut state = vring.get_mut();
+        if self.complete_done(qs, &mut state)? && self.needs_signal(&mut state)? {
+            drop(state);
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn add_used(state: &mut VringState<GuestMem>, head: u16, used: u32) -> io::Result<()> {
+    state
+        .add_used(head, used)
+        .map_err(|e| io::Error::other(format!("add_used: {e:?}")))
 }
 
 impl VhostUserBackend for BlockBackend {
@@ -240,6 +492,15 @@ impl VhostUserBackend for BlockBackend {
         (0..self.config.queues).map(|i| 1u64 << i).collect()
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: finish every request in flight first, so nothing is half
+        // done when another back-end (e.g. a migration destination) takes over.
+        if !self.wait_idle(queue_index as usize, std::time::Duration::from_secs(30)) {
+            warn!("queue {queue_index}: requests still in flight after 30 s at vring stop");
+        }
+        Ok(())
+    }
+
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
     }
@@ -249,10 +510,16 @@ impl VhostUserBackend for BlockBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[Vring],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        if u64::from(device_event) == self.completion_event() {
+            let Some(vring) = vrings.first() else {
+                return Ok(());
+            };
+            return self.handle_completions(thread_id, vring);
         }
         let Some(vring) = vrings.get(device_event as usize) else {
             warn!("event for unknown queue {device_event}");
@@ -268,7 +535,7 @@ impl VhostUserBackend for BlockBackend {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .ok_or_else(|| io::Error::other("no guest memory"))?;
-        let mem = mem.memory();
+        let mem = mem.memory().into_inner();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
@@ -276,7 +543,7 @@ impl VhostUserBackend for BlockBackend {
                     .disable_notification()
                     .map_err(|e| io::Error::other(format!("{e:?}")))?;
             }
-            if self.process_queue(vring, &mem)? {
+            if self.process_queue(thread_id, vring, &mem)? {
                 vring.signal_used_queue()?;
             }
             if !event_idx

@@ -121,23 +121,18 @@ struct Seg {
 /// The result of one chain: bytes the device wrote into guest memory (used length).
 pub type UsedLen = u32;
 
-/// Runs one descriptor chain and writes its status; returns the used length.
-pub fn process<M>(ctx: &Context<'_>, mem: &M, descs: &[Descriptor]) -> UsedLen
-where
-    M: GuestMemoryBackend,
-{
+/// The chain's segments without the status byte, and the status byte's address;
+/// `None` when there is no writable status byte to report anything in.
+fn split_status(descs: &[Descriptor]) -> Option<(Vec<Seg>, GuestAddress)> {
     let Some(last) = descs.last() else {
         warn!("empty descriptor chain");
-        return 0;
+        return None;
     };
     if !last.is_write_only() || last.len() == 0 {
         warn!("descriptor chain without a writable status byte; dropping it");
-        return 0;
+        return None;
     }
-    let status_addr = match last.addr().0.checked_add(u64::from(last.len()) - 1) {
-        Some(a) => GuestAddress(a),
-        None => return 0,
-    };
+    let status_addr = GuestAddress(last.addr().0.checked_add(u64::from(last.len()) - 1)?);
     let mut segs: Vec<Seg> = descs
         .iter()
         .map(|d| Seg {
@@ -146,25 +141,23 @@ where
             writable: d.is_write_only(),
         })
         .collect();
-    // The status byte is the last byte of the last descriptor.
     if let Some(s) = segs.last_mut() {
         s.len -= 1;
     }
-    let (st, used) = match execute(ctx, mem, &segs) {
-        Ok(used) => (status::OK, used),
-        Err(e) => {
-            debug!("request failed: {e}");
-            if matches!(e, RequestError::Io(_)) {
-                warn!("request failed: {e}");
-            }
-            (e.status(), 0)
-        }
-    };
-    if mem.write_obj(st, status_addr).is_err() {
-        warn!("cannot write the status byte at {:#x}", status_addr.0);
+    Some((segs, status_addr))
+}
+
+/// Runs one descriptor chain synchronously and writes its status; returns the used
+/// length.
+pub fn process<M>(ctx: &Context<'_>, mem: &M, descs: &[Descriptor]) -> UsedLen
+where
+    M: GuestMemoryBackend,
+{
+    let Some((segs, status_addr)) = split_status(descs) else {
         return 0;
-    }
-    used.saturating_add(1)
+    };
+    let result = parse(mem, &segs).and_then(|p| execute(ctx, mem, p));
+    finish(mem, status_addr, result)
 }
 
 /// Splits off the first `n` bytes of `segs`.
@@ -219,11 +212,14 @@ macro_rules! guest_slices {
     }};
 }
 
-fn execute<M: GuestMemoryBackend>(
-    ctx: &Context<'_>,
-    mem: &M,
-    segs: &[Seg],
-) -> Result<UsedLen, RequestError> {
+/// The header fields and the data segments of a chain (status byte excluded).
+struct Parsed {
+    ty: u32,
+    sector: u64,
+    data: Vec<Seg>,
+}
+
+fn parse<M: GuestMemoryBackend>(mem: &M, segs: &[Seg]) -> Result<Parsed, RequestError> {
     let (hdr_segs, data) =
         take(segs, 16).ok_or(RequestError::Malformed("shorter than the header"))?;
     if hdr_segs.iter().any(|s| s.writable) {
@@ -236,15 +232,107 @@ fn execute<M: GuestMemoryBackend>(
         hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
     ]);
     let data: Vec<Seg> = data.into_iter().filter(|s| s.len > 0).collect();
+    let p = Parsed { ty, sector, data };
+    let all = |w: bool| p.data.iter().all(|s| s.writable == w);
+    match ty {
+        kind::IN if !all(true) => Err(RequestError::Malformed(
+            "read buffer is not device-writable",
+        )),
+        kind::OUT if !all(false) => Err(RequestError::Malformed("write buffer is device-writable")),
+        _ => Ok(p),
+    }
+}
+
+/// A request as the worker sees it.
+pub enum Prepared {
+    /// Finished (status written); the used length.
+    Done(UsedLen),
+    /// A read or write to run asynchronously.
+    Transfer(Transfer),
+    /// A flush to run asynchronously.
+    Flush {
+        /// Where the status byte goes.
+        status: GuestAddress,
+    },
+}
+
+/// A validated read (`write == false`) or write of guest memory.
+pub struct Transfer {
+    /// Direction.
+    pub write: bool,
+    /// First sector.
+    pub sector: u64,
+    /// Guest buffers: (address, length).
+    pub segs: Vec<(GuestAddress, usize)>,
+    /// Total bytes.
+    pub len: usize,
+    /// Where the status byte goes.
+    pub status: GuestAddress,
+}
+
+/// Validates a chain; reads, writes and flushes are returned for asynchronous
+/// execution, everything else (and every malformed chain) is finished here.
+pub fn prepare<M>(ctx: &Context<'_>, mem: &M, descs: &[Descriptor]) -> Prepared
+where
+    M: GuestMemoryBackend,
+{
+    let Some((segs, status_addr)) = split_status(descs) else {
+        return Prepared::Done(0);
+    };
+    match parse(mem, &segs) {
+        Ok(p) if p.ty == kind::FLUSH => Prepared::Flush {
+            status: status_addr,
+        },
+        Ok(p) if p.ty == kind::IN || (p.ty == kind::OUT && !ctx.read_only) => {
+            let len: usize = p.data.iter().map(|s| s.len).sum();
+            Prepared::Transfer(Transfer {
+                write: p.ty == kind::OUT,
+                sector: p.sector,
+                segs: p.data.iter().map(|s| (s.addr, s.len)).collect(),
+                len,
+                status: status_addr,
+            })
+        }
+        Ok(p) => Prepared::Done(finish(mem, status_addr, execute(ctx, mem, p))),
+        Err(e) => Prepared::Done(finish(mem, status_addr, Err(e))),
+    }
+}
+
+/// Writes the status for `result`; returns the used length (0 if the status byte
+/// cannot be written).
+pub fn finish<M: GuestMemoryBackend>(
+    mem: &M,
+    status_addr: GuestAddress,
+    result: Result<UsedLen, RequestError>,
+) -> UsedLen {
+    let (st, used) = match result {
+        Ok(used) => (status::OK, used),
+        Err(e) => {
+            if matches!(e, RequestError::Io(_)) {
+                warn!("request failed: {e}");
+            } else {
+                debug!("request failed: {e}");
+            }
+            (e.status(), 0)
+        }
+    };
+    if mem.write_obj(st, status_addr).is_err() {
+        warn!("cannot write the status byte at {:#x}", status_addr.0);
+        return 0;
+    }
+    used.saturating_add(1)
+}
+
+fn execute<M: GuestMemoryBackend>(
+    ctx: &Context<'_>,
+    mem: &M,
+    p: Parsed,
+) -> Result<UsedLen, RequestError> {
+    let Parsed { ty, sector, data } = p;
     let data_len: usize = data.iter().map(|s| s.len).sum();
     let all = |w: bool| data.iter().all(|s| s.writable == w);
     match ty {
         kind::IN => {
-            if !all(true) {
-                return Err(RequestError::Malformed(
-                    "read buffer is not device-writable",
-                ));
-            }
             let slices = guest_slices!(mem, &data);
             {
                 let mut bufs: Vec<IoSliceMut<'_>> = slices
@@ -268,9 +356,6 @@ fn execute<M: GuestMemoryBackend>(
         kind::OUT => {
             if ctx.read_only {
                 return Err(RequestError::ReadOnly);
-            }
-            if !all(false) {
-                return Err(RequestError::Malformed("write buffer is device-writable"));
             }
             let slices = guest_slices!(mem, &data);
             {

@@ -1,0 +1,340 @@
+//! Benchmark: vhost-user-md against qemu-storage-daemon (one file, and a quorum of
+//! two files), driven by libblkio's virtio-blk-vhost-user client on the same machine
+//! in the same run.
+//!
+//! cargo bench --bench vs_qsd -- [--seconds N] [--size-mib N] [--dir PATH]
+//!
+//! Workloads: 4 KiB random read / write at queue depth 32 per queue, 128 KiB
+//! sequential read / write at queue depth 32 per queue, with 1 and 2 queues (one
+//! client thread per queue). Images are prefilled with written zeroes. Prints a
+//! Markdown table: IOPS, MiB/s, p50/p99 latency, backend CPU%.
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const QD: usize = 32;
+
+struct Opts {
+    seconds: u64,
+    size_mib: u64,
+    dir: PathBuf,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        seconds: 5,
+        size_mib: 1024,
+        dir: PathBuf::from("/var/tmp"),
+    };
+    let args: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < args.len() {
+        let val = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--seconds" => o.seconds = val.parse().expect("--seconds N"),
+            "--size-mib" => o.size_mib = val.parse().expect("--size-mib N"),
+            "--dir" => o.dir = PathBuf::from(val),
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    o
+}
+
+fn prefill(path: &Path, bytes: u64) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let buf = vec![0u8; 1 << 20];
+    for _ in 0..bytes >> 20 {
+        f.write_all(&buf).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+fn wait_socket(p: &Path, child: &mut Child) {
+    for _ in 0..400 {
+        if p.exists() {
+            return;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("backend exited: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("no socket {}", p.display());
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the command: state is [0]; utime is field 14 overall -> [11], stime [12].
+    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+}
+
+#[derive(Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    write: bool,
+    random: bool,
+    bs: usize,
+}
+
+struct Result {
+    iops: f64,
+    mib_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_pct: f64,
+}
+
+fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+fn run_queue(
+    mut q: blkio::Blkioq,
+    base: usize,
+    cap: u64,
+    w: Workload,
+    secs: u64,
+    qi: usize,
+) -> (u64, Vec<u32>) {
+    let blocks = cap / w.bs as u64;
+    let mut rng = 0x1234_5678_9abc_def0u64 ^ ((qi as u64 + 1) * 0x9e37_79b9);
+    let mut seq = (blocks / 2) * qi as u64;
+    let mut start = [Instant::now(); QD];
+    let mut lat = Vec::with_capacity(1 << 20);
+    let mut done = 0u64;
+    let submit = |q: &mut blkio::Blkioq, slot: usize, rng: &mut u64, seq: &mut u64| {
+        let blk = if w.random {
+            xorshift(rng) % blocks
+        } else {
+            *seq = (*seq + 1) % blocks;
+            *seq
+        };
+        let ptr = (base + slot * w.bs) as *mut u8;
+        if w.write {
+            q.write(blk * w.bs as u64, ptr, w.bs, slot, blkio::ReqFlags::empty());
+        } else {
+            q.read(blk * w.bs as u64, ptr, w.bs, slot, blkio::ReqFlags::empty());
+        }
+    };
+    for (slot, s) in start.iter_mut().enumerate() {
+        *s = Instant::now();
+        submit(&mut q, slot, &mut rng, &mut seq);
+    }
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut comps: Vec<MaybeUninit<blkio::Completion>> =
+        (0..QD).map(|_| MaybeUninit::uninit()).collect();
+    let mut inflight = QD;
+    while inflight > 0 {
+        let n = q.do_io(&mut comps, 1, None, None).expect("do_io");
+        let now = Instant::now();
+        for c in &comps[..n] {
+            // SAFETY: do_io initialised the first n completions.
+            let c = unsafe { c.as_ptr().read() };
+            assert_eq!(c.ret, 0, "request failed: {}", c.ret);
+            let slot = c.user_data;
+            lat.push((now - start[slot]).as_micros() as u32);
+            done += 1;
+            if now < end {
+                start[slot] = Instant::now();
+                submit(&mut q, slot, &mut rng, &mut seq);
+            } else {
+                inflight -= 1;
+            }
+        }
+    }
+    (done, lat)
+}
+
+fn measure(sock: &Path, pid: u32, queues: usize, w: Workload, secs: u64) -> Result {
+    let mut b = blkio::Blkio::new("virtio-blk-vhost-user").unwrap();
+    b.set_str("path", sock.to_str().unwrap()).unwrap();
+    b.connect().unwrap();
+    b.set_i32("num-queues", queues as i32).unwrap();
+    let cap = b.get_u64("capacity").unwrap();
+    let out = b.start().unwrap();
+    let region = b.alloc_mem_region(queues * QD * w.bs).unwrap();
+    b.map_mem_region(&region).unwrap();
+    let t0 = cpu_ticks(pid);
+    let wall = Instant::now();
+    let results: Vec<(u64, Vec<u32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = out
+            .queues
+            .into_iter()
+            .enumerate()
+            .map(|(qi, q)| {
+                let base = region.addr + qi * QD * w.bs;
+                s.spawn(move || run_queue(q, base, cap, w, secs, qi))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let elapsed = wall.elapsed().as_secs_f64();
+    let ticks = cpu_ticks(pid) - t0;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let total: u64 = results.iter().map(|r| r.0).sum();
+    let mut lat: Vec<u32> = results.into_iter().flat_map(|r| r.1).collect();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0) as f64
+    };
+    Result {
+        iops: total as f64 / elapsed,
+        mib_s: total as f64 * w.bs as f64 / elapsed / (1 << 20) as f64,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        cpu_pct: ticks as f64 / hz / elapsed * 100.0,
+    }
+}
+
+fn qsd(sock: &Path, blockdevs: &[String], node: &str) -> Child {
+    let mut cmd = Command::new("qemu-storage-daemon");
+    for b in blockdevs {
+        cmd.arg("--blockdev").arg(b);
+    }
+    cmd.arg("--export").arg(format!(
+        "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable=on,num-queues=2",
+        sock.display()
+    ));
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("qemu-storage-daemon")
+}
+
+fn main() {
+    let o = opts();
+    let dir = tempfile::tempdir_in(&o.dir).unwrap();
+    let d = dir.path();
+    let bytes = o.size_mib << 20;
+    eprintln!(
+        "prefilling images ({} MiB each) in {}",
+        o.size_mib,
+        d.display()
+    );
+    // Ours: two legs of data + 2 MiB of metadata (data offset of small legs).
+    let (la, lb) = (d.join("leg-a.img"), d.join("leg-b.img"));
+    let meta = 8 << 20;
+    prefill(&la, bytes + meta);
+    prefill(&lb, bytes + meta);
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-md"))
+        .args(["create", "--assume-clean"])
+        .arg(&la)
+        .arg(&lb)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let single = d.join("single.img");
+    prefill(&single, bytes);
+    let (qa, qb) = (d.join("quorum-a.img"), d.join("quorum-b.img"));
+    prefill(&qa, bytes);
+    prefill(&qb, bytes);
+    let file = |n: &str, p: &Path| {
+        format!(
+            "driver=file,node-name={n},filename={},cache.direct=on,aio=io_uring",
+            p.display()
+        )
+    };
+    let quorum = r#"{"driver":"quorum","node-name":"qq","children":["q0","q1"],"vote-threshold":1,"read-pattern":"fifo"}"#;
+
+    let workloads = [
+        Workload {
+            name: "4k randread",
+            write: false,
+            random: true,
+            bs: 4096,
+        },
+        Workload {
+            name: "4k randwrite",
+            write: true,
+            random: true,
+            bs: 4096,
+        },
+        Workload {
+            name: "128k seqread",
+            write: false,
+            random: false,
+            bs: 128 << 10,
+        },
+        Workload {
+            name: "128k seqwrite",
+            write: true,
+            random: false,
+            bs: 128 << 10,
+        },
+    ];
+    type Start = Box<dyn Fn(&Path) -> Child>;
+    let backends: Vec<(&str, Start)> = vec![
+        (
+            "vhost-user-md (2 legs)",
+            Box::new({
+                let (la, lb) = (la.clone(), lb.clone());
+                move |s: &Path| {
+                    Command::new(env!("CARGO_BIN_EXE_vhost-user-md"))
+                        .args(["serve", "--queues", "2", "--socket"])
+                        .arg(s)
+                        .arg(&la)
+                        .arg(&lb)
+                        .env("RUST_LOG", "warn")
+                        .stdout(Stdio::null())
+                        .spawn()
+                        .unwrap()
+                }
+            }),
+        ),
+        (
+            "qsd file",
+            Box::new({
+                let b = vec![file("f0", &single)];
+                move |s: &Path| qsd(s, &b, "f0")
+            }),
+        ),
+        (
+            "qsd quorum (2 files)",
+            Box::new({
+                let b = vec![file("q0", &qa), file("q1", &qb), quorum.to_string()];
+                move |s: &Path| qsd(s, &b, "qq")
+            }),
+        ),
+    ];
+    println!("| workload | queues | backend | IOPS | MiB/s | p50 µs | p99 µs | backend CPU% |");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|");
+    for w in workloads {
+        for queues in [1, 2] {
+            for (name, start) in &backends {
+                let sock = d.join("bench.sock");
+                let _ = std::fs::remove_file(&sock);
+                let mut child = start(&sock);
+                wait_socket(&sock, &mut child);
+                std::thread::sleep(Duration::from_millis(200));
+                let r = measure(&sock, child.id(), queues, w, o.seconds);
+                // SAFETY: plain kill(2) on our child.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let _ = child.wait();
+                println!(
+                    "| {} | {queues} | {name} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} |",
+                    w.name, r.iops, r.mib_s, r.p50_us, r.p99_us, r.cpu_pct
+                );
+            }
+        }
+    }
+}
