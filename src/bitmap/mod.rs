@@ -8,6 +8,7 @@
 
 use crate::md::bitmap::{BitmapBits, BitmapGeometry, BitmapSuper, BITMAP_SB_LEN};
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// Where the bitmap goes: implemented by the mirror, which knows the in-sync legs.
@@ -59,6 +60,8 @@ pub struct WriteIntent {
     slot_offset: u64,
     inner: Mutex<Inner>,
     changed: Condvar,
+    /// Number of needed chunks, readable without the lock (reads check it per request).
+    needed_count: AtomicU64,
 }
 
 impl WriteIntent {
@@ -85,6 +88,21 @@ impl WriteIntent {
                 flushing: false,
             }),
             changed: Condvar::new(),
+            needed_count: AtomicU64::new(0),
+        }
+        .with_needed_counted()
+    }
+
+    fn with_needed_counted(self) -> Self {
+        let n = self.lock().needed.count_dirty();
+        self.needed_count.store(n, Ordering::Release);
+        self
+    }
+
+    fn set_needed(&self, g: &mut Inner, c: u64) {
+        if c < g.needed.chunks() && !g.needed.get(c) {
+            g.needed.set(c);
+            self.needed_count.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -112,7 +130,7 @@ impl WriteIntent {
     pub fn mark_needed(&self, bits: &BitmapBits) {
         let mut g = self.lock();
         for c in bits.dirty() {
-            g.needed.set(c);
+            self.set_needed(&mut g, c);
             g.bits.set(c);
         }
         g.generation += 1;
@@ -123,6 +141,8 @@ impl WriteIntent {
         let mut g = self.lock();
         g.needed.set_all();
         g.bits.set_all();
+        self.needed_count
+            .store(g.needed.chunks(), Ordering::Release);
         g.generation += 1;
     }
 
@@ -178,7 +198,7 @@ impl WriteIntent {
             let p = &mut g.pending[c as usize];
             *p = p.saturating_sub(1);
             if degraded {
-                g.needed.set(c);
+                self.set_needed(&mut g, c);
             }
         }
         drop(g);
@@ -319,6 +339,9 @@ impl WriteIntent {
 
     /// Whether any chunk of the range must be read from the resync source only.
     pub fn is_needed(&self, sector: u64, sectors: u64) -> bool {
+        if self.needed_count.load(Ordering::Acquire) == 0 {
+            return false;
+        }
         let range = self.chunk_range(sector, sectors);
         let g = self.lock();
         range.into_iter().any(|c| g.needed.get(c))
@@ -351,21 +374,15 @@ impl WriteIntent {
     /// Ends the resync of chunk `c`; `in_sync` clears its needed mark.
     pub fn end_resync(&self, c: u64, in_sync: bool) {
         let mut g = self.lock();
-        if in_sync {
+        if in_sync && g.needed.get(c) {
             g.needed.clear(c);
+            self.needed_count.fetch_sub(1, Ordering::AcqRel);
         }
         if g.resyncing == Some(c) {
             g.resyncing = None;
         }
         drop(g);
         self.changed.notify_all();
-    }
-
-    /// Clears every needed mark (after a full recovery made all legs equal).
-    pub fn clear_needed(&self) {
-        let mut g = self.lock();
-        let chunks = g.needed.chunks();
-        g.needed = BitmapBits::new(chunks);
     }
 
     /// Writes in flight, over all chunks.

@@ -105,6 +105,11 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
 /// (already clean: all zero) array on them. Existing legs are used as they are.
 fn create_missing(legs: &[PathBuf], size: u64, cluster: Option<&str>) -> Result<(), String> {
     let missing: Vec<&PathBuf> = legs.iter().filter(|p| !p.exists()).collect();
+    if missing.len() == legs.len() && size < 4 << 20 {
+        return Err(format!(
+            "--create-size {size} is too small; give at least 4M"
+        ));
+    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -113,6 +118,11 @@ fn create_missing(legs: &[PathBuf], size: u64, cluster: Option<&str>) -> Result<
             "leg {} is missing but others exist; --create-size only creates a whole new array (use `manage add` for a new leg)",
             missing[0].display()
         ));
+    }
+    for p in legs {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
     }
     let opened = legs
         .iter()

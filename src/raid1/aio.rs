@@ -144,7 +144,12 @@ impl AsyncIo {
             Ok(())
         };
         let result = match &mut op.kind {
-            Kind::Read { .. } => result,
+            Kind::Read { member, .. } => {
+                member
+                    .inflight
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                result
+            }
             Kind::Write {
                 ok_in_sync, failed, ..
             }
@@ -309,6 +314,9 @@ impl Array {
             return;
         };
         let off = member.byte_offset(sector);
+        member
+            .inflight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let iovs = iovs.into_boxed_slice();
         let idx = io.insert(Op {
             token,

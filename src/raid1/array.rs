@@ -7,11 +7,12 @@ use crate::md::bitmap::BitmapBits;
 use crate::md::superblock::{feature, role, Superblock};
 use crate::md::{Uuid, MAX_SECTOR};
 use crate::storage::Leg;
+use arc_swap::ArcSwap;
 use log::{error, info, warn};
 use serde::Serialize;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 /// State of one member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -138,7 +139,7 @@ pub struct Array {
     /// Whether the bitmap is clustered (md-cluster).
     pub clustered: bool,
     /// Mirror slots (index = role); `None` = missing.
-    pub(super) members: RwLock<Arc<Vec<Option<Arc<Member>>>>>,
+    pub(super) members: ArcSwap<Vec<Option<Arc<Member>>>>,
     pub(super) meta: Mutex<Meta>,
     /// This node's write-intent bitmap.
     pub bitmap: WriteIntent,
@@ -307,7 +308,7 @@ impl Array {
             uuid,
             size: sb.size,
             clustered,
-            members: RwLock::new(Arc::new(slots)),
+            members: ArcSwap::from_pointee(slots),
             meta: Mutex::new(Meta { sb, faulty }),
             bitmap,
             unrecorded_failure: AtomicBool::new(false),
@@ -326,10 +327,7 @@ impl Array {
 
     /// A snapshot of the mirror slots.
     pub fn members(&self) -> Arc<Vec<Option<Arc<Member>>>> {
-        self.members
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.members.load_full()
     }
 
     /// Number of in-sync legs.

@@ -63,10 +63,11 @@ impl Array {
     }
 
     fn set_slot(&self, slot: usize, m: Option<Arc<Member>>) {
-        let mut w = self.members.write().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<Option<Arc<Member>>> = (**w).clone();
-        v[slot] = m;
-        *w = Arc::new(v);
+        self.members.rcu(|cur| {
+            let mut v: Vec<Option<Arc<Member>>> = (**cur).clone();
+            v[slot] = m.clone();
+            v
+        });
     }
 
     /// Fails a leg on operator request (like `mdadm --fail`).

@@ -95,6 +95,12 @@ pub fn open_legs(config: &ServeConfig) -> Result<Vec<Arc<dyn Leg>>, String> {
 /// Runs `serve` until a signal; returns the process exit status message on errors
 /// that prevent starting.
 pub fn run(config: ServeConfig) -> Result<(), String> {
+    for path in [&config.socket, &config.control] {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("socket directory {}: {e}", dir.display()))?;
+        }
+    }
     let legs = open_legs(&config)?;
     let (array, report) = Array::assemble(legs).map_err(|e| e.to_string())?;
     let array = Arc::new(array);
@@ -170,9 +176,14 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         .spawn(move || serve_connections(be, listener, stop))
         .map_err(|e| e.to_string())?;
     info!(
-        "serving on {} (control {}); attach with: qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=<RAM>,share=on -machine memory-backend=mem -chardev socket,id=vumd0,path={} -device vhost-user-blk-pci,chardev=vumd0,num-queues={}",
+        "serving on {} (control {})",
         config.socket.display(),
-        config.control.display(),
+        config.control.display()
+    );
+    println!(
+        "vhost-user-md: serving array {} on {}\nattach a VM with (guest RAM must be shared memory of the same size as -m):\n  qemu-system-x86_64 -m 2G -object memory-backend-memfd,id=mem,size=2G,share=on -machine q35,memory-backend=mem -chardev socket,id=vumd0,path={} -device vhost-user-blk-pci,chardev=vumd0,num-queues={} ...",
+        array.uuid,
+        config.socket.display(),
         config.socket.display(),
         config.queues
     );
