@@ -6,6 +6,7 @@
 
 pub mod bitmap;
 pub mod cli;
+pub mod dlm;
 pub mod md;
 pub mod raid1;
 pub mod serve;

@@ -1,0 +1,194 @@
+//! The in-process lock manager: several members (nodes) of named lockspaces in one
+//! process, for tests and for a single node.
+
+use super::engine::{Effect, Engine, NodeId};
+use super::{DlmError, Event, LockId, LockSpace, Mode};
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+struct Space {
+    engine: Engine,
+    members: HashMap<NodeId, Sender<Event>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    spaces: HashMap<String, Space>,
+    next_node: NodeId,
+}
+
+/// An in-process lock manager.
+#[derive(Clone, Default)]
+pub struct LocalDlm {
+    inner: Arc<Mutex<Inner>>,
+}
+
+/// One member of a lockspace of a [`LocalDlm`]; leaving (drop) releases its locks.
+pub struct LocalMember {
+    dlm: LocalDlm,
+    space: String,
+    node: NodeId,
+    lvb_len: usize,
+    events: Receiver<Event>,
+}
+
+fn deliver(space: &Space, effects: Vec<Effect>) {
+    for e in effects {
+        let (node, ev) = match e {
+            Effect::Ast {
+                node,
+                lock,
+                status,
+                lvb,
+                lvb_invalid,
+            } => (
+                node,
+                Event::Ast {
+                    lock,
+                    status,
+                    lvb,
+                    lvb_invalid,
+                },
+            ),
+            Effect::Bast { node, lock, mode } => (
+                node,
+                Event::Bast {
+                    lock,
+                    mode: Some(mode),
+                },
+            ),
+        };
+        if let Some(tx) = space.members.get(&node) {
+            let _ = tx.send(ev);
+        }
+    }
+}
+
+impl LocalDlm {
+    /// A new, empty lock manager.
+    pub fn new() -> LocalDlm {
+        LocalDlm::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Joins lockspace `name` (created with `lvb_len`-byte LVBs by its first member)
+    /// as a new node.
+    pub fn join(&self, name: &str, lvb_len: usize) -> LocalMember {
+        let mut g = self.lock();
+        g.next_node += 1;
+        let node = g.next_node;
+        let (tx, rx) = unbounded();
+        let space = g.spaces.entry(name.to_string()).or_insert_with(|| Space {
+            engine: Engine::new(lvb_len),
+            members: HashMap::new(),
+        });
+        for other in space.members.values() {
+            let _ = other.send(Event::NodeUp(node));
+        }
+        space.members.insert(node, tx);
+        let lvb_len = space.engine.lvb_len();
+        LocalMember {
+            dlm: self.clone(),
+            space: name.to_string(),
+            node,
+            lvb_len,
+            events: rx,
+        }
+    }
+
+    fn leave(&self, space_name: &str, node: NodeId) {
+        let mut g = self.lock();
+        let Some(space) = g.spaces.get_mut(space_name) else {
+            return;
+        };
+        space.members.remove(&node);
+        let mut out = Vec::new();
+        space.engine.purge_node(node, &mut out);
+        deliver(space, out);
+        for other in space.members.values() {
+            let _ = other.send(Event::NodeDown(node));
+        }
+        if space.members.is_empty() {
+            g.spaces.remove(space_name);
+        }
+    }
+
+    fn with_space<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Engine, &mut Vec<Effect>) -> Result<T, super::engine::EngineError>,
+    ) -> Result<T, DlmError> {
+        let mut g = self.lock();
+        let space = g
+            .spaces
+            .get_mut(name)
+            .ok_or_else(|| DlmError::Unavailable(format!("lockspace {name} is gone")))?;
+        let mut out = Vec::new();
+        let r = f(&mut space.engine, &mut out);
+        deliver(space, out);
+        Ok(r?)
+    }
+}
+
+impl LocalMember {
+    /// Leaves the lockspace now (as a crash would): locks are released, others told.
+    pub fn kill(self) {
+        drop(self)
+    }
+}
+
+impl Drop for LocalMember {
+    fn drop(&mut self) {
+        self.dlm.leave(&self.space, self.node);
+    }
+}
+
+impl LockSpace for LocalMember {
+    fn node(&self) -> NodeId {
+        self.node
+    }
+
+    fn lvb_len(&self) -> usize {
+        self.lvb_len
+    }
+
+    fn lock(
+        &self,
+        name: &[u8],
+        mode: Mode,
+        fl: u32,
+        lvb: Option<&[u8]>,
+    ) -> Result<LockId, DlmError> {
+        let node = self.node;
+        self.dlm.with_space(&self.space, |e, out| {
+            e.request(node, name, mode, fl, lvb, out)
+        })
+    }
+
+    fn convert(
+        &self,
+        lock: LockId,
+        mode: Mode,
+        fl: u32,
+        lvb: Option<&[u8]>,
+    ) -> Result<(), DlmError> {
+        let node = self.node;
+        self.dlm.with_space(&self.space, |e, out| {
+            e.convert(node, lock, mode, fl, lvb, out)
+        })
+    }
+
+    fn unlock(&self, lock: LockId, fl: u32, lvb: Option<&[u8]>) -> Result<(), DlmError> {
+        let node = self.node;
+        self.dlm
+            .with_space(&self.space, |e, out| e.unlock(node, lock, fl, lvb, out))
+    }
+
+    fn events(&self) -> Receiver<Event> {
+        self.events.clone()
+    }
+}

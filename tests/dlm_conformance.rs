@@ -1,0 +1,330 @@
+//! One conformance suite for every lock manager backend: the DLM semantics the
+//! md-cluster protocol depends on (spec §3, §8).
+
+use crossbeam_channel::Receiver;
+use std::time::Duration;
+use vhost_user_md::dlm::local::LocalDlm;
+use vhost_user_md::dlm::{flags, Event, LockId, LockSpace, Mode, Status};
+
+/// A lock manager under test: makes members of named lockspaces and kills them.
+pub trait Harness {
+    /// A new member (node) of lockspace `ls`.
+    fn member(&self, ls: &str) -> Box<dyn Member>;
+}
+
+/// A member that can be killed (its process/node dies).
+pub trait Member: LockSpace {
+    /// Dies: locks are released by the lock manager.
+    fn kill(self: Box<Self>);
+    /// As a plain `LockSpace`.
+    fn ls(&self) -> &dyn LockSpace;
+}
+
+struct Local(LocalDlm);
+
+impl Member for vhost_user_md::dlm::local::LocalMember {
+    fn kill(self: Box<Self>) {
+        (*self).kill()
+    }
+    fn ls(&self) -> &dyn LockSpace {
+        self
+    }
+}
+
+impl Harness for Local {
+    fn member(&self, ls: &str) -> Box<dyn Member> {
+        Box::new(self.0.join(ls, 32))
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// The next AST for `lock`, skipping other events (which are returned too).
+fn ast(rx: &Receiver<Event>, lock: LockId) -> (Status, Option<Vec<u8>>, bool) {
+    loop {
+        match rx.recv_timeout(WAIT).expect("no completion within 5 s") {
+            Event::Ast {
+                lock: l,
+                status,
+                lvb,
+                lvb_invalid,
+            } if l == lock => return (status, lvb, lvb_invalid),
+            _ => {}
+        }
+    }
+}
+
+fn lock_sync(m: &dyn LockSpace, name: &str, mode: Mode, fl: u32) -> (LockId, Status) {
+    let rx = m.events();
+    let id = m.lock(name.as_bytes(), mode, fl, None).unwrap();
+    (id, ast(&rx, id).0)
+}
+
+fn convert_sync(
+    m: &dyn LockSpace,
+    id: LockId,
+    mode: Mode,
+    fl: u32,
+    lvb: Option<&[u8]>,
+) -> (Status, Option<Vec<u8>>, bool) {
+    let rx = m.events();
+    m.convert(id, mode, fl | flags::CONVERT, lvb).unwrap();
+    ast(&rx, id)
+}
+
+/// No lock event for a while (membership events are allowed).
+fn quiet(rx: &Receiver<Event>, what: &str) {
+    while let Ok(e) = rx.recv_timeout(Duration::from_millis(150)) {
+        if !matches!(e, Event::NodeUp(_) | Event::NodeDown(_)) {
+            panic!("{what}: unexpected event {e:?}");
+        }
+    }
+}
+
+fn basts(rx: &Receiver<Event>) -> Vec<(LockId, Option<Mode>)> {
+    let mut v = Vec::new();
+    while let Ok(e) = rx.recv_timeout(Duration::from_millis(150)) {
+        if let Event::Bast { lock, mode } = e {
+            v.push((lock, mode));
+        }
+    }
+    v
+}
+
+/// The DLM compatibility matrix (spec §8.1), granted row × requested column.
+const COMPAT: [[bool; 6]; 6] = [
+    [true, true, true, true, true, true],
+    [true, true, true, true, true, false],
+    [true, true, true, false, false, false],
+    [true, true, false, true, false, false],
+    [true, true, false, false, false, false],
+    [true, false, false, false, false, false],
+];
+
+fn compatibility_matrix(h: &dyn Harness) {
+    for held in Mode::ALL {
+        for req in Mode::ALL {
+            let a = h.member("matrix");
+            let b = h.member("matrix");
+            let (_, st) = lock_sync(a.ls(), "r", held, 0);
+            assert_eq!(st, Status::Granted);
+            let (_, st) = lock_sync(b.ls(), "r", req, flags::NOQUEUE);
+            let want = if COMPAT[held as usize][req as usize] {
+                Status::Granted
+            } else {
+                Status::Again
+            };
+            assert_eq!(st, want, "held {held:?}, requested {req:?}");
+            quiet(&a.events(), "NOQUEUE requests send no BAST");
+        }
+    }
+}
+
+fn queued_requests_are_granted_in_order(h: &dyn Harness) {
+    let a = h.member("queue");
+    let b = h.member("queue");
+    let c = h.member("queue");
+    let (la, _) = lock_sync(a.ls(), "r", Mode::Ex, 0);
+    let (rb, rc) = (b.events(), c.events());
+    let lb = b.lock(b"r", Mode::Pr, 0, None).unwrap();
+    let lc = c.lock(b"r", Mode::Ex, 0, None).unwrap();
+    quiet(&rb, "b waits");
+    a.unlock(la, 0, None).unwrap();
+    assert_eq!(ast(&rb, lb).0, Status::Granted);
+    quiet(&rc, "c waits behind b's PR");
+    b.unlock(lb, 0, None).unwrap();
+    assert_eq!(ast(&rb, lb).0, Status::Unlocked);
+    assert_eq!(ast(&rc, lc).0, Status::Granted);
+    // A conversion beats a waiting new request.
+    let d = h.member("queue");
+    let (ld, _) = lock_sync(d.ls(), "s", Mode::Cr, 0);
+    let (le, _) = lock_sync(a.ls(), "s", Mode::Cr, 0);
+    let rd = d.events();
+    d.convert(ld, Mode::Ex, flags::CONVERT, None).unwrap();
+    let ra = a.events();
+    let waiting = b.lock(b"s", Mode::Cr, 0, None).unwrap();
+    quiet(&rb, "new CR waits behind the queued conversion");
+    a.unlock(le, 0, None).unwrap();
+    assert_eq!(ast(&ra, le).0, Status::Unlocked);
+    assert_eq!(ast(&rd, ld).0, Status::Granted);
+    quiet(&rb, "still blocked by EX");
+    d.convert(ld, Mode::Nl, flags::CONVERT, None).unwrap();
+    assert_eq!(ast(&rb, waiting).0, Status::Granted);
+}
+
+fn lvb_is_written_on_down_conversion_and_read_on_grant(h: &dyn Harness) {
+    let a = h.member("lvb");
+    let b = h.member("lvb");
+    let n = a.lvb_len();
+    assert!(n >= 32);
+    let (la, _) = lock_sync(
+        a.ls(),
+        "bitmap0000",
+        Mode::Nl,
+        flags::VALBLK | flags::EXPEDITE,
+    );
+    assert_eq!(
+        convert_sync(a.ls(), la, Mode::Pw, flags::VALBLK, None).0,
+        Status::Granted
+    );
+    let mut info = vec![0u8; n];
+    info[..16].copy_from_slice(b"lo=0016 hi=0032.");
+    // PW -> PW refresh writes the LVB (the resync window update of spec §3.4).
+    assert_eq!(
+        convert_sync(a.ls(), la, Mode::Pw, flags::VALBLK, Some(&info)).0,
+        Status::Granted
+    );
+    let (lb, _) = lock_sync(
+        b.ls(),
+        "bitmap0000",
+        Mode::Nl,
+        flags::VALBLK | flags::EXPEDITE,
+    );
+    let (st, lvb, invalid) = convert_sync(b.ls(), lb, Mode::Cr, flags::VALBLK, None);
+    assert_eq!(st, Status::Granted);
+    assert_eq!(lvb.as_deref(), Some(&info[..]));
+    assert!(!invalid);
+    // A CR -> NL down-conversion writes nothing.
+    let junk = vec![0xaa; n];
+    convert_sync(b.ls(), lb, Mode::Nl, flags::VALBLK, Some(&junk));
+    let (_, lvb, _) = convert_sync(b.ls(), lb, Mode::Cr, flags::VALBLK, None);
+    assert_eq!(lvb.as_deref(), Some(&info[..]));
+    // The message lock dance: EX -> CW writes, a CR reader sees it.
+    let (m, _) = lock_sync(a.ls(), "message", Mode::Nl, flags::VALBLK | flags::EXPEDITE);
+    convert_sync(a.ls(), m, Mode::Ex, flags::VALBLK, None);
+    let mut msg = vec![0u8; n];
+    msg[0] = 1;
+    msg[4] = 2;
+    convert_sync(a.ls(), m, Mode::Cw, flags::VALBLK, Some(&msg));
+    let (r, st) = lock_sync(b.ls(), "message", Mode::Cr, flags::VALBLK);
+    assert_eq!(st, Status::Granted);
+    let rx = b.events();
+    b.convert(r, Mode::Pr, flags::CONVERT | flags::VALBLK, None)
+        .unwrap();
+    quiet(&rx, "PR waits for the sender's CW");
+    a.convert(m, Mode::Nl, flags::CONVERT | flags::VALBLK, None)
+        .unwrap();
+    let (st, lvb, _) = ast(&rx, r);
+    assert_eq!(st, Status::Granted);
+    assert_eq!(lvb.as_deref(), Some(&msg[..]));
+}
+
+fn bast_goes_exactly_to_blocking_holders(h: &dyn Harness) {
+    let a = h.member("bast");
+    let b = h.member("bast");
+    let c = h.member("bast");
+    let d = h.member("bast");
+    let (la, _) = lock_sync(a.ls(), "ack", Mode::Cr, 0);
+    let (lb, _) = lock_sync(b.ls(), "ack", Mode::Cr, 0);
+    let (_ld, _) = lock_sync(d.ls(), "ack", Mode::Nl, 0);
+    let (lc, _) = lock_sync(c.ls(), "ack", Mode::Nl, 0);
+    let (ra, rb, rc, rd) = (a.events(), b.events(), c.events(), d.events());
+    c.convert(lc, Mode::Ex, flags::CONVERT, None).unwrap();
+    assert_eq!(basts(&ra), vec![(la, Some(Mode::Ex))]);
+    assert_eq!(basts(&rb), vec![(lb, Some(Mode::Ex))]);
+    assert!(basts(&rd).is_empty(), "an NL holder blocks nothing");
+    a.convert(la, Mode::Nl, flags::CONVERT, None).unwrap();
+    assert_eq!(ast(&ra, la).0, Status::Granted);
+    quiet(&rc, "c still waits for b");
+    b.convert(lb, Mode::Nl, flags::CONVERT, None).unwrap();
+    assert_eq!(ast(&rc, lc).0, Status::Granted);
+}
+
+fn death_releases_locks_and_grants_waiters(h: &dyn Harness) {
+    let a = h.member("death");
+    let b = h.member("death");
+    let (la, _) = lock_sync(
+        a.ls(),
+        "bitmap0001",
+        Mode::Nl,
+        flags::VALBLK | flags::EXPEDITE,
+    );
+    let mut info = vec![0u8; a.lvb_len()];
+    info[0] = 9;
+    convert_sync(a.ls(), la, Mode::Pw, flags::VALBLK, Some(&info));
+    let (lb, _) = lock_sync(
+        b.ls(),
+        "bitmap0001",
+        Mode::Nl,
+        flags::VALBLK | flags::EXPEDITE,
+    );
+    let rb = b.events();
+    // The "watch": a blocking PW behind the owner's PW.
+    b.convert(lb, Mode::Pw, flags::CONVERT | flags::VALBLK, None)
+        .unwrap();
+    quiet(&rb, "watch waits");
+    let dead = a.node();
+    a.kill();
+    let mut granted = false;
+    let mut told = false;
+    for _ in 0..4 {
+        match rb.recv_timeout(WAIT) {
+            Ok(Event::Ast {
+                lock,
+                status: Status::Granted,
+                lvb_invalid,
+                ..
+            }) if lock == lb => {
+                granted = true;
+                assert!(lvb_invalid, "the dead PW holder's LVB is not valid");
+            }
+            Ok(Event::NodeDown(n)) if n == dead => told = true,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+        if granted && told {
+            break;
+        }
+    }
+    assert!(granted && told, "granted {granted}, told {told}");
+}
+
+fn lockspaces_are_isolated(h: &dyn Harness) {
+    let a = h.member("space-one");
+    let b = h.member("space-two");
+    lock_sync(a.ls(), "token", Mode::Ex, 0);
+    let (_, st) = lock_sync(b.ls(), "token", Mode::Ex, flags::NOQUEUE);
+    assert_eq!(st, Status::Granted);
+}
+
+fn cancel_and_deadlock(h: &dyn Harness) {
+    let a = h.member("cancel");
+    let b = h.member("cancel");
+    let (la, _) = lock_sync(a.ls(), "resync", Mode::Ex, 0);
+    let (lb, _) = lock_sync(b.ls(), "resync", Mode::Nl, 0);
+    let rb = b.events();
+    b.convert(lb, Mode::Ex, flags::CONVERT, None).unwrap();
+    quiet(&rb, "queued");
+    b.unlock(lb, flags::CANCEL, None).unwrap();
+    assert_eq!(ast(&rb, lb).0, Status::Cancelled);
+    a.unlock(la, 0, None).unwrap();
+    // b still holds NL: a PW NOQUEUE now succeeds (nothing left queued).
+    assert_eq!(
+        convert_sync(b.ls(), lb, Mode::Pw, flags::NOQUEUE, None).0,
+        Status::Granted
+    );
+    // Two CR holders both converting to EX: one is told it would deadlock.
+    let (x, _) = lock_sync(a.ls(), "dl", Mode::Cr, 0);
+    let (y, _) = lock_sync(b.ls(), "dl", Mode::Cr, 0);
+    let (ra, rb) = (a.events(), b.events());
+    a.convert(x, Mode::Ex, flags::CONVERT, None).unwrap();
+    b.convert(y, Mode::Ex, flags::CONVERT, None).unwrap();
+    assert_eq!(ast(&rb, y).0, Status::Deadlock);
+    b.unlock(y, 0, None).unwrap();
+    assert_eq!(ast(&ra, x).0, Status::Granted);
+}
+
+fn run_all(h: &dyn Harness) {
+    compatibility_matrix(h);
+    queued_requests_are_granted_in_order(h);
+    lvb_is_written_on_down_conversion_and_read_on_grant(h);
+    bast_goes_exactly_to_blocking_holders(h);
+    death_releases_locks_and_grants_waiters(h);
+    lockspaces_are_isolated(h);
+    cancel_and_deadlock(h);
+}
+
+#[test]
+fn local_lock_manager_conforms() {
+    run_all(&Local(LocalDlm::new()));
+}
