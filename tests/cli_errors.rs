@@ -247,3 +247,29 @@ fn usage_mistakes_get_one_line_and_exit_2() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cluster-name"));
 }
+
+#[test]
+fn a_closed_output_pipe_is_not_a_crash() {
+    use std::io::Read;
+    let d = tempfile::tempdir().unwrap();
+    let legs = make_array(d.path(), true);
+    // Far more output than a pipe buffer holds.
+    let many: Vec<&PathBuf> = legs.iter().cycle().take(80).collect();
+    let mut child = bin()
+        .args(["examine", "--json"])
+        .args(&many)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 8];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // The reader is gone (like `| head -c 8`).
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        out.status.success() || out.status.code() == Some(1),
+        "{err}"
+    );
+}

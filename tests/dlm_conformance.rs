@@ -4,6 +4,9 @@
 use crossbeam_channel::Receiver;
 use std::time::Duration;
 use vhost_user_md::dlm::local::LocalDlm;
+use vhost_user_md::dlm::lockd::LockdMember;
+
+mod common;
 use vhost_user_md::dlm::{flags, Event, LockId, LockSpace, Mode, Status};
 
 /// A lock manager under test: makes members of named lockspaces and kills them.
@@ -327,4 +330,179 @@ fn run_all(h: &dyn Harness) {
 #[test]
 fn local_lock_manager_conforms() {
     run_all(&Local(LocalDlm::new()));
+}
+
+/// A `vhost-user-md lockd` process; members connect over its socket.
+struct Lockd {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Lockd {
+    fn start() -> Lockd {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("lockd.sock");
+        let child = common::bin()
+            .arg("lockd")
+            .arg("--socket")
+            .arg(&socket)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Lockd {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Lockd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Member for LockdMember {
+    fn kill(self: Box<Self>) {
+        // The connection closes as it does when the process dies.
+        drop(self)
+    }
+    fn ls(&self) -> &dyn LockSpace {
+        self
+    }
+}
+
+impl Harness for Lockd {
+    fn member(&self, ls: &str) -> Box<dyn Member> {
+        Box::new(LockdMember::connect(&self.socket, ls, 32).unwrap())
+    }
+}
+
+#[test]
+fn lockd_conforms() {
+    let mut d = Lockd::start();
+    run_all(&d);
+    assert!(d.alive());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the socket is private by default");
+}
+
+#[test]
+fn lockd_releases_the_locks_of_a_client_killed_mid_conversion() {
+    let d = Lockd::start();
+    let m1 = d.member("kill9");
+    let m2 = d.member("kill9");
+    let (l1, _) = lock_sync(m1.ls(), "ack", Mode::Cr, 0);
+    let mut child = common::bin()
+        .args([
+            "lock",
+            "--lockspace",
+            "kill9",
+            "--convert",
+            "EX",
+            "--socket",
+        ])
+        .arg(&d.socket)
+        .args(["ack", "CR"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the child holds CR and its conversion to EX is queued (m1 is told).
+    let r1 = m1.events();
+    let mut child_node = None;
+    let mut blocked = false;
+    while !(blocked && child_node.is_some()) {
+        match r1.recv_timeout(WAIT).expect("child never got going") {
+            Event::NodeUp(n) => child_node = Some(n),
+            Event::Bast { lock, mode } if lock == l1 => {
+                assert_eq!(mode, Some(Mode::Ex));
+                blocked = true;
+            }
+            _ => {}
+        }
+    }
+    // m2 wants EX too: it waits behind the child's CR and conversion.
+    let r2 = m2.events();
+    let (l2, _) = lock_sync(m2.ls(), "ack", Mode::Nl, flags::EXPEDITE);
+    m2.convert(l2, Mode::Ex, flags::CONVERT, None).unwrap();
+    m1.unlock(l1, 0, None).unwrap();
+    quiet(&r2, "m2 waits: the child still holds CR");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(ast(&r2, l2).0, Status::Granted);
+    let dead = child_node.unwrap();
+    let mut told = false;
+    while let Ok(e) = r1.recv_timeout(Duration::from_millis(500)) {
+        told |= e == Event::NodeDown(dead);
+    }
+    assert!(told, "m1 is told the child's node died");
+}
+
+#[test]
+fn lockd_survives_garbage_clients() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let mut d = Lockd::start();
+    let good = d.member("garbage");
+    let frame = |body: &[u8]| {
+        let mut v = (body.len() as u32).to_le_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    };
+    let hello = frame(br#"{"op":"hello","lockspace":"garbage","lvb_len":32}"#);
+    let attacks: Vec<Vec<u8>> = vec![
+        vec![0xff, 0xff, 0xff, 0xff],
+        frame(b"not json at all"),
+        frame(br#"{"op":"lock","seq":1,"name":[1],"mode":9,"flags":0}"#),
+        [
+            hello.clone(),
+            frame(br#"{"op":"lock","seq":1,"name":[],"mode":5,"flags":0}"#),
+        ]
+        .concat(),
+        [
+            hello.clone(),
+            frame(br#"{"op":"convert","seq":2,"lock":424242,"mode":5,"flags":4}"#),
+        ]
+        .concat(),
+        [
+            hello.clone(),
+            frame(br#"{"op":"lock","seq":3,"name":[1],"mode":77,"flags":0}"#),
+        ]
+        .concat(),
+        [hello.clone(), vec![0, 0, 1, 0], b"{".to_vec()].concat(),
+        (0..4096u32).map(|i| (i * 7 + 3) as u8).collect(),
+    ];
+    let mut half_open = Vec::new();
+    for a in &attacks {
+        let mut c = UnixStream::connect(&d.socket).unwrap();
+        let _ = c.write_all(a);
+        half_open.push(c);
+        // The honest member keeps working while bad clients come and go.
+        let (l, st) = lock_sync(good.ls(), "r", Mode::Ex, 0);
+        assert_eq!(st, Status::Granted);
+        let rx = good.events();
+        good.unlock(l, 0, None).unwrap();
+        assert_eq!(ast(&rx, l).0, Status::Unlocked);
+    }
+    // A bad request on a valid connection gets an error answer, not a crash.
+    let err = good
+        .convert(987_654, Mode::Ex, flags::CONVERT, None)
+        .unwrap_err();
+    assert!(err.to_string().contains("no such lock"), "{err}");
+    assert!(d.alive(), "lockd must survive garbage");
+    drop(half_open);
 }

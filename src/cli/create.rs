@@ -149,8 +149,8 @@ pub fn run(args: &CreateArgs) -> Result<(), String> {
         Some(c) => format!("clustered RAID1 (cluster {c}, {} node slots)", g.slots),
         None => "RAID1".to_string(),
     };
-    println!(
-        "created {kind} {uuid} on {} legs: {} sectors{}, data offset {} sectors, bitmap chunk {}{}",
+    super::out(&format!(
+        "created {kind} {uuid} on {} legs: {} sectors{}, data offset {} sectors, bitmap chunk {}{}\n",
         legs.len(),
         g.size,
         human_size(g.size * 512),
@@ -161,7 +161,7 @@ pub fn run(args: &CreateArgs) -> Result<(), String> {
         } else {
             "; the first assembly resyncs the whole array"
         }
-    );
+    ));
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 
 pub mod create;
 pub mod examine;
+pub mod lockd;
 pub mod serve;
 pub mod size;
 
@@ -47,6 +48,10 @@ pub enum Command {
         #[arg(value_name = "LEG")]
         leg: PathBuf,
     },
+    /// Run the host's lock manager for several `serve` processes (nodes) on this host.
+    Lockd(lockd::LockdArgs),
+    /// Take a lock on a lockd and hold it until killed (prints each state change).
+    Lock(lockd::LockArgs),
     /// Show the md superblock and bitmaps of legs (like mdadm --examine and --examine-bitmap).
     Examine {
         /// Print JSON instead of text.
@@ -56,6 +61,13 @@ pub enum Command {
         #[arg(required = true, value_name = "LEG")]
         legs: Vec<PathBuf>,
     },
+}
+
+/// Writes to standard output; a closed pipe (e.g. `| head`) is not an error.
+pub fn out(text: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(text.as_bytes()).and_then(|()| o.flush());
 }
 
 /// Parses the command line and runs the command.
@@ -104,6 +116,8 @@ fn usage_error(e: clap::Error) -> ExitCode {
 pub fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
         Command::Create(args) => create::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Lockd(args) => lockd::run_lockd(&args).map(|()| ExitCode::SUCCESS),
+        Command::Lock(args) => lockd::run_lock(&args).map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
         Command::Status { format, socket } => {
             serve::status(&socket, format).map(|()| ExitCode::SUCCESS)
@@ -115,9 +129,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
             let report = examine::examine(&legs);
             if json {
                 let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-                println!("{text}");
+                out(&format!("{text}\n"));
             } else {
-                print!("{}", examine::render(&report));
+                out(&examine::render(&report));
             }
             if report.legs.iter().any(|l| l.error.is_some()) {
                 Ok(ExitCode::FAILURE)

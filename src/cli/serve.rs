@@ -257,11 +257,11 @@ pub fn status(socket: &Path, format: Format) -> Result<(), String> {
             .unwrap_or_else(|| "no status in the answer".into())
     })?;
     match format {
-        Format::Json => println!(
-            "{}",
+        Format::Json => super::out(&format!(
+            "{}\n",
             serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
-        ),
-        Format::Text => print!("{}", render_status(&s)),
+        )),
+        Format::Text => super::out(&render_status(&s)),
     }
     Ok(())
 }
@@ -296,7 +296,7 @@ pub fn manage(socket: &Path, op: ManageOp, leg: &Path) -> Result<(), String> {
     };
     let resp = control::request(&resolve_control(socket), &req)?;
     if resp.ok {
-        println!("{}", resp.message.unwrap_or_default());
+        super::out(&format!("{}\n", resp.message.unwrap_or_default()));
         Ok(())
     } else {
         Err(resp.error.unwrap_or_else(|| "refused".into()))

@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod local;
+pub mod lockd;
 
 pub use engine::{LockId, NodeId};
 
@@ -111,6 +112,9 @@ pub enum DlmError {
     /// Refused at once by the lock manager.
     #[error(transparent)]
     Refused(#[from] engine::EngineError),
+    /// Refused by a remote lock manager.
+    #[error("refused: {0}")]
+    Rejected(String),
     /// The lock manager is gone.
     #[error("the lock manager is not available: {0}")]
     Unavailable(String),

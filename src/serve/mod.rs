@@ -180,13 +180,13 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         config.socket.display(),
         config.control.display()
     );
-    println!(
-        "vhost-user-md: serving array {} on {}\nattach a VM with (guest RAM must be shared memory of the same size as -m):\n  qemu-system-x86_64 -m 2G -object memory-backend-memfd,id=mem,size=2G,share=on -machine q35,memory-backend=mem -chardev socket,id=vumd0,path={} -device vhost-user-blk-pci,chardev=vumd0,num-queues={} ...",
+    crate::cli::out(&format!(
+        "vhost-user-md: serving array {} on {}\nattach a VM with (guest RAM must be shared memory of the same size as -m):\n  qemu-system-x86_64 -m 2G -object memory-backend-memfd,id=mem,size=2G,share=on -machine q35,memory-backend=mem -chardev socket,id=vumd0,path={} -device vhost-user-blk-pci,chardev=vumd0,num-queues={} ...\n",
         array.uuid,
         config.socket.display(),
         config.socket.display(),
         config.queues
-    );
+    ));
 
     let sig = signals.forever().next();
     info!("signal {sig:?}: shutting down");

@@ -1,0 +1,104 @@
+//! `lockd` (the host's lock daemon) and `lock` (take a lock and hold it: a probe for
+//! operators and tests).
+
+use crate::dlm::lockd::{Daemon, LockdMember};
+use crate::dlm::{flags, Event, LockSpace, Mode, Status};
+use clap::Args;
+use std::ffi::CString;
+use std::path::PathBuf;
+
+/// Flags of `lockd`.
+#[derive(Debug, Args)]
+pub struct LockdArgs {
+    /// Unix socket to listen on (mode 0600; 0660 with --group).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Let this group use the socket too (name or number).
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+}
+
+/// Flags of `lock`.
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// The lockd socket.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Lockspace to join.
+    #[arg(long, value_name = "NAME")]
+    pub lockspace: String,
+    /// After the lock is granted, convert it to this mode (and wait for that).
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub convert: Option<Mode>,
+    /// Resource name.
+    pub resource: String,
+    /// Mode: NL, CR, CW, PR, PW or EX.
+    #[arg(value_parser = parse_mode)]
+    pub mode: Mode,
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    match s.to_ascii_uppercase().as_str() {
+        "NL" => Ok(Mode::Nl),
+        "CR" => Ok(Mode::Cr),
+        "CW" => Ok(Mode::Cw),
+        "PR" => Ok(Mode::Pr),
+        "PW" => Ok(Mode::Pw),
+        "EX" => Ok(Mode::Ex),
+        _ => Err(format!("{s:?} is not a lock mode (NL, CR, CW, PR, PW, EX)")),
+    }
+}
+
+fn group_id(g: &str) -> Result<u32, String> {
+    if let Ok(n) = g.parse() {
+        return Ok(n);
+    }
+    let c = CString::new(g).map_err(|_| format!("bad group name {g:?}"))?;
+    // SAFETY: getgrnam reads a NUL-terminated string; the result is checked for NULL
+    // and read at once (single-threaded start-up).
+    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+    if gr.is_null() {
+        return Err(format!("no group named {g:?}"));
+    }
+    // SAFETY: gr is a valid pointer returned by getgrnam.
+    Ok(unsafe { (*gr).gr_gid })
+}
+
+/// Runs `lockd` until killed.
+pub fn run_lockd(args: &LockdArgs) -> Result<(), String> {
+    let gid = args.group.as_deref().map(group_id).transpose()?;
+    let d = Daemon::bind(&args.socket, gid)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
+    log::info!("lockd listening on {}", args.socket.display());
+    d.run();
+    Ok(())
+}
+
+/// Runs `lock`: prints each state change, holds the lock until killed.
+pub fn run_lock(args: &LockArgs) -> Result<(), String> {
+    let m = LockdMember::connect(&args.socket, &args.lockspace, 32).map_err(|e| e.to_string())?;
+    let rx = m.events();
+    let id = m
+        .lock(args.resource.as_bytes(), args.mode, 0, None)
+        .map_err(|e| e.to_string())?;
+    let mut converting = false;
+    for ev in rx.iter() {
+        match ev {
+            Event::Ast { lock, status, .. } if lock == id => {
+                super::out(&format!("{status:?}\n"));
+                if status != Status::Granted {
+                    return Err(format!("{status:?}"));
+                }
+                if let (Some(to), false) = (args.convert, converting) {
+                    converting = true;
+                    m.convert(id, to, flags::CONVERT, None)
+                        .map_err(|e| e.to_string())?;
+                    super::out("converting\n");
+                }
+            }
+            Event::Bast { mode, .. } => super::out(&format!("blocking {mode:?}\n")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
