@@ -11,7 +11,10 @@ use vhost_user_md::dlm::{flags, Event, LockId, LockSpace, Mode, Status};
 
 fn wait(rx: &crossbeam_channel::Receiver<Event>, lock: LockId) -> Status {
     loop {
-        if let Ok(Event::Ast { lock: l, status, .. }) = rx.recv_timeout(Duration::from_secs(5)) {
+        if let Ok(Event::Ast {
+            lock: l, status, ..
+        }) = rx.recv_timeout(Duration::from_secs(5))
+        {
             if l == lock {
                 return status;
             }
@@ -21,7 +24,9 @@ fn wait(rx: &crossbeam_channel::Receiver<Event>, lock: LockId) -> Status {
 
 fn pct(v: &mut [u32], p: f64) -> u32 {
     v.sort_unstable();
-    v.get(((v.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0)
+    v.get(((v.len() as f64 - 1.0) * p) as usize)
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Runs `op` repeatedly for `secs`; prints ops/s and p50/p99 in µs.
@@ -43,18 +48,26 @@ fn run(kind: &str, m: &dyn LockSpace, secs: u64) {
     let rx = m.events();
     let id = m.lock(b"bench", Mode::Nl, flags::EXPEDITE, None).unwrap();
     assert_eq!(wait(&rx, id), Status::Granted);
-    measure(&format!("{kind}: convert NL→EX→NL (2 round trips)"), secs, || {
-        m.convert(id, Mode::Ex, flags::CONVERT, None).unwrap();
-        assert_eq!(wait(&rx, id), Status::Granted);
-        m.convert(id, Mode::Nl, flags::CONVERT, None).unwrap();
-        assert_eq!(wait(&rx, id), Status::Granted);
-    });
-    measure(&format!("{kind}: lock EX + unlock (2 round trips)"), secs, || {
-        let l = m.lock(b"other", Mode::Ex, 0, None).unwrap();
-        assert_eq!(wait(&rx, l), Status::Granted);
-        m.unlock(l, 0, None).unwrap();
-        assert_eq!(wait(&rx, l), Status::Unlocked);
-    });
+    measure(
+        &format!("{kind}: convert NL→EX→NL (2 round trips)"),
+        secs,
+        || {
+            m.convert(id, Mode::Ex, flags::CONVERT, None).unwrap();
+            assert_eq!(wait(&rx, id), Status::Granted);
+            m.convert(id, Mode::Nl, flags::CONVERT, None).unwrap();
+            assert_eq!(wait(&rx, id), Status::Granted);
+        },
+    );
+    measure(
+        &format!("{kind}: lock EX + unlock (2 round trips)"),
+        secs,
+        || {
+            let l = m.lock(b"other", Mode::Ex, 0, None).unwrap();
+            assert_eq!(wait(&rx, l), Status::Granted);
+            m.unlock(l, 0, None).unwrap();
+            assert_eq!(wait(&rx, l), Status::Unlocked);
+        },
+    );
 }
 
 fn main() {

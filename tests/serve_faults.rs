@@ -353,3 +353,87 @@ fn a_real_leg_running_out_of_space_is_failed_without_guest_errors() {
         "{log}"
     );
 }
+
+#[test]
+fn guest_writes_into_chunks_under_resync_complete_and_land_on_both_legs() {
+    // 64 MiB bitmap chunks: resyncing one takes long enough that guest writes hit it.
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
+    let out = bin()
+        .args(["create", "--size", "256M", "--assume-clean"])
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sock = d.path().join("vm.sock");
+    let mut serve = Serve::start(&sock, &[a.to_str().unwrap(), b.to_str().unwrap()]);
+    let mut c = Client::connect(&sock, 1, 32 * 4096);
+    for chunk in 0..3u64 {
+        write_block(&mut c, chunk * 64 * MIB, 0, 1);
+    }
+    drop(c);
+    serve.kill9();
+    let dirty = examine(&[&a])["legs"][0]["bitmap"]["slots"][0]["dirty"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(dirty, 3);
+
+    let mut serve = Serve::start(&sock, &[a.to_str().unwrap(), b.to_str().unwrap()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sock2 = sock.clone();
+    std::thread::spawn(move || {
+        let mut c = Client::connect(&sock2, 1, 32 * 4096);
+        let blocks = c.capacity / 4096;
+        let mut last = std::collections::HashMap::new();
+        let mut x = 0x2545_f491u64;
+        let start = Instant::now();
+        let mut round = 0u64;
+        while start.elapsed() < Duration::from_secs(3) {
+            round += 1;
+            let mut reqs = Vec::new();
+            for k in 0..32 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Mostly into the three dirty chunks, which are being resynced.
+                let blk = x % (3 * 64 * MIB / 4096).min(blocks);
+                let off = blk * 4096;
+                if last.contains_key(&off)
+                    && reqs.iter().any(|r: &(bool, u64, usize, usize)| r.1 == off)
+                {
+                    continue;
+                }
+                let data = pattern(round, off, 4096);
+                c.buf()[k * 4096..(k + 1) * 4096].copy_from_slice(&data);
+                reqs.push((true, off, k * 4096, 4096));
+                last.insert(off, round);
+            }
+            for (_, ret) in c.batch(0, &reqs) {
+                assert_eq!(ret, 0);
+            }
+        }
+        for (&off, &seed) in &last {
+            assert_eq!(c.read(0, off, 0, 4096), 0);
+            assert!(
+                c.buf()[..4096] == pattern(seed, off, 4096)[..],
+                "block at {off}"
+            );
+        }
+        let _ = tx.send(last.len());
+    });
+    let n = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("guest writes into resyncing chunks must not hang");
+    assert!(n > 100, "{n} blocks written");
+    let s = wait_for(&serve, "resync", |s| {
+        s["resync"]["remaining_chunks"] == 0 && !s["resync"]["active"].as_bool().unwrap()
+    });
+    assert!(s["resync"]["bytes_copied"].as_u64().unwrap() >= 3 * 64 * MIB);
+    assert!(serve.stop().success());
+    assert!(data_area(&a) == data_area(&b), "legs differ");
+}

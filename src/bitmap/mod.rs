@@ -10,6 +10,7 @@ use crate::md::bitmap::{BitmapBits, BitmapGeometry, BitmapSuper, BITMAP_SB_LEN};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Where the bitmap goes: implemented by the mirror, which knows the in-sync legs.
 pub trait BitmapStore: Send + Sync {
@@ -62,6 +63,8 @@ pub struct WriteIntent {
     changed: Condvar,
     /// Number of needed chunks, readable without the lock (reads check it per request).
     needed_count: AtomicU64,
+    /// Signalled when a resync of a chunk ends.
+    wakers: Mutex<Vec<EventFd>>,
 }
 
 impl WriteIntent {
@@ -89,6 +92,7 @@ impl WriteIntent {
             }),
             changed: Condvar::new(),
             needed_count: AtomicU64::new(0),
+            wakers: Mutex::new(Vec::new()),
         }
         .with_needed_counted()
     }
@@ -163,10 +167,31 @@ impl WriteIntent {
         sectors: u64,
         store: &dyn BitmapStore,
     ) -> io::Result<()> {
+        loop {
+            if self.try_start_write(sector, sectors, store)? {
+                return Ok(());
+            }
+            let range = self.chunk_range(sector, sectors);
+            let mut g = self.lock();
+            while g.resyncing.is_some_and(|c| range.contains(&c)) {
+                g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+
+    /// Like [`WriteIntent::start_write`] but never waits for a resync: returns
+    /// `Ok(false)` (nothing counted) when a chunk of the range is being resynced. The
+    /// caller retries after a waker registered with [`WriteIntent::add_waker`] fired.
+    pub fn try_start_write(
+        &self,
+        sector: u64,
+        sectors: u64,
+        store: &dyn BitmapStore,
+    ) -> io::Result<bool> {
         let range = self.chunk_range(sector, sectors);
         let mut g = self.lock();
-        while g.resyncing.is_some_and(|c| range.contains(&c)) {
-            g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+        if g.resyncing.is_some_and(|c| range.contains(&c)) {
+            return Ok(false);
         }
         let mut newly_set = false;
         for c in range.clone() {
@@ -186,7 +211,16 @@ impl WriteIntent {
         if r.is_err() {
             self.end_write(sector, sectors, true);
         }
-        r
+        r.map(|()| true)
+    }
+
+    /// Registers an eventfd to signal whenever a chunk's resync ends (wakes workers
+    /// that deferred writes to it).
+    pub fn add_waker(&self, fd: EventFd) {
+        self.wakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(fd);
     }
 
     /// Called when a data write finished (on every leg it went to).
@@ -383,6 +417,9 @@ impl WriteIntent {
         }
         drop(g);
         self.changed.notify_all();
+        for w in self.wakers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = w.write(1);
+        }
     }
 
     /// Writes in flight, over all chunks.

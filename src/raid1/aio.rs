@@ -52,7 +52,13 @@ pub struct AsyncIo {
     free: Vec<usize>,
     done: Vec<(Token, io::Result<()>)>,
     cqes: Vec<Cqe>,
+    /// Writes waiting for a chunk's resync to end.
+    deferred: Vec<(Token, u64, Vec<libc::iovec>)>,
 }
+
+// SAFETY: the deferred iovecs point to guest memory the submitter keeps valid until
+// completion; the state is only used by one thread at a time (behind a mutex).
+unsafe impl Send for AsyncIo {}
 
 const LEG_BITS: u32 = 8;
 
@@ -65,7 +71,13 @@ impl AsyncIo {
             free: Vec::new(),
             done: Vec::new(),
             cqes: Vec::new(),
+            deferred: Vec::new(),
         })
+    }
+
+    /// A second handle on the completion eventfd (to wake this worker).
+    pub fn waker(&self) -> io::Result<vmm_sys_util::eventfd::EventFd> {
+        self.ring.waker()
     }
 
     /// The eventfd that becomes readable when completions are ready to reap.
@@ -73,9 +85,9 @@ impl AsyncIo {
         self.ring.eventfd()
     }
 
-    /// Requests in flight.
+    /// Requests in flight (including deferred writes).
     pub fn in_flight(&self) -> usize {
-        self.ops.len() - self.free.len()
+        self.ops.len() - self.free.len() + self.deferred.len()
     }
 
     fn insert(&mut self, op: Op) -> usize {
@@ -103,6 +115,7 @@ impl AsyncIo {
 
     /// Processes completions from the kernel; finished requests go to the done list.
     pub fn reap(&mut self, array: &Array) {
+        self.retry_deferred(array);
         let mut cqes = std::mem::take(&mut self.cqes);
         self.ring.reap(&mut cqes);
         for c in cqes.drain(..) {
@@ -111,10 +124,23 @@ impl AsyncIo {
         self.cqes = cqes;
     }
 
+    /// Resubmits writes that waited for a resync.
+    pub fn retry_deferred(&mut self, array: &Array) {
+        for (token, sector, iovs) in std::mem::take(&mut self.deferred) {
+            // SAFETY: the submitter of the deferred write guaranteed its buffers.
+            unsafe { array.submit_write(self, token, sector, iovs) };
+        }
+        let _ = self.ring.flush();
+    }
+
     /// Waits for and processes completions until nothing is in flight.
     pub fn drain(&mut self, array: &Array) -> io::Result<()> {
         while self.in_flight() > 0 {
-            self.ring.wait()?;
+            if self.ops.len() > self.free.len() {
+                self.ring.wait()?;
+            } else {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             self.reap(array);
         }
         Ok(())
@@ -372,9 +398,17 @@ impl Array {
                 return;
             }
         };
-        if let Err(e) = self.bitmap.start_write(sector, sectors, self) {
-            io.done.push((token, Err(e)));
-            return;
+        match self.bitmap.try_start_write(sector, sectors, self) {
+            Ok(true) => {}
+            Ok(false) => {
+                // The chunk is being resynced: retried when the resync of it ends.
+                io.deferred.push((token, sector, iovs));
+                return;
+            }
+            Err(e) => {
+                io.done.push((token, Err(e)));
+                return;
+            }
         }
         let legs = self.writable();
         let n = legs.len();

@@ -35,6 +35,11 @@ impl Ring {
         })
     }
 
+    /// A second handle on the eventfd, to wake whoever waits on it.
+    pub fn waker(&self) -> io::Result<EventFd> {
+        self.eventfd.try_clone()
+    }
+
     /// The eventfd to wait on.
     pub fn eventfd(&self) -> RawFd {
         self.eventfd.as_raw_fd()

@@ -145,6 +145,7 @@ impl BlockBackend {
     pub fn enable_async_io(&self) -> io::Result<()> {
         for q in &self.queues {
             let io = AsyncIo::new(QUEUE_SIZE as u32)?;
+            self.array.bitmap.add_waker(io.waker()?);
             *lock(q) = Some(QueueState {
                 io,
                 pending: Vec::new(),
