@@ -3,6 +3,7 @@
 //! the real DLM.
 
 pub mod engine;
+pub mod libdlm;
 pub mod local;
 pub mod lockd;
 

@@ -1,0 +1,404 @@
+//! The real Linux DLM through libdlm (`libdlm_lt.so.3`, loaded at run time: no
+//! build-time C dependency). Completions and blocking callbacks are read from the
+//! lockspace's file descriptor by a dispatch thread and turned into [`Event`]s.
+//!
+//! What libdlm does not give (spec §6.5): membership events and the blocked mode
+//! of a BAST. Userspace lockspaces have 32-byte LVBs.
+
+use super::{DlmError, Event, LockId, LockSpace, Mode, NodeId, Status};
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use libloading::{Library, Symbol};
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_uint, c_void, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// LVB size of userspace lockspaces (`DLM_USER_LVB_LEN`).
+pub const LVB_LEN: usize = 32;
+/// libdlm's positive status values.
+const EUNLOCK: c_int = 0x10002;
+const ECANCEL: c_int = 0x10001;
+/// `DLM_SBF_VALNOTVALID`.
+const SBF_VALNOTVALID: c_char = 0x2;
+
+/// `struct dlm_lksb`.
+#[repr(C)]
+struct Lksb {
+    sb_status: c_int,
+    sb_lkid: u32,
+    sb_flags: c_char,
+    sb_lvbptr: *mut c_char,
+}
+
+type LsHandle = *mut c_void;
+type Callback = extern "C" fn(*mut c_void);
+type CreateFn = unsafe extern "C" fn(*const c_char, libc::mode_t) -> LsHandle;
+type ReleaseFn = unsafe extern "C" fn(*const c_char, LsHandle, c_int) -> c_int;
+type GetFdFn = unsafe extern "C" fn(LsHandle) -> c_int;
+type DispatchFn = unsafe extern "C" fn(c_int) -> c_int;
+type LockFn = unsafe extern "C" fn(
+    LsHandle,
+    u32,
+    *mut Lksb,
+    u32,
+    *const c_void,
+    c_uint,
+    u32,
+    Option<Callback>,
+    *mut c_void,
+    Option<Callback>,
+    *mut c_void,
+) -> c_int;
+type UnlockFn = unsafe extern "C" fn(LsHandle, u32, u32, *mut Lksb, *mut c_void) -> c_int;
+
+/// Per-lock state the library writes into; boxed so its address is stable.
+struct LockState {
+    lksb: Lksb,
+    lvb: [u8; LVB_LEN],
+    id: LockId,
+    tx: Sender<Event>,
+}
+
+extern "C" fn ast(arg: *mut c_void) {
+    // SAFETY: `arg` is the LockState box registered with this lock; boxes live as
+    // long as the member, which outlives its dispatch thread.
+    let st = unsafe { &*(arg as *const LockState) };
+    let status = match st.lksb.sb_status {
+        0 => Status::Granted,
+        libc::EAGAIN => Status::Again,
+        libc::EDEADLK => Status::Deadlock,
+        EUNLOCK => Status::Unlocked,
+        ECANCEL => Status::Cancelled,
+        other => {
+            log::warn!("lock {}: unexpected DLM status {other}", st.id);
+            return;
+        }
+    };
+    let _ = st.tx.send(Event::Ast {
+        lock: st.id,
+        status,
+        lvb: (status == Status::Granted).then(|| st.lvb.to_vec()),
+        lvb_invalid: st.lksb.sb_flags & SBF_VALNOTVALID != 0,
+    });
+}
+
+extern "C" fn bast(arg: *mut c_void) {
+    // SAFETY: as in `ast`.
+    let st = unsafe { &*(arg as *const LockState) };
+    let _ = st.tx.send(Event::Bast {
+        lock: st.id,
+        mode: None,
+    });
+}
+
+struct Api {
+    _lib: Library,
+    create: CreateFn,
+    release: ReleaseFn,
+    get_fd: GetFdFn,
+    dispatch: DispatchFn,
+    lock: LockFn,
+    unlock: UnlockFn,
+}
+
+fn load(path: &str) -> Result<Api, DlmError> {
+    let missing = |e: libloading::Error| {
+        DlmError::Unavailable(format!(
+            "cannot load {path} ({e}); install libdlm3 (apt-get install libdlm3)"
+        ))
+    };
+    // SAFETY: loading libdlm runs no initialisers with preconditions.
+    let lib = unsafe { Library::new(path) }.map_err(missing)?;
+    // SAFETY: the symbol types match libdlm.h (checked against libdlm 4.x).
+    unsafe {
+        let create: Symbol<CreateFn> = lib.get(b"dlm_create_lockspace\0").map_err(missing)?;
+        let release: Symbol<ReleaseFn> = lib.get(b"dlm_release_lockspace\0").map_err(missing)?;
+        let get_fd: Symbol<GetFdFn> = lib.get(b"dlm_ls_get_fd\0").map_err(missing)?;
+        let dispatch: Symbol<DispatchFn> = lib.get(b"dlm_dispatch\0").map_err(missing)?;
+        let lock: Symbol<LockFn> = lib.get(b"dlm_ls_lock\0").map_err(missing)?;
+        let unlock: Symbol<UnlockFn> = lib.get(b"dlm_ls_unlock\0").map_err(missing)?;
+        Ok(Api {
+            create: *create,
+            release: *release,
+            get_fd: *get_fd,
+            dispatch: *dispatch,
+            lock: *lock,
+            unlock: *unlock,
+            _lib: lib,
+        })
+    }
+}
+
+struct Shared {
+    api: Api,
+    ls: LsHandle,
+    name: CString,
+    /// Every libdlm call happens under this lock (libdlm_lt is not thread-safe).
+    call: Mutex<HashMap<LockId, Box<LockState>>>,
+    stop: AtomicBool,
+}
+
+// SAFETY: the raw handle is only used under `call`'s mutex.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+/// A member of a DLM lockspace through libdlm.
+pub struct LibDlmMember {
+    shared: Arc<Shared>,
+    tx: Sender<Event>,
+    events: Receiver<Event>,
+    dispatcher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LibDlmMember {
+    /// Creates or joins lockspace `name` through `libdlm_lt.so.3`.
+    pub fn join(name: &str) -> Result<LibDlmMember, DlmError> {
+        Self::join_with("libdlm_lt.so.3", name)
+    }
+
+    /// As [`LibDlmMember::join`] with the library at `lib`.
+    pub fn join_with(lib: &str, name: &str) -> Result<LibDlmMember, DlmError> {
+        let api = load(lib)?;
+        let cname = CString::new(name)
+            .map_err(|_| DlmError::Unavailable(format!("bad lockspace name {name:?}")))?;
+        // SAFETY: a valid NUL-terminated name; the handle is checked for NULL.
+        let ls = unsafe { (api.create)(cname.as_ptr(), 0o600) };
+        if ls.is_null() {
+            let e = std::io::Error::last_os_error();
+            let why = if !std::fs::read_to_string("/proc/misc")
+                .unwrap_or_default()
+                .contains("dlm-control")
+            {
+                "the dlm kernel module is not loaded (modprobe dlm; corosync and dlm_controld must run)".to_string()
+            } else if e.raw_os_error().unwrap_or(0) != 0 {
+                format!("{e} (needs root, and corosync + dlm_controld running)")
+            } else {
+                "needs root, and corosync + dlm_controld running".to_string()
+            };
+            return Err(DlmError::Unavailable(format!(
+                "cannot create DLM lockspace {name}: {why}"
+            )));
+        }
+        // SAFETY: `ls` is a valid handle.
+        let fd = unsafe { (api.get_fd)(ls) };
+        let shared = Arc::new(Shared {
+            api,
+            ls,
+            name: cname,
+            call: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+        });
+        let (tx, rx) = unbounded();
+        let s2 = shared.clone();
+        let dispatcher = std::thread::Builder::new()
+            .name("dlm-dispatch".into())
+            .spawn(move || {
+                while !s2.stop.load(Ordering::Relaxed) {
+                    let mut p = libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    let n = unsafe { libc::poll(&mut p, 1, 200) };
+                    if n > 0 {
+                        let _g = s2.call.lock().unwrap_or_else(|e| e.into_inner());
+                        // SAFETY: the fd belongs to the open lockspace; callbacks get
+                        // LockState boxes that `call` keeps alive.
+                        unsafe { (s2.api.dispatch)(fd) };
+                    }
+                }
+            })
+            .map_err(|e| DlmError::Unavailable(e.to_string()))?;
+        Ok(LibDlmMember {
+            shared,
+            tx,
+            events: rx,
+            dispatcher: Some(dispatcher),
+        })
+    }
+
+    fn err(what: &str, rc: c_int) -> DlmError {
+        let e = std::io::Error::last_os_error();
+        DlmError::Rejected(format!("{what} failed ({rc}): {e}"))
+    }
+
+    fn fill_lvb(st: &mut LockState, lvb: Option<&[u8]>) {
+        if let Some(b) = lvb {
+            let n = b.len().min(LVB_LEN);
+            st.lvb[..n].copy_from_slice(&b[..n]);
+        }
+    }
+}
+
+impl Drop for LibDlmMember {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.dispatcher.take() {
+            let _ = t.join();
+        }
+        let _g = self.shared.call.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the handle is valid; force=1 releases our remaining locks.
+        unsafe { (self.shared.api.release)(self.shared.name.as_ptr(), self.shared.ls, 1) };
+    }
+}
+
+impl LockSpace for LibDlmMember {
+    fn node(&self) -> NodeId {
+        0
+    }
+
+    fn lvb_len(&self) -> usize {
+        LVB_LEN
+    }
+
+    fn lock(
+        &self,
+        name: &[u8],
+        mode: Mode,
+        flags: u32,
+        lvb: Option<&[u8]>,
+    ) -> Result<LockId, DlmError> {
+        let mut locks = self.shared.call.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = Box::new(LockState {
+            lksb: Lksb {
+                sb_status: 0,
+                sb_lkid: 0,
+                sb_flags: 0,
+                sb_lvbptr: std::ptr::null_mut(),
+            },
+            lvb: [0; LVB_LEN],
+            id: 0,
+            tx: self.tx.clone(),
+        });
+        Self::fill_lvb(&mut st, lvb);
+        st.lksb.sb_lvbptr = st.lvb.as_mut_ptr() as *mut c_char;
+        let p: *mut LockState = &mut *st;
+        // SAFETY: lksb and LVB live in the box, kept in `locks` until the member is
+        // dropped; the name is valid for the call.
+        let rc = unsafe {
+            (self.shared.api.lock)(
+                self.shared.ls,
+                mode as u32,
+                &mut (*p).lksb,
+                flags,
+                name.as_ptr() as *const c_void,
+                name.len() as c_uint,
+                0,
+                Some(ast),
+                p as *mut c_void,
+                Some(bast),
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != 0 {
+            return Err(Self::err("dlm_ls_lock", rc));
+        }
+        let id = st.lksb.sb_lkid;
+        st.id = id;
+        locks.insert(id, st);
+        Ok(id)
+    }
+
+    fn convert(
+        &self,
+        lock: LockId,
+        mode: Mode,
+        flags: u32,
+        lvb: Option<&[u8]>,
+    ) -> Result<(), DlmError> {
+        let mut locks = self.shared.call.lock().unwrap_or_else(|e| e.into_inner());
+        let st = locks
+            .get_mut(&lock)
+            .ok_or_else(|| DlmError::Rejected(format!("no such lock {lock}")))?;
+        Self::fill_lvb(st, lvb);
+        let p: *mut LockState = &mut **st;
+        // SAFETY: as in `lock`.
+        let rc = unsafe {
+            (self.shared.api.lock)(
+                self.shared.ls,
+                mode as u32,
+                &mut (*p).lksb,
+                flags | super::flags::CONVERT,
+                std::ptr::null(),
+                0,
+                0,
+                Some(ast),
+                p as *mut c_void,
+                Some(bast),
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != 0 {
+            return Err(Self::err("dlm_ls_lock (convert)", rc));
+        }
+        Ok(())
+    }
+
+    fn unlock(&self, lock: LockId, flags: u32, lvb: Option<&[u8]>) -> Result<(), DlmError> {
+        let mut locks = self.shared.call.lock().unwrap_or_else(|e| e.into_inner());
+        let st = locks
+            .get_mut(&lock)
+            .ok_or_else(|| DlmError::Rejected(format!("no such lock {lock}")))?;
+        Self::fill_lvb(st, lvb);
+        let p: *mut LockState = &mut **st;
+        // SAFETY: as in `lock`.
+        let rc = unsafe {
+            (self.shared.api.unlock)(
+                self.shared.ls,
+                lock,
+                flags,
+                &mut (*p).lksb,
+                p as *mut c_void,
+            )
+        };
+        if rc != 0 {
+            return Err(Self::err("dlm_ls_unlock", rc));
+        }
+        Ok(())
+    }
+
+    fn events(&self) -> Receiver<Event> {
+        self.events.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_is_a_clear_error() {
+        let e = LibDlmMember::join_with("libdlm-not-here.so.3", "x")
+            .err()
+            .unwrap();
+        let s = e.to_string();
+        assert!(
+            s.contains("libdlm-not-here.so.3") && s.contains("install libdlm3"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn without_a_running_dlm_joining_is_a_clear_error() {
+        // Here there is no DLM (no kernel module, no dlm_controld): whether libdlm is
+        // installed or not, joining fails with a message that says what is missing.
+        let e = LibDlmMember::join("vumd-no-dlm-here")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("install libdlm3") || e.contains("dlm_controld"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn lksb_layout_matches_libdlm() {
+        assert_eq!(std::mem::offset_of!(Lksb, sb_lkid), 4);
+        assert_eq!(std::mem::offset_of!(Lksb, sb_flags), 8);
+        assert_eq!(std::mem::offset_of!(Lksb, sb_lvbptr), 16);
+        assert_eq!(std::mem::size_of::<Lksb>(), 24);
+    }
+}
