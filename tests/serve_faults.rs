@@ -11,20 +11,13 @@ use std::time::{Duration, Instant};
 const MIB: u64 = 1 << 20;
 const BLOCK: usize = 64 * 1024;
 
-/// Two 64 MiB legs with 1 MiB bitmap chunks (63 chunks), known identical.
-fn make_array(dir: &Path) -> (PathBuf, PathBuf) {
-    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+/// Creates a mirror on `a` and `b` with `create --assume-clean` and `args`.
+fn create_legs(a: &Path, b: &Path, args: &[&str]) {
     let out = bin()
-        .args([
-            "create",
-            "--size",
-            "64M",
-            "--bitmap-chunk",
-            "1M",
-            "--assume-clean",
-        ])
-        .arg(&a)
-        .arg(&b)
+        .args(["create", "--assume-clean"])
+        .args(args)
+        .arg(a)
+        .arg(b)
         .output()
         .unwrap();
     assert!(
@@ -32,6 +25,12 @@ fn make_array(dir: &Path) -> (PathBuf, PathBuf) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Two 64 MiB legs with 1 MiB bitmap chunks (63 chunks), known identical.
+fn make_array(dir: &Path) -> (PathBuf, PathBuf) {
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    create_legs(&a, &b, &["--size", "64M", "--bitmap-chunk", "1M"]);
     (a, b)
 }
 
@@ -315,24 +314,7 @@ fn a_real_leg_running_out_of_space_is_failed_without_guest_errors() {
     let _guard = Unmount(small.clone());
     let a = d.path().join("a.img");
     let b = small.join("b.img");
-    let out = bin()
-        .args([
-            "create",
-            "--size",
-            "64M",
-            "--bitmap-chunk",
-            "1M",
-            "--assume-clean",
-        ])
-        .arg(&a)
-        .arg(&b)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    create_legs(&a, &b, &["--size", "64M", "--bitmap-chunk", "1M"]);
     let sock = d.path().join("vm.sock");
     let mut serve = Serve::start(&sock, &[a.to_str().unwrap(), b.to_str().unwrap()]);
     let mut c = Client::connect(&sock, 1, BLOCK);
@@ -359,17 +341,7 @@ fn guest_writes_into_chunks_under_resync_complete_and_land_on_both_legs() {
     // 64 MiB bitmap chunks: resyncing one takes long enough that guest writes hit it.
     let d = tempfile::tempdir().unwrap();
     let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
-    let out = bin()
-        .args(["create", "--size", "256M", "--assume-clean"])
-        .arg(&a)
-        .arg(&b)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    create_legs(&a, &b, &["--size", "256M"]);
     let sock = d.path().join("vm.sock");
     let mut serve = Serve::start(&sock, &[a.to_str().unwrap(), b.to_str().unwrap()]);
     let mut c = Client::connect(&sock, 1, 32 * 4096);

@@ -38,6 +38,19 @@ pub enum Effect {
     },
 }
 
+impl Effect {
+    /// A completion without an LVB.
+    fn done(node: NodeId, lock: LockId, status: Status) -> Effect {
+        Effect::Ast {
+            node,
+            lock,
+            status,
+            lvb: None,
+            lvb_invalid: false,
+        }
+    }
+}
+
 /// Why a call was refused at once (no AST follows).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
@@ -159,13 +172,7 @@ impl Engine {
         } else if fl & flags::NOQUEUE != 0 {
             self.locks.remove(&id);
             self.drop_if_unused(name);
-            out.push(Effect::Ast {
-                node,
-                lock: id,
-                status: Status::Again,
-                lvb: None,
-                lvb_invalid: false,
-            });
+            out.push(Effect::done(node, id, Status::Again));
         } else {
             if let Some(r) = self.resources.get_mut(name) {
                 r.waiting.push_back(id);
@@ -214,13 +221,7 @@ impl Engine {
             if let Some(l) = self.locks.get_mut(&id) {
                 l.rqmode = None;
             }
-            out.push(Effect::Ast {
-                node,
-                lock: id,
-                status: Status::Again,
-                lvb: None,
-                lvb_invalid: false,
-            });
+            out.push(Effect::done(node, id, Status::Again));
             return Ok(());
         }
         // Conversion deadlock: a queued conversion waits for our granted mode while we
@@ -238,13 +239,7 @@ impl Engine {
             if let Some(l) = self.locks.get_mut(&id) {
                 l.rqmode = None;
             }
-            out.push(Effect::Ast {
-                node,
-                lock: id,
-                status: Status::Deadlock,
-                lvb: None,
-                lvb_invalid: false,
-            });
+            out.push(Effect::done(node, id, Status::Deadlock));
             return Ok(());
         }
         if let Some(r) = self.resources.get_mut(&name) {
@@ -288,13 +283,7 @@ impl Engine {
                 self.dequeue(&name, id);
                 self.locks.remove(&id);
             }
-            out.push(Effect::Ast {
-                node,
-                lock: id,
-                status: Status::Cancelled,
-                lvb: None,
-                lvb_invalid: false,
-            });
+            out.push(Effect::done(node, id, Status::Cancelled));
             self.grant_pending(&name, out);
             self.drop_if_unused(&name);
             return Ok(());
@@ -310,13 +299,7 @@ impl Engine {
         }
         self.dequeue(&name, id);
         self.locks.remove(&id);
-        out.push(Effect::Ast {
-            node,
-            lock: id,
-            status: Status::Unlocked,
-            lvb: None,
-            lvb_invalid: false,
-        });
+        out.push(Effect::done(node, id, Status::Unlocked));
         self.grant_pending(&name, out);
         self.drop_if_unused(&name);
         Ok(())

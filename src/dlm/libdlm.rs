@@ -224,6 +224,35 @@ impl LibDlmMember {
         DlmError::Rejected(format!("{what} failed ({rc}): {e}"))
     }
 
+    /// `dlm_ls_lock` for the lock whose state is at `p` (a conversion when `flags`
+    /// has CONVERT; then `name` is ignored).
+    ///
+    /// # Safety
+    /// `p` must point to a live LockState that stays alive (and in place) until the
+    /// member is dropped; the `call` mutex must be held.
+    unsafe fn request(&self, p: *mut LockState, mode: Mode, flags: u32, name: &[u8]) -> c_int {
+        // SAFETY: guaranteed by the caller; `name` is valid for the call.
+        unsafe {
+            (self.shared.api.lock)(
+                self.shared.ls,
+                mode as u32,
+                &mut (*p).lksb,
+                flags,
+                if name.is_empty() {
+                    std::ptr::null()
+                } else {
+                    name.as_ptr() as *const c_void
+                },
+                name.len() as c_uint,
+                0,
+                Some(ast),
+                p as *mut c_void,
+                Some(bast),
+                std::ptr::null_mut(),
+            )
+        }
+    }
+
     fn fill_lvb(st: &mut LockState, lvb: Option<&[u8]>) {
         if let Some(b) = lvb {
             let n = b.len().min(LVB_LEN);
@@ -275,23 +304,8 @@ impl LockSpace for LibDlmMember {
         Self::fill_lvb(&mut st, lvb);
         st.lksb.sb_lvbptr = st.lvb.as_mut_ptr() as *mut c_char;
         let p: *mut LockState = &mut *st;
-        // SAFETY: lksb and LVB live in the box, kept in `locks` until the member is
-        // dropped; the name is valid for the call.
-        let rc = unsafe {
-            (self.shared.api.lock)(
-                self.shared.ls,
-                mode as u32,
-                &mut (*p).lksb,
-                flags,
-                name.as_ptr() as *const c_void,
-                name.len() as c_uint,
-                0,
-                Some(ast),
-                p as *mut c_void,
-                Some(bast),
-                std::ptr::null_mut(),
-            )
-        };
+        // SAFETY: the box is kept in `locks` until the member is dropped.
+        let rc = unsafe { self.request(p, mode, flags, name) };
         if rc != 0 {
             return Err(Self::err("dlm_ls_lock", rc));
         }
@@ -314,22 +328,8 @@ impl LockSpace for LibDlmMember {
             .ok_or_else(|| DlmError::Rejected(format!("no such lock {lock}")))?;
         Self::fill_lvb(st, lvb);
         let p: *mut LockState = &mut **st;
-        // SAFETY: as in `lock`.
-        let rc = unsafe {
-            (self.shared.api.lock)(
-                self.shared.ls,
-                mode as u32,
-                &mut (*p).lksb,
-                flags | super::flags::CONVERT,
-                std::ptr::null(),
-                0,
-                0,
-                Some(ast),
-                p as *mut c_void,
-                Some(bast),
-                std::ptr::null_mut(),
-            )
-        };
+        // SAFETY: the box is kept in `locks` until the member is dropped.
+        let rc = unsafe { self.request(p, mode, flags | super::flags::CONVERT, &[]) };
         if rc != 0 {
             return Err(Self::err("dlm_ls_lock (convert)", rc));
         }
