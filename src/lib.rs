@@ -6,6 +6,7 @@
 
 pub mod bitmap;
 pub mod cli;
+pub mod cluster;
 pub mod dlm;
 pub mod md;
 pub mod raid1;

@@ -1,0 +1,4 @@
+//! The md-cluster node: messaging now; join/slots, resync windows, peer recovery
+//! and metadata updates build on it.
+
+pub mod comms;
