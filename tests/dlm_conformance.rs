@@ -7,6 +7,7 @@ use vhost_user_md::dlm::local::LocalDlm;
 use vhost_user_md::dlm::lockd::LockdMember;
 
 mod common;
+use common::Lockd;
 use vhost_user_md::dlm::{flags, Event, LockId, LockSpace, Mode, Status};
 
 /// A lock manager under test: makes members of named lockspaces and kills them.
@@ -330,49 +331,6 @@ fn run_all(h: &dyn Harness) {
 #[test]
 fn local_lock_manager_conforms() {
     run_all(&Local(LocalDlm::new()));
-}
-
-/// A `vhost-user-md lockd` process; members connect over its socket.
-struct Lockd {
-    child: std::process::Child,
-    socket: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Lockd {
-    fn start() -> Lockd {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("lockd.sock");
-        let child = common::bin()
-            .arg("lockd")
-            .arg("--socket")
-            .arg(&socket)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        for _ in 0..200 {
-            if socket.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Lockd {
-            child,
-            socket,
-            _dir: dir,
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for Lockd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Member for LockdMember {

@@ -324,3 +324,46 @@ pub fn data_area(path: &Path) -> Vec<u8> {
     let end = start + (sb.size * 512) as usize;
     bytes[start..end].to_vec()
 }
+
+/// A `vhost-user-md lockd` process; members connect over its socket.
+pub struct Lockd {
+    child: std::process::Child,
+    pub socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Lockd {
+    pub fn start() -> Lockd {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("lockd.sock");
+        let child = bin()
+            .arg("lockd")
+            .arg("--socket")
+            .arg(&socket)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Lockd {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Lockd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
