@@ -1,6 +1,7 @@
 //! `lockd` (the host's lock daemon) and `lock` (take a lock and hold it: a probe for
 //! operators and tests).
 
+use crate::dlm::libdlm::LibDlmMember;
 use crate::dlm::lockd::{Daemon, LockdMember};
 use crate::dlm::{flags, Event, LockSpace, Mode, Status};
 use clap::Args;
@@ -22,8 +23,11 @@ pub struct LockdArgs {
 #[derive(Debug, Args)]
 pub struct LockArgs {
     /// The lockd socket.
-    #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "dlm")]
+    pub socket: Option<PathBuf>,
+    /// Use the host's real DLM (libdlm; corosync + dlm_controld) instead of lockd.
+    #[arg(long, conflicts_with = "socket")]
+    pub dlm: bool,
     /// Lockspace to join.
     #[arg(long, value_name = "NAME")]
     pub lockspace: String,
@@ -76,7 +80,12 @@ pub fn run_lockd(args: &LockdArgs) -> Result<(), String> {
 
 /// Runs `lock`: prints each state change, holds the lock until killed.
 pub fn run_lock(args: &LockArgs) -> Result<(), String> {
-    let m = LockdMember::connect(&args.socket, &args.lockspace, 32).map_err(|e| e.to_string())?;
+    let m: Box<dyn LockSpace> = match &args.socket {
+        Some(sock) => {
+            Box::new(LockdMember::connect(sock, &args.lockspace, 32).map_err(|e| e.to_string())?)
+        }
+        None => Box::new(LibDlmMember::join(&args.lockspace).map_err(|e| e.to_string())?),
+    };
     let rx = m.events();
     let id = m
         .lock(args.resource.as_bytes(), args.mode, 0, None)
