@@ -39,33 +39,68 @@ pub enum CommsError {
 
 /// Routes completion events to the thread waiting for them, and BASTs on `ack` to
 /// the receive loop.
-struct Router {
+pub(crate) struct Router {
     waiters: Mutex<HashMap<LockId, Sender<Completion>>>,
+    /// Completions nobody waited for yet (e.g. the grant of a new lock that raced
+    /// ahead of its caller); the next `expect` of that lock takes it.
+    early: Mutex<HashMap<LockId, Completion>>,
 }
 
 /// A completion: status and the LVB read.
 type Completion = (Status, Option<Vec<u8>>);
 
 impl Router {
-    fn expect(&self, lock: LockId) -> Receiver<Completion> {
+    /// A receiver for the next completion of `lock`.
+    pub(crate) fn expect(&self, lock: LockId) -> Receiver<Completion> {
         let (tx, rx) = bounded(1);
-        self.waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(lock, tx);
-        rx
-    }
-
-    fn deliver(&self, lock: LockId, status: Status, lvb: Option<Vec<u8>>) -> bool {
-        let w = self
-            .waiters
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let early = self
+            .early
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&lock);
-        match w {
-            Some(tx) => tx.send((status, lvb)).is_ok(),
-            None => false,
+        match early {
+            Some(c) => {
+                let _ = tx.send(c);
+            }
+            None => {
+                waiters.insert(lock, tx);
+            }
         }
+        rx
+    }
+
+    fn deliver(&self, lock: LockId, status: Status, lvb: Option<Vec<u8>>) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        match waiters.remove(&lock) {
+            Some(tx) => {
+                let _ = tx.send((status, lvb));
+            }
+            None => {
+                debug!("completion {status:?} for lock {lock} arrived before its waiter");
+                self.early
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(lock, (status, lvb));
+            }
+        }
+    }
+}
+
+/// Creates a new lock on `name` in NL (EXPEDITE, so it is granted at once) and
+/// waits for that grant, so no stale completion of it can be mistaken later.
+pub(crate) fn new_nl_lock(
+    ls: &dyn LockSpace,
+    router: &Router,
+    name: &[u8],
+    fl: u32,
+) -> Result<LockId, CommsError> {
+    let lvb = (fl & flags::VALBLK != 0).then(|| vec![0u8; ls.lvb_len()]);
+    let id = ls.lock(name, Mode::Nl, fl | flags::EXPEDITE, lvb.as_deref())?;
+    match router.expect(id).recv_timeout(STEP_TIMEOUT) {
+        Ok((Status::Granted, _)) => Ok(id),
+        Ok((st, _)) => Err(CommsError::Status("new NL lock", st)),
+        Err(_) => Err(CommsError::Timeout("new NL lock", STEP_TIMEOUT)),
     }
 }
 
@@ -99,6 +134,7 @@ impl Comms {
     ) -> Result<Arc<Comms>, CommsError> {
         let router = Arc::new(Router {
             waiters: Mutex::new(HashMap::new()),
+            early: Mutex::new(HashMap::new()),
         });
         let events = ls.events();
         let (bast_tx, bast_rx) = crossbeam_channel::unbounded::<()>();
@@ -112,11 +148,7 @@ impl Comms {
                     match ev {
                         Event::Ast {
                             lock, status, lvb, ..
-                        } => {
-                            if !r2.deliver(lock, status, lvb) {
-                                debug!("completion {status:?} for lock {lock} nobody waits for");
-                            }
-                        }
+                        } => r2.deliver(lock, status, lvb),
                         Event::Bast { lock, .. } => {
                             let is_ack =
                                 *ack2.lock().unwrap_or_else(|e| e.into_inner()) == Some(lock);
@@ -129,15 +161,7 @@ impl Comms {
                 }
             })
             .map_err(|e| DlmError::Unavailable(e.to_string()))?;
-        let new_nl = |name: &[u8], fl: u32| -> Result<LockId, CommsError> {
-            let lvb = (fl & flags::VALBLK != 0).then(|| vec![0u8; ls.lvb_len()]);
-            // The id is only known after the call; the grant of an EXPEDITE NL is
-            // awaited through the router by id, so register after the call and
-            // accept a completion that raced ahead (it is logged and dropped, and
-            // EXPEDITE NL is always granted).
-            let id = ls.lock(name, Mode::Nl, fl | flags::EXPEDITE, lvb.as_deref())?;
-            Ok(id)
-        };
+        let new_nl = |name: &[u8], fl: u32| new_nl_lock(&*ls, &router, name, fl);
         let message = new_nl(MESSAGE, flags::VALBLK)?;
         let token = new_nl(TOKEN, 0)?;
         let ack = new_nl(ACK, 0)?;
@@ -164,7 +188,7 @@ impl Comms {
     }
 
     /// Converts `lock` to `mode` and waits for the grant.
-    fn step(
+    pub(crate) fn step(
         &self,
         what: &'static str,
         lock: LockId,
