@@ -7,6 +7,7 @@ use crate::md::message::{ClusterMsg, MessageError};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use log::{debug, warn};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -112,7 +113,7 @@ pub struct Comms {
     message: LockId,
     ack: LockId,
     /// Our 0-based md slot (put into every message we send).
-    slot: u32,
+    slot: AtomicU32,
     /// Serialises our own sends with our receive processing (spec: a node does not
     /// process an incoming message while it sends). Taken after `token`.
     busy: Mutex<()>,
@@ -132,6 +133,19 @@ impl Comms {
         slot: u32,
         handler: Handler,
     ) -> Result<Arc<Comms>, CommsError> {
+        let (c, basts) = Comms::create(ls)?;
+        c.set_slot(slot);
+        c.step("token NL->EX", c.token, Mode::Ex, 0, None)?;
+        c.step("ack NL->CR", c.ack, Mode::Cr, 0, None)?;
+        c.step("token EX->NL", c.token, Mode::Nl, 0, None)?;
+        c.start_receiving(basts, handler)?;
+        Ok(c)
+    }
+
+    /// Creates the messaging locks (NL) and the event thread. Nothing is received
+    /// until `ack` is armed and [`Comms::start_receiving`] runs; the returned
+    /// channel carries the BASTs on `ack`.
+    pub(crate) fn create(ls: Arc<dyn LockSpace>) -> Result<(Arc<Comms>, Receiver<()>), CommsError> {
         let router = Arc::new(Router {
             waiters: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
@@ -161,10 +175,9 @@ impl Comms {
                 }
             })
             .map_err(|e| DlmError::Unavailable(e.to_string()))?;
-        let new_nl = |name: &[u8], fl: u32| new_nl_lock(&*ls, &router, name, fl);
-        let message = new_nl(MESSAGE, flags::VALBLK)?;
-        let token = new_nl(TOKEN, 0)?;
-        let ack = new_nl(ACK, 0)?;
+        let message = new_nl_lock(&*ls, &router, MESSAGE, flags::VALBLK)?;
+        let token = new_nl_lock(&*ls, &router, TOKEN, 0)?;
+        let ack = new_nl_lock(&*ls, &router, ACK, 0)?;
         *ack_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(ack);
         let c = Arc::new(Comms {
             ls,
@@ -172,19 +185,55 @@ impl Comms {
             token,
             message,
             ack,
-            slot,
+            slot: AtomicU32::new(0),
             busy: Mutex::new(()),
             sending: Mutex::new(()),
         });
-        c.step("token NL->EX", c.token, Mode::Ex, 0, None)?;
-        c.step("ack NL->CR", c.ack, Mode::Cr, 0, None)?;
-        c.step("token EX->NL", c.token, Mode::Nl, 0, None)?;
-        let c2 = c.clone();
+        Ok((c, bast_rx))
+    }
+
+    /// Starts the receive loop.
+    pub(crate) fn start_receiving(
+        self: &Arc<Self>,
+        basts: Receiver<()>,
+        handler: Handler,
+    ) -> Result<(), CommsError> {
+        let c2 = self.clone();
         std::thread::Builder::new()
             .name("cluster-recv".into())
-            .spawn(move || c2.receive_loop(bast_rx, handler))
+            .spawn(move || c2.receive_loop(basts, handler))
             .map_err(|e| DlmError::Unavailable(e.to_string()))?;
-        Ok(c)
+        Ok(())
+    }
+
+    /// Sets the slot our messages carry.
+    pub(crate) fn set_slot(&self, slot: u32) {
+        self.slot.store(slot, Ordering::Relaxed);
+    }
+
+    /// Our slot.
+    pub fn slot(&self) -> u32 {
+        self.slot.load(Ordering::Relaxed)
+    }
+
+    /// The lock manager.
+    pub(crate) fn ls(&self) -> &Arc<dyn LockSpace> {
+        &self.ls
+    }
+
+    /// The completion router.
+    pub(crate) fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// The `token` lock.
+    pub(crate) fn token(&self) -> LockId {
+        self.token
+    }
+
+    /// The `ack` lock.
+    pub(crate) fn ack(&self) -> LockId {
+        self.ack
     }
 
     /// Converts `lock` to `mode` and waits for the grant.
@@ -217,7 +266,7 @@ impl Comms {
     pub fn send(&self, mut msg: ClusterMsg) -> Result<(), CommsError> {
         // One send at a time from this node (each lock has one request in flight).
         let _sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
-        msg.slot = self.slot;
+        msg.slot = self.slot();
         // Token first, then our receive lock: while we wait for the token, messages
         // of the current holder must still be processed here (spec §4.3 step 1).
         self.step("token NL->EX", self.token, Mode::Ex, 0, None)?;
@@ -263,7 +312,7 @@ impl Comms {
         let v = flags::VALBLK;
         let lvb = self.step("message NL->CR", self.message, Mode::Cr, v, None)?;
         match lvb.as_deref().map(ClusterMsg::decode_u32) {
-            Some(Ok(m)) if m.slot == self.slot => {
+            Some(Ok(m)) if m.slot == self.slot() => {
                 warn!("ignoring a message carrying our own slot {}", m.slot)
             }
             Some(Ok(m)) => handler(m),

@@ -2,3 +2,4 @@
 //! and metadata updates build on it.
 
 pub mod comms;
+pub mod membership;

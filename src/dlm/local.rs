@@ -100,12 +100,20 @@ impl LocalDlm {
         }
     }
 
+    /// Kills `node` of lockspace `space`, as if its host died: its locks are
+    /// released and the others are told. Its handle gets errors from then on.
+    pub fn kill(&self, space: &str, node: NodeId) {
+        self.leave(space, node)
+    }
+
     fn leave(&self, space_name: &str, node: NodeId) {
         let mut g = self.lock();
         let Some(space) = g.spaces.get_mut(space_name) else {
             return;
         };
-        space.members.remove(&node);
+        if space.members.remove(&node).is_none() {
+            return;
+        }
         let mut out = Vec::new();
         space.engine.purge_node(node, &mut out);
         deliver(space, out);
@@ -120,13 +128,15 @@ impl LocalDlm {
     fn with_space<T>(
         &self,
         name: &str,
+        node: NodeId,
         f: impl FnOnce(&mut Engine, &mut Vec<Effect>) -> Result<T, super::engine::EngineError>,
     ) -> Result<T, DlmError> {
         let mut g = self.lock();
         let space = g
             .spaces
             .get_mut(name)
-            .ok_or_else(|| DlmError::Unavailable(format!("lockspace {name} is gone")))?;
+            .filter(|s| s.members.contains_key(&node))
+            .ok_or_else(|| DlmError::Unavailable(format!("not a member of lockspace {name}")))?;
         let mut out = Vec::new();
         let r = f(&mut space.engine, &mut out);
         deliver(space, out);
@@ -164,7 +174,7 @@ impl LockSpace for LocalMember {
         lvb: Option<&[u8]>,
     ) -> Result<LockId, DlmError> {
         let node = self.node;
-        self.dlm.with_space(&self.space, |e, out| {
+        self.dlm.with_space(&self.space, node, |e, out| {
             e.request(node, name, mode, fl, lvb, out)
         })
     }
@@ -177,15 +187,16 @@ impl LockSpace for LocalMember {
         lvb: Option<&[u8]>,
     ) -> Result<(), DlmError> {
         let node = self.node;
-        self.dlm.with_space(&self.space, |e, out| {
+        self.dlm.with_space(&self.space, node, |e, out| {
             e.convert(node, lock, mode, fl, lvb, out)
         })
     }
 
     fn unlock(&self, lock: LockId, fl: u32, lvb: Option<&[u8]>) -> Result<(), DlmError> {
         let node = self.node;
-        self.dlm
-            .with_space(&self.space, |e, out| e.unlock(node, lock, fl, lvb, out))
+        self.dlm.with_space(&self.space, node, |e, out| {
+            e.unlock(node, lock, fl, lvb, out)
+        })
     }
 
     fn events(&self) -> Receiver<Event> {

@@ -1,0 +1,333 @@
+//! Joining an md-cluster array without DLM callbacks (spec §7.2, profile U32):
+//! a node claims the first free `bitmapNNNN` slot lock with NOQUEUE PW under the
+//! `token`, announces itself with NODE_JOINED, and watches every occupied slot with
+//! a blocking NL→PW request that the DLM grants only when the owner's PW is gone —
+//! that grant is how a peer's death is seen.
+
+use super::comms::{new_nl_lock, Comms, CommsError, Handler};
+use crate::dlm::{flags, LockId, Mode, Status};
+use crate::md::message::{ClusterMsg, MsgType};
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use log::{info, warn};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+/// The `bitmapNNNN` lock of slot `s`.
+pub fn bitmap_lock_name(s: u32) -> Vec<u8> {
+    format!("bitmap{s:04}").into_bytes()
+}
+
+/// Why joining failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// Messaging or locking failed.
+    #[error(transparent)]
+    Comms(#[from] CommsError),
+    /// Every slot is held by a live node.
+    #[error("all {0} node slots of the array are in use")]
+    Full(u32),
+}
+
+/// Watches on other nodes' slots.
+struct Watches {
+    comms: Arc<Comms>,
+    bitmaps: Vec<LockId>,
+    armed: Mutex<HashSet<u32>>,
+    dead: Sender<u32>,
+}
+
+impl Watches {
+    /// Queues a blocking NL→PW on `slot`'s lock; its grant reports the owner dead.
+    fn arm(self: &Arc<Self>, slot: u32) {
+        if slot == self.comms.slot() || slot as usize >= self.bitmaps.len() {
+            return;
+        }
+        if !self
+            .armed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(slot)
+        {
+            return;
+        }
+        let lock = self.bitmaps[slot as usize];
+        let rx = self.comms.router().expect(lock);
+        if let Err(e) =
+            self.comms
+                .ls()
+                .convert(lock, Mode::Pw, flags::CONVERT | flags::VALBLK, None)
+        {
+            warn!("cannot watch node slot {slot}: {e}");
+            self.armed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&slot);
+            return;
+        }
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("watch-{slot}"))
+            .spawn(move || match rx.recv() {
+                Ok((Status::Granted, _)) => {
+                    me.armed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&slot);
+                    info!("node in slot {slot} is gone: its bitmap is ours to recover");
+                    let _ = me.dead.send(slot);
+                }
+                Ok((st, _)) => {
+                    me.armed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&slot);
+                    warn!("watch on slot {slot} ended with {st:?}");
+                }
+                Err(_) => {}
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start the watch on slot {slot}: {e}");
+        }
+    }
+}
+
+/// A joined node.
+pub struct Node {
+    /// Messaging.
+    pub comms: Arc<Comms>,
+    /// Our 0-based slot.
+    pub slot: u32,
+    watches: Arc<Watches>,
+    /// Slots whose owner died, one report per death; the slot's lock is held in PW
+    /// until [`Node::release_slot`].
+    pub dead: Receiver<u32>,
+    /// Slots found free at join (their bitmaps may hold a departed node's bits).
+    pub free_at_join: Vec<u32>,
+}
+
+impl Node {
+    /// Joins the lockspace of `comms`-to-be as a node of an array with `nodes` slots.
+    pub fn join(
+        ls: Arc<dyn crate::dlm::LockSpace>,
+        nodes: u32,
+        mut handler: Handler,
+    ) -> Result<Node, JoinError> {
+        let (comms, basts) = Comms::create(ls.clone())?;
+        let router = comms.router().clone();
+        let mut bitmaps = Vec::with_capacity(nodes as usize);
+        for s in 0..nodes {
+            bitmaps.push(new_nl_lock(
+                &*ls,
+                &router,
+                &bitmap_lock_name(s),
+                flags::VALBLK,
+            )?);
+        }
+        comms.step("token NL->EX", comms.token(), Mode::Ex, 0, None)?;
+        let claimed = (|| -> Result<Option<(u32, Vec<u32>)>, CommsError> {
+            let mut occupied = Vec::new();
+            for s in 0..nodes {
+                let rx = router.expect(bitmaps[s as usize]);
+                ls.convert(
+                    bitmaps[s as usize],
+                    Mode::Pw,
+                    flags::CONVERT | flags::NOQUEUE | flags::VALBLK,
+                    None,
+                )
+                .map_err(CommsError::Dlm)?;
+                match rx.recv_timeout(super::comms::STEP_TIMEOUT) {
+                    Ok((Status::Granted, _)) => return Ok(Some((s, occupied))),
+                    Ok((Status::Again, _)) => occupied.push(s),
+                    Ok((st, _)) => return Err(CommsError::Status("slot probe", st)),
+                    Err(_) => {
+                        return Err(CommsError::Timeout(
+                            "slot probe",
+                            super::comms::STEP_TIMEOUT,
+                        ))
+                    }
+                }
+            }
+            Ok(None)
+        })();
+        let armed = match claimed {
+            Ok(Some((slot, occupied))) => {
+                comms.set_slot(slot);
+                comms
+                    .step("ack NL->CR", comms.ack(), Mode::Cr, 0, None)
+                    .map(|_| (slot, occupied))
+            }
+            Ok(None) => Err(CommsError::Status("slot claim", Status::Again)),
+            Err(e) => Err(e),
+        };
+        let token_back = comms.step("token EX->NL", comms.token(), Mode::Nl, 0, None);
+        let (slot, occupied) = match armed {
+            Ok(x) => x,
+            Err(CommsError::Status("slot claim", _)) => return Err(JoinError::Full(nodes)),
+            Err(e) => return Err(e.into()),
+        };
+        token_back?;
+        let (dead_tx, dead_rx) = unbounded();
+        let watches = Arc::new(Watches {
+            comms: comms.clone(),
+            bitmaps,
+            armed: Mutex::new(HashSet::new()),
+            dead: dead_tx,
+        });
+        let w2 = watches.clone();
+        comms.start_receiving(
+            basts,
+            Box::new(move |m: ClusterMsg| {
+                // Watch a (re)joined slot before this message is acknowledged.
+                w2.arm(m.slot);
+                handler(m)
+            }),
+        )?;
+        for &s in &occupied {
+            watches.arm(s);
+        }
+        let mut joined = ClusterMsg::new(MsgType::NodeJoined, slot);
+        joined.low = u64::from(ls.node());
+        joined.high = u64::from(std::process::id());
+        comms.send(joined)?;
+        // Slots after ours: free ones are reported (their bits need merging), taken
+        // ones are watched.
+        let mut free_at_join = Vec::new();
+        for s in (slot + 1)..nodes {
+            let lock = watches.bitmaps[s as usize];
+            let rx = router.expect(lock);
+            ls.convert(
+                lock,
+                Mode::Pw,
+                flags::CONVERT | flags::NOQUEUE | flags::VALBLK,
+                None,
+            )
+            .map_err(CommsError::Dlm)?;
+            match rx.recv_timeout(super::comms::STEP_TIMEOUT) {
+                Ok((Status::Granted, _)) => {
+                    free_at_join.push(s);
+                    comms.step("free slot PW->NL", lock, Mode::Nl, flags::VALBLK, None)?;
+                }
+                Ok((Status::Again, _)) => watches.arm(s),
+                Ok((st, _)) => return Err(CommsError::Status("slot probe", st).into()),
+                Err(_) => {
+                    return Err(
+                        CommsError::Timeout("slot probe", super::comms::STEP_TIMEOUT).into(),
+                    )
+                }
+            }
+        }
+        info!("joined as node slot {slot}");
+        Ok(Node {
+            comms,
+            slot,
+            watches,
+            dead: dead_rx,
+            free_at_join,
+        })
+    }
+
+    /// After recovering a dead node's slot: lets a new node take it.
+    pub fn release_slot(&self, slot: u32) -> Result<(), CommsError> {
+        let lock = self.watches.bitmaps[slot as usize];
+        self.comms
+            .step("recovered slot PW->NL", lock, Mode::Nl, flags::VALBLK, None)?;
+        Ok(())
+    }
+
+    /// Slots currently watched.
+    pub fn watched(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .watches
+            .armed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dlm::local::LocalDlm;
+    use crate::dlm::LockSpace;
+    use std::time::{Duration, Instant};
+
+    const LS: &str = "e88edab4-15cf-da55-5971-384545de2349";
+
+    fn join(dlm: &LocalDlm) -> (Node, u32) {
+        let m = dlm.join(LS, 32);
+        let id = m.node();
+        let ls: Arc<dyn LockSpace> = Arc::new(m);
+        (Node::join(ls, 4, Box::new(|_| {})).unwrap(), id)
+    }
+
+    fn wait_watched(n: &Node, want: &[u32]) {
+        let start = Instant::now();
+        while n.watched() != want {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "watched {:?}, want {want:?}",
+                n.watched()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn nodes_take_the_first_free_slots_and_watch_each_other() {
+        let dlm = LocalDlm::new();
+        let (a, _) = join(&dlm);
+        let (b, _) = join(&dlm);
+        let (c, _) = join(&dlm);
+        assert_eq!((a.slot, b.slot, c.slot), (0, 1, 2));
+        assert_eq!(a.free_at_join, vec![1, 2, 3]);
+        assert_eq!(c.free_at_join, vec![3]);
+        wait_watched(&a, &[1, 2]);
+        wait_watched(&b, &[0, 2]);
+        wait_watched(&c, &[0, 1]);
+        let (d, _) = join(&dlm);
+        assert_eq!(d.slot, 3);
+        let e = Node::join(Arc::new(dlm.join(LS, 32)), 4, Box::new(|_| {}));
+        assert!(matches!(e, Err(JoinError::Full(4))));
+    }
+
+    #[test]
+    fn a_dead_node_is_seen_by_every_survivor_one_after_the_other_and_its_slot_reused() {
+        let dlm = LocalDlm::new();
+        let (a, _) = join(&dlm);
+        let (b, b_id) = join(&dlm);
+        let (c, _) = join(&dlm);
+        wait_watched(&a, &[1, 2]);
+        wait_watched(&c, &[0, 1]);
+        dlm.kill(LS, b_id);
+        // The survivors queue on slot 1; the first recovers while holding it.
+        let (first, second) = match (
+            a.dead.recv_timeout(Duration::from_millis(500)),
+            c.dead.recv_timeout(Duration::from_millis(500)),
+        ) {
+            (Ok(1), Err(_)) => (&a, &c),
+            (Err(_), Ok(1)) => (&c, &a),
+            other => panic!("exactly one survivor recovers first: {other:?}"),
+        };
+        first.release_slot(1).unwrap();
+        assert_eq!(second.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        second.release_slot(1).unwrap();
+        drop(b);
+        // A new node takes the freed slot and is watched again.
+        let (n, n_id) = join(&dlm);
+        assert_eq!(n.slot, 1);
+        wait_watched(&a, &[1, 2]);
+        wait_watched(&c, &[0, 1]);
+        dlm.kill(LS, n_id);
+        let got = crossbeam_channel::select! {
+            recv(a.dead) -> s => s,
+            recv(c.dead) -> s => s,
+            default(Duration::from_secs(5)) => panic!("nobody saw the second death"),
+        };
+        assert_eq!(got.unwrap(), 1);
+    }
+}
