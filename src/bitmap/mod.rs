@@ -33,6 +33,9 @@ struct Inner {
     idle: BitmapBits,
     /// Chunk being resynced right now (writes to it wait).
     resyncing: Option<u64>,
+    /// Chunks `[lo, hi)` another node is resyncing: writes wait, reads use the
+    /// first leg (md-cluster's suspend window).
+    remote: Option<(u64, u64)>,
     /// Some mirror slot is not in sync: bits must stay set.
     hold_bits: bool,
     /// Writes miss a mirror slot: their chunks stay needed for a later recovery.
@@ -65,6 +68,8 @@ pub struct WriteIntent {
     needed_count: AtomicU64,
     /// Signalled when a resync of a chunk ends.
     wakers: Mutex<Vec<EventFd>>,
+    /// A remote resync window is installed.
+    remote_active: std::sync::atomic::AtomicBool,
 }
 
 impl WriteIntent {
@@ -84,6 +89,7 @@ impl WriteIntent {
                 needed,
                 idle: BitmapBits::new(chunks),
                 resyncing: None,
+                remote: None,
                 hold_bits: false,
                 incomplete_writes: false,
                 generation: 0,
@@ -93,6 +99,7 @@ impl WriteIntent {
             changed: Condvar::new(),
             needed_count: AtomicU64::new(0),
             wakers: Mutex::new(Vec::new()),
+            remote_active: std::sync::atomic::AtomicBool::new(false),
         }
         .with_needed_counted()
     }
@@ -173,7 +180,7 @@ impl WriteIntent {
             }
             let range = self.chunk_range(sector, sectors);
             let mut g = self.lock();
-            while g.resyncing.is_some_and(|c| range.contains(&c)) {
+            while Self::blocked(&g, &range) {
                 g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
             }
         }
@@ -190,7 +197,7 @@ impl WriteIntent {
     ) -> io::Result<bool> {
         let range = self.chunk_range(sector, sectors);
         let mut g = self.lock();
-        if g.resyncing.is_some_and(|c| range.contains(&c)) {
+        if Self::blocked(&g, &range) {
             return Ok(false);
         }
         let mut newly_set = false;
@@ -212,6 +219,44 @@ impl WriteIntent {
             self.end_write(sector, sectors, true);
         }
         r.map(|()| true)
+    }
+
+    /// Whether writes to `range` must wait (a local or remote resync covers it).
+    fn blocked(g: &Inner, range: &std::ops::RangeInclusive<u64>) -> bool {
+        g.resyncing.is_some_and(|c| range.contains(&c))
+            || g.remote
+                .is_some_and(|(lo, hi)| *range.start() < hi && *range.end() >= lo)
+    }
+
+    /// Installs (or with `hi_sector == 0` clears) the window of array sectors
+    /// another node resyncs. Returns once every write already started inside the
+    /// window has finished, so the resyncing node never races one of ours.
+    pub fn set_remote_window(&self, lo_sector: u64, hi_sector: u64) {
+        let mut g = self.lock();
+        if hi_sector == 0 || hi_sector <= lo_sector {
+            g.remote = None;
+            self.remote_active.store(false, Ordering::Release);
+        } else {
+            let lo = self.geometry.chunk_of(lo_sector);
+            let hi = self.geometry.chunk_of(hi_sector - 1) + 1;
+            g.remote = Some((lo, hi.min(self.geometry.chunks())));
+            self.remote_active.store(true, Ordering::Release);
+            while let Some((lo, hi)) = g.remote {
+                if (lo..hi).all(|c| g.pending.get(c as usize).is_none_or(|&p| p == 0)) {
+                    break;
+                }
+                g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        drop(g);
+        self.changed.notify_all();
+        self.wake();
+    }
+
+    fn wake(&self) {
+        for w in self.wakers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = w.write(1);
+        }
     }
 
     /// Registers an eventfd to signal whenever a chunk's resync ends (wakes workers
@@ -373,12 +418,17 @@ impl WriteIntent {
 
     /// Whether any chunk of the range must be read from the resync source only.
     pub fn is_needed(&self, sector: u64, sectors: u64) -> bool {
-        if self.needed_count.load(Ordering::Acquire) == 0 {
+        if self.needed_count.load(Ordering::Acquire) == 0
+            && !self.remote_active.load(Ordering::Acquire)
+        {
             return false;
         }
         let range = self.chunk_range(sector, sectors);
         let g = self.lock();
-        range.into_iter().any(|c| g.needed.get(c))
+        let in_remote = g
+            .remote
+            .is_some_and(|(lo, hi)| *range.start() < hi && *range.end() >= lo);
+        in_remote || range.into_iter().any(|c| g.needed.get(c))
     }
 
     /// The next needed chunk at or after `from`.
@@ -417,9 +467,7 @@ impl WriteIntent {
         }
         drop(g);
         self.changed.notify_all();
-        for w in self.wakers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = w.write(1);
-        }
+        self.wake();
     }
 
     /// Writes in flight, over all chunks.
@@ -551,6 +599,43 @@ mod tests {
         b.end_resync(0, true);
         b.daemon_pass(5, &rec).unwrap();
         assert_eq!(b.daemon_pass(5, &rec).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_remote_resync_window_holds_writes_and_redirects_reads() {
+        let b = std::sync::Arc::new(bitmap());
+        let rec = std::sync::Arc::new(Recorder::default());
+        // A write in chunk 3 is in flight when the window [2, 6) arrives.
+        b.start_write(2048 * 3, 8, &*rec).unwrap();
+        let (b2, done) = (
+            b.clone(),
+            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        );
+        let d2 = done.clone();
+        let t = std::thread::spawn(move || {
+            b2.set_remote_window(2048 * 2, 2048 * 6);
+            d2.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            !done.load(std::sync::atomic::Ordering::SeqCst),
+            "waits for the write in flight"
+        );
+        b.end_write(2048 * 3, 8, false);
+        t.join().unwrap();
+        assert!(
+            !b.try_start_write(2048 * 5, 8, &*rec).unwrap(),
+            "writes inside wait"
+        );
+        assert!(
+            b.try_start_write(2048 * 6, 8, &*rec).unwrap(),
+            "writes outside go"
+        );
+        assert!(b.is_needed(2048 * 4, 8), "reads inside use the first leg");
+        assert!(!b.is_needed(2048 * 7, 8));
+        b.set_remote_window(0, 0);
+        assert!(b.try_start_write(2048 * 5, 8, &*rec).unwrap());
+        assert!(!b.is_needed(2048 * 4, 8));
     }
 
     #[test]
