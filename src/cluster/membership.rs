@@ -12,6 +12,9 @@ use log::{info, warn};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+/// Only one node resyncs at a time: it holds this lock in EX.
+pub const RESYNC: &[u8] = b"resync";
+
 /// The `bitmapNNNN` lock of slot `s`.
 pub fn bitmap_lock_name(s: u32) -> Vec<u8> {
     format!("bitmap{s:04}").into_bytes()
@@ -103,6 +106,30 @@ pub struct Node {
     pub dead: Receiver<u32>,
     /// Slots found free at join (their bitmaps may hold a departed node's bits).
     pub free_at_join: Vec<u32>,
+    /// Resync windows `(slot, lo, hi)` live nodes had announced when we joined.
+    pub windows_at_join: Vec<(u32, u64, u64)>,
+    resync: LockId,
+    own: LockId,
+}
+
+/// The resync window kept in a slot lock's LVB (`struct resync_info`, spec §3.4).
+pub fn encode_window(lo: u64, hi: u64, lvb_len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; lvb_len.max(16)];
+    v[..8].copy_from_slice(&lo.to_le_bytes());
+    v[8..16].copy_from_slice(&hi.to_le_bytes());
+    v
+}
+
+/// Reads a window from an LVB; an invalid or short LVB means no window.
+pub fn decode_window(lvb: &[u8]) -> (u64, u64) {
+    if lvb.len() < 16 {
+        return (0, 0);
+    }
+    let mut lo = [0u8; 8];
+    let mut hi = [0u8; 8];
+    lo.copy_from_slice(&lvb[..8]);
+    hi.copy_from_slice(&lvb[8..16]);
+    (u64::from_le_bytes(lo), u64::from_le_bytes(hi))
 }
 
 impl Node {
@@ -114,6 +141,7 @@ impl Node {
     ) -> Result<Node, JoinError> {
         let (comms, basts) = Comms::create(ls.clone())?;
         let router = comms.router().clone();
+        let resync = new_nl_lock(&*ls, &router, RESYNC, 0)?;
         let mut bitmaps = Vec::with_capacity(nodes as usize);
         for s in 0..nodes {
             bitmaps.push(new_nl_lock(
@@ -182,7 +210,16 @@ impl Node {
                 handler(m)
             }),
         )?;
+        // Live nodes' resync windows (read with CR before watching them).
+        let mut windows_at_join = Vec::new();
         for &s in &occupied {
+            let lock = watches.bitmaps[s as usize];
+            let lvb = comms.step("slot NL->CR", lock, Mode::Cr, flags::VALBLK, None)?;
+            comms.step("slot CR->NL", lock, Mode::Nl, 0, None)?;
+            let (lo, hi) = decode_window(lvb.as_deref().unwrap_or(&[]));
+            if hi > 0 {
+                windows_at_join.push((s, lo, hi));
+            }
             watches.arm(s);
         }
         let mut joined = ClusterMsg::new(MsgType::NodeJoined, slot);
@@ -217,12 +254,16 @@ impl Node {
             }
         }
         info!("joined as node slot {slot}");
+        let own = watches.bitmaps[slot as usize];
         Ok(Node {
             comms,
             slot,
             watches,
             dead: dead_rx,
             free_at_join,
+            windows_at_join,
+            resync,
+            own,
         })
     }
 
@@ -231,6 +272,47 @@ impl Node {
         let lock = self.watches.bitmaps[slot as usize];
         self.comms
             .step("recovered slot PW->NL", lock, Mode::Nl, flags::VALBLK, None)?;
+        Ok(())
+    }
+
+    /// Takes the cluster-wide `resync` lock (EX): only one node resyncs at a time.
+    /// Waits as long as another node resyncs.
+    pub fn acquire_resync(&self) -> Result<(), CommsError> {
+        loop {
+            match self
+                .comms
+                .step("resync NL->EX", self.resync, Mode::Ex, 0, None)
+            {
+                Ok(_) => return Ok(()),
+                Err(CommsError::Timeout(..)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Publishes our resync window `[lo, hi)` (array sectors) in our slot lock's
+    /// LVB and tells every node, which hold writes there before acknowledging.
+    /// `hi == 0` announces that our resync finished.
+    pub fn announce_window(&self, lo: u64, hi: u64) -> Result<(), CommsError> {
+        let lvb = encode_window(lo, hi, self.comms.ls().lvb_len());
+        self.comms.step(
+            "own slot PW->PW",
+            self.own,
+            Mode::Pw,
+            flags::VALBLK,
+            Some(&lvb),
+        )?;
+        let mut m = ClusterMsg::new(MsgType::Resyncing, self.slot);
+        m.low = lo;
+        m.high = hi;
+        self.comms.send(m)
+    }
+
+    /// Announces the end of our resync and lets another node resync.
+    pub fn release_resync(&self) -> Result<(), CommsError> {
+        self.announce_window(0, 0)?;
+        self.comms
+            .step("resync EX->NL", self.resync, Mode::Nl, 0, None)?;
         Ok(())
     }
 
@@ -293,6 +375,49 @@ mod tests {
         assert_eq!(d.slot, 3);
         let e = Node::join(Arc::new(dlm.join(LS, 32)), 4, Box::new(|_| {}));
         assert!(matches!(e, Err(JoinError::Full(4))));
+    }
+
+    #[test]
+    fn resync_is_serialised_and_windows_reach_every_node() {
+        let dlm = LocalDlm::new();
+        let (tx, windows) = crossbeam_channel::unbounded();
+        let ls: Arc<dyn LockSpace> = Arc::new(dlm.join(LS, 32));
+        let a = Node::join(ls, 4, Box::new(|_| {})).unwrap();
+        let ls: Arc<dyn LockSpace> = Arc::new(dlm.join(LS, 32));
+        let b = Arc::new(
+            Node::join(
+                ls,
+                4,
+                Box::new(move |m| {
+                    if m.kind == MsgType::Resyncing {
+                        let _ = tx.send((m.slot, m.low, m.high));
+                    }
+                }),
+            )
+            .unwrap(),
+        );
+        a.acquire_resync().unwrap();
+        a.announce_window(0, 65536).unwrap();
+        assert_eq!(
+            windows.try_recv().unwrap(),
+            (0, 0, 65536),
+            "received before the send returned"
+        );
+        // A node joining now reads a's window from its slot lock.
+        let (c, _) = join(&dlm);
+        assert_eq!(c.windows_at_join, vec![(0, 0, 65536)]);
+        // b cannot resync while a does.
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || b2.acquire_resync().unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!t.is_finished());
+        a.release_resync().unwrap();
+        assert_eq!(
+            windows.recv_timeout(Duration::from_secs(5)).unwrap(),
+            (0, 0, 0)
+        );
+        t.join().unwrap();
+        b.release_resync().unwrap();
     }
 
     #[test]
