@@ -48,7 +48,7 @@ fn parse_lock_manager(s: &str) -> Result<String, String> {
     match s {
         "local" => Ok(s.to_string()),
         _ if s == "dlm" || s.starts_with("lockd:") => Err(format!(
-            "lock manager {s:?} is not available in this build; use local"
+            "serve cannot run as one node of several yet, so {s:?} is not accepted; use local"
         )),
         _ => Err(format!("unknown lock manager {s:?}; use local")),
     }
