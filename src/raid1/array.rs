@@ -3,7 +3,6 @@
 
 use super::metadata::{LegMetadata, MetaError};
 use crate::bitmap::{BitmapStore, WriteIntent};
-use crate::md::bitmap::BitmapBits;
 use crate::md::superblock::{feature, role, Superblock};
 use crate::md::{Uuid, MAX_SECTOR};
 use crate::storage::Leg;
@@ -294,11 +293,6 @@ impl Array {
             .slot_offset(sb.super_offset, sb.bitmap_offset, 0)
             .unwrap_or(8192);
         let bitmap = WriteIntent::new(own.sb.clone(), own.bits.clone(), slot_offset);
-        let mut merged = BitmapBits::new(own.bits.chunks());
-        for other in &newest.bitmaps[1..] {
-            merged.merge(&other.bits);
-        }
-        bitmap.mark_needed(&merged);
         if own.sb.state & crate::md::bitmap::state::STALE != 0 {
             warn!("bitmap is marked stale: the whole array will be resynced");
             bitmap.mark_all_needed();
@@ -660,6 +654,51 @@ impl Array {
         r
     }
 
+    /// Merges node `slot`'s on-disk bitmap into ours (its dirty chunks become
+    /// needed and dirty in our bitmap, which is flushed first); with `clear`, the
+    /// slot's bits are then cleared on every leg (recovery of a departed node, whose
+    /// slot lock we hold). Returns how many chunks were dirty there.
+    pub fn merge_slot(&self, slot: u32, clear: bool) -> io::Result<u64> {
+        let sb = self.superblock();
+        let g = self.bitmap.geometry();
+        let src = self
+            .in_sync()
+            .into_iter()
+            .next()
+            .ok_or_else(|| io::Error::other("no in-sync leg to read the bitmap from"))?;
+        let theirs = super::metadata::read_slot(&*src.leg, &sb, g, slot)
+            .map_err(|e| io::Error::other(format!("bitmap of node slot {slot}: {e}")))?;
+        let dirty = theirs.bits.count_dirty();
+        if dirty == 0 {
+            return Ok(0);
+        }
+        self.bitmap.mark_needed(&theirs.bits);
+        self.bitmap.flush(self)?;
+        if clear {
+            let off = g
+                .slot_offset(sb.super_offset, sb.bitmap_offset, slot)
+                .ok_or_else(|| io::Error::other("bitmap slot outside the leg"))?;
+            let mut data = vec![0u8; g.slot_len() as usize];
+            let mut their_sb = theirs.sb.clone();
+            their_sb.events_cleared = sb.events;
+            data[..crate::md::bitmap::BITMAP_SB_LEN].copy_from_slice(&their_sb.encode());
+            self.write_bitmap(off, &data)?;
+        }
+        self.settle_failures()?;
+        Ok(dirty)
+    }
+
+    /// As the only node of the array: takes over every other slot's dirty bits
+    /// (they become ours to resync) and clears them. Returns the chunks taken over.
+    pub fn merge_other_slots(&self) -> io::Result<u64> {
+        let slots = self.bitmap.superblock().slots();
+        let mut n = 0;
+        for s in 1..slots {
+            n += self.merge_slot(s, true)?;
+        }
+        Ok(n)
+    }
+
     /// Copies chunk `c` from the first in-sync leg to every other non-faulty leg.
     /// Returns the bytes copied per target.
     pub fn resync_chunk(&self, c: u64) -> io::Result<u64> {
@@ -797,4 +836,50 @@ pub(super) fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raid1::metadata::{create_array, LegMetadata};
+    use crate::storage::MemLeg;
+
+    #[test]
+    fn another_slots_dirty_bits_are_taken_over_and_cleared() {
+        let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 64 << 20));
+        let b: Arc<dyn Leg> = Arc::new(MemLeg::new("b", 64 << 20));
+        let (_, metas) = create_array(
+            &[&*a, &*b],
+            &super::super::metadata::NewArray {
+                name: "t".into(),
+                cluster_name: Some("c".into()),
+                nodes: 4,
+                bitmap_chunk: Some(1 << 20),
+                assume_clean: true,
+                now: 0,
+                uuid: None,
+            },
+        )
+        .unwrap();
+        // Node slot 2 left chunks 5 and 40 dirty.
+        for (leg, m) in [(&a, &metas[0]), (&b, &metas[1])] {
+            let mut m: LegMetadata = m.clone();
+            m.bitmaps[2].bits.set(5);
+            m.bitmaps[2].bits.set(40);
+            super::super::metadata::write_leg_metadata(&**leg, &m).unwrap();
+        }
+        let (array, _) = Array::assemble(vec![a.clone(), b.clone()]).unwrap();
+        assert_eq!(array.bitmap.stats().needed, 0);
+        assert_eq!(array.merge_other_slots().unwrap(), 2);
+        assert_eq!(array.bitmap.stats().needed, 2);
+        assert!(array.bitmap.is_needed(5 * 2048, 8) && array.bitmap.is_needed(40 * 2048, 8));
+        for leg in [&a, &b] {
+            let m = LegMetadata::load(&**leg).unwrap();
+            assert_eq!(m.bitmaps[2].bits.count_dirty(), 0, "their bits are cleared");
+            assert!(
+                m.bitmaps[0].bits.get(5) && m.bitmaps[0].bits.get(40),
+                "ours are on disk"
+            );
+        }
+    }
 }

@@ -136,6 +136,16 @@ pub fn read_superblock(leg: &dyn Leg) -> Result<Superblock, MetaError> {
     Ok(sb)
 }
 
+/// Reads node `slot`'s bitmap from `leg`, using slot 0's geometry for placement.
+pub fn read_slot(
+    leg: &dyn Leg,
+    sb: &Superblock,
+    geometry: BitmapGeometry,
+    slot: u32,
+) -> Result<SlotBitmap, MetaError> {
+    load_slot(leg, sb, Some(geometry), slot)
+}
+
 fn load_slot(
     leg: &dyn Leg,
     sb: &Superblock,

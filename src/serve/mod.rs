@@ -104,6 +104,13 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     let legs = open_legs(&config)?;
     let (array, report) = Array::assemble(legs).map_err(|e| e.to_string())?;
     let array = Arc::new(array);
+    // The only node: every other node slot's dirty bits are ours to resync.
+    let taken = array
+        .merge_other_slots()
+        .map_err(|e| format!("cannot take over the other node slots' bitmaps: {e}"))?;
+    if taken > 0 {
+        info!("took over {taken} dirty chunks from other node slots");
+    }
     array
         .mark_active()
         .map_err(|e| format!("cannot mark the array active: {e}"))?;
