@@ -104,7 +104,8 @@ pub struct Node {
     /// Slots whose owner died, one report per death; the slot's lock is held in PW
     /// until [`Node::release_slot`].
     pub dead: Receiver<u32>,
-    /// Slots found free at join (their bitmaps may hold a departed node's bits).
+    /// Slots after ours found free at join; their locks are held in PW until
+    /// [`Node::release_slot`], after their bitmaps (a departed node's bits) were merged.
     pub free_at_join: Vec<u32>,
     /// Resync windows `(slot, lo, hi)` live nodes had announced when we joined.
     pub windows_at_join: Vec<(u32, u64, u64)>,
@@ -241,8 +242,8 @@ impl Node {
             .map_err(CommsError::Dlm)?;
             match rx.recv_timeout(super::comms::STEP_TIMEOUT) {
                 Ok((Status::Granted, _)) => {
+                    // Kept in PW until the caller merged its bits (release_slot).
                     free_at_join.push(s);
-                    comms.step("free slot PW->NL", lock, Mode::Nl, flags::VALBLK, None)?;
                 }
                 Ok((Status::Again, _)) => watches.arm(s),
                 Ok((st, _)) => return Err(CommsError::Status("slot probe", st).into()),
@@ -267,7 +268,8 @@ impl Node {
         })
     }
 
-    /// After recovering a dead node's slot: lets a new node take it.
+    /// After recovering a dead node's slot (or merging a free one): lets a new node
+    /// take it.
     pub fn release_slot(&self, slot: u32) -> Result<(), CommsError> {
         let lock = self.watches.bitmaps[slot as usize];
         self.comms
@@ -344,7 +346,15 @@ mod tests {
         let m = dlm.join(LS, 32);
         let id = m.node();
         let ls: Arc<dyn LockSpace> = Arc::new(m);
-        (Node::join(ls, 4, Box::new(|_| {})).unwrap(), id)
+        (settled(Node::join(ls, 4, Box::new(|_| {})).unwrap()), id)
+    }
+
+    /// Releases the free slots a join holds (nothing to merge here).
+    fn settled(n: Node) -> Node {
+        for &s in &n.free_at_join {
+            n.release_slot(s).unwrap();
+        }
+        n
     }
 
     fn wait_watched(n: &Node, want: &[u32]) {
@@ -382,9 +392,9 @@ mod tests {
         let dlm = LocalDlm::new();
         let (tx, windows) = crossbeam_channel::unbounded();
         let ls: Arc<dyn LockSpace> = Arc::new(dlm.join(LS, 32));
-        let a = Node::join(ls, 4, Box::new(|_| {})).unwrap();
+        let a = settled(Node::join(ls, 4, Box::new(|_| {})).unwrap());
         let ls: Arc<dyn LockSpace> = Arc::new(dlm.join(LS, 32));
-        let b = Arc::new(
+        let b = Arc::new(settled(
             Node::join(
                 ls,
                 4,
@@ -395,7 +405,7 @@ mod tests {
                 }),
             )
             .unwrap(),
-        );
+        ));
         a.acquire_resync().unwrap();
         a.announce_window(0, 65536).unwrap();
         assert_eq!(

@@ -3,3 +3,4 @@
 
 pub mod comms;
 pub mod membership;
+pub mod node;

@@ -137,6 +137,8 @@ pub struct Array {
     pub size: u64,
     /// Whether the bitmap is clustered (md-cluster).
     pub clustered: bool,
+    /// The node slot whose bitmap this node writes.
+    pub own_slot: u32,
     /// Mirror slots (index = role); `None` = missing.
     pub(super) members: ArcSwap<Vec<Option<Arc<Member>>>>,
     pub(super) meta: Mutex<Meta>,
@@ -172,6 +174,14 @@ impl Array {
     /// refuses legs of another array, leaves out stale and faulty legs, and marks
     /// every chunk dirty in any bitmap slot as needing a resync.
     pub fn assemble(legs: Vec<Arc<dyn Leg>>) -> Result<(Array, AssembleReport), AssembleError> {
+        Self::assemble_as(legs, 0)
+    }
+
+    /// As [`Array::assemble`], writing this node's bitmap in node slot `own_slot`.
+    pub fn assemble_as(
+        legs: Vec<Arc<dyn Leg>>,
+        own_slot: u32,
+    ) -> Result<(Array, AssembleReport), AssembleError> {
         let mut loaded = Vec::new();
         for leg in legs {
             let meta = LegMetadata::load(&*leg).map_err(|source| AssembleError::Leg {
@@ -286,11 +296,16 @@ impl Array {
         }
         // This node's bitmap is slot 0; with one node, every other slot is free:
         // its dirty bits are merged into ours and resynced.
-        let own = &newest.bitmaps[0];
-        let slot_offset = own
+        let Some(own) = newest.bitmaps.get(own_slot as usize) else {
+            return Err(AssembleError::NoInSyncLeg(format!(
+                "node slot {own_slot} does not exist: the array has {} bitmap slots",
+                newest.bitmaps.len()
+            )));
+        };
+        let slot_offset = newest.bitmaps[0]
             .sb
             .geometry()
-            .slot_offset(sb.super_offset, sb.bitmap_offset, 0)
+            .slot_offset(sb.super_offset, sb.bitmap_offset, own_slot)
             .unwrap_or(8192);
         let bitmap = WriteIntent::new(own.sb.clone(), own.bits.clone(), slot_offset);
         if own.sb.state & crate::md::bitmap::state::STALE != 0 {
@@ -302,6 +317,7 @@ impl Array {
             uuid,
             size: sb.size,
             clustered,
+            own_slot,
             members: ArcSwap::from_pointee(slots),
             meta: Mutex::new(Meta { sb, faulty }),
             bitmap,
@@ -692,8 +708,9 @@ impl Array {
     /// (they become ours to resync) and clears them. Returns the chunks taken over.
     pub fn merge_other_slots(&self) -> io::Result<u64> {
         let slots = self.bitmap.superblock().slots();
+        let own = self.own_slot;
         let mut n = 0;
-        for s in 1..slots {
+        for s in (0..slots).filter(|&s| s != own) {
             n += self.merge_slot(s, true)?;
         }
         Ok(n)

@@ -1,0 +1,202 @@
+//! A cluster node serving a mirror: joins the array's lockspace, writes its own
+//! bitmap slot, takes over the bits of free slots, resyncs under the cluster-wide
+//! resync lock with announced windows, and recovers the slots of nodes that died.
+
+use super::comms::CommsError;
+use super::membership::{JoinError, Node};
+use crate::dlm::LockSpace;
+use crate::md::message::MsgType;
+use crate::raid1::metadata::LegMetadata;
+use crate::raid1::Array;
+use crate::storage::Leg;
+use log::info;
+use std::io;
+use std::sync::{Arc, OnceLock};
+
+/// Chunks announced per resync window.
+pub const WINDOW_CHUNKS: u64 = 32;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Joining the lockspace failed.
+    #[error(transparent)]
+    Join(#[from] JoinError),
+    /// Messaging failed.
+    #[error(transparent)]
+    Comms(#[from] CommsError),
+    /// The legs could not be assembled.
+    #[error("{0}")]
+    Array(String),
+    /// Leg I/O failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// A node of a clustered mirror.
+pub struct ClusterNode {
+    /// Membership and messaging.
+    pub node: Node,
+    /// The mirror, writing this node's bitmap slot.
+    pub array: Arc<Array>,
+}
+
+impl ClusterNode {
+    /// Joins: claims a slot, assembles the legs with that slot's bitmap, installs
+    /// live nodes' resync windows, and takes over the bits of free slots.
+    pub fn join(ls: Arc<dyn LockSpace>, legs: Vec<Arc<dyn Leg>>) -> Result<ClusterNode, NodeError> {
+        let first = legs
+            .first()
+            .ok_or_else(|| NodeError::Array("no legs".into()))?;
+        let meta = LegMetadata::load(&**first)
+            .map_err(|e| NodeError::Array(format!("leg {}: {e}", first.name())))?;
+        if !meta.bitmap().is_clustered() {
+            return Err(NodeError::Array(
+                "the array's bitmap is not clustered (create it with --cluster-name)".into(),
+            ));
+        }
+        let nodes = meta.bitmap().slots();
+        let cell: Arc<OnceLock<Arc<Array>>> = Arc::new(OnceLock::new());
+        let c2 = cell.clone();
+        let node = Node::join(
+            ls,
+            nodes,
+            Box::new(move |m| {
+                if m.kind == MsgType::Resyncing {
+                    if let Some(a) = c2.get() {
+                        // Returns once our writes in the window finished: then ack.
+                        a.bitmap.set_remote_window(m.low, m.high);
+                    }
+                }
+            }),
+        )?;
+        let (array, report) =
+            Array::assemble_as(legs, node.slot).map_err(|e| NodeError::Array(e.to_string()))?;
+        for l in &report.left_out {
+            log::warn!("{l}");
+        }
+        let array = Arc::new(array);
+        let _ = cell.set(array.clone());
+        for &(slot, lo, hi) in &node.windows_at_join {
+            info!("node slot {slot} is resyncing sectors {lo}..{hi}");
+            array.bitmap.set_remote_window(lo, hi);
+        }
+        for &s in &node.free_at_join {
+            let n = array.merge_slot(s, true)?;
+            if n > 0 {
+                info!("took over {n} dirty chunks of free node slot {s}");
+            }
+            node.release_slot(s)?;
+        }
+        Ok(ClusterNode { node, array })
+    }
+
+    /// Copies every needed chunk under the cluster-wide resync lock, announcing
+    /// each window so the other nodes hold their writes there. Returns bytes copied.
+    pub fn resync(&self) -> Result<u64, NodeError> {
+        if self.array.bitmap.next_needed(0).is_none() {
+            return Ok(0);
+        }
+        self.node.acquire_resync()?;
+        let r = self.resync_locked();
+        let released = self.node.release_resync();
+        let n = r?;
+        released?;
+        Ok(n)
+    }
+
+    fn resync_locked(&self) -> Result<u64, NodeError> {
+        let g = self.array.bitmap.geometry();
+        let mut copied = 0;
+        let mut from = 0;
+        while let Some(c) = self.array.bitmap.next_needed(from) {
+            let end = (c + WINDOW_CHUNKS).min(g.chunks());
+            let hi = g.chunk_start(end).min(self.array.size);
+            self.node.announce_window(g.chunk_start(c), hi)?;
+            for chunk in c..end {
+                if self.array.bitmap.is_needed(g.chunk_start(chunk), 1) {
+                    copied += self.array.resync_chunk(chunk)?;
+                }
+            }
+            from = end;
+        }
+        Ok(copied)
+    }
+
+    /// Recovers the slot of a node that died: takes over and clears its bits,
+    /// releases the slot, resyncs. Returns the bytes copied.
+    pub fn recover(&self, slot: u32) -> Result<u64, NodeError> {
+        let n = self.array.merge_slot(slot, true)?;
+        info!("node slot {slot} died with {n} dirty chunks");
+        self.node.release_slot(slot)?;
+        self.resync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dlm::local::LocalDlm;
+    use crate::raid1::metadata::{create_array, NewArray};
+    use crate::storage::MemLeg;
+    use std::io::IoSlice;
+    use std::time::Duration;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_survivor_resyncs_exactly_what_a_dead_node_left_dirty() {
+        let a: Arc<MemLeg> = Arc::new(MemLeg::new("a", 64 * MIB));
+        let b: Arc<MemLeg> = Arc::new(MemLeg::new("b", 64 * MIB));
+        let (_, metas) = create_array(
+            &[&*a, &*b],
+            &NewArray {
+                name: "t".into(),
+                cluster_name: Some("prod".into()),
+                nodes: 4,
+                bitmap_chunk: Some(MIB),
+                assume_clean: true,
+                now: 0,
+                uuid: None,
+            },
+        )
+        .unwrap();
+        let ls_name = metas[0].sb.set_uuid.lockspace_name();
+        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
+        let dlm = LocalDlm::new();
+        let m1 = dlm.join(&ls_name, 32);
+        let id1 = m1.node();
+        let n1 = ClusterNode::join(Arc::new(m1), legs()).unwrap();
+        let n2 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        assert_eq!((n1.node.slot, n2.node.slot), (0, 1));
+        // Node 1 writes chunk 3 on both legs, then "crashes" in the middle of a
+        // second write to chunk 3 that reached only leg a.
+        let data = vec![0x11u8; 4096];
+        n1.array.write(3 * 2048, &[IoSlice::new(&data)]).unwrap();
+        let data_offset = metas[0].sb.data_offset * 512;
+        a.write_at(&[0x22u8; 4096], data_offset + 3 * MIB + 8192)
+            .unwrap();
+        dlm.kill(&ls_name, id1);
+        // Node 2 sees the death through its watch, recovers node 1's slot.
+        let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(slot, 0);
+        let copied = n2.recover(slot).unwrap();
+        assert_eq!(copied, MIB, "exactly the one dirty chunk");
+        let (ca, cb) = (a.contents(), b.contents());
+        let data = (data_offset as usize)..(data_offset + 63 * MIB) as usize;
+        assert!(
+            ca[data.clone()] == cb[data],
+            "legs identical after recovery"
+        );
+        let m = LegMetadata::load(&*b).unwrap();
+        assert_eq!(
+            m.bitmaps[0].bits.count_dirty(),
+            0,
+            "the dead node's bits are cleared"
+        );
+        assert!(
+            m.bitmaps[1].bits.get(3),
+            "the survivor carries them until its daemon clears them"
+        );
+    }
+}
