@@ -277,6 +277,30 @@ impl Comms {
         r.and(t.map(|_| ()))
     }
 
+    /// Runs `f` while holding the token (no other node sends or writes
+    /// superblocks meanwhile), then sends the message `f` returns, if any.
+    pub fn under_token<T>(
+        &self,
+        f: impl FnOnce() -> (T, Option<ClusterMsg>),
+    ) -> Result<T, CommsError> {
+        let _sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        self.step("token NL->EX", self.token, Mode::Ex, 0, None)?;
+        let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let (value, msg) = f();
+        let sent = match msg {
+            Some(mut m) => {
+                m.slot = self.slot();
+                self.send_locked(&m)
+            }
+            None => Ok(()),
+        };
+        drop(busy);
+        let back = self.step("token EX->NL", self.token, Mode::Nl, 0, None);
+        sent?;
+        back?;
+        Ok(value)
+    }
+
     fn send_locked(&self, msg: &ClusterMsg) -> Result<(), CommsError> {
         let v = flags::VALBLK;
         self.step("message NL->EX", self.message, Mode::Ex, v, None)?;

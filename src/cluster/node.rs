@@ -5,7 +5,8 @@
 use super::comms::CommsError;
 use super::membership::{JoinError, Node};
 use crate::dlm::LockSpace;
-use crate::md::message::MsgType;
+use crate::md::message::{ClusterMsg, MsgType};
+use crate::raid1::array::MetadataSync;
 use crate::raid1::metadata::LegMetadata;
 use crate::raid1::Array;
 use crate::storage::Leg;
@@ -31,6 +32,32 @@ pub enum NodeError {
     /// Leg I/O failed.
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+/// Superblock updates under the token, announced with METADATA_UPDATED.
+struct ClusterMetadata {
+    comms: Arc<super::comms::Comms>,
+    array: std::sync::Weak<Array>,
+}
+
+impl MetadataSync for ClusterMetadata {
+    fn update(&self, write: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()> {
+        let array = self.array.clone();
+        self.comms
+            .under_token(|| {
+                let r = write();
+                let msg = r.is_ok().then(|| {
+                    let mut m = ClusterMsg::new(MsgType::MetadataUpdated, 0);
+                    m.raid_slot = array
+                        .upgrade()
+                        .and_then(|a| a.first_good_dev())
+                        .unwrap_or(0);
+                    m
+                });
+                (r, msg)
+            })
+            .map_err(|e| io::Error::other(format!("cluster metadata update: {e}")))?
+    }
 }
 
 /// A node of a clustered mirror.
@@ -62,11 +89,16 @@ impl ClusterNode {
             ls,
             nodes,
             Box::new(move |m| {
-                if m.kind == MsgType::Resyncing {
-                    if let Some(a) = c2.get() {
-                        // Returns once our writes in the window finished: then ack.
-                        a.bitmap.set_remote_window(m.low, m.high);
+                let Some(a) = c2.get() else { return };
+                match m.kind {
+                    // Returns once our writes in the window finished: then ack.
+                    MsgType::Resyncing => a.bitmap.set_remote_window(m.low, m.high),
+                    MsgType::MetadataUpdated => {
+                        if let Err(e) = a.reload_superblocks() {
+                            log::warn!("cannot re-read the superblocks: {e}");
+                        }
                     }
+                    _ => {}
                 }
             }),
         )?;
@@ -77,6 +109,10 @@ impl ClusterNode {
         }
         let array = Arc::new(array);
         let _ = cell.set(array.clone());
+        array.set_metadata_sync(Arc::new(ClusterMetadata {
+            comms: node.comms.clone(),
+            array: Arc::downgrade(&array),
+        }));
         for &(slot, lo, hi) in &node.windows_at_join {
             info!("node slot {slot} is resyncing sectors {lo}..{hi}");
             array.bitmap.set_remote_window(lo, hi);
@@ -143,6 +179,41 @@ mod tests {
     use std::time::Duration;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_leg_failed_on_one_node_is_failed_on_the_others() {
+        let a: Arc<MemLeg> = Arc::new(MemLeg::new("a", 64 * MIB));
+        let b: Arc<MemLeg> = Arc::new(MemLeg::new("b", 64 * MIB));
+        let (_, metas) = create_array(
+            &[&*a, &*b],
+            &NewArray {
+                name: "t".into(),
+                cluster_name: Some("prod".into()),
+                nodes: 4,
+                bitmap_chunk: Some(MIB),
+                assume_clean: true,
+                now: 0,
+                uuid: None,
+            },
+        )
+        .unwrap();
+        let ls_name = metas[0].sb.set_uuid.lockspace_name();
+        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
+        let dlm = LocalDlm::new();
+        let n1 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        let n2 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        let before = n2.array.events();
+        n1.array.fail_leg("b").unwrap();
+        // When fail_leg returned, node 2 had processed METADATA_UPDATED.
+        assert!(n2.array.is_degraded(), "node 2 stopped using leg b");
+        assert_eq!(n2.array.events(), before + 1);
+        assert_eq!(n1.array.events(), n2.array.events());
+        // Node 2 now writes to leg a only.
+        n2.array.write(0, &[IoSlice::new(&[7u8; 4096])]).unwrap();
+        let off = (metas[0].sb.data_offset * 512) as usize;
+        assert_eq!(a.contents()[off], 7);
+        assert_eq!(b.contents()[off], 0);
+    }
 
     #[test]
     fn a_survivor_resyncs_exactly_what_a_dead_node_left_dirty() {

@@ -13,6 +13,13 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// Coordinates superblock updates with other nodes: runs `write` while no other
+/// node can write superblocks, then tells the others to re-read them.
+pub trait MetadataSync: Send + Sync {
+    /// Runs `write` (which writes the superblocks) under the cluster's token.
+    fn update(&self, write: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()>;
+}
+
 /// State of one member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -150,6 +157,8 @@ pub struct Array {
     pub(super) detached: Mutex<Vec<Arc<Member>>>,
     /// Serialises chunk copies against legs joining a recovery.
     pub(super) recovery: Mutex<()>,
+    /// How superblock updates are coordinated with other nodes (none: alone).
+    metadata_sync: Mutex<Option<Arc<dyn MetadataSync>>>,
     /// Counters.
     pub counters: Counters,
 }
@@ -325,6 +334,7 @@ impl Array {
             next_read: AtomicUsize::new(0),
             detached: Mutex::new(Vec::new()),
             recovery: Mutex::new(()),
+            metadata_sync: Mutex::new(None),
             counters: Counters::default(),
         };
         array.update_bitmap_state();
@@ -430,6 +440,92 @@ impl Array {
     /// Rewrites every non-faulty leg's superblock after `change`, with events + 1,
     /// and this node's bitmap superblock before them.
     pub fn update_superblocks(&self, change: impl FnOnce(&mut Superblock)) -> io::Result<()> {
+        let sync = lock(&self.metadata_sync).clone();
+        let mut change = Some(change);
+        let mut write = || {
+            self.update_superblocks_local(|sb| {
+                if let Some(c) = change.take() {
+                    c(sb)
+                }
+            })
+        };
+        match sync {
+            Some(sync) => sync.update(&mut write),
+            None => write(),
+        }
+    }
+
+    /// Has every superblock update go through `sync` (cluster: under the token,
+    /// announced to the other nodes).
+    pub fn set_metadata_sync(&self, sync: Arc<dyn MetadataSync>) {
+        *lock(&self.metadata_sync) = Some(sync);
+    }
+
+    /// The `dev_number` of the first leg with a role that is not faulty (what a
+    /// METADATA_UPDATED names).
+    pub fn first_good_dev(&self) -> Option<u32> {
+        self.members()
+            .iter()
+            .flatten()
+            .find(|m| m.state() != LegState::Faulty)
+            .map(|m| m.dev_number)
+    }
+
+    /// Another node rewrote the superblocks: re-reads them and applies what
+    /// changed (legs it failed, legs it finished recovering, the events counter).
+    pub fn reload_superblocks(&self) -> io::Result<()> {
+        let mut meta = lock(&self.meta);
+        let mut newest: Option<Superblock> = None;
+        for m in self.members().iter().flatten() {
+            if m.state() == LegState::Faulty {
+                continue;
+            }
+            match super::metadata::read_superblock(&*m.leg) {
+                Ok(sb) if sb.set_uuid == self.uuid => {
+                    if sb.feature_map & feature::RECOVERY_OFFSET == 0
+                        && m.state() == LegState::Recovering
+                        && sb
+                            .dev_roles
+                            .get(m.dev_number as usize)
+                            .is_some_and(|&r| r < role::MAX)
+                    {
+                        m.set_state(LegState::InSync);
+                        info!("leg {}: another node finished its recovery", m.name());
+                    }
+                    if newest.as_ref().is_none_or(|n| sb.events > n.events) {
+                        newest = Some(sb);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => warn!("leg {}: cannot re-read the superblock: {e}", m.name()),
+            }
+        }
+        let Some(sb) = newest else {
+            return Err(io::Error::other("no leg's superblock could be re-read"));
+        };
+        if sb.events <= meta.sb.events {
+            return Ok(());
+        }
+        for m in self.members().iter().flatten() {
+            let r = sb
+                .dev_roles
+                .get(m.dev_number as usize)
+                .copied()
+                .unwrap_or(role::SPARE);
+            if r == role::FAULTY && m.set_state(LegState::Faulty) != LegState::Faulty {
+                warn!("leg {}: failed by another node", m.name());
+                if !meta.faulty.contains(&m.dev_number) {
+                    meta.faulty.push(m.dev_number);
+                }
+            }
+        }
+        meta.sb = sb;
+        drop(meta);
+        self.update_bitmap_state();
+        Ok(())
+    }
+
+    fn update_superblocks_local(&self, change: impl FnOnce(&mut Superblock)) -> io::Result<()> {
         let mut meta = lock(&self.meta);
         change(&mut meta.sb);
         loop {
