@@ -4,7 +4,7 @@ use super::size::parse_size;
 use crate::md::human::human_size;
 use crate::raid1::metadata::{create_array, NewArray};
 use crate::serve::control::{self, Request, Status};
-use crate::serve::{control_path, FaultSpec, ServeConfig};
+use crate::serve::{control_path, FaultSpec, LockManager, ServeConfig};
 use crate::storage::{FileLeg, Leg, OpenMode};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
@@ -21,9 +21,11 @@ pub struct ServeArgs {
     /// Present the disk read-only to the guest.
     #[arg(long)]
     pub read_only: bool,
-    /// Lock manager: `local` (this process only; one node).
+    /// Lock manager: `local` (this process is the array's only node) or
+    /// `lockd:PATH` (one node among the serve processes using that lockd; the array
+    /// must have a clustered bitmap).
     #[arg(long, value_name = "KIND", default_value = "local", value_parser = parse_lock_manager)]
-    pub lock_manager: String,
+    pub lock_manager: LockManager,
     /// Create missing image files of this size (e.g. 10G) with a new array on them.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub create_size: Option<u64>,
@@ -44,13 +46,16 @@ pub struct ServeArgs {
     pub legs: Vec<PathBuf>,
 }
 
-fn parse_lock_manager(s: &str) -> Result<String, String> {
+fn parse_lock_manager(s: &str) -> Result<LockManager, String> {
     match s {
-        "local" => Ok(s.to_string()),
-        _ if s == "dlm" || s.starts_with("lockd:") => Err(format!(
-            "serve cannot run as one node of several yet, so {s:?} is not accepted; use local"
-        )),
-        _ => Err(format!("unknown lock manager {s:?}; use local")),
+        "local" => Ok(LockManager::Local),
+        "dlm" => Err("serve does not run on the real DLM yet; use local or lockd:PATH".into()),
+        _ => match s.strip_prefix("lockd:") {
+            Some(p) if !p.is_empty() => Ok(LockManager::Lockd(PathBuf::from(p))),
+            _ => Err(format!(
+                "unknown lock manager {s:?}; use local or lockd:PATH"
+            )),
+        },
     }
 }
 
@@ -98,6 +103,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         buffered: args.buffered,
         legs: args.legs,
         faults: args.inject_fault,
+        lock_manager: args.lock_manager,
     })
 }
 

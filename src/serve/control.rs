@@ -66,6 +66,8 @@ pub struct Status {
     pub events: u64,
     /// Clustered bitmap.
     pub clustered: bool,
+    /// The node slot whose bitmap this node writes.
+    pub node_slot: u32,
     /// Mirror slots.
     pub raid_disks: usize,
     /// Some slot lacks an in-sync leg.
@@ -195,6 +197,7 @@ pub fn status(service: &Service) -> Status {
         size_sectors: a.size,
         events: a.events(),
         clustered: a.clustered,
+        node_slot: a.own_slot,
         raid_disks: a.members().len(),
         degraded: a.is_degraded(),
         legs,

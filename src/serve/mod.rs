@@ -36,6 +36,17 @@ pub struct ServeConfig {
     pub legs: Vec<PathBuf>,
     /// Fault drills: (leg index, knobs).
     pub faults: Vec<(usize, FaultSpec)>,
+    /// Which lock manager coordinates this node with others.
+    pub lock_manager: LockManager,
+}
+
+/// The lock manager `serve` uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockManager {
+    /// This process alone: the only node of the array.
+    Local,
+    /// A node among the `lockd` clients on this host.
+    Lockd(PathBuf),
 }
 
 /// A fault to inject into one leg (for drills and tests).
@@ -102,15 +113,39 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         }
     }
     let legs = open_legs(&config)?;
-    let (array, report) = Array::assemble(legs).map_err(|e| e.to_string())?;
-    let array = Arc::new(array);
-    // The only node: every other node slot's dirty bits are ours to resync.
-    let taken = array
-        .merge_other_slots()
-        .map_err(|e| format!("cannot take over the other node slots' bitmaps: {e}"))?;
-    if taken > 0 {
-        info!("took over {taken} dirty chunks from other node slots");
-    }
+    let (array, left_out, cluster) = match &config.lock_manager {
+        LockManager::Local => {
+            let (array, report) = Array::assemble(legs).map_err(|e| e.to_string())?;
+            let array = Arc::new(array);
+            // The only node: every other node slot's dirty bits are ours to resync.
+            let taken = array
+                .merge_other_slots()
+                .map_err(|e| format!("cannot take over the other node slots' bitmaps: {e}"))?;
+            if taken > 0 {
+                info!("took over {taken} dirty chunks from other node slots");
+            }
+            (array, report.left_out_legs, None)
+        }
+        LockManager::Lockd(path) => {
+            let first = legs.first().ok_or("no legs")?;
+            let sb = crate::raid1::metadata::read_superblock(&**first)
+                .map_err(|e| format!("leg {}: {e}", first.name()))?;
+            let ls = crate::dlm::lockd::LockdMember::connect(
+                path,
+                &sb.set_uuid.lockspace_name(),
+                crate::dlm::libdlm::LVB_LEN,
+            )
+            .map_err(|e| e.to_string())?;
+            let node = crate::cluster::node::ClusterNode::join(Arc::new(ls), legs)
+                .map_err(|e| format!("cannot join the cluster: {e}"))?;
+            info!(
+                "joined array {} as node slot {}",
+                sb.set_uuid, node.node.slot
+            );
+            let node = Arc::new(node);
+            (node.array.clone(), Vec::new(), Some(node))
+        }
+    };
     array
         .mark_active()
         .map_err(|e| format!("cannot mark the array active: {e}"))?;
@@ -126,11 +161,14 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             .count(),
         array.members().len(),
         if array.clustered {
-            " (clustered bitmap, this node uses slot 0)"
+            format!(
+                " (clustered bitmap, this node writes slot {})",
+                array.own_slot
+            )
         } else {
-            ""
+            String::new()
         },
-        report.needed_chunks
+        array.bitmap.stats().needed
     );
     let block_size = 512;
     let backend = Arc::new(BlockBackend::new(
@@ -153,10 +191,13 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         stopping: stopping.clone(),
         config: config.clone(),
     });
-    array.set_detached(report.left_out_legs);
+    array.set_detached(left_out);
 
-    let resync_thread = resync::spawn(array.clone(), progress, stopping.clone())
-        .map_err(|e| format!("cannot start the resync thread: {e}"))?;
+    let resync_thread = match &cluster {
+        None => resync::spawn(array.clone(), progress, stopping.clone()),
+        Some(node) => resync::spawn_cluster(node.clone(), progress, stopping.clone()),
+    }
+    .map_err(|e| format!("cannot start the resync thread: {e}"))?;
     let daemon_thread = spawn_bitmap_daemon(array.clone(), stopping.clone())
         .map_err(|e| format!("cannot start the bitmap thread: {e}"))?;
     let control = control::Server::bind(&config.control, service.clone())
@@ -201,20 +242,24 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     backend.drain();
     let _ = resync_thread.join();
     let _ = daemon_thread.join();
-    shutdown_array(&array);
+    shutdown_array(&array, cluster.is_some());
     let _ = std::fs::remove_file(&config.socket);
     let _ = std::fs::remove_file(&config.control);
     Ok(())
 }
 
-/// Flushes, clears idle bitmap bits and marks the array clean when it is.
-fn shutdown_array(array: &Array) {
+/// Flushes, clears idle bitmap bits and marks the array clean when it is (as the
+/// only node; md-cluster nodes leave it active for the others).
+fn shutdown_array(array: &Array, clustered_node: bool) {
     if let Err(e) = array.flush() {
         error!("final flush failed: {e}");
     }
     match array.bitmap.clear_idle_now(array.events(), array) {
         Ok(n) => info!("cleared {n} bitmap chunks"),
         Err(e) => error!("bitmap clear failed: {e}"),
+    }
+    if clustered_node {
+        return;
     }
     match array.mark_clean_if_possible() {
         Ok(true) => info!("array marked clean"),

@@ -157,3 +157,42 @@ fn run(array: &Array, progress: &ResyncProgress, stopping: &AtomicBool) {
         }
     }
 }
+
+/// Starts the resync thread of a cluster node: resyncs under the cluster's resync
+/// lock and recovers the slots of nodes that die.
+pub fn spawn_cluster(
+    node: Arc<crate::cluster::node::ClusterNode>,
+    progress: Arc<ResyncProgress>,
+    stopping: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("cluster-resync".into())
+        .spawn(move || {
+            while !stopping.load(Ordering::SeqCst) {
+                if let Ok(slot) = node.node.dead.recv_timeout(Duration::from_millis(100)) {
+                    progress.active.store(true, Ordering::Relaxed);
+                    match node.recover(slot) {
+                        Ok(n) => info!("recovered node slot {slot}: {n} bytes resynced"),
+                        Err(e) => warn!("recovery of node slot {slot} failed: {e}"),
+                    }
+                    progress.active.store(false, Ordering::Relaxed);
+                    continue;
+                }
+                let a = &node.array;
+                if a.copy_targets() == 0 {
+                    continue;
+                }
+                if a.bitmap.next_needed(0).is_some() {
+                    progress.active.store(true, Ordering::Relaxed);
+                    if let Err(e) = node.resync() {
+                        warn!("resync failed: {e}");
+                    }
+                    progress.active.store(false, Ordering::Relaxed);
+                } else if a.recovering() {
+                    if let Err(e) = a.finish_recovery() {
+                        warn!("cannot record the end of recovery: {e}");
+                    }
+                }
+            }
+        })
+}
