@@ -213,6 +213,9 @@ mod tests {
         let off = (metas[0].sb.data_offset * 512) as usize;
         assert_eq!(a.contents()[off], 7);
         assert_eq!(b.contents()[off], 0);
+        // Bringing the leg back needs the other nodes' cooperation: refused for now.
+        let e = n1.array.re_add_leg("b").unwrap_err().to_string();
+        assert!(e.contains("other nodes"), "{e}");
     }
 
     #[test]

@@ -461,6 +461,11 @@ impl Array {
         *lock(&self.metadata_sync) = Some(sync);
     }
 
+    /// Whether superblock updates are coordinated with other nodes.
+    pub fn is_cluster_node(&self) -> bool {
+        lock(&self.metadata_sync).is_some()
+    }
+
     /// The `dev_number` of the first leg with a role that is not faulty (what a
     /// METADATA_UPDATED names).
     pub fn first_good_dev(&self) -> Option<u32> {

@@ -31,7 +31,7 @@ pub enum ManageError {
     #[error("leg {0} is the last in-sync leg; failing it would stop the array")]
     LastLeg(String),
     /// The leg cannot join.
-    #[error("leg {leg}: {why}")]
+    #[error("{}{why}", if leg.is_empty() { String::new() } else { format!("leg {leg}: ") })]
     Unsuitable {
         /// The leg.
         leg: String,
@@ -68,6 +68,20 @@ impl Array {
             v[slot] = m.clone();
             v
         });
+    }
+
+    /// Bringing a leg back needs every node to start writing it (md-cluster's
+    /// RE_ADD / NEWDISK flows), which this version does not do yet.
+    fn refuse_on_cluster_node(&self, what: &str) -> Result<(), ManageError> {
+        if self.is_cluster_node() {
+            return Err(ManageError::Unsuitable {
+                leg: String::new(),
+                why: format!(
+                    "{what} is not possible while other nodes serve the array; stop the other nodes' serve first"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Fails a leg on operator request (like `mdadm --fail`).
@@ -113,6 +127,7 @@ impl Array {
     /// Puts a leg that was part of the array back (like `mdadm --re-add`): only the
     /// chunks dirty in the bitmap are copied when the leg is recent enough.
     pub fn re_add_leg(&self, name: &str) -> Result<RecoveryKind, ManageError> {
+        self.refuse_on_cluster_node("re-add")?;
         let (slot, member) = match self.find_in_slots(name) {
             Some((slot, m)) => {
                 if m.state() != LegState::Faulty {
@@ -180,6 +195,7 @@ impl Array {
 
     /// Adds a blank leg into a free slot and rebuilds it completely (like `mdadm --add`).
     pub fn add_leg(&self, leg: Arc<dyn Leg>) -> Result<usize, ManageError> {
+        self.refuse_on_cluster_node("add")?;
         let name = leg.name().to_string();
         if self.find_in_slots(&name).is_some() {
             return Err(ManageError::InUse(name));
