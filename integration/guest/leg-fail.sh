@@ -31,7 +31,7 @@ echo "T_WRITES_AFTER_FAIL $(($(writes) - w1))"
 step fio-fail
 
 # the second fio writes blocks of the chunks the recovery copies
-fio2="--numjobs=2 --size=$FIO_SIZE2 --offset_increment=$FIO_SIZE2 --bsrange=4k-64k --iodepth=8"
+fio2="--numjobs=2 --size=$FIO_SIZE2 --offset_increment=$FIO_SIZE2 --bsrange=4k-64k --iodepth=${FIO2_IODEPTH:-8}"
 if [ "${READD_UNDER_LOAD:-0}" = 1 ]; then
     # shellcheck disable=SC2086
     start_fio readd $fio2
