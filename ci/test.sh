@@ -15,5 +15,6 @@ if [ -x ci/fuzz.sh ]; then
     echo "== fuzz (${fuzz_secs}s per target)"
     ci/fuzz.sh "$fuzz_secs"
 fi
+echo "== guest tests"; ci/guest-tests.sh
 passed=$(grep -Eo '^test result: ok\. [0-9]+ passed' target/test.log | awk '{s+=$4} END {print s+0}')
 echo "suite: $passed passed, 0 failed"
