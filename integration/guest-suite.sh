@@ -13,10 +13,9 @@
 #   backend-restart kill -9 of the backend while the guest is idle, restart on the same socket;
 #                  QEMU reconnects (-chardev socket,reconnect-ms=1000) and the guest's I/O goes on
 #                  (see test_backend_restart for what is asserted)
-#   readd-under-load  not run by default: like leg-fail, but the re-add happens while a second
-#                  fio verify writes the chunks the recovery copies. With this version of the
-#                  backend the recovery and the guest's writes can deadlock (guest I/O and the
-#                  recovery stop; SIGTERM does not end the backend); kept as the reproducer.
+#   readd-under-load  like leg-fail, but the re-add happens while a second fio verify writes
+#                  the chunks the recovery copies (writes to a chunk under recovery wait for it
+#                  without stalling the queue)
 #
 # Environment:
 #   VUMD                 backend binary (default target/release/vhost-user-md)
@@ -39,7 +38,7 @@ GUEST_DIR=$ROOT/integration/guest
 VUMD=${VUMD:-$ROOT/target/release/vhost-user-md}
 RESULTS=${VUMD_GUEST_RESULTS:-$ROOT/target/guest-tests}
 TEST_TIMEOUT=${VUMD_GUEST_TEST_TIMEOUT:-300}
-ALL_TESTS="io-q1 io-q4 leg-fail backend-restart"
+ALL_TESTS="io-q1 io-q4 leg-fail readd-under-load backend-restart"
 LEG_SIZE=256M
 GUEST_MEM=512M
 
