@@ -189,11 +189,11 @@ fn lvb_is_written_on_down_conversion_and_read_on_grant(h: &dyn Harness) {
     );
     let mut info = vec![0u8; n];
     info[..16].copy_from_slice(b"lo=0016 hi=0032.");
-    // PW -> PW refresh writes the LVB (the resync window update of spec §3.4).
-    assert_eq!(
-        convert_sync(a.ls(), la, Mode::Pw, flags::VALBLK, Some(&info)).0,
-        Status::Granted
-    );
+    // PW -> PW refresh writes the LVB (the resync window update of spec §3.4); a
+    // grant that writes reads nothing back.
+    let (st, lvb, _) = convert_sync(a.ls(), la, Mode::Pw, flags::VALBLK, Some(&info));
+    assert_eq!(st, Status::Granted);
+    assert_eq!(lvb, None, "PW -> PW writes, it does not read");
     let (lb, _) = lock_sync(
         b.ls(),
         "bitmap0000",
@@ -204,9 +204,10 @@ fn lvb_is_written_on_down_conversion_and_read_on_grant(h: &dyn Harness) {
     assert_eq!(st, Status::Granted);
     assert_eq!(lvb.as_deref(), Some(&info[..]));
     assert!(!invalid);
-    // A CR -> NL down-conversion writes nothing.
+    // A CR -> NL down-conversion neither writes nor reads.
     let junk = vec![0xaa; n];
-    convert_sync(b.ls(), lb, Mode::Nl, flags::VALBLK, Some(&junk));
+    let (_, lvb, _) = convert_sync(b.ls(), lb, Mode::Nl, flags::VALBLK, Some(&junk));
+    assert_eq!(lvb, None, "CR -> NL reads nothing");
     let (_, lvb, _) = convert_sync(b.ls(), lb, Mode::Cr, flags::VALBLK, None);
     assert_eq!(lvb.as_deref(), Some(&info[..]));
     // The message lock dance: EX -> CW writes, a CR reader sees it.
