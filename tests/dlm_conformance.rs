@@ -469,6 +469,80 @@ fn lockd_releases_the_locks_of_a_client_killed_mid_conversion() {
     assert!(told, "m1 is told the child's node died");
 }
 
+/// `vhost-user-md lock` (the probe the real-DLM integration test drives): --noqueue,
+/// --valblk and --lvb, on lockd.
+#[test]
+fn lock_command_noqueue_and_lvb() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Stdio};
+    let d = Lockd::start();
+    let lock = |args: &[&str]| {
+        let mut c = common::bin();
+        c.args(["lock", "--lockspace", "cli", "--socket"])
+            .arg(&d.socket)
+            .args(args);
+        c
+    };
+    // Reads a child's lines until `want`.
+    let until = |r: &mut BufReader<std::process::ChildStdout>, want: &str| -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let mut l = String::new();
+            assert!(
+                r.read_line(&mut l).unwrap() > 0,
+                "EOF before {want:?}: {seen:?}"
+            );
+            let l = l.trim_end().to_string();
+            seen.push(l.clone());
+            if l == want {
+                return seen;
+            }
+        }
+    };
+    let lines = |c: &mut Child| BufReader::new(c.stdout.take().unwrap());
+    let mut holder = lock(&["r", "PW"]).stdout(Stdio::piped()).spawn().unwrap();
+    until(&mut lines(&mut holder), "Granted");
+    let out = lock(&["--noqueue", "r", "PW"]).output().unwrap();
+    assert!(!out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "Again\n");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+
+    let mut writer = lock(&["--lvb", "hello-lvb", "--convert", "NL", "v", "PW"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The new PW request reads the (never written) LVB; PW -> NL writes it.
+    let mut w = lines(&mut writer);
+    assert_eq!(
+        until(&mut w, "converting"),
+        ["Granted", "lvb", "converting"]
+    );
+    assert_eq!(until(&mut w, "Granted"), ["Granted"]);
+    let mut reader = lock(&["--valblk", "v", "CR"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(
+        until(&mut lines(&mut reader), "lvb hello-lvb"),
+        ["Granted", "lvb hello-lvb"]
+    );
+    for mut c in [writer, reader] {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+    let long = "x".repeat(33);
+    let out = lock(&["--lvb", &long, "--convert", "NL", "v", "PW"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("do not fit the 32-byte"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn lockd_survives_garbage_clients() {
     use std::io::Write;
