@@ -599,8 +599,8 @@ fn lockd_survives_garbage_clients() {
 }
 
 /// The real DLM through libdlm. Needs root, the dlm kernel module, corosync and
-/// dlm_controld: `integration/` runs it inside cluster guests with
-/// `VUMD_LIBDLM=1 dlm_conformance --ignored libdlm`.
+/// dlm_controld: `integration/dlm-cluster.sh` runs it inside a cluster guest with
+/// `VUMD_LIBDLM=1 dlm_conformance --ignored --exact libdlm_conforms`.
 struct LibDlm;
 
 impl Member for vhost_user_md::dlm::libdlm::LibDlmMember {
@@ -625,7 +625,7 @@ impl Harness for LibDlm {
 }
 
 #[test]
-#[ignore = "needs a running DLM (corosync + dlm_controld); run by integration/ inside cluster guests"]
+#[ignore = "needs a running DLM (corosync + dlm_controld); run by integration/dlm-cluster.sh inside cluster guests"]
 fn libdlm_conforms() {
     assert_eq!(
         std::env::var("VUMD_LIBDLM").as_deref(),
