@@ -34,6 +34,17 @@ pub struct LockArgs {
     /// After the lock is granted, convert it to this mode (and wait for that).
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
     pub convert: Option<Mode>,
+    /// Fail at once (print `Again`, exit 1) instead of waiting when the lock is not grantable.
+    #[arg(long)]
+    pub noqueue: bool,
+    /// Read the lock value block: print `lvb TEXT` (or `lvb-invalid` when the DLM flags it
+    /// as not valid) after each grant.
+    #[arg(long)]
+    pub valblk: bool,
+    /// Write this text as the lock value block at the --convert conversion (a down-conversion
+    /// from PW or EX writes it). Implies --valblk.
+    #[arg(long, value_name = "TEXT", requires = "convert")]
+    pub lvb: Option<String>,
     /// Resource name.
     pub resource: String,
     /// Mode: NL, CR, CW, PR, PW or EX.
@@ -68,6 +79,18 @@ fn group_id(g: &str) -> Result<u32, String> {
     Ok(unsafe { (*gr).gr_gid })
 }
 
+/// An LVB as text: trailing NULs dropped, other bytes outside printable ASCII as `\xNN`.
+fn lvb_text(v: &[u8]) -> String {
+    let end = v.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    v[..end]
+        .iter()
+        .map(|&b| match b {
+            b' '..=b'~' if b != b'\\' => (b as char).to_string(),
+            _ => format!("\\x{b:02x}"),
+        })
+        .collect()
+}
+
 /// Runs `lockd` until killed.
 pub fn run_lockd(args: &LockdArgs) -> Result<(), String> {
     let gid = args.group.as_deref().map(group_id).transpose()?;
@@ -86,21 +109,49 @@ pub fn run_lock(args: &LockArgs) -> Result<(), String> {
         }
         None => Box::new(LibDlmMember::join(&args.lockspace).map_err(|e| e.to_string())?),
     };
+    if let Some(t) = &args.lvb {
+        if t.len() > m.lvb_len() {
+            return Err(format!(
+                "--lvb: {} bytes do not fit the {}-byte lock value block",
+                t.len(),
+                m.lvb_len()
+            ));
+        }
+    }
     let rx = m.events();
+    let valblk = if args.valblk || args.lvb.is_some() {
+        flags::VALBLK
+    } else {
+        0
+    };
+    let noqueue = if args.noqueue { flags::NOQUEUE } else { 0 };
     let id = m
-        .lock(args.resource.as_bytes(), args.mode, 0, None)
+        .lock(args.resource.as_bytes(), args.mode, valblk | noqueue, None)
         .map_err(|e| e.to_string())?;
     let mut converting = false;
     for ev in rx.iter() {
         match ev {
-            Event::Ast { lock, status, .. } if lock == id => {
+            Event::Ast {
+                lock,
+                status,
+                lvb,
+                lvb_invalid,
+            } if lock == id => {
                 super::out(&format!("{status:?}\n"));
                 if status != Status::Granted {
                     return Err(format!("{status:?}"));
                 }
+                if let (Some(v), true) = (lvb, valblk != 0) {
+                    if lvb_invalid {
+                        super::out("lvb-invalid\n");
+                    } else {
+                        super::out(&format!("lvb {}\n", lvb_text(&v)));
+                    }
+                }
                 if let (Some(to), false) = (args.convert, converting) {
                     converting = true;
-                    m.convert(id, to, flags::CONVERT, None)
+                    let lvb = args.lvb.as_ref().map(|t| t.as_bytes());
+                    m.convert(id, to, flags::CONVERT | valblk | noqueue, lvb)
                         .map_err(|e| e.to_string())?;
                     super::out("converting\n");
                 }

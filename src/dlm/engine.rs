@@ -85,6 +85,7 @@ struct Lock {
 
 #[derive(Debug, Default)]
 struct Resource {
+    /// Empty until a holder first writes it (as the DLM allocates a resource's LVB).
     lvb: Vec<u8>,
     lvb_invalid: bool,
     granted: Vec<LockId>,
@@ -306,8 +307,8 @@ impl Engine {
     }
 
     /// A node died (or its process exited): every lock it had is removed as DLM
-    /// recovery does, LVBs it may have been changing become invalid, and queued
-    /// requests are granted.
+    /// recovery does, LVBs it may have been changing (held in PW or EX) are flagged
+    /// not valid (their contents stay, as in the DLM), and queued requests are granted.
     pub fn purge_node(&mut self, node: NodeId, out: &mut Vec<Effect>) {
         let ids: Vec<LockId> = self
             .locks
@@ -323,7 +324,6 @@ impl Engine {
             if matches!(l.grmode, Some(Mode::Pw) | Some(Mode::Ex)) {
                 if let Some(r) = self.resources.get_mut(&l.resource) {
                     r.lvb_invalid = true;
-                    r.lvb.iter_mut().for_each(|b| *b = 0);
                 }
             }
             self.dequeue(&l.resource, id);
@@ -384,11 +384,14 @@ impl Engine {
                     res.lvb_invalid = false;
                 }
             } else if gr.is_none_or(|g| rq >= g) {
-                if res.lvb.len() != lvb_len {
-                    res.lvb = vec![0; lvb_len];
+                // An LVB never written reads as zeros and is never flagged: the DLM
+                // only reports VALNOTVALID for a resource that has an LVB.
+                if res.lvb.len() == lvb_len {
+                    read = Some(res.lvb.clone());
+                    invalid = res.lvb_invalid;
+                } else {
+                    read = Some(vec![0; lvb_len]);
                 }
-                read = Some(res.lvb.clone());
-                invalid = res.lvb_invalid;
             }
         }
         res.converting.retain(|&x| x != id);

@@ -57,12 +57,19 @@ struct LockState {
     lvb: [u8; LVB_LEN],
     id: LockId,
     tx: Sender<Event>,
+    /// Granted mode (`None` until the first grant).
+    granted: Option<Mode>,
+    /// Mode of the request in progress.
+    requested: Mode,
+    /// The request in progress has VALBLK.
+    valblk: bool,
 }
 
 extern "C" fn ast(arg: *mut c_void) {
     // SAFETY: `arg` is the LockState box registered with this lock; boxes live as
-    // long as the member, which outlives its dispatch thread.
-    let st = unsafe { &*(arg as *const LockState) };
+    // long as the member, which outlives its dispatch thread. libdlm calls this from
+    // `dlm_dispatch`, which runs under the `call` mutex, as does every other access.
+    let st = unsafe { &mut *(arg as *mut LockState) };
     let status = match st.lksb.sb_status {
         0 => Status::Granted,
         libc::EAGAIN => Status::Again,
@@ -74,10 +81,18 @@ extern "C" fn ast(arg: *mut c_void) {
             return;
         }
     };
+    // The buffer holds what the DLM read only when the grant reads the LVB; on other
+    // transitions it still holds what this lock last wrote or read.
+    let read = status == Status::Granted && st.valblk && Mode::lvb_read(st.granted, st.requested);
+    match status {
+        Status::Granted => st.granted = Some(st.requested),
+        Status::Unlocked => st.granted = None,
+        _ => {}
+    }
     let _ = st.tx.send(Event::Ast {
         lock: st.id,
         status,
-        lvb: (status == Status::Granted).then(|| st.lvb.to_vec()),
+        lvb: read.then(|| st.lvb.to_vec()),
         lvb_invalid: st.lksb.sb_flags & SBF_VALNOTVALID != 0,
     });
 }
@@ -300,6 +315,9 @@ impl LockSpace for LibDlmMember {
             lvb: [0; LVB_LEN],
             id: 0,
             tx: self.tx.clone(),
+            granted: None,
+            requested: mode,
+            valblk: flags & super::flags::VALBLK != 0,
         });
         Self::fill_lvb(&mut st, lvb);
         st.lksb.sb_lvbptr = st.lvb.as_mut_ptr() as *mut c_char;
@@ -327,6 +345,8 @@ impl LockSpace for LibDlmMember {
             .get_mut(&lock)
             .ok_or_else(|| DlmError::Rejected(format!("no such lock {lock}")))?;
         Self::fill_lvb(st, lvb);
+        st.requested = mode;
+        st.valblk = flags & super::flags::VALBLK != 0;
         let p: *mut LockState = &mut **st;
         // SAFETY: the box is kept in `locks` until the member is dropped.
         let rc = unsafe { self.request(p, mode, flags | super::flags::CONVERT, &[]) };

@@ -43,6 +43,18 @@ impl Mode {
         M[granted as usize][self as usize]
     }
 
+    /// Whether a grant of `to` to a lock granted in `from` (`None`: a new request)
+    /// reads the resource's LVB into the caller's buffer (with VALBLK; spec §8.2).
+    /// The other transitions write it (down from PW/EX) or leave it alone.
+    pub fn lvb_read(from: Option<Mode>, to: Mode) -> bool {
+        match from {
+            None => true,
+            Some(Mode::Pw) => to == Mode::Ex,
+            Some(Mode::Ex) => false,
+            Some(g) => to >= g,
+        }
+    }
+
     /// From the DLM value.
     pub fn from_u32(v: u32) -> Option<Mode> {
         Mode::ALL.get(v as usize).copied()
@@ -147,4 +159,34 @@ pub trait LockSpace: Send + Sync {
     fn unlock(&self, lock: LockId, flags: u32, lvb: Option<&[u8]>) -> Result<(), DlmError>;
     /// The stream of events for this member.
     fn events(&self) -> crossbeam_channel::Receiver<Event>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lvb_read_follows_the_dlm_table() {
+        // dlm_lvb_operations[granted + 1][requested + 1] == 1 (fs/dlm/lvb_table.c):
+        // rows none (new request), NL, CR, CW, PR, PW, EX; columns NL .. EX.
+        const READ: [[bool; 6]; 7] = [
+            [true; 6],
+            [true; 6],
+            [false, true, true, true, true, true],
+            [false, false, true, true, true, true],
+            [false, false, false, true, true, true],
+            [false, false, false, false, false, true],
+            [false; 6],
+        ];
+        let froms = std::iter::once(None).chain(Mode::ALL.map(Some));
+        for (row, from) in froms.enumerate() {
+            for to in Mode::ALL {
+                assert_eq!(
+                    Mode::lvb_read(from, to),
+                    READ[row][to as usize],
+                    "{from:?} -> {to:?}"
+                );
+            }
+        }
+    }
 }
