@@ -160,9 +160,14 @@ impl Comms {
             .spawn(move || {
                 for ev in events.iter() {
                     match ev {
+                        // A value block marked not valid (its writer died) counts as
+                        // none: no message, no resync window (spec §3.5).
                         Event::Ast {
-                            lock, status, lvb, ..
-                        } => r2.deliver(lock, status, lvb),
+                            lock,
+                            status,
+                            lvb,
+                            lvb_invalid,
+                        } => r2.deliver(lock, status, if lvb_invalid { None } else { lvb }),
                         Event::Bast { lock, .. } => {
                             let is_ack =
                                 *ack2.lock().unwrap_or_else(|e| e.into_inner()) == Some(lock);

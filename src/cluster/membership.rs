@@ -431,6 +431,24 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_nodes_window_is_not_installed_by_a_joiner() {
+        let dlm = LocalDlm::new();
+        let m = dlm.join(LS, 32);
+        let a_id = m.node();
+        let a = settled(Node::join(Arc::new(m), 4, Box::new(|_| {})).unwrap());
+        let (b, _) = join(&dlm);
+        a.acquire_resync().unwrap();
+        a.announce_window(0, 65536).unwrap();
+        dlm.kill(LS, a_id);
+        // b holds a's slot while recovering it; a joiner reads the slot's value
+        // block, which the DLM marks not valid: no window.
+        assert_eq!(b.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        let (c, _) = join(&dlm);
+        assert!(c.windows_at_join.is_empty(), "{:?}", c.windows_at_join);
+        b.release_slot(0).unwrap();
+    }
+
+    #[test]
     fn a_dead_node_is_seen_by_every_survivor_one_after_the_other_and_its_slot_reused() {
         let dlm = LocalDlm::new();
         let (a, _) = join(&dlm);
