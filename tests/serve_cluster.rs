@@ -6,29 +6,9 @@
 mod common;
 
 use common::{bin, data_area, pattern, Client, Lockd, Serve};
-use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: usize = 64 * 1024;
-
-fn wait_for(
-    serve: &Serve,
-    what: &str,
-    cond: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let s = serve.status();
-        if cond(&s) {
-            return s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn two_nodes_share_a_mirror_and_a_survivor_recovers_a_killed_node() {
@@ -99,7 +79,7 @@ fn two_nodes_share_a_mirror_and_a_survivor_recovers_a_killed_node() {
     drop(c1);
     n1.kill9();
     // Node 2 sees node 1 die (lockd dropped its connection), merges and resyncs.
-    let s = wait_for(&n2, "recovery of node 1's slot", |s| {
+    let s = n2.wait_for("recovery of node 1's slot", |s| {
         s["resync"]["bytes_copied"].as_u64().unwrap_or(0) >= dirty * MIB
             && s["resync"]["active"] == false
             && s["resync"]["remaining_chunks"] == 0

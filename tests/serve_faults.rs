@@ -34,25 +34,6 @@ fn make_array(dir: &Path) -> (PathBuf, PathBuf) {
     (a, b)
 }
 
-fn wait_for(
-    serve: &Serve,
-    what: &str,
-    cond: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let s = serve.status();
-        if cond(&s) {
-            return s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn examine(legs: &[&Path]) -> serde_json::Value {
     let out = bin()
         .args(["examine", "--json"])
@@ -139,7 +120,7 @@ fn kill_9_mid_writes_resyncs_only_dirty_chunks_and_keeps_acknowledged_writes() {
     assert_eq!(ex["legs"][0]["superblock"]["state"], "active");
 
     let mut serve = Serve::start(&sock, &[a.to_str().unwrap(), b.to_str().unwrap()]);
-    let s = wait_for(&serve, "resync", |s| {
+    let s = serve.wait_for("resync", |s| {
         s["resync"]["remaining_chunks"] == 0 && !s["resync"]["active"].as_bool().unwrap()
     });
     assert_eq!(
@@ -215,7 +196,7 @@ fn injected_write_errors_degrade_without_guest_errors_and_re_add_copies_dirty_ch
     let (ok, out) = serve.manage("re-add", &b);
     assert!(ok, "{out}");
     assert!(out.contains("dirty in the bitmap"), "{out}");
-    let s = wait_for(&serve, "recovery", |s| s["degraded"] == false);
+    let s = serve.wait_for("recovery", |s| s["degraded"] == false);
     assert_eq!(
         s["resync"]["bytes_copied"].as_u64().unwrap(),
         dirty * MIB,
@@ -240,7 +221,7 @@ fn operator_fail_then_re_add_copies_only_chunks_written_meanwhile() {
         write_block(&mut c, 0, i, 1);
     }
     // Let the bitmap daemon clear the bits (two idle passes of 5 s).
-    wait_for(&serve, "bits cleared", |s| s["bitmap_dirty"] == 0);
+    serve.wait_for("bits cleared", |s| s["bitmap_dirty"] == 0);
     let (ok, out) = serve.manage("fail", &b);
     assert!(ok, "{out}");
     let (ok, out) = serve.manage("fail", &a);
@@ -251,7 +232,7 @@ fn operator_fail_then_re_add_copies_only_chunks_written_meanwhile() {
     write_block(&mut c, 40 * MIB, 15, 2);
     let (ok, out) = serve.manage("re-add", &b);
     assert!(ok, "{out}");
-    let s = wait_for(&serve, "recovery", |s| s["degraded"] == false);
+    let s = serve.wait_for("recovery", |s| s["degraded"] == false);
     assert_eq!(s["resync"]["bytes_copied"].as_u64().unwrap(), 3 * MIB);
     drop(c);
     assert!(serve.stop().success());
@@ -280,7 +261,7 @@ fn remove_and_add_a_blank_leg_rebuilds_it_completely() {
         .unwrap();
     let (ok, out) = serve.manage("add", &fresh);
     assert!(ok, "{out}");
-    let s = wait_for(&serve, "rebuild", |s| s["degraded"] == false);
+    let s = serve.wait_for("rebuild", |s| s["degraded"] == false);
     assert_eq!(s["resync"]["bytes_copied"].as_u64().unwrap(), 129_024 * 512);
     for i in 0..32 {
         verify_block(&mut c, 3 * MIB + i * BLOCK as u64, &[9]);
@@ -402,7 +383,7 @@ fn guest_writes_into_chunks_under_resync_complete_and_land_on_both_legs() {
         .recv_timeout(Duration::from_secs(60))
         .expect("guest writes into resyncing chunks must not hang");
     assert!(n > 100, "{n} blocks written");
-    let s = wait_for(&serve, "resync", |s| {
+    let s = serve.wait_for("resync", |s| {
         s["resync"]["remaining_chunks"] == 0 && !s["resync"]["active"].as_bool().unwrap()
     });
     assert!(s["resync"]["bytes_copied"].as_u64().unwrap() >= 3 * 64 * MIB);

@@ -180,8 +180,8 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    #[test]
-    fn a_leg_failed_on_one_node_is_failed_on_the_others() {
+    /// Two 64 MiB in-memory legs of a clustered array (4 slots, 1 MiB chunks).
+    fn clustered_legs() -> (Arc<MemLeg>, Arc<MemLeg>, Vec<LegMetadata>) {
         let a: Arc<MemLeg> = Arc::new(MemLeg::new("a", 64 * MIB));
         let b: Arc<MemLeg> = Arc::new(MemLeg::new("b", 64 * MIB));
         let (_, metas) = create_array(
@@ -197,6 +197,12 @@ mod tests {
             },
         )
         .unwrap();
+        (a, b, metas)
+    }
+
+    #[test]
+    fn a_leg_failed_on_one_node_is_failed_on_the_others() {
+        let (a, b, metas) = clustered_legs();
         let ls_name = metas[0].sb.set_uuid.lockspace_name();
         let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
         let dlm = LocalDlm::new();
@@ -220,21 +226,7 @@ mod tests {
 
     #[test]
     fn a_survivor_resyncs_exactly_what_a_dead_node_left_dirty() {
-        let a: Arc<MemLeg> = Arc::new(MemLeg::new("a", 64 * MIB));
-        let b: Arc<MemLeg> = Arc::new(MemLeg::new("b", 64 * MIB));
-        let (_, metas) = create_array(
-            &[&*a, &*b],
-            &NewArray {
-                name: "t".into(),
-                cluster_name: Some("prod".into()),
-                nodes: 4,
-                bitmap_chunk: Some(MIB),
-                assume_clean: true,
-                now: 0,
-                uuid: None,
-            },
-        )
-        .unwrap();
+        let (a, b, metas) = clustered_legs();
         let ls_name = metas[0].sb.set_uuid.lockspace_name();
         let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
         let dlm = LocalDlm::new();

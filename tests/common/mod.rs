@@ -179,6 +179,26 @@ impl Serve {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Polls `status` until `cond` holds (60 s at most); returns that status.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        cond: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = std::time::Instant::now();
+        loop {
+            let s = self.status();
+            if cond(&s) {
+                return s;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "timed out waiting for {what}: {s}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Runs `vhost-user-md manage SOCKET op leg`; returns (ok, output).
     pub fn manage(&self, op: &str, leg: &Path) -> (bool, String) {
         let out = bin()
