@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Guest integration tests: Linux guests under QEMU (TCG) on a vhost-user-md disk.
-# Installs QEMU 10 from bookworm-backports and the image tools, builds the guest images
+# Installs QEMU 10 and libvirt from bookworm-backports and the image tools, builds the guest images
 # (vm-images/build.sh, cached by content in $VUMD_IMAGE_CACHE), builds the release binary and
 # runs integration/guest-suite.sh (all tests, or the ones named).
 #
@@ -24,9 +24,10 @@ qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulat
 tools=$(missing busybox-static fio e2fsprogs util-linux cpio kmod jq)
 qemu=
 [ "$(qemu_major)" -ge 10 ] 2>/dev/null || qemu=1
-if [ -n "$tools$qemu" ]; then
+libvirt=$(missing libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
+if [ -n "$tools$qemu$libvirt" ]; then
     [ "$(id -u)" = 0 ] || { echo "ci/guest-tests.sh: packages missing; run as root" >&2; exit 1; }
-    if [ -n "$qemu" ] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    if [ -n "$qemu$libvirt" ] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
         cat > /etc/apt/sources.list.d/bookworm-backports.sources <<'EOF'
 Types: deb
 URIs: http://deb.debian.org/debian
@@ -41,6 +42,9 @@ EOF
     fi
     # shellcheck disable=SC2086
     [ -z "$tools" ] || apt-get install -y -qq --no-install-recommends $tools
+    # libvirt from backports too, to match QEMU 10
+    # shellcheck disable=SC2086
+    [ -z "$libvirt" ] || apt-get install -y -qq --no-install-recommends -t bookworm-backports $libvirt
 fi
 qemu-system-x86_64 --version | head -1
 

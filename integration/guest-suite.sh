@@ -13,6 +13,10 @@
 #   backend-restart kill -9 of the backend while the guest is idle, restart on the same socket;
 #                  QEMU reconnects (-chardev socket,reconnect-ms=1000) and the guest's I/O goes on
 #                  (see test_backend_restart for what is asserted)
+#   libvirt        libvirt as operators run it: the domain in integration/libvirt/vhost-user-md-tcg.xml
+#                  (vhostuser disk with 2 queues and reconnect, memfd shared memory, TCG) started
+#                  with virsh on Debian's libvirtd (started here, with virtlogd, unless one
+#                  answers already); the guest runs the io test; legs checked as in io-q1
 #   readd-under-load  like leg-fail, but the re-add happens while a second fio verify writes
 #                  the chunks the recovery copies (writes to a chunk under recovery wait for it
 #                  without stalling the queue)
@@ -38,7 +42,7 @@ GUEST_DIR=$ROOT/integration/guest
 VUMD=${VUMD:-$ROOT/target/release/vhost-user-md}
 RESULTS=${VUMD_GUEST_RESULTS:-$ROOT/target/guest-tests}
 TEST_TIMEOUT=${VUMD_GUEST_TEST_TIMEOUT:-300}
-ALL_TESTS="io-q1 io-q4 leg-fail readd-under-load backend-restart"
+ALL_TESTS="io-q1 io-q4 leg-fail readd-under-load backend-restart libvirt"
 LEG_SIZE=256M
 GUEST_MEM=512M
 
@@ -58,8 +62,10 @@ check() { # check WHAT COMMAND...
 }
 
 cleanup_one() {
+    [ -n "${DOMAIN:-}" ] && timeout --foreground 30 virsh -c qemu:///system destroy "$DOMAIN" > /dev/null 2>&1
     [ -n "${QPID:-}" ] && kill -KILL "$QPID" 2>/dev/null
     [ -n "${BPID:-}" ] && kill -KILL "$BPID" 2>/dev/null
+    [ -n "${DAEMONS:-}" ] && kill -TERM $DAEMONS 2>/dev/null
     wait 2>/dev/null
 }
 
@@ -366,10 +372,61 @@ test_backend_restart() {
         "the guest's I/O resumed (earlier data intact, new writes and fio verify pass, no I/O error)"
 }
 
+# libvirt: the repo's example domain XML, booted with virsh.
+test_libvirt() {
+    QUEUES=2
+    local v="virsh -c qemu:///system"
+    if ! timeout --foreground 10 $v version > /dev/null 2>&1; then
+        # no running libvirtd: start virtlogd and libvirtd here (in the test's process group)
+        command -v libvirtd > /dev/null || { fail "libvirtd not installed (ci/guest-tests.sh installs it)"; return; }
+        /usr/sbin/virtlogd > "$D/virtlogd.log" 2>&1 &
+        DAEMONS="$!"
+        /usr/sbin/libvirtd > "$D/libvirtd.log" 2>&1 &
+        DAEMONS="$DAEMONS $!"
+        for _ in $(seq 100); do timeout --foreground 10 $v version > /dev/null 2>&1 && break; sleep 0.2; done
+    fi
+    check "libvirtd answers ($(timeout --foreground 10 $v version 2>/dev/null | grep -i 'running hypervisor' | xargs))" \
+        timeout --foreground 10 $v version
+    make_initrd io.sh "QUEUES=$QUEUES" "FIO_JOBS=2" "FIO_SIZE=48M" "MD5_MIB=32"
+    start_backend backend --create-size $LEG_SIZE || return
+    # QEMU runs as libvirt's unprivileged user: it must be able to connect to the socket
+    id -u libvirt-qemu > /dev/null 2>&1 && chown libvirt-qemu "$SOCK"
+    local name=vumd-guest-suite-$$
+    DOMAIN=$name
+    sed -e "s|@NAME@|$name|; s|@KERNEL@|$IMAGES/vmlinuz|; s|@INITRD@|$D/initrd.img|" \
+        -e "s|@SOCKET@|$SOCK|; s|@SERIAL_LOG@|$D/guest.log|" \
+        "$ROOT/integration/libvirt/vhost-user-md-tcg.xml" > "$D/domain.xml"
+    local t0
+    t0=$(now)
+    if ! check "virsh create (the repo's example domain XML)" \
+        timeout --foreground 60 $v create "$D/domain.xml"; then
+        DOMAIN=
+        return
+    fi
+    for _ in $(seq 900); do
+        timeout --foreground 10 $v domstate "$DOMAIN" > /dev/null 2>&1 || break
+        sleep 0.2
+    done
+    if timeout --foreground 10 $v domstate "$DOMAIN" > /dev/null 2>&1; then
+        fail "the domain did not power off within 180 s"
+    else
+        DOMAIN=
+        info "domain ran $(since "$t0") s;" \
+            "guest $(glog | grep -ao 'T_INIT_DONE.*') $(glog | grep -ao 'T_END.*')"
+    fi
+    cp "/var/log/libvirt/qemu/$name.log" "$D/libvirt-qemu.log" 2>/dev/null &&
+        info "libvirt's QEMU: $(grep -oE -- '-accel [a-z]+|-cpu [a-z]+|memory-backend-memfd|"share":true|reconnect-ms=[0-9]+|"num-queues":[0-9]+' \
+            "$D/libvirt-qemu.log" | sort -u | tr '\n' ' ')"
+    guest_results
+    check "guest saw $QUEUES hardware queues" glog_has "^T_OK blk-mq hardware queues: $QUEUES,"
+    stop_backend
+    check_legs
+}
+
 run_one() {
     local name=$1
     D=$2
-    FAILS=0 QPID="" BPID=""
+    FAILS=0 QPID="" BPID="" DOMAIN="" DAEMONS=""
     SOCK=$D/vumd.sock LA=$D/leg-a.img LB=$D/leg-b.img
     trap cleanup_one EXIT
     trap 'exit 143' TERM INT
@@ -379,6 +436,7 @@ run_one() {
         leg-fail) test_leg_fail 0 ;;
         readd-under-load) test_leg_fail 1 ;;
         backend-restart) test_backend_restart ;;
+        libvirt) test_libvirt ;;
         *) fail "unknown test $name"; return 1 ;;
     esac
     [ "$FAILS" = 0 ]

@@ -45,10 +45,10 @@ ZERO1M=$(head -c $MiB /dev/zero | md5sum | cut -d' ' -f1)
 for off in 200 204; do
     yes VUMD-PATTERN | head -c $MiB | dd of=$DEV bs=1M seek=$off oflag=direct conv=fsync 2>/dev/null
 done
-check "blkdiscard 1 MiB at 200 MiB" $BLKDISCARD -f -o $((200 * MiB)) -l $MiB $DEV
+check "blkdiscard 1 MiB at 200 MiB" quiet $BLKDISCARD -f -o $((200 * MiB)) -l $MiB $DEV
 if [ "$(rd_md5 200 1)" = "$ZERO1M" ]; then echo "T_INFO discarded range reads zeroes"
 else echo "T_INFO discarded range does not read zeroes"; fi
-check "blkdiscard -z (write zeroes) 1 MiB at 204 MiB" $BLKDISCARD -f -z -o $((204 * MiB)) -l $MiB $DEV
+check "blkdiscard -z (write zeroes) 1 MiB at 204 MiB" quiet $BLKDISCARD -f -z -o $((204 * MiB)) -l $MiB $DEV
 check "write-zeroes range reads zeroes" [ "$(rd_md5 204 1)" = "$ZERO1M" ]
 step discard
 
