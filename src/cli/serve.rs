@@ -21,9 +21,10 @@ pub struct ServeArgs {
     /// Present the disk read-only to the guest.
     #[arg(long)]
     pub read_only: bool,
-    /// Lock manager: `local` (this process is the array's only node) or
-    /// `lockd:PATH` (one node among the serve processes using that lockd; the array
-    /// must have a clustered bitmap).
+    /// Lock manager: `local` (this process is the array's only node),
+    /// `lockd:PATH` (one node among the serve processes using that lockd on this host)
+    /// or `dlm` (one node of the Linux DLM cluster: corosync + dlm_controld). The
+    /// last two need a clustered bitmap.
     #[arg(long, value_name = "KIND", default_value = "local", value_parser = parse_lock_manager)]
     pub lock_manager: LockManager,
     /// Create missing image files of this size (e.g. 10G) with a new array on them.
@@ -49,11 +50,11 @@ pub struct ServeArgs {
 fn parse_lock_manager(s: &str) -> Result<LockManager, String> {
     match s {
         "local" => Ok(LockManager::Local),
-        "dlm" => Err("serve does not run on the real DLM yet; use local or lockd:PATH".into()),
+        "dlm" => Ok(LockManager::Dlm),
         _ => match s.strip_prefix("lockd:") {
             Some(p) if !p.is_empty() => Ok(LockManager::Lockd(PathBuf::from(p))),
             _ => Err(format!(
-                "unknown lock manager {s:?}; use local or lockd:PATH"
+                "unknown lock manager {s:?}; use local, dlm or lockd:PATH"
             )),
         },
     }

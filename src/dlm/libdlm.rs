@@ -116,6 +116,41 @@ struct Api {
     unlock: UnlockFn,
 }
 
+/// Refuses when a kernel md-cluster node on this host has the array's lockspace:
+/// the DLM would hand our 32-byte value blocks a 64-byte-LVB kernel lockspace
+/// (spec §6.7). A lockspace that userspace created has a `dlm_NAME` misc device; a
+/// kernel one has none.
+pub fn refuse_kernel_lockspace(lockspace: &str, array: &str) -> Result<(), String> {
+    let misc = std::fs::read_to_string("/proc/misc").unwrap_or_default();
+    kernel_lockspace_check(
+        lockspace,
+        array,
+        std::path::Path::new("/sys/kernel/dlm")
+            .join(lockspace)
+            .exists(),
+        &misc,
+    )
+}
+
+fn kernel_lockspace_check(
+    lockspace: &str,
+    array: &str,
+    in_sysfs: bool,
+    proc_misc: &str,
+) -> Result<(), String> {
+    let device = format!("dlm_{lockspace}");
+    let userspace = proc_misc
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(device.as_str()));
+    if in_sysfs && !userspace {
+        return Err(format!(
+            "array {array} is active on a kernel md-cluster node on this host (DLM lockspace \
+             {lockspace} belongs to the kernel); stop it there (mdadm --stop) before serving it"
+        ));
+    }
+    Ok(())
+}
+
 fn load(path: &str) -> Result<Api, DlmError> {
     let missing = |e: libloading::Error| {
         DlmError::Unavailable(format!(
@@ -386,6 +421,17 @@ impl LockSpace for LibDlmMember {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_kernel_lockspace_on_this_host_is_refused() {
+        let ls = "0a1b2c3d-0000-0000-0000-000000000001";
+        let misc_ours = format!(" 58 dlm_{ls}\n 59 dlm-control\n");
+        let misc_none = " 59 dlm-control\n 60 dlm_plock\n";
+        assert!(kernel_lockspace_check(ls, "u", false, misc_none).is_ok());
+        assert!(kernel_lockspace_check(ls, "u", true, &misc_ours).is_ok());
+        let e = kernel_lockspace_check(ls, "u", true, misc_none).unwrap_err();
+        assert!(e.contains("kernel md-cluster node on this host"), "{e}");
+    }
     use super::*;
 
     #[test]

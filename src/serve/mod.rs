@@ -47,6 +47,8 @@ pub enum LockManager {
     Local,
     /// A node among the `lockd` clients on this host.
     Lockd(PathBuf),
+    /// A node of the Linux DLM cluster (libdlm; corosync and dlm_controld running).
+    Dlm,
 }
 
 /// A fault to inject into one leg (for drills and tests).
@@ -126,17 +128,28 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             }
             (array, report.left_out_legs, None)
         }
-        LockManager::Lockd(path) => {
+        LockManager::Lockd(_) | LockManager::Dlm => {
             let first = legs.first().ok_or("no legs")?;
             let sb = crate::raid1::metadata::read_superblock(&**first)
                 .map_err(|e| format!("leg {}: {e}", first.name()))?;
-            let ls = crate::dlm::lockd::LockdMember::connect(
-                path,
-                &sb.set_uuid.lockspace_name(),
-                crate::dlm::libdlm::LVB_LEN,
-            )
-            .map_err(|e| e.to_string())?;
-            let node = crate::cluster::node::ClusterNode::join(Arc::new(ls), legs)
+            let name = sb.set_uuid.lockspace_name();
+            let ls: Arc<dyn crate::dlm::LockSpace> = match &config.lock_manager {
+                LockManager::Lockd(path) => Arc::new(
+                    crate::dlm::lockd::LockdMember::connect(
+                        path,
+                        &name,
+                        crate::dlm::libdlm::LVB_LEN,
+                    )
+                    .map_err(|e| e.to_string())?,
+                ),
+                _ => {
+                    crate::dlm::libdlm::refuse_kernel_lockspace(&name, &sb.set_uuid.to_string())?;
+                    Arc::new(
+                        crate::dlm::libdlm::LibDlmMember::join(&name).map_err(|e| e.to_string())?,
+                    )
+                }
+            };
+            let node = crate::cluster::node::ClusterNode::join(ls, legs)
                 .map_err(|e| format!("cannot join the cluster: {e}"))?;
             info!(
                 "joined array {} as node slot {}",
