@@ -6,9 +6,73 @@
 mod common;
 
 use common::{bin, data_area, pattern, Client, Lockd, Serve};
+use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: usize = 64 * 1024;
+
+/// Creates a clustered array of `legs` legs of `size` with 1 MiB bitmap chunks.
+fn clustered(dir: &Path, legs: usize, size: &str) -> Vec<PathBuf> {
+    let paths: Vec<PathBuf> = (0..legs).map(|i| dir.join(format!("leg{i}.img"))).collect();
+    let out = bin()
+        .args([
+            "create",
+            "--assume-clean",
+            "--cluster-name",
+            "host1",
+            "--size",
+            size,
+            "--bitmap-chunk",
+            "1M",
+        ])
+        .args(&paths)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    paths
+}
+
+fn node(dir: &Path, name: &str, lockd: &Lockd, legs: &[PathBuf], extra: &[&str]) -> Serve {
+    let lm = format!("lockd:{}", lockd.socket.display());
+    let mut args: Vec<&str> = vec!["--lock-manager", &lm];
+    args.extend_from_slice(extra);
+    args.extend(legs.iter().map(|p| p.to_str().unwrap()));
+    Serve::start(&dir.join(format!("{name}.sock")), &args)
+}
+
+/// Writes `len` bytes of pattern `seed` at `off` in BLOCK pieces.
+fn write_pattern(c: &mut Client, seed: u64, off: u64, len: u64) {
+    for o in (off..off + len).step_by(BLOCK) {
+        let data = pattern(seed, o, BLOCK);
+        c.buf()[..BLOCK].copy_from_slice(&data);
+        assert_eq!(c.write(0, o, 0, BLOCK), 0, "write at {o}");
+    }
+}
+
+/// Reads `len` bytes at `off` and checks them against pattern `seed`.
+fn check_pattern(c: &mut Client, seed: u64, off: u64, len: u64, who: &str) {
+    for o in (off..off + len).step_by(BLOCK) {
+        assert_eq!(c.read(0, o, 0, BLOCK), 0, "{who}: read at {o}");
+        assert!(
+            c.buf()[..BLOCK] == pattern(seed, o, BLOCK)[..],
+            "{who}: data at {o} is not pattern {seed}"
+        );
+    }
+}
+
+fn leg_state(st: &serde_json::Value, leg: &Path) -> String {
+    st["legs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == leg.to_str().unwrap())
+        .map(|l| l["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
 
 #[test]
 fn two_nodes_share_a_mirror_and_a_survivor_recovers_a_killed_node() {
@@ -103,5 +167,225 @@ fn two_nodes_share_a_mirror_and_a_survivor_recovers_a_killed_node() {
     assert_eq!(
         v["legs"][0]["bitmap"]["slots"][0]["dirty"], 0,
         "node 1's slot was cleared"
+    );
+}
+
+#[test]
+fn three_nodes_write_disjoint_and_overlapping_ranges_and_agree() {
+    let lockd = Lockd::start();
+    let d = tempfile::tempdir().unwrap();
+    let legs = clustered(d.path(), 2, "64M");
+    let nodes: Vec<Serve> = (1..=3)
+        .map(|i| node(d.path(), &format!("n{i}"), &lockd, &legs, &[]))
+        .collect();
+    for (i, n) in nodes.iter().enumerate() {
+        let c = n.status()["cluster"].clone();
+        assert_eq!(c["slot"], i as u64, "{c}");
+        let want: Vec<u64> = (0..3).filter(|&s| s != i as u64).collect();
+        assert_eq!(
+            c["peers"],
+            serde_json::json!(want),
+            "node {i} watches the others"
+        );
+    }
+    let mut clients: Vec<Client> = nodes
+        .iter()
+        .map(|n| Client::connect(&n.socket, 1, BLOCK))
+        .collect();
+    // Disjoint: node i owns MiB 8i..8i+4.
+    for (i, c) in clients.iter_mut().enumerate() {
+        write_pattern(c, 10 + i as u64, 8 * i as u64 * MIB, 4 * MIB);
+    }
+    // Overlapping, one writer at a time: MiB 40..44 by node 1, then MiB 41..43 by
+    // node 2, then MiB 42..42.5 by node 3 (as a VM moving between hosts would).
+    write_pattern(&mut clients[0], 20, 40 * MIB, 4 * MIB);
+    write_pattern(&mut clients[1], 21, 41 * MIB, 2 * MIB);
+    write_pattern(&mut clients[2], 22, 42 * MIB, MIB / 2);
+    let expect = |o: u64| -> Vec<u8> {
+        let seed = match o {
+            _ if (42 * MIB..42 * MIB + MIB / 2).contains(&o) => 22,
+            _ if (41 * MIB..43 * MIB).contains(&o) => 21,
+            _ if (40 * MIB..44 * MIB).contains(&o) => 20,
+            _ => 10 + o / (8 * MIB),
+        };
+        pattern(seed, o, BLOCK)
+    };
+    let ranges: Vec<(u64, u64)> = vec![(0, 4), (8, 12), (16, 20), (40, 44)];
+    for (i, c) in clients.iter_mut().enumerate() {
+        for &(lo, hi) in &ranges {
+            for o in (lo * MIB..hi * MIB).step_by(BLOCK) {
+                assert_eq!(c.read(0, o, 0, BLOCK), 0);
+                assert!(c.buf()[..BLOCK] == expect(o)[..], "node {i} reads {o}");
+            }
+        }
+    }
+    drop(clients);
+    for mut n in nodes {
+        assert!(n.stop().success());
+    }
+    let (a, b) = (data_area(&legs[0]), data_area(&legs[1]));
+    assert!(a == b, "legs identical");
+    for &(lo, hi) in &ranges {
+        for o in (lo * MIB..hi * MIB).step_by(BLOCK) {
+            assert!(
+                a[o as usize..o as usize + BLOCK] == expect(o)[..],
+                "leg data at {o}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_leg_failed_on_one_node_is_failed_everywhere_and_re_added_from_another() {
+    let lockd = Lockd::start();
+    let d = tempfile::tempdir().unwrap();
+    let legs = clustered(d.path(), 2, "64M");
+    let n1 = node(d.path(), "n1", &lockd, &legs, &[]);
+    let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
+    write_pattern(&mut c1, 1, 0, 2 * MIB);
+
+    let (ok, out) = n1.manage("fail", &legs[1]);
+    assert!(ok, "{out}");
+    // `manage` returns after the other node acknowledged the metadata update.
+    let st2 = n2.status();
+    assert_eq!(leg_state(&st2, &legs[1]), "faulty", "{st2}");
+    assert_eq!(st2["degraded"], true);
+    assert_eq!(st2["events"], n1.status()["events"]);
+
+    // Node 2's writes go to leg 0 only now.
+    write_pattern(&mut c2, 2, 8 * MIB, 2 * MIB);
+    let b = data_area(&legs[1]);
+    assert!(
+        b[8 * MIB as usize..10 * MIB as usize]
+            .iter()
+            .all(|&x| x == 0),
+        "node 2 no longer writes the failed leg"
+    );
+    write_pattern(&mut c1, 3, 12 * MIB, MIB);
+
+    // Node 2 re-adds it; node 1 keeps writing during the rebuild.
+    let (ok, out) = n2.manage("re-add", &legs[1]);
+    assert!(ok, "{out}");
+    write_pattern(&mut c1, 4, 30 * MIB, 4 * MIB);
+    for n in [&n1, &n2] {
+        n.wait_for("leg back in sync", |s| {
+            leg_state(s, &legs[1]) == "in-sync" && s["degraded"] == false
+        });
+    }
+    let copied = n2.status()["resync"]["bytes_copied"].as_u64().unwrap();
+    assert!(
+        (3 * MIB..=5 * MIB).contains(&copied),
+        "only the chunks written while the leg was out (3 to 5 MiB), not the disk: {copied}"
+    );
+    let by_n1 = n1.status()["resync"]["bytes_copied"].as_u64().unwrap();
+    assert!(
+        by_n1 <= MIB,
+        "node 1 copies at most the chunk it wrote while the leg was out: {by_n1}"
+    );
+    for (c, who) in [(&mut c1, "node 1"), (&mut c2, "node 2")] {
+        check_pattern(c, 1, 0, 2 * MIB, who);
+        check_pattern(c, 2, 8 * MIB, 2 * MIB, who);
+        check_pattern(c, 3, 12 * MIB, MIB, who);
+        check_pattern(c, 4, 30 * MIB, 4 * MIB, who);
+    }
+    drop((c1, c2));
+    for mut n in [n1, n2] {
+        assert!(n.stop().success());
+    }
+    assert!(data_area(&legs[0]) == data_area(&legs[1]), "legs identical");
+}
+
+#[test]
+fn reads_during_another_nodes_resync_never_return_the_stale_leg() {
+    let lockd = Lockd::start();
+    let d = tempfile::tempdir().unwrap();
+    let legs = clustered(d.path(), 2, "64M");
+    // Node 1 writes MiB 0..40 and dies with those bits set.
+    let mut n1 = node(d.path(), "n1", &lockd, &legs, &[]);
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    write_pattern(&mut c1, 5, 0, 40 * MIB);
+    drop(c1);
+    n1.kill9();
+    // Leg 1 gets different data in that range: what a crash between the legs'
+    // writes leaves, at its worst.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&legs[1])
+            .unwrap();
+        let bytes = std::fs::read(&legs[0]).unwrap();
+        let sb = vhost_user_md::md::Superblock::decode(&bytes[4096..8192]).unwrap();
+        let junk = pattern(66, 0, 40 * MIB as usize);
+        f.write_all_at(&junk, sb.data_offset * 512).unwrap();
+    }
+    // Node 1 comes back (same slot, its own bits) and resyncs slowly; node 2 joins.
+    let n1 = node(d.path(), "n1", &lockd, &legs, &["--resync-max-rate", "4M"]);
+    let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
+    let st = n2.wait_for("node 1's resync window", |s| {
+        !s["cluster"]["suspended"].as_array().unwrap().is_empty()
+    });
+    assert_eq!(st["cluster"]["resync_holder"], 0, "{st}");
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
+    let mut written: Option<(u64, Vec<u8>)> = None;
+    let mut rounds = 0u64;
+    loop {
+        let active = n1.status()["resync"]["active"] == true;
+        for (c, who) in [(&mut c1, "node 1"), (&mut c2, "node 2")] {
+            for o in (0..40 * MIB).step_by(4 * MIB as usize) {
+                let o = o + (rounds % 4) * MIB;
+                assert_eq!(c.read(0, o, 0, BLOCK), 0);
+                let want = match &written {
+                    Some((t, data)) if *t == o => data.clone(),
+                    _ => pattern(5, o, BLOCK),
+                };
+                assert!(c.buf()[..BLOCK] == want[..], "{who} read stale data at {o}");
+            }
+        }
+        rounds += 1;
+        if rounds == 10 {
+            // Node 2 writes into the window being resynced: it waits for the window
+            // to move on, then lands on both legs (the resync does not undo it).
+            let st = n2.status();
+            if let Some(w) = st["cluster"]["suspended"].as_array().unwrap().first() {
+                let target = w[0].as_u64().unwrap() * 512 + MIB;
+                let data = pattern(7, target, BLOCK);
+                c2.buf()[..BLOCK].copy_from_slice(&data);
+                assert_eq!(c2.write(0, target, 0, BLOCK), 0);
+                let after = n2.status();
+                assert!(
+                    after["cluster"]["suspended"] != st["cluster"]["suspended"],
+                    "the write waited for the window to move on: {after}"
+                );
+                written = Some((target, data));
+            }
+        }
+        if !active {
+            break;
+        }
+    }
+    assert!(rounds > 10, "reads ran during the resync ({rounds} rounds)");
+    let (target, data) = written.expect("a write went into a resync window");
+    let st = n1.wait_for("resync done", |s| {
+        s["resync"]["active"] == false && s["resync"]["remaining_chunks"] == 0
+    });
+    assert_eq!(
+        st["resync"]["bytes_copied"].as_u64().unwrap(),
+        40 * MIB,
+        "exactly node 1's dirty chunks"
+    );
+    drop((c1, c2));
+    for mut n in [n1, n2] {
+        assert!(n.stop().success());
+    }
+    let (a, b) = (data_area(&legs[0]), data_area(&legs[1]));
+    assert!(a == b, "legs identical");
+    let t = target as usize;
+    assert!(
+        a[t..t + BLOCK] == data[..],
+        "node 2's write survived the resync"
     );
 }

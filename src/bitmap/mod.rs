@@ -416,7 +416,10 @@ impl WriteIntent {
         Ok(cleared)
     }
 
-    /// Whether any chunk of the range must be read from the resync source only.
+    /// Whether any chunk of the range must be read from the resync source only:
+    /// chunks this node must resync, and, while another node resyncs, everything
+    /// from its window on (it works upwards, and the chunks it has yet to reach may
+    /// differ between the legs).
     pub fn is_needed(&self, sector: u64, sectors: u64) -> bool {
         if self.needed_count.load(Ordering::Acquire) == 0
             && !self.remote_active.load(Ordering::Acquire)
@@ -425,9 +428,7 @@ impl WriteIntent {
         }
         let range = self.chunk_range(sector, sectors);
         let g = self.lock();
-        let in_remote = g
-            .remote
-            .is_some_and(|(lo, hi)| *range.start() < hi && *range.end() >= lo);
+        let in_remote = g.remote.is_some_and(|(lo, _)| *range.end() >= lo);
         in_remote || range.into_iter().any(|c| g.needed.get(c))
     }
 
@@ -632,7 +633,8 @@ mod tests {
             "writes outside go"
         );
         assert!(b.is_needed(2048 * 4, 8), "reads inside use the first leg");
-        assert!(!b.is_needed(2048 * 7, 8));
+        assert!(b.is_needed(2048 * 7, 8), "and above: not resynced yet");
+        assert!(!b.is_needed(2048, 8), "below: resynced");
         b.set_remote_window(0, 0);
         assert!(b.try_start_write(2048 * 5, 8, &*rec).unwrap());
         assert!(!b.is_needed(2048 * 4, 8));

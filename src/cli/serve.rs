@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// Use the page cache instead of direct I/O on the legs.
     #[arg(long)]
     pub buffered: bool,
+    /// Limit resync and recovery to this many bytes per second (e.g. 50M), leaving
+    /// the legs' bandwidth to the guests (md's speed_limit_max). Default: no limit.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub resync_max_rate: Option<u64>,
     /// Fault drill: make leg INDEX fail, e.g. `1:writes-after=500` or `0:reads`.
     #[arg(long, value_name = "INDEX:FAULT", value_parser = parse_fault, hide = true)]
     pub inject_fault: Vec<(usize, FaultSpec)>,
@@ -105,6 +109,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         legs: args.legs,
         faults: args.inject_fault,
         lock_manager: args.lock_manager,
+        resync_max_rate: args.resync_max_rate.unwrap_or(0),
     })
 }
 
@@ -241,6 +246,27 @@ pub fn render_status(s: &Status) -> String {
                 .map(|e| format!("{}.{}min", e / 60, (e % 60) / 6))
                 .unwrap_or_else(|| "?".into())
         );
+    }
+    if let Some(c) = &s.cluster {
+        let list = |v: &[u32]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+            }
+        };
+        let _ = writeln!(
+            o,
+            "  cluster: this node slot {}, peers alive: {}, resync held by: {}",
+            c.slot,
+            list(&c.peers),
+            c.resync_holder
+                .map(|h| format!("slot {h}"))
+                .unwrap_or_else(|| "nobody".into())
+        );
+        for [lo, hi] in &c.suspended {
+            let _ = writeln!(o, "  suspended: sectors {lo}..{hi} (writes wait there)");
+        }
     }
     let _ = writeln!(o, "  requests completed: {}", s.requests_completed);
     o

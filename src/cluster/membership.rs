@@ -133,12 +133,29 @@ pub fn decode_window(lvb: &[u8]) -> (u64, u64) {
     (u64::from_le_bytes(lo), u64::from_le_bytes(hi))
 }
 
+/// The resync window another node announced: `(slot, lo, hi)` array sectors.
+/// Written by the receive path (RESYNCING) and by the join (the window a node had
+/// published in its slot's value block), under this mutex, so the newer one wins.
+pub type RemoteWindow = Arc<Mutex<Option<(u32, u64, u64)>>>;
+
 impl Node {
     /// Joins the lockspace of `comms`-to-be as a node of an array with `nodes` slots.
     pub fn join(
         ls: Arc<dyn crate::dlm::LockSpace>,
         nodes: u32,
+        handler: Handler,
+    ) -> Result<Node, JoinError> {
+        Self::join_with_window(ls, nodes, handler, Arc::new(Mutex::new(None)))
+    }
+
+    /// As [`Node::join`]; a window published by a live node when we join is
+    /// recorded in `window` (messages received meanwhile are newer only if they
+    /// come after the value block was read: both writers hold the mutex).
+    pub fn join_with_window(
+        ls: Arc<dyn crate::dlm::LockSpace>,
+        nodes: u32,
         mut handler: Handler,
+        window: RemoteWindow,
     ) -> Result<Node, JoinError> {
         let (comms, basts) = Comms::create(ls.clone())?;
         let router = comms.router().clone();
@@ -215,11 +232,15 @@ impl Node {
         let mut windows_at_join = Vec::new();
         for &s in &occupied {
             let lock = watches.bitmaps[s as usize];
-            let lvb = comms.step("slot NL->CR", lock, Mode::Cr, flags::VALBLK, None)?;
-            comms.step("slot CR->NL", lock, Mode::Nl, 0, None)?;
-            let (lo, hi) = decode_window(lvb.as_deref().unwrap_or(&[]));
-            if hi > 0 {
-                windows_at_join.push((s, lo, hi));
+            {
+                let mut w = window.lock().unwrap_or_else(|e| e.into_inner());
+                let lvb = comms.step("slot NL->CR", lock, Mode::Cr, flags::VALBLK, None)?;
+                comms.step("slot CR->NL", lock, Mode::Nl, 0, None)?;
+                let (lo, hi) = decode_window(lvb.as_deref().unwrap_or(&[]));
+                if hi > 0 {
+                    windows_at_join.push((s, lo, hi));
+                    *w = Some((s, lo, hi));
+                }
             }
             watches.arm(s);
         }

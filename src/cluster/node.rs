@@ -3,7 +3,7 @@
 //! resync lock with announced windows, and recovers the slots of nodes that died.
 
 use super::comms::CommsError;
-use super::membership::{JoinError, Node};
+use super::membership::{JoinError, Node, RemoteWindow};
 use crate::dlm::LockSpace;
 use crate::md::message::{ClusterMsg, MsgType};
 use crate::raid1::array::MetadataSync;
@@ -12,7 +12,8 @@ use crate::raid1::Array;
 use crate::storage::Leg;
 use log::info;
 use std::io;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Chunks announced per resync window.
 pub const WINDOW_CHUNKS: u64 = 32;
@@ -58,6 +59,14 @@ impl MetadataSync for ClusterMetadata {
             })
             .map_err(|e| io::Error::other(format!("cluster metadata update: {e}")))?
     }
+
+    fn re_adding(&self, dev_number: u32) -> io::Result<()> {
+        let mut m = ClusterMsg::new(MsgType::ReAdd, 0);
+        m.raid_slot = dev_number;
+        self.comms
+            .send(m)
+            .map_err(|e| io::Error::other(format!("cluster re-add message: {e}")))
+    }
 }
 
 /// A node of a clustered mirror.
@@ -66,6 +75,22 @@ pub struct ClusterNode {
     pub node: Node,
     /// The mirror, writing this node's bitmap slot.
     pub array: Arc<Array>,
+    /// The window another node announced it resyncs.
+    remote: RemoteWindow,
+    resyncing: AtomicBool,
+}
+
+/// What `status` shows of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClusterView {
+    /// This node's bitmap slot.
+    pub slot: u32,
+    /// Slots of the other live nodes (watched for their death).
+    pub peers: Vec<u32>,
+    /// The slot of the node that holds the resync lock, when one is known to.
+    pub resync_holder: Option<u32>,
+    /// Array sectors `[lo, hi)` where our writes wait for another node's resync.
+    pub suspended: Vec<[u64; 2]>,
 }
 
 impl ClusterNode {
@@ -85,22 +110,50 @@ impl ClusterNode {
         let nodes = meta.bitmap().slots();
         let cell: Arc<OnceLock<Arc<Array>>> = Arc::new(OnceLock::new());
         let c2 = cell.clone();
-        let node = Node::join(
+        let remote: RemoteWindow = Arc::new(Mutex::new(None));
+        let r2 = remote.clone();
+        let node = Node::join_with_window(
             ls,
             nodes,
             Box::new(move |m| {
+                if m.kind == MsgType::Resyncing {
+                    // Recorded even before the array exists (it is installed then);
+                    // returns once our writes in the window finished: then ack.
+                    let mut w = r2.lock().unwrap_or_else(|e| e.into_inner());
+                    if m.high > m.low {
+                        *w = Some((m.slot, m.low, m.high));
+                    } else if w.is_some_and(|(s, _, _)| s == m.slot) {
+                        *w = None;
+                    }
+                    if let Some(a) = c2.get() {
+                        match *w {
+                            Some((_, lo, hi)) => a.bitmap.set_remote_window(lo, hi),
+                            None => a.bitmap.set_remote_window(0, 0),
+                        }
+                    }
+                    return;
+                }
                 let Some(a) = c2.get() else { return };
                 match m.kind {
-                    // Returns once our writes in the window finished: then ack.
-                    MsgType::Resyncing => a.bitmap.set_remote_window(m.low, m.high),
                     MsgType::MetadataUpdated => {
                         if let Err(e) = a.reload_superblocks() {
                             log::warn!("cannot re-read the superblocks: {e}");
                         }
                     }
+                    MsgType::ReAdd => info!(
+                        "node slot {} re-adds leg #{}; its role comes with the next metadata update",
+                        m.slot, m.raid_slot
+                    ),
+                    MsgType::Remove => info!("node slot {} removes leg #{}", m.slot, m.raid_slot),
+                    MsgType::BitmapNeedsSync => info!(
+                        "node slot {} leaves with dirty bits; they are recovered when its slot lock is released",
+                        m.slot
+                    ),
+                    MsgType::NodeLeaving => info!("node slot {} leaves", m.slot),
                     _ => {}
                 }
             }),
+            remote.clone(),
         )?;
         let (array, report) =
             Array::assemble_as(legs, node.slot).map_err(|e| NodeError::Array(e.to_string()))?;
@@ -108,14 +161,18 @@ impl ClusterNode {
             log::warn!("{l}");
         }
         let array = Arc::new(array);
-        let _ = cell.set(array.clone());
         array.set_metadata_sync(Arc::new(ClusterMetadata {
             comms: node.comms.clone(),
             array: Arc::downgrade(&array),
         }));
-        for &(slot, lo, hi) in &node.windows_at_join {
-            info!("node slot {slot} is resyncing sectors {lo}..{hi}");
-            array.bitmap.set_remote_window(lo, hi);
+        {
+            // From here on the receive path installs windows itself.
+            let w = remote.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = cell.set(array.clone());
+            if let Some((slot, lo, hi)) = *w {
+                info!("node slot {slot} is resyncing sectors {lo}..{hi}");
+                array.bitmap.set_remote_window(lo, hi);
+            }
         }
         for &s in &node.free_at_join {
             let n = array.merge_slot(s, true)?;
@@ -124,7 +181,27 @@ impl ClusterNode {
             }
             node.release_slot(s)?;
         }
-        Ok(ClusterNode { node, array })
+        Ok(ClusterNode {
+            node,
+            array,
+            remote,
+            resyncing: AtomicBool::new(false),
+        })
+    }
+
+    /// The cluster as this node sees it.
+    pub fn view(&self) -> ClusterView {
+        let remote = *self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        ClusterView {
+            slot: self.node.slot,
+            peers: self.node.watched(),
+            resync_holder: if self.resyncing.load(Ordering::Relaxed) {
+                Some(self.node.slot)
+            } else {
+                remote.map(|(s, _, _)| s)
+            },
+            suspended: remote.map(|(_, lo, hi)| vec![[lo, hi]]).unwrap_or_default(),
+        }
     }
 
     /// Copies every needed chunk under the cluster-wide resync lock, announcing
@@ -134,7 +211,9 @@ impl ClusterNode {
             return Ok(0);
         }
         self.node.acquire_resync()?;
+        self.resyncing.store(true, Ordering::Relaxed);
         let r = self.resync_locked();
+        self.resyncing.store(false, Ordering::Relaxed);
         let released = self.node.release_resync();
         let n = r?;
         released?;
@@ -159,9 +238,32 @@ impl ClusterNode {
         Ok(copied)
     }
 
+    /// Leaves cleanly: tells the others, and whether our slot still has dirty bits
+    /// (BITMAP_NEEDS_SYNC), before the process releases its locks.
+    pub fn leave(&self) -> Result<(), NodeError> {
+        let slot = self.node.slot;
+        if self.array.bitmap.stats().dirty > 0 {
+            self.node
+                .comms
+                .send(ClusterMsg::new(MsgType::BitmapNeedsSync, slot))?;
+        }
+        self.node
+            .comms
+            .send(ClusterMsg::new(MsgType::NodeLeaving, slot))?;
+        Ok(())
+    }
+
     /// Recovers the slot of a node that died: takes over and clears its bits,
     /// releases the slot, resyncs. Returns the bytes copied.
     pub fn recover(&self, slot: u32) -> Result<u64, NodeError> {
+        {
+            let mut w = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            if w.is_some_and(|(s, _, _)| s == slot) {
+                info!("node slot {slot} died while resyncing: its window no longer holds writes");
+                *w = None;
+                self.array.bitmap.set_remote_window(0, 0);
+            }
+        }
         let n = self.array.merge_slot(slot, true)?;
         info!("node slot {slot} died with {n} dirty chunks");
         self.node.release_slot(slot)?;
@@ -219,9 +321,47 @@ mod tests {
         let off = (metas[0].sb.data_offset * 512) as usize;
         assert_eq!(a.contents()[off], 7);
         assert_eq!(b.contents()[off], 0);
-        // Bringing the leg back needs the other nodes' cooperation: refused for now.
-        let e = n1.array.re_add_leg("b").unwrap_err().to_string();
-        assert!(e.contains("other nodes"), "{e}");
+        // Node 2 re-adds it: node 1 writes it again at once, node 2 rebuilds it,
+        // including the chunk node 1 wrote while it was out.
+        n1.array
+            .write(5 * 2048, &[IoSlice::new(&[9u8; 4096])])
+            .unwrap();
+        assert_eq!(
+            n2.array.re_add_leg("b").unwrap(),
+            crate::raid1::manage::RecoveryKind::Bitmap
+        );
+        let b_state = |n: &ClusterNode| {
+            n.array
+                .members()
+                .iter()
+                .flatten()
+                .find(|m| m.name() == "b")
+                .map(|m| m.state())
+        };
+        assert_eq!(b_state(&n1), Some(crate::raid1::LegState::Recovering));
+        n1.array
+            .write(7 * 2048, &[IoSlice::new(&[5u8; 4096])])
+            .unwrap();
+        assert_eq!(
+            b.contents()[off + 7 * MIB as usize],
+            5,
+            "node 1 writes leg b again"
+        );
+        // Node 1's recovery pass must not declare the leg in sync: node 2 rebuilds it.
+        n1.array.finish_recovery().unwrap();
+        assert_eq!(b_state(&n1), Some(crate::raid1::LegState::Recovering));
+        let copied = n2.resync().unwrap();
+        assert!(copied >= 2 * MIB, "chunks 0 and 5 rebuilt: {copied}");
+        n2.array.finish_recovery().unwrap();
+        assert_eq!(b_state(&n2), Some(crate::raid1::LegState::InSync));
+        assert_eq!(b_state(&n1), Some(crate::raid1::LegState::InSync));
+        assert!(!n1.array.is_degraded());
+        assert_eq!(
+            b.contents()[off + 5 * MIB as usize],
+            9,
+            "node 1's write while out"
+        );
+        assert_eq!(b.contents()[off], 7);
     }
 
     #[test]

@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex};
 pub trait MetadataSync: Send + Sync {
     /// Runs `write` (which writes the superblocks) under the cluster's token.
     fn update(&self, write: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()>;
+    /// Tells the other nodes that leg `dev_number` is being re-added here.
+    fn re_adding(&self, dev_number: u32) -> io::Result<()>;
 }
 
 /// State of one member.
@@ -58,6 +60,8 @@ pub struct Member {
     pub(super) inflight: AtomicU64,
     /// The events this leg's superblock had when it joined (re-add decisions).
     pub joined_events: u64,
+    /// Another node rebuilds this leg: we write it but never declare it in sync.
+    pub(super) remote_recovery: AtomicBool,
 }
 
 impl Member {
@@ -134,6 +138,8 @@ pub struct Counters {
     pub resync_bytes: AtomicU64,
     /// Reads that failed on one leg and were served by another.
     pub read_retries: AtomicU64,
+    /// Resync and recovery copy at most this many bytes per second (0: no limit).
+    pub resync_max_rate: AtomicU64,
 }
 
 /// An assembled RAID1.
@@ -158,7 +164,7 @@ pub struct Array {
     /// Serialises chunk copies against legs joining a recovery.
     pub(super) recovery: Mutex<()>,
     /// How superblock updates are coordinated with other nodes (none: alone).
-    metadata_sync: Mutex<Option<Arc<dyn MetadataSync>>>,
+    pub(super) metadata_sync: Mutex<Option<Arc<dyn MetadataSync>>>,
     /// Counters.
     pub counters: Counters,
 }
@@ -259,6 +265,7 @@ impl Array {
                     state: AtomicU8::new(state as u8),
                     inflight: AtomicU64::new(0),
                     joined_events: m.sb.events,
+                    remote_recovery: AtomicBool::new(false),
                 })
             };
             let why = if r == role::FAULTY {
@@ -495,6 +502,7 @@ impl Array {
                             .is_some_and(|&r| r < role::MAX)
                     {
                         m.set_state(LegState::InSync);
+                        m.remote_recovery.store(false, Ordering::Release);
                         info!("leg {}: another node finished its recovery", m.name());
                     }
                     if newest.as_ref().is_none_or(|n| sb.events > n.events) {
@@ -511,19 +519,64 @@ impl Array {
         if sb.events <= meta.sb.events {
             return Ok(());
         }
-        for m in self.members().iter().flatten() {
-            let r = sb
-                .dev_roles
+        let role_of = |m: &Member| {
+            sb.dev_roles
                 .get(m.dev_number as usize)
                 .copied()
-                .unwrap_or(role::SPARE);
-            if r == role::FAULTY && m.set_state(LegState::Faulty) != LegState::Faulty {
+                .unwrap_or(role::SPARE)
+        };
+        for m in self.members().iter().flatten() {
+            if role_of(m) == role::FAULTY && m.set_state(LegState::Faulty) != LegState::Faulty {
                 warn!("leg {}: failed by another node", m.name());
                 if !meta.faulty.contains(&m.dev_number) {
                     meta.faulty.push(m.dev_number);
                 }
             }
         }
+        // Legs another node took out of their slot or put back into one.
+        let mut slots: Vec<Option<Arc<Member>>> = (*self.members()).clone();
+        let mut detached = lock(&self.detached);
+        for (i, cur) in slots.clone().iter().enumerate() {
+            let Some(m) = cur else { continue };
+            let r = role_of(m);
+            if m.state() == LegState::Faulty && r >= role::MAX && r != role::FAULTY {
+                info!("leg {}: removed from the array by another node", m.name());
+                slots[i] = None;
+                detached.push(m.clone());
+            }
+        }
+        let mut back = Vec::new();
+        for m in slots.iter().flatten().chain(detached.iter()) {
+            if m.state() == LegState::Faulty && usize::from(role_of(m)) < slots.len() {
+                back.push(m.clone());
+            }
+        }
+        for m in back {
+            let r = usize::from(role_of(&m));
+            if slots[r].as_ref().is_some_and(|o| !Arc::ptr_eq(o, &m)) {
+                warn!(
+                    "leg {}: another node put it into mirror slot {r}, which holds a leg here",
+                    m.name()
+                );
+                continue;
+            }
+            for s in slots.iter_mut() {
+                if s.as_ref().is_some_and(|o| Arc::ptr_eq(o, &m)) {
+                    *s = None;
+                }
+            }
+            detached.retain(|o| !Arc::ptr_eq(o, &m));
+            meta.faulty.retain(|&d| d != m.dev_number);
+            m.remote_recovery.store(true, Ordering::Release);
+            m.set_state(LegState::Recovering);
+            slots[r] = Some(m.clone());
+            info!(
+                "leg {}: re-added by another node; writing it while that node rebuilds it",
+                m.name()
+            );
+        }
+        drop(detached);
+        self.members.store(Arc::new(slots));
         meta.sb = sb;
         drop(meta);
         self.update_bitmap_state();
@@ -823,13 +876,22 @@ impl Array {
         let g = self.bitmap.geometry();
         let start = g.chunk_start(c);
         let end = (start + g.chunk_sectors()).min(self.size);
-        let _joining = lock(&self.recovery);
+        let t0 = std::time::Instant::now();
+        let joining = lock(&self.recovery);
         self.bitmap.begin_resync(c);
         let r = self.copy_range(start, end);
         self.bitmap.end_resync(c, r.is_ok());
+        drop(joining);
         let settled = self.settle_failures();
         let n = r?;
         settled?;
+        let rate = self.counters.resync_max_rate.load(Ordering::Relaxed);
+        if rate > 0 {
+            let due = std::time::Duration::from_secs_f64(n as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         Ok(n)
     }
 
@@ -881,7 +943,7 @@ impl Array {
         }
         let mut promoted = false;
         for m in self.members().iter().flatten() {
-            if m.state() == LegState::Recovering {
+            if m.state() == LegState::Recovering && !m.remote_recovery.load(Ordering::Acquire) {
                 m.state
                     .compare_exchange(
                         LegState::Recovering as u8,

@@ -70,8 +70,8 @@ impl Array {
         });
     }
 
-    /// Bringing a leg back needs every node to start writing it (md-cluster's
-    /// RE_ADD / NEWDISK flows), which this version does not do yet.
+    /// A new leg must be found by every node (md-cluster's NEWDISK with
+    /// `--cluster-confirm`); nodes here know only the legs they were started with.
     fn refuse_on_cluster_node(&self, what: &str) -> Result<(), ManageError> {
         if self.is_cluster_node() {
             return Err(ManageError::Unsuitable {
@@ -126,8 +126,13 @@ impl Array {
 
     /// Puts a leg that was part of the array back (like `mdadm --re-add`): only the
     /// chunks dirty in the bitmap are copied when the leg is recent enough.
+    ///
+    /// On a cluster node the others are told first (RE_ADD), then the superblocks
+    /// give the leg its role back (METADATA_UPDATED: from then on every node writes
+    /// it), and only then are the other slots' dirty bits gathered: every chunk a
+    /// node wrote while the leg was out is in its bitmap by then, and this node
+    /// rebuilds them all (spec §5.8).
     pub fn re_add_leg(&self, name: &str) -> Result<RecoveryKind, ManageError> {
-        self.refuse_on_cluster_node("re-add")?;
         let (slot, member) = match self.find_in_slots(name) {
             Some((slot, m)) => {
                 if m.state() != LegState::Faulty {
@@ -165,6 +170,10 @@ impl Array {
         } else {
             RecoveryKind::Full
         };
+        let sync = lock(&self.metadata_sync).clone();
+        if let Some(sync) = &sync {
+            sync.re_adding(member.dev_number)?;
+        }
         {
             let _joining = lock(&self.recovery);
             member.set_state(LegState::Recovering);
@@ -181,6 +190,15 @@ impl Array {
             self.update_bitmap_state();
         }
         self.update_superblocks(|_| {})?;
+        if sync.is_some() && kind == RecoveryKind::Bitmap {
+            let own = self.own_slot;
+            for s in (0..self.bitmap.superblock().slots()).filter(|&s| s != own) {
+                let n = self.merge_slot(s, false)?;
+                if n > 0 {
+                    info!("leg {name}: node slot {s} wrote {n} chunks while it was out");
+                }
+            }
+        }
         info!(
             "leg {name}: re-added to slot {slot}; {} recovery of {} chunks",
             if kind == RecoveryKind::Bitmap {
@@ -262,6 +280,7 @@ impl Array {
             state: AtomicU8::new(LegState::Recovering as u8),
             inflight: AtomicU64::new(0),
             joined_events: 0,
+            remote_recovery: std::sync::atomic::AtomicBool::new(false),
         });
         {
             let _joining = lock(&self.recovery);

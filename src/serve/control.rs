@@ -84,6 +84,9 @@ pub struct Status {
     pub resync: ResyncStatusWire,
     /// Guest requests completed.
     pub requests_completed: u64,
+    /// The cluster, on a cluster node.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cluster: Option<crate::cluster::node::ClusterView>,
 }
 
 /// Resync progress as sent over the socket.
@@ -206,6 +209,7 @@ pub fn status(service: &Service) -> Status {
         bitmap_dirty: stats.dirty,
         resync: service.progress.status(a).into(),
         requests_completed: service.backend.completed.load(Ordering::Relaxed),
+        cluster: service.cluster.as_ref().map(|c| c.view()),
     }
 }
 

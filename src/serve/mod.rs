@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub faults: Vec<(usize, FaultSpec)>,
     /// Which lock manager coordinates this node with others.
     pub lock_manager: LockManager,
+    /// Resync/recovery bytes per second at most (0: no limit).
+    pub resync_max_rate: u64,
 }
 
 /// The lock manager `serve` uses.
@@ -79,6 +81,8 @@ pub struct Service {
     pub stopping: Arc<AtomicBool>,
     /// How the service was started.
     pub config: ServeConfig,
+    /// This node of the cluster, unless the array is served alone.
+    pub cluster: Option<Arc<crate::cluster::node::ClusterNode>>,
 }
 
 /// Opens the legs for serving.
@@ -160,6 +164,10 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         }
     };
     array
+        .counters
+        .resync_max_rate
+        .store(config.resync_max_rate, Ordering::Relaxed);
+    array
         .mark_active()
         .map_err(|e| format!("cannot mark the array active: {e}"))?;
     info!(
@@ -203,6 +211,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         progress: progress.clone(),
         stopping: stopping.clone(),
         config: config.clone(),
+        cluster: cluster.clone(),
     });
     array.set_detached(left_out);
 
@@ -256,6 +265,11 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     let _ = resync_thread.join();
     let _ = daemon_thread.join();
     shutdown_array(&array, cluster.is_some());
+    if let Some(node) = &cluster {
+        if let Err(e) = node.leave() {
+            warn!("cannot tell the other nodes we leave: {e}");
+        }
+    }
     let _ = std::fs::remove_file(&config.socket);
     let _ = std::fs::remove_file(&config.control);
     Ok(())
