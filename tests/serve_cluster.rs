@@ -389,3 +389,64 @@ fn reads_during_another_nodes_resync_never_return_the_stale_leg() {
         "node 2's write survived the resync"
     );
 }
+
+#[test]
+fn a_node_killed_in_the_middle_of_its_resync_is_finished_by_a_survivor() {
+    let lockd = Lockd::start();
+    let d = tempfile::tempdir().unwrap();
+    let legs = clustered(d.path(), 2, "64M");
+    let mut n1 = node(d.path(), "n1", &lockd, &legs, &[]);
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    write_pattern(&mut c1, 8, 0, 40 * MIB);
+    drop(c1);
+    n1.kill9();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&legs[1])
+            .unwrap();
+        let sb =
+            vhost_user_md::md::Superblock::decode(&std::fs::read(&legs[0]).unwrap()[4096..8192])
+                .unwrap();
+        f.write_all_at(&pattern(67, 0, 40 * MIB as usize), sb.data_offset * 512)
+            .unwrap();
+    }
+    let mut n1 = node(d.path(), "n1", &lockd, &legs, &["--resync-max-rate", "4M"]);
+    let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
+    let st = n2.wait_for("node 1's resync window", |s| {
+        !s["cluster"]["suspended"].as_array().unwrap().is_empty()
+    });
+    let lo = st["cluster"]["suspended"][0][0].as_u64().unwrap() * 512;
+    n1.kill9();
+    // The window of the dead node holds no write: this one completes, and node 2
+    // finishes the resync node 1 started.
+    let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
+    let target = lo + 2 * MIB;
+    let data = pattern(9, target, BLOCK);
+    c2.buf()[..BLOCK].copy_from_slice(&data);
+    assert_eq!(c2.write(0, target, 0, BLOCK), 0);
+    let st = n2.wait_for("node 1's slot recovered", |s| {
+        s["resync"]["bytes_copied"].as_u64().unwrap() > 0
+            && s["resync"]["active"] == false
+            && s["resync"]["remaining_chunks"] == 0
+            && s["cluster"]["peers"].as_array().unwrap().is_empty()
+    });
+    assert!(
+        st["cluster"]["suspended"].as_array().unwrap().is_empty(),
+        "{st}"
+    );
+    for o in (0..40 * MIB).step_by(BLOCK) {
+        assert_eq!(c2.read(0, o, 0, BLOCK), 0);
+        let want = if o == target {
+            data.clone()
+        } else {
+            pattern(8, o, BLOCK)
+        };
+        assert!(c2.buf()[..BLOCK] == want[..], "data at {o}");
+    }
+    drop(c2);
+    let mut n2 = n2;
+    assert!(n2.stop().success());
+    assert!(data_area(&legs[0]) == data_area(&legs[1]), "legs identical");
+}
