@@ -346,10 +346,14 @@ fn execute<M: GuestMemoryBackend>(
                         })
                     })
                     .collect();
-                ctx.array.read(sector, &mut bufs)?;
+                let read = ctx.array.read(sector, &mut bufs);
+                // Written through raw pointers, so not logged by vm-memory: mark the
+                // pages for migration (also after a failure, which may have written
+                // part of them).
                 for v in &slices {
                     v.bitmap().mark_dirty(0, v.len());
                 }
+                read?;
             }
             Ok(data_len as u32)
         }
