@@ -244,22 +244,22 @@ fn dirty_log_marks_exactly_the_pages_the_backend_wrote_while_log_all_is_on() {
     };
     let fd = g.ram.fd.as_raw_fd();
     let base = g.ram.ptr as u64;
-    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+    let low = VhostUserMemoryRegionInfo {
         guest_phys_addr: 0,
         memory_size: REGION,
         userspace_addr: base,
         mmap_offset: 0,
         mmap_handle: fd,
-    }])
-    .unwrap();
-    fe.add_mem_region(&VhostUserMemoryRegionInfo {
+    };
+    let high = VhostUserMemoryRegionInfo {
         guest_phys_addr: HIGH,
         memory_size: REGION,
         userspace_addr: base + REGION,
         mmap_offset: REGION,
         mmap_handle: fd,
-    })
-    .unwrap();
+    };
+    fe.set_mem_table(std::slice::from_ref(&low)).unwrap();
+    fe.add_mem_region(&high).unwrap();
 
     // One split virtqueue in region 0.
     let kick = EventFd::new(0).unwrap();
@@ -407,6 +407,23 @@ fn dirty_log_marks_exactly_the_pages_the_backend_wrote_while_log_all_is_on() {
     fe.set_features(acked | VHOST_F_LOG_ALL).unwrap();
     batch(&mut g);
     assert_eq!(hex(&dirty_pages(&log)), hex(&want));
+
+    // The memory table changes while logging (QEMU's vhost_commit during a migration
+    // keeps the log): a region removed and added again, then a whole new table. The
+    // new regions log into the same log.
+    log.write(0, &vec![0; LOG_LEN as usize]);
+    fe.remove_mem_region(&high).unwrap();
+    fe.add_mem_region(&high).unwrap();
+    batch(&mut g);
+    assert_eq!(
+        hex(&dirty_pages(&log)),
+        hex(&want),
+        "after REM_MEM_REG + ADD_MEM_REG"
+    );
+    log.write(0, &vec![0; LOG_LEN as usize]);
+    fe.set_mem_table(&[low, high]).unwrap();
+    batch(&mut g);
+    assert_eq!(hex(&dirty_pages(&log)), hex(&want), "after SET_MEM_TABLE");
 
     // GET_VRING_BASE stops the ring with every request done.
     assert_eq!(fe.get_vring_base(0).unwrap(), u32::from(g.avail_idx));

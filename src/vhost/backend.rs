@@ -1,7 +1,7 @@
 //! The `VhostUserBackend` implementation: what the device offers, its config space,
 //! and the per-queue workers.
 
-use super::dirty::{self, DirtyLog};
+use super::dirty::{self, DirtyLog, LogCarrier};
 use super::request::{self, Context, Limits, Prepared, RequestError, ID_LEN};
 use crate::raid1::Array;
 use crate::raid1::AsyncIo;
@@ -16,16 +16,14 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 /// Guest memory with a dirty-page log (for live migration).
-pub type Mem = GuestMemoryMmap<DirtyLog>;
+pub type Mem = dirty::LoggedMemory;
 /// The atomic handle the daemon updates on SET_MEM_TABLE / ADD_MEM_REG.
 pub type GuestMem = GuestMemoryAtomic<Mem>;
 /// A vring.
@@ -106,6 +104,8 @@ pub struct BlockBackend {
     event_idx: AtomicBool,
     /// The front-end acked VHOST_F_LOG_ALL (migration dirty logging).
     log_all: AtomicBool,
+    /// Gives regions of a new memory table the dirty log of the previous ones.
+    log_carrier: Mutex<LogCarrier>,
     writethrough: AtomicBool,
     mem: RwLock<Option<GuestMem>>,
     /// Held shared by a worker while it runs requests; taken exclusively to drain.
@@ -137,6 +137,7 @@ impl BlockBackend {
             limits: Limits::default(),
             event_idx: AtomicBool::new(false),
             log_all: AtomicBool::new(false),
+            log_carrier: Mutex::new(LogCarrier::default()),
             writethrough: AtomicBool::new(false),
             mem: RwLock::new(None),
             io_gate: RwLock::new(()),
@@ -188,8 +189,10 @@ impl BlockBackend {
     }
 
     /// After the front-end went away: finishes every request still in flight on the
-    /// legs (nobody is left to tell).
+    /// legs (nobody is left to tell) and forgets its dirty log.
     pub fn abandon_in_flight(&self) {
+        self.log_all.store(false, Ordering::SeqCst);
+        lock(&self.log_carrier).clear();
         for q in &self.queues {
             let mut g = lock(q);
             if let Some(s) = g.as_mut() {
@@ -500,9 +503,11 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
-        // New regions have no log until the next SET_LOG_BASE; they log only while
-        // VHOST_F_LOG_ALL is acked.
-        dirty::set_logging(&mem.memory(), self.log_all.load(Ordering::SeqCst));
+        // New regions log into the log the previous ones had (QEMU keeps it across
+        // memory-table changes), and only while VHOST_F_LOG_ALL is acked.
+        let snapshot = mem.memory().into_inner();
+        dirty::set_logging(&snapshot, self.log_all.load(Ordering::SeqCst));
+        lock(&self.log_carrier).carry(snapshot);
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
         Ok(())
     }
