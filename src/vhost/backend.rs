@@ -1,6 +1,7 @@
 //! The `VhostUserBackend` implementation: what the device offers, its config space,
 //! and the per-queue workers.
 
+use super::dirty::{self, DirtyLog, LogCarrier};
 use super::request::{self, Context, Limits, Prepared, RequestError, ID_LEN};
 use crate::raid1::Array;
 use crate::raid1::AsyncIo;
@@ -9,23 +10,20 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-/// Guest memory with a dirty bitmap (for live-migration logging).
-pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
+/// Guest memory with a dirty-page log (for live migration).
+pub type Mem = dirty::LoggedMemory;
 /// The atomic handle the daemon updates on SET_MEM_TABLE / ADD_MEM_REG.
 pub type GuestMem = GuestMemoryAtomic<Mem>;
 /// A vring.
@@ -57,7 +55,8 @@ struct Pending {
     used: u32,
     /// Keeps the guest memory the buffers live in mapped.
     mem: Arc<Mem>,
-    /// Guest buffers a read fills (marked dirty for migration logging).
+    /// Guest buffers a read fills (marked in the dirty log when it ends, whether it
+    /// succeeded or not: a failed read may have written part of them).
     read_segs: Vec<(GuestAddress, usize)>,
     write: bool,
 }
@@ -103,6 +102,10 @@ pub struct BlockBackend {
     serial: [u8; ID_LEN],
     limits: Limits,
     event_idx: AtomicBool,
+    /// The front-end acked VHOST_F_LOG_ALL (migration dirty logging).
+    log_all: AtomicBool,
+    /// Gives regions of a new memory table the dirty log of the previous ones.
+    log_carrier: Mutex<LogCarrier>,
     writethrough: AtomicBool,
     mem: RwLock<Option<GuestMem>>,
     /// Held shared by a worker while it runs requests; taken exclusively to drain.
@@ -133,6 +136,8 @@ impl BlockBackend {
             config,
             limits: Limits::default(),
             event_idx: AtomicBool::new(false),
+            log_all: AtomicBool::new(false),
+            log_carrier: Mutex::new(LogCarrier::default()),
             writethrough: AtomicBool::new(false),
             mem: RwLock::new(None),
             io_gate: RwLock::new(()),
@@ -184,8 +189,10 @@ impl BlockBackend {
     }
 
     /// After the front-end went away: finishes every request still in flight on the
-    /// legs (nobody is left to tell).
+    /// legs (nobody is left to tell) and forgets its dirty log.
     pub fn abandon_in_flight(&self) {
+        self.log_all.store(false, Ordering::SeqCst);
+        lock(&self.log_carrier).clear();
         for q in &self.queues {
             let mut g = lock(q);
             if let Some(s) = g.as_mut() {
@@ -365,17 +372,17 @@ impl BlockBackend {
                 warn!("completion for an unknown request {token}");
                 continue;
             };
-            let mut result = result.map(|()| p.used).map_err(RequestError::Io);
-            if result.is_ok() {
-                for &(addr, len) in &p.read_segs {
-                    for v in GuestMemoryBackend::get_slices(&*p.mem, addr, len).flatten() {
-                        v.bitmap().mark_dirty(0, v.len());
-                    }
+            // The read data went into guest memory behind vm-memory's back: log it
+            // before the used entry tells the guest it is there.
+            for &(addr, len) in &p.read_segs {
+                for v in GuestMemoryBackend::get_slices(&*p.mem, addr, len).flatten() {
+                    v.bitmap().mark_dirty(0, v.len());
                 }
-                if p.write && self.writethrough.load(Ordering::Relaxed) {
-                    if let Err(e) = self.array.flush() {
-                        result = Err(RequestError::Io(e));
-                    }
+            }
+            let mut result = result.map(|()| p.used).map_err(RequestError::Io);
+            if result.is_ok() && p.write && self.writethrough.load(Ordering::Relaxed) {
+                if let Err(e) = self.array.flush() {
+                    result = Err(RequestError::Io(e));
                 }
             }
             let used = request::finish(&*p.mem, p.status, result);
@@ -412,7 +419,7 @@ fn add_used(state: &mut VringState<GuestMem>, head: u16, used: u32) -> io::Resul
 }
 
 impl VhostUserBackend for BlockBackend {
-    type Bitmap = BitmapMmapRegion;
+    type Bitmap = DirtyLog;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -434,7 +441,8 @@ impl VhostUserBackend for BlockBackend {
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_CONFIG_WCE)
             | (1 << VIRTIO_BLK_F_MQ)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
         if self.config.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {
@@ -445,6 +453,15 @@ impl VhostUserBackend for BlockBackend {
 
     fn acked_features(&self, features: u64) {
         debug!("guest acked features {features:#x}");
+        // VHOST_F_LOG_ALL on: mark the guest pages we write in the log SET_LOG_BASE
+        // shares; off: stop marking (the log may stay mapped).
+        let on = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if self.log_all.swap(on, Ordering::SeqCst) != on {
+            info!("dirty-page logging {}", if on { "on" } else { "off" });
+        }
+        if let Some(mem) = self.mem.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            dirty::set_logging(&mem.memory(), on);
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -452,6 +469,7 @@ impl VhostUserBackend for BlockBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -485,6 +503,11 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        // New regions log into the log the previous ones had (QEMU keeps it across
+        // memory-table changes), and only while VHOST_F_LOG_ALL is acked.
+        let snapshot = mem.memory().into_inner();
+        dirty::set_logging(&snapshot, self.log_all.load(Ordering::SeqCst));
+        lock(&self.log_carrier).carry(snapshot);
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
         Ok(())
     }

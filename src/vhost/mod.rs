@@ -2,6 +2,7 @@
 //! requests parsed from guest memory and run on the mirror.
 
 pub mod backend;
+pub mod dirty;
 pub mod request;
 
 pub use backend::{BlockBackend, BlockConfig};
