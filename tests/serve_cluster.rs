@@ -450,3 +450,51 @@ fn a_node_killed_in_the_middle_of_its_resync_is_finished_by_a_survivor() {
     assert!(n2.stop().success());
     assert!(data_area(&legs[0]) == data_area(&legs[1]), "legs identical");
 }
+
+#[test]
+fn a_replacement_leg_added_on_one_node_is_found_and_written_by_the_other() {
+    let lockd = Lockd::start();
+    let d = tempfile::tempdir().unwrap();
+    let legs = clustered(d.path(), 2, "64M");
+    let n1 = node(d.path(), "n1", &lockd, &legs, &[]);
+    let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    write_pattern(&mut c1, 11, 0, 8 * MIB);
+    for op in ["fail", "remove"] {
+        let (ok, out) = n1.manage(op, &legs[1]);
+        assert!(ok, "{op}: {out}");
+    }
+    assert_eq!(leg_state(&n2.status(), &legs[1]), "removed");
+    // A blank replacement, visible to both nodes (here: the same directory).
+    let new = d.path().join("leg-new.img");
+    std::fs::File::create(&new)
+        .unwrap()
+        .set_len(std::fs::metadata(&legs[0]).unwrap().len())
+        .unwrap();
+    let (ok, out) = n2.manage("add", &new);
+    assert!(ok, "{out}");
+    let st1 = n1.status();
+    assert!(
+        ["recovering", "in-sync"].contains(&leg_state(&st1, &new).as_str()),
+        "node 1 knows the new leg at once: {st1}"
+    );
+    write_pattern(&mut c1, 12, 20 * MIB, 4 * MIB);
+    for n in [&n1, &n2] {
+        n.wait_for("new leg in sync", |s| {
+            leg_state(s, &new) == "in-sync" && s["degraded"] == false
+        });
+    }
+    let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
+    for (c, who) in [(&mut c1, "node 1"), (&mut c2, "node 2")] {
+        check_pattern(c, 11, 0, 8 * MIB, who);
+        check_pattern(c, 12, 20 * MIB, 4 * MIB, who);
+    }
+    drop((c1, c2));
+    for mut n in [n1, n2] {
+        assert!(n.stop().success());
+    }
+    assert!(
+        data_area(&legs[0]) == data_area(&new),
+        "the new leg is a full copy"
+    );
+}

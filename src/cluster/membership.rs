@@ -200,6 +200,9 @@ impl Node {
                 comms.set_slot(slot);
                 comms
                     .step("ack NL->CR", comms.ack(), Mode::Cr, 0, None)
+                    .and_then(|_| {
+                        comms.step("no-new-dev NL->CR", comms.no_new_dev(), Mode::Cr, 0, None)
+                    })
                     .map(|_| (slot, occupied))
             }
             Ok(None) => Err(CommsError::Status("slot claim", Status::Again)),

@@ -60,6 +60,32 @@ impl MetadataSync for ClusterMetadata {
             .map_err(|e| io::Error::other(format!("cluster metadata update: {e}")))?
     }
 
+    fn add_device(
+        &self,
+        dev_number: u32,
+        device_uuid: crate::md::Uuid,
+        write: &mut dyn FnMut() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut m = ClusterMsg::new(MsgType::NewDisk, 0);
+        m.uuid = device_uuid;
+        m.raid_slot = dev_number;
+        let array = self.array.clone();
+        self.comms
+            .add_device(m, || {
+                let r = write();
+                let msg = r.is_ok().then(|| {
+                    let mut m = ClusterMsg::new(MsgType::MetadataUpdated, 0);
+                    m.raid_slot = array
+                        .upgrade()
+                        .and_then(|a| a.first_good_dev())
+                        .unwrap_or(0);
+                    m
+                });
+                (r, msg)
+            })
+            .map_err(|e| io::Error::other(format!("cluster add: {e}")))?
+    }
+
     fn re_adding(&self, dev_number: u32) -> io::Result<()> {
         let mut m = ClusterMsg::new(MsgType::ReAdd, 0);
         m.raid_slot = dev_number;
@@ -75,10 +101,15 @@ pub struct ClusterNode {
     pub node: Node,
     /// The mirror, writing this node's bitmap slot.
     pub array: Arc<Array>,
+    /// Finds a device another node adds, by its device uuid.
+    finder: Arc<Mutex<Option<DeviceFinder>>>,
     /// The window another node announced it resyncs.
     remote: RemoteWindow,
     resyncing: AtomicBool,
 }
+
+/// Looks for the leg with a given device uuid among what this node can open.
+pub type DeviceFinder = Box<dyn Fn(&crate::md::Uuid) -> Option<Arc<dyn Leg>> + Send + Sync>;
 
 /// What `status` shows of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -112,10 +143,20 @@ impl ClusterNode {
         let c2 = cell.clone();
         let remote: RemoteWindow = Arc::new(Mutex::new(None));
         let r2 = remote.clone();
+        let comms_cell: Arc<OnceLock<Arc<super::comms::Comms>>> = Arc::new(OnceLock::new());
+        let cc = comms_cell.clone();
+        let finder: Arc<Mutex<Option<DeviceFinder>>> = Arc::new(Mutex::new(None));
+        let f2 = finder.clone();
         let node = Node::join_with_window(
             ls,
             nodes,
             Box::new(move |m| {
+                if m.kind != MsgType::NewDisk {
+                    // Whatever add we confirmed is over: back to refusing new devices.
+                    if let Some(Err(e)) = cc.get().map(|c| c.rearm_new_device()) {
+                        log::warn!("cannot take no-new-dev back: {e}");
+                    }
+                }
                 if m.kind == MsgType::Resyncing {
                     // Recorded even before the array exists (it is installed then);
                     // returns once our writes in the window finished: then ack.
@@ -140,6 +181,31 @@ impl ClusterNode {
                             log::warn!("cannot re-read the superblocks: {e}");
                         }
                     }
+                    MsgType::NewDisk => {
+                        let found = f2
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .as_ref()
+                            .and_then(|f| f(&m.uuid));
+                        let Some(leg) = found else {
+                            log::warn!(
+                                "node slot {} adds device {} (uuid {}), which this node cannot find: not confirming, the add fails",
+                                m.slot, m.raid_slot, m.uuid
+                            );
+                            return;
+                        };
+                        match a.offer_candidate(leg, m.raid_slot, m.uuid) {
+                            Ok(()) => {
+                                if let Some(Err(e)) = cc.get().map(|c| c.confirm_new_device()) {
+                                    log::warn!("cannot confirm the new device: {e}");
+                                }
+                            }
+                            Err(e) => log::warn!(
+                                "node slot {} adds device {}: {e}; not confirming",
+                                m.slot, m.raid_slot
+                            ),
+                        }
+                    }
                     MsgType::ReAdd => info!(
                         "node slot {} re-adds leg #{}; its role comes with the next metadata update",
                         m.slot, m.raid_slot
@@ -155,6 +221,7 @@ impl ClusterNode {
             }),
             remote.clone(),
         )?;
+        let _ = comms_cell.set(node.comms.clone());
         let (array, report) =
             Array::assemble_as(legs, node.slot).map_err(|e| NodeError::Array(e.to_string()))?;
         for l in &report.left_out {
@@ -184,9 +251,15 @@ impl ClusterNode {
         Ok(ClusterNode {
             node,
             array,
+            finder,
             remote,
             resyncing: AtomicBool::new(false),
         })
+    }
+
+    /// Sets how this node finds a device another node adds (NEWDISK).
+    pub fn set_device_finder(&self, f: DeviceFinder) {
+        *self.finder.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
 
     /// The cluster as this node sees it.
@@ -362,6 +435,67 @@ mod tests {
             "node 1's write while out"
         );
         assert_eq!(b.contents()[off], 7);
+    }
+
+    #[test]
+    fn a_leg_added_on_one_node_must_be_found_by_the_others() {
+        let (a, b, metas) = clustered_legs();
+        let c: Arc<MemLeg> = Arc::new(MemLeg::new("c", 64 * MIB));
+        let ls_name = metas[0].sb.set_uuid.lockspace_name();
+        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
+        let dlm = LocalDlm::new();
+        let n1 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        let n2 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        n1.array.fail_leg("b").unwrap();
+        n1.array.remove_leg("b").unwrap();
+        n1.array
+            .write(9 * 2048, &[IoSlice::new(&[3u8; 4096])])
+            .unwrap();
+        // Node 1 cannot see leg c: the add is refused and changes nothing.
+        let e = n2.array.add_leg(c.clone()).unwrap_err().to_string();
+        assert!(e.contains("did not find"), "{e}");
+        assert!(n2.array.members().iter().flatten().all(|m| m.name() != "c"));
+        assert!(n1.array.is_degraded() && n2.array.is_degraded());
+        // Once node 1 can, it is added everywhere; node 2 rebuilds it.
+        let c2 = c.clone();
+        n1.set_device_finder(Box::new(move |u| {
+            let sb = crate::raid1::metadata::read_superblock(&*c2).ok()?;
+            (sb.device_uuid == *u).then(|| c2.clone() as Arc<dyn Leg>)
+        }));
+        let slot = n2.array.add_leg(c.clone()).unwrap();
+        let c_state = |n: &ClusterNode| {
+            n.array.members()[slot]
+                .as_ref()
+                .filter(|m| m.name() == "c")
+                .map(|m| m.state())
+        };
+        assert_eq!(c_state(&n1), Some(crate::raid1::LegState::Recovering));
+        n1.array
+            .write(11 * 2048, &[IoSlice::new(&[4u8; 4096])])
+            .unwrap();
+        let off = (metas[0].sb.data_offset * 512) as usize;
+        assert_eq!(
+            c.contents()[off + 11 * MIB as usize],
+            4,
+            "node 1 writes leg c"
+        );
+        n1.array.finish_recovery().unwrap();
+        assert_eq!(c_state(&n1), Some(crate::raid1::LegState::Recovering));
+        n2.resync().unwrap();
+        n2.array.finish_recovery().unwrap();
+        assert_eq!(c_state(&n2), Some(crate::raid1::LegState::InSync));
+        assert_eq!(c_state(&n1), Some(crate::raid1::LegState::InSync));
+        let data = off..off + 63 * MIB as usize;
+        assert!(
+            a.contents()[data.clone()] == c.contents()[data],
+            "leg c is a full copy"
+        );
+        // A third add of an unknown device is refused again (node 1 took no-new-dev back).
+        let d: Arc<MemLeg> = Arc::new(MemLeg::new("d", 64 * MIB));
+        n1.array.fail_leg("c").unwrap();
+        n1.array.remove_leg("c").unwrap();
+        let e = n2.array.add_leg(d).unwrap_err().to_string();
+        assert!(e.contains("did not find"), "{e}");
     }
 
     #[test]

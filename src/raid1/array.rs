@@ -20,6 +20,14 @@ pub trait MetadataSync: Send + Sync {
     fn update(&self, write: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()>;
     /// Tells the other nodes that leg `dev_number` is being re-added here.
     fn re_adding(&self, dev_number: u32) -> io::Result<()>;
+    /// Announces new device `dev_number` (`device_uuid`) and, once every other
+    /// node found it, runs `write` (the superblocks giving it its role).
+    fn add_device(
+        &self,
+        dev_number: u32,
+        device_uuid: Uuid,
+        write: &mut dyn FnMut() -> io::Result<()>,
+    ) -> io::Result<()>;
 }
 
 /// State of one member.
@@ -165,6 +173,9 @@ pub struct Array {
     pub(super) recovery: Mutex<()>,
     /// How superblock updates are coordinated with other nodes (none: alone).
     pub(super) metadata_sync: Mutex<Option<Arc<dyn MetadataSync>>>,
+    /// Devices another node is adding, found here by their uuid; the metadata
+    /// update that gives one a role puts it into its slot.
+    pub(super) candidates: Mutex<Vec<Arc<Member>>>,
     /// Counters.
     pub counters: Counters,
 }
@@ -342,6 +353,7 @@ impl Array {
             detached: Mutex::new(Vec::new()),
             recovery: Mutex::new(()),
             metadata_sync: Mutex::new(None),
+            candidates: Mutex::new(Vec::new()),
             counters: Counters::default(),
         };
         array.update_bitmap_state();
@@ -551,6 +563,21 @@ impl Array {
                 back.push(m.clone());
             }
         }
+        {
+            let mut candidates = lock(&self.candidates);
+            for m in candidates.iter() {
+                if usize::from(role_of(m)) < slots.len() {
+                    info!(
+                        "leg {}: another node added it as device {}",
+                        m.name(),
+                        m.dev_number
+                    );
+                    back.push(m.clone());
+                }
+            }
+            candidates
+                .retain(|m| usize::from(role_of(m)) >= slots.len() && role_of(m) != role::FAULTY);
+        }
         for m in back {
             let r = usize::from(role_of(&m));
             if slots[r].as_ref().is_some_and(|o| !Arc::ptr_eq(o, &m)) {
@@ -571,7 +598,7 @@ impl Array {
             m.set_state(LegState::Recovering);
             slots[r] = Some(m.clone());
             info!(
-                "leg {}: re-added by another node; writing it while that node rebuilds it",
+                "leg {}: in mirror slot {r}; another node rebuilds it, this node writes it meanwhile",
                 m.name()
             );
         }
@@ -583,7 +610,10 @@ impl Array {
         Ok(())
     }
 
-    fn update_superblocks_local(&self, change: impl FnOnce(&mut Superblock)) -> io::Result<()> {
+    pub(super) fn update_superblocks_local(
+        &self,
+        change: impl FnOnce(&mut Superblock),
+    ) -> io::Result<()> {
         let mut meta = lock(&self.meta);
         change(&mut meta.sb);
         loop {

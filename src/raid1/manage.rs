@@ -2,7 +2,7 @@
 
 use super::array::{lock, Array, LegState, Member};
 use super::metadata::read_superblock;
-use crate::md::superblock::{role, MAX_DEVS};
+use crate::md::superblock::{feature, role, MAX_DEVS};
 use crate::md::Uuid;
 use crate::storage::{read_vec, Leg};
 use log::info;
@@ -68,20 +68,6 @@ impl Array {
             v[slot] = m.clone();
             v
         });
-    }
-
-    /// A new leg must be found by every node (md-cluster's NEWDISK with
-    /// `--cluster-confirm`); nodes here know only the legs they were started with.
-    fn refuse_on_cluster_node(&self, what: &str) -> Result<(), ManageError> {
-        if self.is_cluster_node() {
-            return Err(ManageError::Unsuitable {
-                leg: String::new(),
-                why: format!(
-                    "{what} is not possible while other nodes serve the array; stop the other nodes' serve first"
-                ),
-            });
-        }
-        Ok(())
     }
 
     /// Fails a leg on operator request (like `mdadm --fail`).
@@ -212,8 +198,11 @@ impl Array {
     }
 
     /// Adds a blank leg into a free slot and rebuilds it completely (like `mdadm --add`).
+    ///
+    /// On a cluster node the leg first gets a spare's superblock, then every other
+    /// node must find it by its device uuid (NEWDISK, `no-new-dev`): only then do
+    /// the superblocks give it its slot, and every node writes it from there on.
     pub fn add_leg(&self, leg: Arc<dyn Leg>) -> Result<usize, ManageError> {
-        self.refuse_on_cluster_node("add")?;
         let name = leg.name().to_string();
         if self.find_in_slots(&name).is_some() {
             return Err(ManageError::InUse(name));
@@ -282,14 +271,89 @@ impl Array {
             joined_events: 0,
             remote_recovery: std::sync::atomic::AtomicBool::new(false),
         });
-        {
+        let activate = || {
             let _joining = lock(&self.recovery);
-            self.set_slot(slot, Some(member));
+            self.set_slot(slot, Some(member.clone()));
             self.bitmap.mark_all_needed();
             self.update_bitmap_state();
+        };
+        let sync = lock(&self.metadata_sync).clone();
+        match sync {
+            None => {
+                activate();
+                self.update_superblocks(|_| {})?;
+            }
+            Some(sync) => {
+                // A spare's superblock, so the other nodes can find the leg.
+                let mut spare = sb.clone();
+                spare.dev_number = dev_number;
+                spare.device_uuid = member.device_uuid;
+                spare.data_offset = data_offset;
+                spare.data_size = member.data_size;
+                spare.feature_map &= !(feature::RECOVERY_OFFSET | feature::RECOVERY_BITMAP);
+                spare.recovery_offset = 0;
+                member
+                    .leg
+                    .write_at(&spare.encode(), spare.super_offset * 512)
+                    .and_then(|()| member.leg.flush())?;
+                let mut activated = false;
+                let mut write = || {
+                    if !activated {
+                        activate();
+                        activated = true;
+                    }
+                    self.update_superblocks_local(|_| {})
+                };
+                sync.add_device(dev_number, member.device_uuid, &mut write)
+                    .map_err(|e| ManageError::Unsuitable {
+                        leg: name.clone(),
+                        why: e.to_string(),
+                    })?;
+            }
         }
-        self.update_superblocks(|_| {})?;
         info!("leg {name}: added to slot {slot} as device {dev_number}; full recovery");
         Ok(slot)
+    }
+
+    /// Another node adds device `dev_number` (`device_uuid`), and `leg` is that
+    /// device as seen from here: it waits as a candidate for the metadata update
+    /// that gives it its slot (then this node writes it, the other rebuilds it).
+    pub fn offer_candidate(
+        &self,
+        leg: Arc<dyn Leg>,
+        dev_number: u32,
+        device_uuid: Uuid,
+    ) -> Result<(), ManageError> {
+        let name = leg.name().to_string();
+        let sb = read_superblock(&*leg).map_err(|e| ManageError::Unsuitable {
+            leg: name.clone(),
+            why: e.to_string(),
+        })?;
+        if sb.set_uuid != self.uuid || sb.device_uuid != device_uuid || sb.dev_number != dev_number
+        {
+            return Err(ManageError::Unsuitable {
+                leg: name,
+                why: format!(
+                    "is device {} ({}) of array {}, not device {dev_number} ({device_uuid}) of {}",
+                    sb.dev_number, sb.device_uuid, sb.set_uuid, self.uuid
+                ),
+            });
+        }
+        let member = Arc::new(Member {
+            leg,
+            dev_number,
+            device_uuid,
+            data_offset: sb.data_offset,
+            data_size: sb.data_size,
+            state: AtomicU8::new(LegState::Recovering as u8),
+            inflight: AtomicU64::new(0),
+            joined_events: sb.events,
+            remote_recovery: std::sync::atomic::AtomicBool::new(true),
+        });
+        let mut c = lock(&self.candidates);
+        c.retain(|m| m.dev_number != dev_number);
+        c.push(member);
+        info!("leg {name}: found as device {dev_number} that another node adds");
+        Ok(())
     }
 }

@@ -109,6 +109,53 @@ pub fn open_legs(config: &ServeConfig) -> Result<Vec<Arc<dyn Leg>>, String> {
     Ok(legs)
 }
 
+/// Looks in `dirs` (image files, block devices) for the leg whose md superblock
+/// carries `device_uuid`, and opens it: how a node finds a leg another node adds.
+fn find_device(
+    dirs: &[PathBuf],
+    device_uuid: &crate::md::Uuid,
+    direct: bool,
+) -> Option<Arc<dyn Leg>> {
+    use std::os::unix::fs::{FileExt, FileTypeExt};
+    let mut seen = std::collections::HashSet::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if !(meta.is_file() || meta.file_type().is_block_device()) {
+                continue;
+            }
+            let key = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+            if !seen.insert(key) {
+                continue;
+            }
+            let Ok(f) = std::fs::File::open(&path) else {
+                continue;
+            };
+            let mut buf = vec![0u8; crate::md::superblock::SB_BLOCK_LEN];
+            if f.read_exact_at(&mut buf, 4096).is_err() {
+                continue;
+            }
+            match crate::md::Superblock::decode(&buf) {
+                Ok(sb) if sb.device_uuid == *device_uuid => {
+                    info!("found the new leg at {}", path.display());
+                    return FileLeg::open_with(&path, OpenMode::ReadWrite, direct)
+                        .map_err(|e| warn!("leg {}: cannot open: {e}", path.display()))
+                        .ok()
+                        .map(|l| Arc::new(l) as Arc<dyn Leg>);
+                }
+                _ => {}
+            }
+        }
+    }
+    None
+}
+
 /// Runs `serve` until a signal; returns the process exit status message on errors
 /// that prevent starting.
 pub fn run(config: ServeConfig) -> Result<(), String> {
@@ -159,6 +206,15 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
                 "joined array {} as node slot {}",
                 sb.set_uuid, node.node.slot
             );
+            let dirs: Vec<PathBuf> = config
+                .legs
+                .iter()
+                .filter(|p| p.is_file())
+                .filter_map(|p| p.parent().map(Path::to_path_buf))
+                .chain(std::iter::once(PathBuf::from("/dev/disk/by-id")))
+                .collect();
+            let direct = !config.buffered;
+            node.set_device_finder(Box::new(move |uuid| find_device(&dirs, uuid, direct)));
             let node = Arc::new(node);
             (node.array.clone(), Vec::new(), Some(node))
         }
