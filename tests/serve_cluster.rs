@@ -498,3 +498,43 @@ fn a_replacement_leg_added_on_one_node_is_found_and_written_by_the_other() {
         "the new leg is a full copy"
     );
 }
+
+#[test]
+fn a_node_joining_during_a_rebuild_does_not_trust_the_half_built_leg() {
+    let lockd = Lockd::start();
+    let d = tempfile::tempdir().unwrap();
+    let legs = clustered(d.path(), 2, "64M");
+    let n1 = node(d.path(), "n1", &lockd, &legs, &["--resync-max-rate", "4M"]);
+    let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    write_pattern(&mut c1, 13, 0, 32 * MIB);
+    for op in ["fail", "remove"] {
+        let (ok, out) = n1.manage(op, &legs[1]);
+        assert!(ok, "{op}: {out}");
+    }
+    let new = d.path().join("leg-new.img");
+    std::fs::File::create(&new)
+        .unwrap()
+        .set_len(std::fs::metadata(&legs[0]).unwrap().len())
+        .unwrap();
+    let (ok, out) = n1.manage("add", &new);
+    assert!(ok, "{out}");
+    n1.wait_for("part of the rebuild", |s| {
+        s["resync"]["bytes_copied"].as_u64().unwrap() >= 2 * MIB
+    });
+    // Node 3 joins while the new leg is half built (its superblock says so).
+    let n3 = node(d.path(), "n3", &lockd, &[legs[0].clone(), new.clone()], &[]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for n in [&n1, &n2, &n3] {
+        let s = n.status();
+        assert_eq!(leg_state(&s, &new), "recovering", "{s}");
+    }
+    let mut c3 = Client::connect(&n3.socket, 1, BLOCK);
+    let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
+    check_pattern(&mut c3, 13, 0, 32 * MIB, "node 3");
+    check_pattern(&mut c2, 13, 0, 32 * MIB, "node 2");
+    drop((c1, c2, c3));
+    for mut n in [n1, n2, n3] {
+        assert!(n.stop().success());
+    }
+}

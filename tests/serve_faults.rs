@@ -274,6 +274,54 @@ fn remove_and_add_a_blank_leg_rebuilds_it_completely() {
 }
 
 #[test]
+fn a_rebuild_interrupted_by_a_crash_starts_again_after_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = make_array(d.path());
+    let sock = d.path().join("vm.sock");
+    let mut serve = Serve::start(
+        &sock,
+        &[
+            "--resync-max-rate",
+            "8M",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
+    let mut c = Client::connect(&sock, 1, BLOCK);
+    for i in 0..32 {
+        write_block(&mut c, 40 * MIB, i, 5);
+    }
+    assert!(serve.manage("fail", &b).0);
+    assert!(serve.manage("remove", &b).0);
+    let fresh = d.path().join("c.img");
+    std::fs::File::create(&fresh)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let (ok, out) = serve.manage("add", &fresh);
+    assert!(ok, "{out}");
+    serve.wait_for("part of the rebuild", |s| {
+        s["resync"]["bytes_copied"].as_u64().unwrap() >= 4 * MIB
+    });
+    drop(c);
+    serve.kill9();
+    // The new leg is only partly written: after the restart its rebuild starts
+    // again from the beginning instead of trusting it.
+    let mut serve = Serve::start(&sock, &[a.to_str().unwrap(), fresh.to_str().unwrap()]);
+    let s = serve.status();
+    assert_eq!(leg_state(&s, &fresh), "recovering", "{s}");
+    let s = serve.wait_for("rebuild", |s| s["degraded"] == false);
+    assert_eq!(s["resync"]["bytes_copied"].as_u64().unwrap(), 129_024 * 512);
+    let mut c = Client::connect(&sock, 1, BLOCK);
+    for i in 0..32 {
+        verify_block(&mut c, 40 * MIB + i * BLOCK as u64, &[5]);
+    }
+    drop(c);
+    assert!(serve.stop().success());
+    assert!(data_area(&a) == data_area(&fresh));
+}
+
+#[test]
 fn a_real_leg_running_out_of_space_is_failed_without_guest_errors() {
     // Leg b is a sparse image on a 12 MiB tmpfs: writes beyond that get ENOSPC
     // from the kernel.

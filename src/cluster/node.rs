@@ -241,6 +241,13 @@ impl ClusterNode {
                 array.bitmap.set_remote_window(lo, hi);
             }
         }
+        // A bitmap-guided rebuild in progress covers every node's bits.
+        if array.members().iter().flatten().any(|m| {
+            m.state() == crate::raid1::LegState::Recovering
+                && m.bitmap_guided.load(Ordering::Relaxed)
+        }) {
+            array.gather_other_slots()?;
+        }
         for &s in &node.free_at_join {
             let n = array.merge_slot(s, true)?;
             if n > 0 {
@@ -339,6 +346,8 @@ impl ClusterNode {
         }
         let n = self.array.merge_slot(slot, true)?;
         info!("node slot {slot} died with {n} dirty chunks");
+        // It may have been rebuilding a leg: nobody else finishes that.
+        self.array.take_over_recoveries()?;
         self.node.release_slot(slot)?;
         self.resync()
     }

@@ -70,6 +70,9 @@ pub struct Member {
     pub joined_events: u64,
     /// Another node rebuilds this leg: we write it but never declare it in sync.
     pub(super) remote_recovery: AtomicBool,
+    /// Its rebuild copies only chunks dirty in the bitmaps (a re-add), recorded
+    /// as RECOVERY_BITMAP; otherwise the whole array is copied.
+    pub(crate) bitmap_guided: AtomicBool,
 }
 
 impl Member {
@@ -277,6 +280,9 @@ impl Array {
                     inflight: AtomicU64::new(0),
                     joined_events: m.sb.events,
                     remote_recovery: AtomicBool::new(false),
+                    bitmap_guided: AtomicBool::new(
+                        m.sb.feature_map & feature::RECOVERY_BITMAP != 0,
+                    ),
                 })
             };
             let why = if r == role::FAULTY {
@@ -356,6 +362,18 @@ impl Array {
             candidates: Mutex::new(Vec::new()),
             counters: Counters::default(),
         };
+        // A leg being rebuilt (by this node before a crash, or by another node) is
+        // rebuilt here too: a bitmap-guided rebuild from the bits (this node's are
+        // kept until copied; a cluster node gathers the others'), a full one whole.
+        if array
+            .members()
+            .iter()
+            .flatten()
+            .any(|m| m.state() == LegState::Recovering && !m.bitmap_guided.load(Ordering::Relaxed))
+        {
+            info!("a leg was being rebuilt completely: its recovery starts again");
+            array.bitmap.mark_all_needed();
+        }
         array.update_bitmap_state();
         report.needed_chunks = array.bitmap.stats().needed;
         for l in &report.left_out {
@@ -595,6 +613,12 @@ impl Array {
             detached.retain(|o| !Arc::ptr_eq(o, &m));
             meta.faulty.retain(|&d| d != m.dev_number);
             m.remote_recovery.store(true, Ordering::Release);
+            if let Ok(own) = super::metadata::read_superblock(&*m.leg) {
+                m.bitmap_guided.store(
+                    own.feature_map & feature::RECOVERY_BITMAP != 0,
+                    Ordering::Relaxed,
+                );
+            }
             m.set_state(LegState::Recovering);
             slots[r] = Some(m.clone());
             info!(
@@ -654,6 +678,11 @@ impl Array {
                 sb.data_size = m.data_size;
                 if m.state() == LegState::Recovering {
                     sb.feature_map |= feature::RECOVERY_OFFSET;
+                    if m.bitmap_guided.load(Ordering::Relaxed) {
+                        sb.feature_map |= feature::RECOVERY_BITMAP;
+                    } else {
+                        sb.feature_map &= !feature::RECOVERY_BITMAP;
+                    }
                     sb.recovery_offset = 0;
                 } else {
                     sb.feature_map &= !(feature::RECOVERY_OFFSET | feature::RECOVERY_BITMAP);
@@ -888,6 +917,17 @@ impl Array {
         Ok(dirty)
     }
 
+    /// Marks every chunk dirty in any other node slot as needed here, without
+    /// clearing them there (a bitmap-guided rebuild covers all nodes' writes).
+    pub fn gather_other_slots(&self) -> io::Result<u64> {
+        let own = self.own_slot;
+        let mut n = 0;
+        for s in (0..self.bitmap.superblock().slots()).filter(|&s| s != own) {
+            n += self.merge_slot(s, false)?;
+        }
+        Ok(n)
+    }
+
     /// As the only node of the array: takes over every other slot's dirty bits
     /// (they become ours to resync) and clears them. Returns the chunks taken over.
     pub fn merge_other_slots(&self) -> io::Result<u64> {
@@ -992,6 +1032,29 @@ impl Array {
             self.update_superblocks(|_| {})?;
         }
         Ok(())
+    }
+
+    /// Takes over the rebuild of legs another node was rebuilding (it may have
+    /// died): they become ours to finish. Returns whether there were any.
+    pub fn take_over_recoveries(&self) -> io::Result<bool> {
+        let mut any = false;
+        let mut guided = true;
+        for m in self.members().iter().flatten() {
+            if m.state() == LegState::Recovering && m.remote_recovery.swap(false, Ordering::AcqRel)
+            {
+                info!("leg {}: this node takes over its rebuild", m.name());
+                any = true;
+                guided &= m.bitmap_guided.load(Ordering::Relaxed);
+            }
+        }
+        if any {
+            if guided {
+                self.gather_other_slots()?;
+            } else {
+                self.bitmap.mark_all_needed();
+            }
+        }
+        Ok(any)
     }
 
     /// Whether any leg is recovering.

@@ -163,6 +163,13 @@ impl Array {
         {
             let _joining = lock(&self.recovery);
             member.set_state(LegState::Recovering);
+            member.bitmap_guided.store(
+                kind == RecoveryKind::Bitmap,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            member
+                .remote_recovery
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             self.set_slot(slot, Some(member.clone()));
             lock(&self.detached).retain(|m| !Arc::ptr_eq(m, &member));
             lock(&self.meta).faulty.retain(|&d| d != member.dev_number);
@@ -177,12 +184,9 @@ impl Array {
         }
         self.update_superblocks(|_| {})?;
         if sync.is_some() && kind == RecoveryKind::Bitmap {
-            let own = self.own_slot;
-            for s in (0..self.bitmap.superblock().slots()).filter(|&s| s != own) {
-                let n = self.merge_slot(s, false)?;
-                if n > 0 {
-                    info!("leg {name}: node slot {s} wrote {n} chunks while it was out");
-                }
+            let n = self.gather_other_slots()?;
+            if n > 0 {
+                info!("leg {name}: the other nodes wrote {n} chunks while it was out");
             }
         }
         info!(
@@ -270,6 +274,7 @@ impl Array {
             inflight: AtomicU64::new(0),
             joined_events: 0,
             remote_recovery: std::sync::atomic::AtomicBool::new(false),
+            bitmap_guided: std::sync::atomic::AtomicBool::new(false),
         });
         let activate = || {
             let _joining = lock(&self.recovery);
@@ -349,6 +354,7 @@ impl Array {
             inflight: AtomicU64::new(0),
             joined_events: sb.events,
             remote_recovery: std::sync::atomic::AtomicBool::new(true),
+            bitmap_guided: std::sync::atomic::AtomicBool::new(false),
         });
         let mut c = lock(&self.candidates);
         c.retain(|m| m.dev_number != dev_number);
