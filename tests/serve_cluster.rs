@@ -538,3 +538,46 @@ fn a_node_joining_during_a_rebuild_does_not_trust_the_half_built_leg() {
         assert!(n.stop().success());
     }
 }
+
+#[test]
+fn a_survivor_finishes_the_rebuild_a_dead_node_started() {
+    let lockd = Lockd::start();
+    let d = tempfile::tempdir().unwrap();
+    let legs = clustered(d.path(), 2, "64M");
+    let mut n1 = node(d.path(), "n1", &lockd, &legs, &["--resync-max-rate", "4M"]);
+    let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    write_pattern(&mut c1, 14, 0, 16 * MIB);
+    for op in ["fail", "remove"] {
+        let (ok, out) = n1.manage(op, &legs[1]);
+        assert!(ok, "{op}: {out}");
+    }
+    let new = d.path().join("leg-new.img");
+    std::fs::File::create(&new)
+        .unwrap()
+        .set_len(std::fs::metadata(&legs[0]).unwrap().len())
+        .unwrap();
+    let (ok, out) = n1.manage("add", &new);
+    assert!(ok, "{out}");
+    n1.wait_for("part of the rebuild", |s| {
+        s["resync"]["bytes_copied"].as_u64().unwrap() >= 2 * MIB
+    });
+    drop(c1);
+    n1.kill9();
+    let s = n2.wait_for("node 2 finished the rebuild", |s| {
+        leg_state(s, &new) == "in-sync" && s["degraded"] == false
+    });
+    assert!(
+        s["resync"]["bytes_copied"].as_u64().unwrap() >= 60 * MIB,
+        "{s}"
+    );
+    let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
+    check_pattern(&mut c2, 14, 0, 16 * MIB, "node 2");
+    drop(c2);
+    let mut n2 = n2;
+    assert!(n2.stop().success());
+    assert!(
+        data_area(&legs[0]) == data_area(&new),
+        "the new leg is a full copy"
+    );
+}
