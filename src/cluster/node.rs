@@ -86,6 +86,14 @@ impl MetadataSync for ClusterMetadata {
             .map_err(|e| io::Error::other(format!("cluster add: {e}")))?
     }
 
+    fn removing(&self, dev_number: u32) -> io::Result<()> {
+        let mut m = ClusterMsg::new(MsgType::Remove, 0);
+        m.raid_slot = dev_number;
+        self.comms
+            .send(m)
+            .map_err(|e| io::Error::other(format!("cluster remove message: {e}")))
+    }
+
     fn re_adding(&self, dev_number: u32) -> io::Result<()> {
         let mut m = ClusterMsg::new(MsgType::ReAdd, 0);
         m.raid_slot = dev_number;

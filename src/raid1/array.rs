@@ -20,6 +20,8 @@ pub trait MetadataSync: Send + Sync {
     fn update(&self, write: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()>;
     /// Tells the other nodes that leg `dev_number` is being re-added here.
     fn re_adding(&self, dev_number: u32) -> io::Result<()>;
+    /// Tells the other nodes that faulty leg `dev_number` is being removed here.
+    fn removing(&self, dev_number: u32) -> io::Result<()>;
     /// Announces new device `dev_number` (`device_uuid`) and, once every other
     /// node found it, runs `write` (the superblocks giving it its role).
     fn add_device(

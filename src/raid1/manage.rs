@@ -94,6 +94,10 @@ impl Array {
         if m.state() != LegState::Faulty {
             return Err(ManageError::NotFaulty(name.into()));
         }
+        let sync = lock(&self.metadata_sync).clone();
+        if let Some(sync) = sync {
+            sync.removing(m.dev_number)?;
+        }
         self.set_slot(slot, None);
         let dev = m.dev_number;
         lock(&self.detached).push(m);
