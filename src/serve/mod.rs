@@ -115,6 +115,9 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         }
     }
     let legs = open_legs(&config)?;
+    // Membership in our corosync group (lock manager `dlm`): kept until the lockspace
+    // is released (declared before `cluster`, so dropped after it).
+    let mut _our_group: Option<crate::dlm::cpg::OurGroup> = None;
     let (array, left_out, cluster) = match &config.lock_manager {
         LockManager::Local => {
             let (array, report) = Array::assemble(legs).map_err(|e| e.to_string())?;
@@ -143,7 +146,11 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
                     .map_err(|e| e.to_string())?,
                 ),
                 _ => {
-                    crate::dlm::libdlm::refuse_kernel_lockspace(&name, &sb.set_uuid.to_string())?;
+                    let uuid = sb.set_uuid.to_string();
+                    // Both checks come before the DLM is touched: on this host the DLM
+                    // would not refuse, it would break (spec §6.7).
+                    crate::dlm::libdlm::refuse_kernel_lockspace(&name, &uuid)?;
+                    _our_group = crate::dlm::cpg::join_and_check(&name, &uuid)?;
                     Arc::new(
                         crate::dlm::libdlm::LibDlmMember::join(&name).map_err(|e| e.to_string())?,
                     )
