@@ -118,6 +118,8 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     // Membership in our corosync group (lock manager `dlm`): kept until the lockspace
     // is released (declared before `cluster`, so dropped after it).
     let mut _our_group: Option<crate::dlm::cpg::OurGroup> = None;
+    // Our DLM lockspace (lock manager `dlm`), released explicitly at shutdown.
+    let mut libdlm: Option<Arc<crate::dlm::libdlm::LibDlmMember>> = None;
     let (array, left_out, cluster) = match &config.lock_manager {
         LockManager::Local => {
             let (array, report) = Array::assemble(legs).map_err(|e| e.to_string())?;
@@ -151,9 +153,11 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
                     // would not refuse, it would break (spec §6.7).
                     crate::dlm::libdlm::refuse_kernel_lockspace(&name, &uuid)?;
                     _our_group = crate::dlm::cpg::join_and_check(&name, &uuid)?;
-                    Arc::new(
+                    let m = Arc::new(
                         crate::dlm::libdlm::LibDlmMember::join(&name).map_err(|e| e.to_string())?,
-                    )
+                    );
+                    libdlm = Some(m.clone());
+                    m
                 }
             };
             let node = crate::cluster::node::ClusterNode::join(ls, legs)
@@ -263,6 +267,12 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     let _ = resync_thread.join();
     let _ = daemon_thread.join();
     shutdown_array(&array, cluster.is_some());
+    // Threads of the cluster node (watches) keep the member alive: leave explicitly, so
+    // that no lockspace stays joined on this host once we are gone.
+    if let Some(m) = libdlm {
+        m.release();
+        info!("left the DLM lockspace");
+    }
     let _ = std::fs::remove_file(&config.socket);
     let _ = std::fs::remove_file(&config.control);
     Ok(())
