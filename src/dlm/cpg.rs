@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 const CS_OK: c_int = 1;
 const CS_ERR_TRY_AGAIN: c_int = 6;
 const CS_DISPATCH_ALL: c_int = 2;
-const CPG_ITERATION_ONE_GROUP: c_int = 2;
+const CPG_ITERATION_ALL: c_int = 3;
 const CPG_MAX_NAME_LENGTH: usize = 128;
 
 /// `struct cpg_name`.
@@ -259,12 +259,24 @@ fn retry(what: &str, mut f: impl FnMut() -> c_int) -> Result<(), String> {
     }
 }
 
+/// Whether a CPG group name is `group`: dlm_controld counts the terminating NUL in
+/// the name's length, so trailing NULs are ignored.
+fn same_group(name: &CpgName, group: &str) -> bool {
+    let len = (name.length as usize).min(CPG_MAX_NAME_LENGTH);
+    let mut v = &name.value[..len];
+    while let [rest @ .., 0] = v {
+        v = rest;
+    }
+    v == group.as_bytes()
+}
+
 fn members(api: &Api, handle: Handle, group: &str) -> Result<Vec<(u32, u32)>, String> {
-    let name = CpgName::new(group)?;
     let mut iter = 0u64;
-    // SAFETY: valid handle, name and out pointer.
+    // All groups, filtered here: an exact-name lookup would miss dlm_controld's groups,
+    // whose names include their terminating NUL.
+    // SAFETY: valid handle and out pointer; the name is unused for ALL.
     retry("cpg_iteration_initialize", || unsafe {
-        (api.iter_init)(handle, CPG_ITERATION_ONE_GROUP, &name, &mut iter)
+        (api.iter_init)(handle, CPG_ITERATION_ALL, std::ptr::null(), &mut iter)
     })?;
     let mut out = Vec::new();
     loop {
@@ -274,7 +286,9 @@ fn members(api: &Api, handle: Handle, group: &str) -> Result<Vec<(u32, u32)>, St
         if unsafe { (api.iter_next)(iter, &mut d) } != CS_OK {
             break;
         }
-        out.push((d.nodeid, d.pid));
+        if same_group(&d.group, group) {
+            out.push((d.nodeid, d.pid));
+        }
     }
     // SAFETY: the iteration handle is valid and finalized once.
     unsafe { (api.iter_finalize)(iter) };
@@ -414,6 +428,19 @@ mod tests {
         let dlm = [(1, 400), (2, 401)];
         let ours = [(1, 10), (1, 11), (2, 12)];
         assert!(foreign_nodes(&dlm, &ours).is_empty());
+    }
+
+    #[test]
+    fn group_names_match_with_or_without_a_terminating_nul() {
+        let mut n = CpgName::new("dlm:ls:abc").unwrap();
+        assert!(same_group(&n, "dlm:ls:abc"));
+        n.length += 1; // as dlm_controld names its groups
+        assert!(same_group(&n, "dlm:ls:abc"));
+        assert!(!same_group(&n, "dlm:ls:ab"));
+        assert!(!same_group(
+            &CpgName::new("dlm:ls:abcd").unwrap(),
+            "dlm:ls:abc"
+        ));
     }
 
     #[test]
