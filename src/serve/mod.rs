@@ -166,6 +166,11 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         }
     }
     let legs = open_legs(&config)?;
+    // Membership in our corosync group (lock manager `dlm`): kept until the lockspace
+    // is released (declared before `cluster`, so dropped after it).
+    let mut _our_group: Option<crate::dlm::cpg::OurGroup> = None;
+    // Our DLM lockspace (lock manager `dlm`), released explicitly at shutdown.
+    let mut libdlm: Option<Arc<crate::dlm::libdlm::LibDlmMember>> = None;
     let (array, left_out, cluster) = match &config.lock_manager {
         LockManager::Local => {
             let (array, report) = Array::assemble(legs).map_err(|e| e.to_string())?;
@@ -194,10 +199,16 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
                     .map_err(|e| e.to_string())?,
                 ),
                 _ => {
-                    crate::dlm::libdlm::refuse_kernel_lockspace(&name, &sb.set_uuid.to_string())?;
-                    Arc::new(
+                    let uuid = sb.set_uuid.to_string();
+                    // Both checks come before the DLM is touched: on this host the DLM
+                    // would not refuse, it would break (spec §6.7).
+                    crate::dlm::libdlm::refuse_kernel_lockspace(&name, &uuid)?;
+                    _our_group = crate::dlm::cpg::join_and_check(&name, &uuid)?;
+                    let m = Arc::new(
                         crate::dlm::libdlm::LibDlmMember::join(&name).map_err(|e| e.to_string())?,
-                    )
+                    );
+                    libdlm = Some(m.clone());
+                    m
                 }
             };
             let node = crate::cluster::node::ClusterNode::join(ls, legs)
@@ -325,6 +336,12 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         if let Err(e) = node.leave() {
             warn!("cannot tell the other nodes we leave: {e}");
         }
+    }
+    // Threads of the cluster node (watches) keep the member alive: leave explicitly, so
+    // that no lockspace stays joined on this host once we are gone.
+    if let Some(m) = libdlm {
+        m.release();
+        info!("left the DLM lockspace");
     }
     let _ = std::fs::remove_file(&config.socket);
     let _ = std::fs::remove_file(&config.control);
