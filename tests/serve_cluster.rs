@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{bin, data_area, pattern, Client, Lockd, Serve};
+use common::{bin, data_area, leg_state, pattern, Client, Lockd, Serve};
 use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;
@@ -44,6 +44,35 @@ fn node(dir: &Path, name: &str, lockd: &Lockd, legs: &[PathBuf], extra: &[&str])
     Serve::start(&dir.join(format!("{name}.sock")), &args)
 }
 
+/// Fails and removes leg 1 through `n`, and makes a blank replacement next to the
+/// legs (so every node can find it). Returns its path.
+fn take_out_and_replace(dir: &Path, n: &Serve, legs: &[PathBuf]) -> PathBuf {
+    for op in ["fail", "remove"] {
+        let (ok, out) = n.manage(op, &legs[1]);
+        assert!(ok, "{op}: {out}");
+    }
+    let new = dir.join("leg-new.img");
+    std::fs::File::create(&new)
+        .unwrap()
+        .set_len(std::fs::metadata(&legs[0]).unwrap().len())
+        .unwrap();
+    new
+}
+
+/// Overwrites the first `len` bytes of leg 1's data area with pattern `seed`:
+/// the legs then differ there, as a crash between the legs' writes leaves them.
+fn scribble_on_leg1(legs: &[PathBuf], seed: u64, len: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&legs[1])
+        .unwrap();
+    let sb = vhost_user_md::md::Superblock::decode(&std::fs::read(&legs[0]).unwrap()[4096..8192])
+        .unwrap();
+    f.write_all_at(&pattern(seed, 0, len as usize), sb.data_offset * 512)
+        .unwrap();
+}
+
 /// Writes `len` bytes of pattern `seed` at `off` in BLOCK pieces.
 fn write_pattern(c: &mut Client, seed: u64, off: u64, len: u64) {
     for o in (off..off + len).step_by(BLOCK) {
@@ -62,16 +91,6 @@ fn check_pattern(c: &mut Client, seed: u64, off: u64, len: u64, who: &str) {
             "{who}: data at {o} is not pattern {seed}"
         );
     }
-}
-
-fn leg_state(st: &serde_json::Value, leg: &Path) -> String {
-    st["legs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == leg.to_str().unwrap())
-        .map(|l| l["state"].as_str().unwrap().to_string())
-        .unwrap_or_default()
 }
 
 #[test]
@@ -310,17 +329,7 @@ fn reads_during_another_nodes_resync_never_return_the_stale_leg() {
     n1.kill9();
     // Leg 1 gets different data in that range: what a crash between the legs'
     // writes leaves, at its worst.
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&legs[1])
-            .unwrap();
-        let bytes = std::fs::read(&legs[0]).unwrap();
-        let sb = vhost_user_md::md::Superblock::decode(&bytes[4096..8192]).unwrap();
-        let junk = pattern(66, 0, 40 * MIB as usize);
-        f.write_all_at(&junk, sb.data_offset * 512).unwrap();
-    }
+    scribble_on_leg1(&legs, 66, 40 * MIB);
     // Node 1 comes back (same slot, its own bits) and resyncs slowly; node 2 joins.
     let n1 = node(d.path(), "n1", &lockd, &legs, &["--resync-max-rate", "4M"]);
     let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
@@ -400,18 +409,7 @@ fn a_node_killed_in_the_middle_of_its_resync_is_finished_by_a_survivor() {
     write_pattern(&mut c1, 8, 0, 40 * MIB);
     drop(c1);
     n1.kill9();
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&legs[1])
-            .unwrap();
-        let sb =
-            vhost_user_md::md::Superblock::decode(&std::fs::read(&legs[0]).unwrap()[4096..8192])
-                .unwrap();
-        f.write_all_at(&pattern(67, 0, 40 * MIB as usize), sb.data_offset * 512)
-            .unwrap();
-    }
+    scribble_on_leg1(&legs, 67, 40 * MIB);
     let mut n1 = node(d.path(), "n1", &lockd, &legs, &["--resync-max-rate", "4M"]);
     let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
     let st = n2.wait_for("node 1's resync window", |s| {
@@ -460,17 +458,8 @@ fn a_replacement_leg_added_on_one_node_is_found_and_written_by_the_other() {
     let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
     let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
     write_pattern(&mut c1, 11, 0, 8 * MIB);
-    for op in ["fail", "remove"] {
-        let (ok, out) = n1.manage(op, &legs[1]);
-        assert!(ok, "{op}: {out}");
-    }
+    let new = take_out_and_replace(d.path(), &n1, &legs);
     assert_eq!(leg_state(&n2.status(), &legs[1]), "removed");
-    // A blank replacement, visible to both nodes (here: the same directory).
-    let new = d.path().join("leg-new.img");
-    std::fs::File::create(&new)
-        .unwrap()
-        .set_len(std::fs::metadata(&legs[0]).unwrap().len())
-        .unwrap();
     let (ok, out) = n2.manage("add", &new);
     assert!(ok, "{out}");
     let st1 = n1.status();
@@ -508,15 +497,7 @@ fn a_node_joining_during_a_rebuild_does_not_trust_the_half_built_leg() {
     let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
     let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
     write_pattern(&mut c1, 13, 0, 32 * MIB);
-    for op in ["fail", "remove"] {
-        let (ok, out) = n1.manage(op, &legs[1]);
-        assert!(ok, "{op}: {out}");
-    }
-    let new = d.path().join("leg-new.img");
-    std::fs::File::create(&new)
-        .unwrap()
-        .set_len(std::fs::metadata(&legs[0]).unwrap().len())
-        .unwrap();
+    let new = take_out_and_replace(d.path(), &n1, &legs);
     let (ok, out) = n1.manage("add", &new);
     assert!(ok, "{out}");
     n1.wait_for("part of the rebuild", |s| {
@@ -548,15 +529,7 @@ fn a_survivor_finishes_the_rebuild_a_dead_node_started() {
     let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
     let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
     write_pattern(&mut c1, 14, 0, 16 * MIB);
-    for op in ["fail", "remove"] {
-        let (ok, out) = n1.manage(op, &legs[1]);
-        assert!(ok, "{op}: {out}");
-    }
-    let new = d.path().join("leg-new.img");
-    std::fs::File::create(&new)
-        .unwrap()
-        .set_len(std::fs::metadata(&legs[0]).unwrap().len())
-        .unwrap();
+    let new = take_out_and_replace(d.path(), &n1, &legs);
     let (ok, out) = n1.manage("add", &new);
     assert!(ok, "{out}");
     n1.wait_for("part of the rebuild", |s| {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{bin, data_area, pattern, Client, Serve};
+use common::{bin, data_area, leg_state, pattern, Client, Serve};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -41,16 +41,6 @@ fn examine(legs: &[&Path]) -> serde_json::Value {
         .output()
         .unwrap();
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn leg_state(s: &serde_json::Value, leg: &Path) -> String {
-    s["legs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == leg.to_str().unwrap())
-        .map(|l| l["state"].as_str().unwrap().to_string())
-        .unwrap_or_default()
 }
 
 /// Writes block `i` of a region with seed `seed`; panics on a guest-visible error.

@@ -41,20 +41,25 @@ struct ClusterMetadata {
     array: std::sync::Weak<Array>,
 }
 
+impl ClusterMetadata {
+    /// METADATA_UPDATED naming the first good leg, whose superblock receivers read.
+    fn metadata_updated(array: &std::sync::Weak<Array>) -> ClusterMsg {
+        let mut m = ClusterMsg::new(MsgType::MetadataUpdated, 0);
+        m.raid_slot = array
+            .upgrade()
+            .and_then(|a| a.first_good_dev())
+            .unwrap_or(0);
+        m
+    }
+}
+
 impl MetadataSync for ClusterMetadata {
     fn update(&self, write: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()> {
         let array = self.array.clone();
         self.comms
             .under_token(|| {
                 let r = write();
-                let msg = r.is_ok().then(|| {
-                    let mut m = ClusterMsg::new(MsgType::MetadataUpdated, 0);
-                    m.raid_slot = array
-                        .upgrade()
-                        .and_then(|a| a.first_good_dev())
-                        .unwrap_or(0);
-                    m
-                });
+                let msg = r.is_ok().then(|| Self::metadata_updated(&array));
                 (r, msg)
             })
             .map_err(|e| io::Error::other(format!("cluster metadata update: {e}")))?
@@ -73,14 +78,7 @@ impl MetadataSync for ClusterMetadata {
         self.comms
             .add_device(m, || {
                 let r = write();
-                let msg = r.is_ok().then(|| {
-                    let mut m = ClusterMsg::new(MsgType::MetadataUpdated, 0);
-                    m.raid_slot = array
-                        .upgrade()
-                        .and_then(|a| a.first_good_dev())
-                        .unwrap_or(0);
-                    m
-                });
+                let msg = r.is_ok().then(|| Self::metadata_updated(&array));
                 (r, msg)
             })
             .map_err(|e| io::Error::other(format!("cluster add: {e}")))?
