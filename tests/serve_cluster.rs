@@ -316,23 +316,32 @@ fn a_leg_failed_on_one_node_is_failed_everywhere_and_re_added_from_another() {
     assert!(data_area(&legs[0]) == data_area(&legs[1]), "legs identical");
 }
 
+/// Node 1 writes MiB 0..40 with pattern `seed` and is killed with those bits set;
+/// leg 1 then gets other data there (a crash between the legs' writes, at its
+/// worst). Node 1 comes back (same slot, its own bits) and resyncs slowly at
+/// 4 MiB/s; node 2 joins.
+fn slow_resync_of_a_crashed_node(
+    d: &Path,
+    lockd: &Lockd,
+    seed: u64,
+) -> (Vec<PathBuf>, Serve, Serve) {
+    let legs = clustered(d, 2, "64M");
+    let mut n1 = node(d, "n1", lockd, &legs, &[]);
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    write_pattern(&mut c1, seed, 0, 40 * MIB);
+    drop(c1);
+    n1.kill9();
+    scribble_on_leg1(&legs, seed + 100, 40 * MIB);
+    let n1 = node(d, "n1", lockd, &legs, &["--resync-max-rate", "4M"]);
+    let n2 = node(d, "n2", lockd, &legs, &[]);
+    (legs, n1, n2)
+}
+
 #[test]
 fn reads_during_another_nodes_resync_never_return_the_stale_leg() {
     let lockd = Lockd::start();
     let d = tempfile::tempdir().unwrap();
-    let legs = clustered(d.path(), 2, "64M");
-    // Node 1 writes MiB 0..40 and dies with those bits set.
-    let mut n1 = node(d.path(), "n1", &lockd, &legs, &[]);
-    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
-    write_pattern(&mut c1, 5, 0, 40 * MIB);
-    drop(c1);
-    n1.kill9();
-    // Leg 1 gets different data in that range: what a crash between the legs'
-    // writes leaves, at its worst.
-    scribble_on_leg1(&legs, 66, 40 * MIB);
-    // Node 1 comes back (same slot, its own bits) and resyncs slowly; node 2 joins.
-    let n1 = node(d.path(), "n1", &lockd, &legs, &["--resync-max-rate", "4M"]);
-    let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
+    let (legs, n1, n2) = slow_resync_of_a_crashed_node(d.path(), &lockd, 5);
     let st = n2.wait_for("node 1's resync window", |s| {
         !s["cluster"]["suspended"].as_array().unwrap().is_empty()
     });
@@ -403,15 +412,7 @@ fn reads_during_another_nodes_resync_never_return_the_stale_leg() {
 fn a_node_killed_in_the_middle_of_its_resync_is_finished_by_a_survivor() {
     let lockd = Lockd::start();
     let d = tempfile::tempdir().unwrap();
-    let legs = clustered(d.path(), 2, "64M");
-    let mut n1 = node(d.path(), "n1", &lockd, &legs, &[]);
-    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
-    write_pattern(&mut c1, 8, 0, 40 * MIB);
-    drop(c1);
-    n1.kill9();
-    scribble_on_leg1(&legs, 67, 40 * MIB);
-    let mut n1 = node(d.path(), "n1", &lockd, &legs, &["--resync-max-rate", "4M"]);
-    let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
+    let (legs, mut n1, n2) = slow_resync_of_a_crashed_node(d.path(), &lockd, 8);
     let st = n2.wait_for("node 1's resync window", |s| {
         !s["cluster"]["suspended"].as_array().unwrap().is_empty()
     });
