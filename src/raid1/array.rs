@@ -68,6 +68,8 @@ pub struct Member {
     pub data_size: u64,
     pub(super) state: AtomicU8,
     pub(super) inflight: AtomicU64,
+    /// Where the last read this leg served ended (sequential streams stay here).
+    pub(super) next_seq: AtomicU64,
     /// The events this leg's superblock had when it joined (re-add decisions).
     pub joined_events: u64,
     /// Another node rebuilds this leg: we write it but never declare it in sync.
@@ -280,6 +282,7 @@ impl Array {
                     data_size: m.sb.data_size,
                     state: AtomicU8::new(state as u8),
                     inflight: AtomicU64::new(0),
+                    next_seq: AtomicU64::new(u64::MAX),
                     joined_events: m.sb.events,
                     remote_recovery: AtomicBool::new(false),
                     bitmap_guided: AtomicBool::new(
@@ -745,13 +748,26 @@ impl Array {
     }
 
     /// Picks the leg to read `sectors` at `sector` from: the first in-sync leg for
-    /// chunks that still need a resync, else the least busy in-sync leg.
+    /// chunks that still need a resync; else the leg whose last read ended here (a
+    /// sequential stream stays on one device, as md's read balancing does); else the
+    /// least busy in-sync leg.
     pub(super) fn read_order(&self, sector: u64, sectors: u64) -> Vec<Arc<Member>> {
         let mut legs = self.in_sync();
         if legs.len() > 1 && !self.bitmap.is_needed(sector, sectors) {
-            let start = self.next_read.fetch_add(1, Ordering::Relaxed) % legs.len();
-            legs.rotate_left(start);
-            legs.sort_by_key(|m| m.inflight.load(Ordering::Relaxed));
+            match legs
+                .iter()
+                .position(|m| m.next_seq.load(Ordering::Relaxed) == sector)
+            {
+                Some(i) => legs.swap(0, i),
+                None => {
+                    let start = self.next_read.fetch_add(1, Ordering::Relaxed) % legs.len();
+                    legs.rotate_left(start);
+                    legs.sort_by_key(|m| m.inflight.load(Ordering::Relaxed));
+                }
+            }
+        }
+        if let Some(m) = legs.first() {
+            m.next_seq.store(sector + sectors, Ordering::Relaxed);
         }
         legs
     }
@@ -1118,6 +1134,41 @@ mod tests {
     use super::*;
     use crate::raid1::metadata::{create_array, LegMetadata};
     use crate::storage::MemLeg;
+
+    #[test]
+    fn a_sequential_stream_stays_on_one_leg_and_random_reads_alternate() {
+        let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 64 << 20));
+        let b: Arc<dyn Leg> = Arc::new(MemLeg::new("b", 64 << 20));
+        create_array(
+            &[&*a, &*b],
+            &super::super::metadata::NewArray {
+                name: "t".into(),
+                cluster_name: None,
+                nodes: 1,
+                bitmap_chunk: Some(1 << 20),
+                assume_clean: true,
+                now: 0,
+                uuid: None,
+            },
+        )
+        .unwrap();
+        let (array, _) = Array::assemble(vec![a, b]).unwrap();
+        let first = |s: u64| array.read_order(s, 256)[0].name().to_string();
+        let leg = first(0);
+        // Two interleaved streams: each keeps its own leg.
+        let other = first(50_000);
+        assert_ne!(leg, other, "a new stream goes to the other (idle) leg");
+        for i in 1..20 {
+            assert_eq!(first(i * 256), leg, "stream 1 stays on {leg}");
+            assert_eq!(first(50_000 + i * 256), other, "stream 2 stays on {other}");
+        }
+        // Random reads rotate over the legs.
+        let picks: std::collections::HashSet<String> = [9_000, 21_000, 33_000, 77_000]
+            .iter()
+            .map(|&s| first(s))
+            .collect();
+        assert_eq!(picks.len(), 2, "{picks:?}");
+    }
 
     #[test]
     fn another_slots_dirty_bits_are_taken_over_and_cleared() {
