@@ -42,17 +42,33 @@ struct Watches {
 impl Watches {
     /// Queues a blocking NL→PW on `slot`'s lock; its grant reports the owner dead.
     fn arm(self: &Arc<Self>, slot: u32) {
-        if slot == self.comms.slot() || slot as usize >= self.bitmaps.len() {
-            return;
+        if self.reserve(slot) {
+            self.arm_reserved(slot);
         }
-        if !self
-            .armed
+    }
+
+    /// Marks `slot` as watched, so that nothing else converts its lock; false when
+    /// it is ours, out of range or already watched.
+    fn reserve(&self, slot: u32) -> bool {
+        if slot == self.comms.slot() || slot as usize >= self.bitmaps.len() {
+            return false;
+        }
+        self.armed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(slot)
-        {
-            return;
-        }
+    }
+
+    /// Gives up a reservation without watching (the slot turned out free).
+    fn unreserve(&self, slot: u32) {
+        self.armed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&slot);
+    }
+
+    /// Arms the watch on a slot [`Watches::reserve`] marked.
+    fn arm_reserved(self: &Arc<Self>, slot: u32) {
         let lock = self.bitmaps[slot as usize];
         let rx = self.comms.router().expect(lock);
         if let Err(e) =
@@ -228,24 +244,31 @@ impl Node {
         joined.high = u64::from(std::process::id());
         comms.send(joined)?;
         // Slots after ours: free ones are reported (their bits need merging), taken
-        // ones are watched.
+        // ones are watched. A slot whose node sent us a message meanwhile is
+        // watched already (the receive loop armed it): taken, and its lock busy.
         let mut free_at_join = Vec::new();
         for s in (slot + 1)..nodes {
+            if !watches.reserve(s) {
+                continue;
+            }
             let lock = watches.bitmaps[s as usize];
             let rx = router.expect(lock);
-            ls.convert(
+            if let Err(e) = ls.convert(
                 lock,
                 Mode::Pw,
                 flags::CONVERT | flags::NOQUEUE | flags::VALBLK,
                 None,
-            )
-            .map_err(CommsError::Dlm)?;
+            ) {
+                watches.unreserve(s);
+                return Err(CommsError::Dlm(e).into());
+            }
             match rx.recv_timeout(super::comms::STEP_TIMEOUT) {
                 Ok((Status::Granted, _)) => {
                     // Kept in PW until the caller merged its bits (release_slot).
+                    watches.unreserve(s);
                     free_at_join.push(s);
                 }
-                Ok((Status::Again, _)) => watches.arm(s),
+                Ok((Status::Again, _)) => watches.arm_reserved(s),
                 Ok((st, _)) => return Err(CommsError::Status("slot probe", st).into()),
                 Err(_) => {
                     return Err(
@@ -482,5 +505,102 @@ mod tests {
             default(Duration::from_secs(5)) => panic!("nobody saw the second death"),
         };
         assert_eq!(got.unwrap(), 1);
+    }
+
+    /// A member whose second request for the token in EX (its NODE_JOINED) waits
+    /// until the test lets it go.
+    struct HeldJoiner {
+        inner: crate::dlm::local::LocalMember,
+        token: Mutex<Option<LockId>>,
+        token_ex: std::sync::atomic::AtomicU32,
+        reached: crossbeam_channel::Sender<()>,
+        go: crossbeam_channel::Receiver<()>,
+    }
+
+    impl LockSpace for HeldJoiner {
+        fn node(&self) -> crate::dlm::NodeId {
+            self.inner.node()
+        }
+        fn lvb_len(&self) -> usize {
+            self.inner.lvb_len()
+        }
+        fn lock(
+            &self,
+            name: &[u8],
+            mode: Mode,
+            fl: u32,
+            lvb: Option<&[u8]>,
+        ) -> Result<LockId, crate::dlm::DlmError> {
+            let id = self.inner.lock(name, mode, fl, lvb)?;
+            if name == super::super::comms::TOKEN {
+                *self.token.lock().unwrap() = Some(id);
+            }
+            Ok(id)
+        }
+        fn convert(
+            &self,
+            lock: LockId,
+            mode: Mode,
+            fl: u32,
+            lvb: Option<&[u8]>,
+        ) -> Result<(), crate::dlm::DlmError> {
+            if *self.token.lock().unwrap() == Some(lock)
+                && mode == Mode::Ex
+                && self
+                    .token_ex
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                    == 1
+            {
+                self.reached.send(()).unwrap();
+                self.go.recv().unwrap();
+            }
+            self.inner.convert(lock, mode, fl, lvb)
+        }
+        fn unlock(
+            &self,
+            lock: LockId,
+            fl: u32,
+            lvb: Option<&[u8]>,
+        ) -> Result<(), crate::dlm::DlmError> {
+            self.inner.unlock(lock, fl, lvb)
+        }
+        fn events(&self) -> crossbeam_channel::Receiver<crate::dlm::Event> {
+            self.inner.events()
+        }
+    }
+
+    #[test]
+    fn a_message_received_while_joining_does_not_break_the_probe_of_its_senders_slot() {
+        let dlm = LocalDlm::new();
+        let (_a, a_id) = join(&dlm);
+        let (b, _) = join(&dlm);
+        dlm.kill(LS, a_id);
+        assert_eq!(b.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        b.release_slot(0).unwrap();
+        // c takes slot 0 and, before it probes the slots after its own, receives a
+        // message from b (slot 1), which makes it watch slot 1.
+        let (reached_tx, reached) = crossbeam_channel::bounded(1);
+        let (go_tx, go) = crossbeam_channel::bounded(1);
+        let ls: Arc<dyn LockSpace> = Arc::new(HeldJoiner {
+            inner: dlm.join(LS, 32),
+            token: Mutex::new(None),
+            token_ex: std::sync::atomic::AtomicU32::new(0),
+            reached: reached_tx,
+            go,
+        });
+        let joining = std::thread::spawn(move || Node::join(ls, 4, Box::new(|_| {})));
+        reached.recv_timeout(Duration::from_secs(5)).unwrap();
+        b.comms
+            .send(ClusterMsg::new(MsgType::MetadataUpdated, 0))
+            .unwrap();
+        go_tx.send(()).unwrap();
+        let c = settled(joining.join().unwrap().expect("c joins"));
+        assert_eq!(c.slot, 0);
+        assert!(
+            c.free_at_join.iter().all(|&s| s >= 2),
+            "{:?}",
+            c.free_at_join
+        );
+        wait_watched(&c, &[1]);
     }
 }
