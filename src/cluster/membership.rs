@@ -218,16 +218,10 @@ impl Node {
             armed: Mutex::new(HashSet::new()),
             dead: dead_tx,
         });
-        let w2 = watches.clone();
-        comms.start_receiving(
-            basts,
-            Box::new(move |m: ClusterMsg| {
-                // Watch a (re)joined slot before this message is acknowledged.
-                w2.arm(m.slot);
-                handler(m)
-            }),
-        )?;
-        // Live nodes' resync windows (read with CR before watching them).
+        // Live nodes' resync windows, read with CR before anything else converts
+        // these locks: before the receive loop, which arms the watch on the slot
+        // of every message's sender. A window announced from now on reaches us as
+        // a message (our ack lock is armed), processed once the loop runs.
         let mut windows_at_join = Vec::new();
         for &s in &occupied {
             let lock = watches.bitmaps[s as usize];
@@ -237,6 +231,17 @@ impl Node {
             if hi > 0 {
                 windows_at_join.push((s, lo, hi));
             }
+        }
+        let w2 = watches.clone();
+        comms.start_receiving(
+            basts,
+            Box::new(move |m: ClusterMsg| {
+                // Watch a (re)joined slot before this message is acknowledged.
+                w2.arm(m.slot);
+                handler(m)
+            }),
+        )?;
+        for &s in &occupied {
             watches.arm(s);
         }
         let mut joined = ClusterMsg::new(MsgType::NodeJoined, slot);
@@ -359,7 +364,7 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dlm::local::LocalDlm;
+    use crate::dlm::local::{HoldingMember, LocalDlm};
     use crate::dlm::LockSpace;
     use std::time::{Duration, Instant};
 
@@ -507,68 +512,6 @@ mod tests {
         assert_eq!(got.unwrap(), 1);
     }
 
-    /// A member whose second request for the token in EX (its NODE_JOINED) waits
-    /// until the test lets it go.
-    struct HeldJoiner {
-        inner: crate::dlm::local::LocalMember,
-        token: Mutex<Option<LockId>>,
-        token_ex: std::sync::atomic::AtomicU32,
-        reached: crossbeam_channel::Sender<()>,
-        go: crossbeam_channel::Receiver<()>,
-    }
-
-    impl LockSpace for HeldJoiner {
-        fn node(&self) -> crate::dlm::NodeId {
-            self.inner.node()
-        }
-        fn lvb_len(&self) -> usize {
-            self.inner.lvb_len()
-        }
-        fn lock(
-            &self,
-            name: &[u8],
-            mode: Mode,
-            fl: u32,
-            lvb: Option<&[u8]>,
-        ) -> Result<LockId, crate::dlm::DlmError> {
-            let id = self.inner.lock(name, mode, fl, lvb)?;
-            if name == super::super::comms::TOKEN {
-                *self.token.lock().unwrap() = Some(id);
-            }
-            Ok(id)
-        }
-        fn convert(
-            &self,
-            lock: LockId,
-            mode: Mode,
-            fl: u32,
-            lvb: Option<&[u8]>,
-        ) -> Result<(), crate::dlm::DlmError> {
-            if *self.token.lock().unwrap() == Some(lock)
-                && mode == Mode::Ex
-                && self
-                    .token_ex
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-                    == 1
-            {
-                self.reached.send(()).unwrap();
-                self.go.recv().unwrap();
-            }
-            self.inner.convert(lock, mode, fl, lvb)
-        }
-        fn unlock(
-            &self,
-            lock: LockId,
-            fl: u32,
-            lvb: Option<&[u8]>,
-        ) -> Result<(), crate::dlm::DlmError> {
-            self.inner.unlock(lock, fl, lvb)
-        }
-        fn events(&self) -> crossbeam_channel::Receiver<crate::dlm::Event> {
-            self.inner.events()
-        }
-    }
-
     #[test]
     fn a_message_received_while_joining_does_not_break_the_probe_of_its_senders_slot() {
         let dlm = LocalDlm::new();
@@ -579,21 +522,18 @@ mod tests {
         b.release_slot(0).unwrap();
         // c takes slot 0 and, before it probes the slots after its own, receives a
         // message from b (slot 1), which makes it watch slot 1.
-        let (reached_tx, reached) = crossbeam_channel::bounded(1);
-        let (go_tx, go) = crossbeam_channel::bounded(1);
-        let ls: Arc<dyn LockSpace> = Arc::new(HeldJoiner {
-            inner: dlm.join(LS, 32),
-            token: Mutex::new(None),
-            token_ex: std::sync::atomic::AtomicU32::new(0),
-            reached: reached_tx,
-            go,
-        });
+        let (m, reached, go) = HoldingMember::new(
+            dlm.join(LS, 32),
+            |name, mode| name == super::super::comms::TOKEN && mode == Mode::Ex,
+            1,
+        );
+        let ls: Arc<dyn LockSpace> = Arc::new(m);
         let joining = std::thread::spawn(move || Node::join(ls, 4, Box::new(|_| {})));
         reached.recv_timeout(Duration::from_secs(5)).unwrap();
         b.comms
             .send(ClusterMsg::new(MsgType::MetadataUpdated, 0))
             .unwrap();
-        go_tx.send(()).unwrap();
+        go.send(()).unwrap();
         let c = settled(joining.join().unwrap().expect("c joins"));
         assert_eq!(c.slot, 0);
         assert!(
@@ -602,5 +542,31 @@ mod tests {
             c.free_at_join
         );
         wait_watched(&c, &[1]);
+    }
+
+    #[test]
+    fn a_message_received_while_joining_does_not_break_the_window_read_of_its_senders_slot() {
+        let dlm = LocalDlm::new();
+        let (a, _) = join(&dlm);
+        // b (slot 1) stops where it reads a's resync window; a sends meanwhile.
+        let (m, reached, go) = HoldingMember::new(
+            dlm.join(LS, 32),
+            |name, mode| name == bitmap_lock_name(0).as_slice() && mode == Mode::Cr,
+            0,
+        );
+        let ls: Arc<dyn LockSpace> = Arc::new(m);
+        let joining = std::thread::spawn(move || Node::join(ls, 4, Box::new(|_| {})));
+        reached.recv_timeout(Duration::from_secs(5)).unwrap();
+        let a = Arc::new(a);
+        let a2 = a.clone();
+        let sending =
+            std::thread::spawn(move || a2.comms.send(ClusterMsg::new(MsgType::MetadataUpdated, 0)));
+        // Give the message time to arrive (it is acknowledged once b receives).
+        std::thread::sleep(Duration::from_millis(100));
+        go.send(()).unwrap();
+        let b = settled(joining.join().unwrap().expect("b joins"));
+        sending.join().unwrap().unwrap();
+        assert_eq!(b.slot, 1);
+        wait_watched(&b, &[0]);
     }
 }
