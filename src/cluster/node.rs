@@ -12,7 +12,7 @@ use crate::raid1::Array;
 use crate::storage::Leg;
 use log::info;
 use std::io;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// Chunks announced per resync window.
 pub const WINDOW_CHUNKS: u64 = 32;
@@ -60,6 +60,27 @@ impl MetadataSync for ClusterMetadata {
     }
 }
 
+/// What the receive loop of a joining node has before its array exists.
+#[derive(Default)]
+struct Early {
+    array: Option<Arc<Array>>,
+    queued: Vec<ClusterMsg>,
+}
+
+/// Applies another node's message to our array.
+fn apply(a: &Array, m: &ClusterMsg) {
+    match m.kind {
+        // Returns once our writes in the window finished: then ack.
+        MsgType::Resyncing => a.bitmap.set_remote_window(m.low, m.high),
+        MsgType::MetadataUpdated => {
+            if let Err(e) = a.reload_superblocks() {
+                log::warn!("cannot re-read the superblocks: {e}");
+            }
+        }
+        _ => {}
+    }
+}
+
 /// A node of a clustered mirror.
 pub struct ClusterNode {
     /// Membership and messaging.
@@ -83,23 +104,25 @@ impl ClusterNode {
             ));
         }
         let nodes = meta.bitmap().slots();
-        let cell: Arc<OnceLock<Arc<Array>>> = Arc::new(OnceLock::new());
-        let c2 = cell.clone();
+        // Messages that arrive before the array exists are kept and applied once
+        // it does: a window announced or ended meanwhile must not be lost.
+        let early: Arc<Mutex<Early>> = Arc::new(Mutex::new(Early::default()));
+        let e2 = early.clone();
         let node = Node::join(
             ls,
             nodes,
             Box::new(move |m| {
-                let Some(a) = c2.get() else { return };
-                match m.kind {
-                    // Returns once our writes in the window finished: then ack.
-                    MsgType::Resyncing => a.bitmap.set_remote_window(m.low, m.high),
-                    MsgType::MetadataUpdated => {
-                        if let Err(e) = a.reload_superblocks() {
-                            log::warn!("cannot re-read the superblocks: {e}");
+                let a = {
+                    let mut g = e2.lock().unwrap_or_else(|e| e.into_inner());
+                    match &g.array {
+                        Some(a) => a.clone(),
+                        None => {
+                            g.queued.push(m);
+                            return;
                         }
                     }
-                    _ => {}
-                }
+                };
+                apply(&a, &m);
             }),
         )?;
         let (array, report) =
@@ -108,14 +131,21 @@ impl ClusterNode {
             log::warn!("{l}");
         }
         let array = Arc::new(array);
-        let _ = cell.set(array.clone());
         array.set_metadata_sync(Arc::new(ClusterMetadata {
             comms: node.comms.clone(),
             array: Arc::downgrade(&array),
         }));
-        for &(slot, lo, hi) in &node.windows_at_join {
-            info!("node slot {slot} is resyncing sectors {lo}..{hi}");
-            array.bitmap.set_remote_window(lo, hi);
+        {
+            // The windows read at join, then what was announced since, in order.
+            let mut g = early.lock().unwrap_or_else(|e| e.into_inner());
+            for &(slot, lo, hi) in &node.windows_at_join {
+                info!("node slot {slot} is resyncing sectors {lo}..{hi}");
+                array.bitmap.set_remote_window(lo, hi);
+            }
+            for m in std::mem::take(&mut g.queued) {
+                apply(&array, &m);
+            }
+            g.array = Some(array.clone());
         }
         for &s in &node.free_at_join {
             let n = array.merge_slot(s, true)?;
@@ -172,7 +202,7 @@ impl ClusterNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dlm::local::LocalDlm;
+    use crate::dlm::local::{HoldingMember, LocalDlm};
     use crate::raid1::metadata::{create_array, NewArray};
     use crate::storage::MemLeg;
     use std::io::IoSlice;
@@ -264,5 +294,38 @@ mod tests {
             m.bitmaps[1].bits.get(3),
             "the survivor carries them until its daemon clears them"
         );
+    }
+
+    #[test]
+    fn a_window_that_ends_while_a_node_joins_does_not_hold_its_writes() {
+        let (a, b, metas) = clustered_legs();
+        let ls_name = metas[0].sb.set_uuid.lockspace_name();
+        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
+        let dlm = LocalDlm::new();
+        let n1 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        n1.node.acquire_resync().unwrap();
+        n1.node.announce_window(0, 4 * 2048).unwrap();
+        // Node 2 reads that window while joining and stops before announcing
+        // itself; meanwhile node 1's resync ends.
+        let (m, reached, go) = HoldingMember::new(
+            dlm.join(&ls_name, 32),
+            |name, mode| name == crate::cluster::comms::TOKEN && mode == crate::dlm::Mode::Ex,
+            1,
+        );
+        let ls: Arc<dyn crate::dlm::LockSpace> = Arc::new(m);
+        let l2 = legs();
+        let joining = std::thread::spawn(move || ClusterNode::join(ls, l2));
+        reached.recv_timeout(Duration::from_secs(5)).unwrap();
+        n1.node.release_resync().unwrap();
+        go.send(()).unwrap();
+        let n2 = Arc::new(joining.join().unwrap().unwrap());
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let n2w = n2.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(n2w.array.write(2048, &[IoSlice::new(&[5u8; 4096])]));
+        });
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("the write is not held by the window that ended")
+            .unwrap();
     }
 }
