@@ -71,7 +71,7 @@ struct Early {
 fn apply(a: &Array, m: &ClusterMsg) {
     match m.kind {
         // Returns once our writes in the window finished: then ack.
-        MsgType::Resyncing => a.bitmap.set_remote_window(m.low, m.high),
+        MsgType::Resyncing => a.bitmap.set_remote_window(m.slot, m.low, m.high),
         MsgType::MetadataUpdated => {
             if let Err(e) = a.reload_superblocks() {
                 log::warn!("cannot re-read the superblocks: {e}");
@@ -140,7 +140,7 @@ impl ClusterNode {
             let mut g = early.lock().unwrap_or_else(|e| e.into_inner());
             for &(slot, lo, hi) in &node.windows_at_join {
                 info!("node slot {slot} is resyncing sectors {lo}..{hi}");
-                array.bitmap.set_remote_window(lo, hi);
+                array.bitmap.set_remote_window(slot, lo, hi);
             }
             for m in std::mem::take(&mut g.queued) {
                 apply(&array, &m);
@@ -190,10 +190,12 @@ impl ClusterNode {
     }
 
     /// Recovers the slot of a node that died: takes over and clears its bits,
-    /// releases the slot, resyncs. Returns the bytes copied.
+    /// lifts its resync window, releases the slot, resyncs. Returns the bytes copied.
     pub fn recover(&self, slot: u32) -> Result<u64, NodeError> {
         let n = self.array.merge_slot(slot, true)?;
         info!("node slot {slot} died with {n} dirty chunks");
+        // Its window's chunks are needed now (in its bits, merged): ours to resync.
+        self.array.bitmap.clear_remote_window_of(slot);
         self.node.release_slot(slot)?;
         self.resync()
     }
@@ -326,6 +328,31 @@ mod tests {
         });
         done.recv_timeout(Duration::from_secs(5))
             .expect("the write is not held by the window that ended")
+            .unwrap();
+    }
+
+    #[test]
+    fn the_window_of_a_node_that_died_while_resyncing_is_lifted_by_its_recovery() {
+        let (a, b, metas) = clustered_legs();
+        let ls_name = metas[0].sb.set_uuid.lockspace_name();
+        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
+        let dlm = LocalDlm::new();
+        let m1 = dlm.join(&ls_name, 32);
+        let id1 = m1.node();
+        let n1 = ClusterNode::join(Arc::new(m1), legs()).unwrap();
+        let n2 = Arc::new(ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap());
+        n1.node.acquire_resync().unwrap();
+        n1.node.announce_window(0, 4 * 2048).unwrap();
+        dlm.kill(&ls_name, id1);
+        let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
+        n2.recover(slot).unwrap();
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let n2w = n2.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(n2w.array.write(2048, &[IoSlice::new(&[5u8; 4096])]));
+        });
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("the dead node's window no longer holds writes")
             .unwrap();
     }
 }
