@@ -297,11 +297,19 @@ impl Node {
     }
 
     /// After recovering a dead node's slot (or merging a free one): lets a new node
-    /// take it.
+    /// take it. The slot's value block is rewritten with no resync window: the
+    /// dead node's window, read (flagged not valid) when we took the lock, must
+    /// not be written back as valid for the slot's next owner.
     pub fn release_slot(&self, slot: u32) -> Result<(), CommsError> {
         let lock = self.watches.bitmaps[slot as usize];
-        self.comms
-            .step("recovered slot PW->NL", lock, Mode::Nl, flags::VALBLK, None)?;
+        let none = encode_window(0, 0, self.comms.ls().lvb_len());
+        self.comms.step(
+            "recovered slot PW->NL",
+            lock,
+            Mode::Nl,
+            flags::VALBLK,
+            Some(&none),
+        )?;
         Ok(())
     }
 
@@ -568,5 +576,24 @@ mod tests {
         sending.join().unwrap().unwrap();
         assert_eq!(b.slot, 1);
         wait_watched(&b, &[0]);
+    }
+
+    #[test]
+    fn a_dead_nodes_window_is_not_installed_once_its_slot_has_a_new_owner() {
+        let dlm = LocalDlm::new();
+        let m = dlm.join(LS, 32);
+        let a_id = m.node();
+        let a = settled(Node::join(Arc::new(m), 4, Box::new(|_| {})).unwrap());
+        let (b, _) = join(&dlm);
+        a.acquire_resync().unwrap();
+        a.announce_window(0, 65536).unwrap();
+        dlm.kill(LS, a_id);
+        assert_eq!(b.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        b.release_slot(0).unwrap();
+        // c takes slot 0; d, joining next, reads slot 0's value block.
+        let (c, _) = join(&dlm);
+        assert_eq!(c.slot, 0);
+        let (d, _) = join(&dlm);
+        assert!(d.windows_at_join.is_empty(), "{:?}", d.windows_at_join);
     }
 }
