@@ -204,6 +204,10 @@ impl LockSpace for LocalMember {
     }
 }
 
+/// Which conversions (by lock name and mode) a [`HoldingMember`] stops at.
+#[cfg(test)]
+type HoldWhen = Box<dyn Fn(&[u8], Mode) -> bool + Send + Sync>;
+
 /// A member that stops at one conversion (the `nth`, from 0, of those `when`
 /// accepts by lock name and mode) until the test lets it go: to put another
 /// node's actions at an exact point of this one's protocol.
@@ -211,7 +215,7 @@ impl LockSpace for LocalMember {
 pub(crate) struct HoldingMember {
     inner: LocalMember,
     names: Mutex<HashMap<LockId, Vec<u8>>>,
-    when: Box<dyn Fn(&[u8], Mode) -> bool + Send + Sync>,
+    when: HoldWhen,
     nth: usize,
     seen: std::sync::atomic::AtomicUsize,
     reached: Sender<()>,
