@@ -908,19 +908,7 @@ impl Sim {
                 let (p, line) = self.prepare_node(vm);
                 let (tx, rx) = bounded(1);
                 std::thread::spawn(move || {
-                    // Every slot may be held for a moment (see `restart`).
-                    let start = Instant::now();
-                    let r = loop {
-                        match p.join() {
-                            Err(e)
-                                if e.contains("node slots of the array are in use")
-                                    && start.elapsed() < WAIT / 2 =>
-                            {
-                                std::thread::sleep(Duration::from_millis(5))
-                            }
-                            r => break r,
-                        }
-                    };
+                    let r = p.join();
                     let _ = tx.send((p, r));
                 });
                 Some((rx, line))
@@ -955,7 +943,7 @@ impl Sim {
                 self.stats.racing_writes += 1;
             }
         }
-        for (rx, line, _) in std::mem::take(&mut self.racing_joins) {
+        for (rx, line, vm) in std::mem::take(&mut self.racing_joins) {
             // Reports keep being processed meanwhile: they free the slots held.
             let start = Instant::now();
             let (p, r) = loop {
@@ -972,9 +960,20 @@ impl Sim {
                     }
                 }
             };
-            let cn = r?;
-            let n = self.add_node(p, cn, line);
-            self.after_restart(n)?;
+            match r {
+                Ok(cn) => {
+                    let n = self.add_node(p, cn, line);
+                    self.after_restart(n)?;
+                }
+                // Every slot may be held for a moment (see `restart`): start over
+                // with a new member (a failed join's threads still use the old one).
+                Err(e) if e.contains("node slots of the array are in use") => {
+                    self.log(format!("vm {vm}: {e}; restarting it afresh"));
+                    self.dlm.kill(&self.ls_name, p.dlm_id);
+                    self.restart(vm)?;
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
