@@ -3,7 +3,7 @@
 //! resync lock with announced windows, and recovers the slots of nodes that died.
 
 use super::comms::CommsError;
-use super::membership::{JoinError, Node, RemoteWindow};
+use super::membership::{JoinError, Node};
 use crate::dlm::LockSpace;
 use crate::md::message::{ClusterMsg, MsgType};
 use crate::raid1::array::MetadataSync;
@@ -101,16 +101,89 @@ impl MetadataSync for ClusterMetadata {
     }
 }
 
+/// What the receive loop of a joining node has before its array exists.
+#[derive(Default)]
+struct Early {
+    array: Option<Arc<Array>>,
+    queued: Vec<ClusterMsg>,
+}
+
+/// What the receive path needs besides the array.
+#[derive(Default)]
+struct Receiving {
+    comms: OnceLock<Arc<super::comms::Comms>>,
+    finder: Mutex<Option<DeviceFinder>>,
+}
+
+impl Receiving {
+    /// Applies another node's message to our array.
+    fn apply(&self, a: &Array, m: &ClusterMsg) {
+        if m.kind != MsgType::NewDisk {
+            // Whatever add we confirmed is over: back to refusing new devices.
+            if let Some(Err(e)) = self.comms.get().map(|c| c.rearm_new_device()) {
+                log::warn!("cannot take no-new-dev back: {e}");
+            }
+        }
+        match m.kind {
+            // Returns once our writes in the window finished: then ack.
+            MsgType::Resyncing => a.bitmap.set_remote_window(m.slot, m.low, m.high),
+            MsgType::MetadataUpdated => {
+                if let Err(e) = a.reload_superblocks() {
+                    log::warn!("cannot re-read the superblocks: {e}");
+                }
+            }
+            MsgType::NewDisk => self.new_disk(a, m),
+            MsgType::ReAdd => info!(
+                "node slot {} re-adds leg #{}; its role comes with the next metadata update",
+                m.slot, m.raid_slot
+            ),
+            MsgType::Remove => info!("node slot {} removes leg #{}", m.slot, m.raid_slot),
+            MsgType::BitmapNeedsSync => info!(
+                "node slot {} leaves with dirty bits; they are recovered when its slot lock is released",
+                m.slot
+            ),
+            MsgType::NodeLeaving => info!("node slot {} leaves", m.slot),
+            _ => {}
+        }
+    }
+
+    /// NEWDISK: confirms (releases `no-new-dev`) only when the device is found here.
+    fn new_disk(&self, a: &Array, m: &ClusterMsg) {
+        let found = self
+            .finder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|f| f(&m.uuid));
+        let Some(leg) = found else {
+            log::warn!(
+                "node slot {} adds device {} (uuid {}), which this node cannot find: not confirming, the add fails",
+                m.slot, m.raid_slot, m.uuid
+            );
+            return;
+        };
+        match a.offer_candidate(leg, m.raid_slot, m.uuid) {
+            Ok(()) => {
+                if let Some(Err(e)) = self.comms.get().map(|c| c.confirm_new_device()) {
+                    log::warn!("cannot confirm the new device: {e}");
+                }
+            }
+            Err(e) => log::warn!(
+                "node slot {} adds device {}: {e}; not confirming",
+                m.slot, m.raid_slot
+            ),
+        }
+    }
+}
+
 /// A node of a clustered mirror.
 pub struct ClusterNode {
     /// Membership and messaging.
     pub node: Node,
     /// The mirror, writing this node's bitmap slot.
     pub array: Arc<Array>,
-    /// Finds a device another node adds, by its device uuid.
-    finder: Arc<Mutex<Option<DeviceFinder>>>,
-    /// The window another node announced it resyncs.
-    remote: RemoteWindow,
+    /// The receive path's state (device finder).
+    receiving: Arc<Receiving>,
     resyncing: AtomicBool,
 }
 
@@ -145,89 +218,30 @@ impl ClusterNode {
             ));
         }
         let nodes = meta.bitmap().slots();
-        let cell: Arc<OnceLock<Arc<Array>>> = Arc::new(OnceLock::new());
-        let c2 = cell.clone();
-        let remote: RemoteWindow = Arc::new(Mutex::new(None));
-        let r2 = remote.clone();
-        let comms_cell: Arc<OnceLock<Arc<super::comms::Comms>>> = Arc::new(OnceLock::new());
-        let cc = comms_cell.clone();
-        let finder: Arc<Mutex<Option<DeviceFinder>>> = Arc::new(Mutex::new(None));
-        let f2 = finder.clone();
-        let node = Node::join_with_window(
+        // Messages that arrive before the array exists are kept and applied once
+        // it does: a window announced or ended meanwhile must not be lost.
+        let early: Arc<Mutex<Early>> = Arc::new(Mutex::new(Early::default()));
+        let e2 = early.clone();
+        let ctx = Arc::new(Receiving::default());
+        let ctx2 = ctx.clone();
+        let node = Node::join(
             ls,
             nodes,
             Box::new(move |m| {
-                if m.kind != MsgType::NewDisk {
-                    // Whatever add we confirmed is over: back to refusing new devices.
-                    if let Some(Err(e)) = cc.get().map(|c| c.rearm_new_device()) {
-                        log::warn!("cannot take no-new-dev back: {e}");
-                    }
-                }
-                if m.kind == MsgType::Resyncing {
-                    // Recorded even before the array exists (it is installed then);
-                    // returns once our writes in the window finished: then ack.
-                    let mut w = r2.lock().unwrap_or_else(|e| e.into_inner());
-                    if m.high > m.low {
-                        *w = Some((m.slot, m.low, m.high));
-                    } else if w.is_some_and(|(s, _, _)| s == m.slot) {
-                        *w = None;
-                    }
-                    if let Some(a) = c2.get() {
-                        match *w {
-                            Some((_, lo, hi)) => a.bitmap.set_remote_window(lo, hi),
-                            None => a.bitmap.set_remote_window(0, 0),
-                        }
-                    }
-                    return;
-                }
-                let Some(a) = c2.get() else { return };
-                match m.kind {
-                    MsgType::MetadataUpdated => {
-                        if let Err(e) = a.reload_superblocks() {
-                            log::warn!("cannot re-read the superblocks: {e}");
-                        }
-                    }
-                    MsgType::NewDisk => {
-                        let found = f2
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .as_ref()
-                            .and_then(|f| f(&m.uuid));
-                        let Some(leg) = found else {
-                            log::warn!(
-                                "node slot {} adds device {} (uuid {}), which this node cannot find: not confirming, the add fails",
-                                m.slot, m.raid_slot, m.uuid
-                            );
+                let a = {
+                    let mut g = e2.lock().unwrap_or_else(|e| e.into_inner());
+                    match &g.array {
+                        Some(a) => a.clone(),
+                        None => {
+                            g.queued.push(m);
                             return;
-                        };
-                        match a.offer_candidate(leg, m.raid_slot, m.uuid) {
-                            Ok(()) => {
-                                if let Some(Err(e)) = cc.get().map(|c| c.confirm_new_device()) {
-                                    log::warn!("cannot confirm the new device: {e}");
-                                }
-                            }
-                            Err(e) => log::warn!(
-                                "node slot {} adds device {}: {e}; not confirming",
-                                m.slot, m.raid_slot
-                            ),
                         }
                     }
-                    MsgType::ReAdd => info!(
-                        "node slot {} re-adds leg #{}; its role comes with the next metadata update",
-                        m.slot, m.raid_slot
-                    ),
-                    MsgType::Remove => info!("node slot {} removes leg #{}", m.slot, m.raid_slot),
-                    MsgType::BitmapNeedsSync => info!(
-                        "node slot {} leaves with dirty bits; they are recovered when its slot lock is released",
-                        m.slot
-                    ),
-                    MsgType::NodeLeaving => info!("node slot {} leaves", m.slot),
-                    _ => {}
-                }
+                };
+                ctx2.apply(&a, &m);
             }),
-            remote.clone(),
         )?;
-        let _ = comms_cell.set(node.comms.clone());
+        let _ = ctx.comms.set(node.comms.clone());
         let (array, report) =
             Array::assemble_as(legs, node.slot).map_err(|e| NodeError::Array(e.to_string()))?;
         for l in &report.left_out {
@@ -239,13 +253,16 @@ impl ClusterNode {
             array: Arc::downgrade(&array),
         }));
         {
-            // From here on the receive path installs windows itself.
-            let w = remote.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = cell.set(array.clone());
-            if let Some((slot, lo, hi)) = *w {
+            // The windows read at join, then what was announced since, in order.
+            let mut g = early.lock().unwrap_or_else(|e| e.into_inner());
+            for &(slot, lo, hi) in &node.windows_at_join {
                 info!("node slot {slot} is resyncing sectors {lo}..{hi}");
-                array.bitmap.set_remote_window(lo, hi);
+                array.bitmap.set_remote_window(slot, lo, hi);
             }
+            for m in std::mem::take(&mut g.queued) {
+                ctx.apply(&array, &m);
+            }
+            g.array = Some(array.clone());
         }
         // A bitmap-guided rebuild in progress covers every node's bits.
         if array.members().iter().flatten().any(|m| {
@@ -264,20 +281,30 @@ impl ClusterNode {
         Ok(ClusterNode {
             node,
             array,
-            finder,
-            remote,
+            receiving: ctx,
             resyncing: AtomicBool::new(false),
         })
     }
 
     /// Sets how this node finds a device another node adds (NEWDISK).
     pub fn set_device_finder(&self, f: DeviceFinder) {
-        *self.finder.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+        *self
+            .receiving
+            .finder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
 
     /// The cluster as this node sees it.
     pub fn view(&self) -> ClusterView {
-        let remote = *self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let g = self.array.bitmap.geometry();
+        let remote = self.array.bitmap.remote_window().map(|(slot, lo, hi)| {
+            (
+                slot,
+                g.chunk_start(lo),
+                g.chunk_start(hi).min(self.array.size),
+            )
+        });
         ClusterView {
             slot: self.node.slot,
             peers: self.node.watched(),
@@ -340,18 +367,12 @@ impl ClusterNode {
     }
 
     /// Recovers the slot of a node that died: takes over and clears its bits,
-    /// releases the slot, resyncs. Returns the bytes copied.
+    /// lifts its resync window, releases the slot, resyncs. Returns the bytes copied.
     pub fn recover(&self, slot: u32) -> Result<u64, NodeError> {
-        {
-            let mut w = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-            if w.is_some_and(|(s, _, _)| s == slot) {
-                info!("node slot {slot} died while resyncing: its window no longer holds writes");
-                *w = None;
-                self.array.bitmap.set_remote_window(0, 0);
-            }
-        }
         let n = self.array.merge_slot(slot, true)?;
         info!("node slot {slot} died with {n} dirty chunks");
+        // Its window's chunks are needed now (in its bits, merged): ours to resync.
+        self.array.bitmap.clear_remote_window_of(slot);
         // It may have been rebuilding a leg: nobody else finishes that.
         self.array.take_over_recoveries()?;
         self.node.release_slot(slot)?;
@@ -362,7 +383,7 @@ impl ClusterNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dlm::local::LocalDlm;
+    use crate::dlm::local::{HoldingMember, LocalDlm};
     use crate::raid1::metadata::{create_array, NewArray};
     use crate::storage::MemLeg;
     use std::io::IoSlice;
@@ -553,5 +574,63 @@ mod tests {
             m.bitmaps[1].bits.get(3),
             "the survivor carries them until its daemon clears them"
         );
+    }
+
+    #[test]
+    fn a_window_that_ends_while_a_node_joins_does_not_hold_its_writes() {
+        let (a, b, metas) = clustered_legs();
+        let ls_name = metas[0].sb.set_uuid.lockspace_name();
+        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
+        let dlm = LocalDlm::new();
+        let n1 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        n1.node.acquire_resync().unwrap();
+        n1.node.announce_window(0, 4 * 2048).unwrap();
+        // Node 2 reads that window while joining and stops before announcing
+        // itself; meanwhile node 1's resync ends.
+        let (m, reached, go) = HoldingMember::new(
+            dlm.join(&ls_name, 32),
+            |name, mode| name == crate::cluster::comms::TOKEN && mode == crate::dlm::Mode::Ex,
+            1,
+        );
+        let ls: Arc<dyn crate::dlm::LockSpace> = Arc::new(m);
+        let l2 = legs();
+        let joining = std::thread::spawn(move || ClusterNode::join(ls, l2));
+        reached.recv_timeout(Duration::from_secs(5)).unwrap();
+        n1.node.release_resync().unwrap();
+        go.send(()).unwrap();
+        let n2 = Arc::new(joining.join().unwrap().unwrap());
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let n2w = n2.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(n2w.array.write(2048, &[IoSlice::new(&[5u8; 4096])]));
+        });
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("the write is not held by the window that ended")
+            .unwrap();
+    }
+
+    #[test]
+    fn the_window_of_a_node_that_died_while_resyncing_is_lifted_by_its_recovery() {
+        let (a, b, metas) = clustered_legs();
+        let ls_name = metas[0].sb.set_uuid.lockspace_name();
+        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
+        let dlm = LocalDlm::new();
+        let m1 = dlm.join(&ls_name, 32);
+        let id1 = m1.node();
+        let n1 = ClusterNode::join(Arc::new(m1), legs()).unwrap();
+        let n2 = Arc::new(ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap());
+        n1.node.acquire_resync().unwrap();
+        n1.node.announce_window(0, 4 * 2048).unwrap();
+        dlm.kill(&ls_name, id1);
+        let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
+        n2.recover(slot).unwrap();
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let n2w = n2.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(n2w.array.write(2048, &[IoSlice::new(&[5u8; 4096])]));
+        });
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("the dead node's window no longer holds writes")
+            .unwrap();
     }
 }

@@ -904,17 +904,27 @@ impl Array {
     /// Merges node `slot`'s on-disk bitmap into ours (its dirty chunks become
     /// needed and dirty in our bitmap, which is flushed first); with `clear`, the
     /// slot's bits are then cleared on every leg (recovery of a departed node, whose
-    /// slot lock we hold). Returns how many chunks were dirty there.
+    /// slot lock we hold). The slot's bits are those of every in-sync leg together:
+    /// a node that died while writing its bitmap left it updated on some legs only.
+    /// Returns how many chunks were dirty there.
     pub fn merge_slot(&self, slot: u32, clear: bool) -> io::Result<u64> {
         let sb = self.superblock();
         let g = self.bitmap.geometry();
-        let src = self
-            .in_sync()
-            .into_iter()
-            .next()
+        let legs = self.in_sync();
+        let (first, others) = legs
+            .split_first()
             .ok_or_else(|| io::Error::other("no in-sync leg to read the bitmap from"))?;
-        let theirs = super::metadata::read_slot(&*src.leg, &sb, g, slot)
+        let mut theirs = super::metadata::read_slot(&*first.leg, &sb, g, slot)
             .map_err(|e| io::Error::other(format!("bitmap of node slot {slot}: {e}")))?;
+        // The first leg is the resync source and must be read; the others only add bits.
+        for m in others {
+            match super::metadata::read_slot(&*m.leg, &sb, g, slot) {
+                Ok(b) => {
+                    theirs.bits.merge(&b.bits);
+                }
+                Err(e) => warn!("leg {}: bitmap of node slot {slot}: {e}", m.name()),
+            }
+        }
         let dirty = theirs.bits.count_dirty();
         if dirty == 0 {
             return Ok(0);
@@ -1205,6 +1215,42 @@ mod tests {
             assert!(
                 m.bitmaps[0].bits.get(5) && m.bitmaps[0].bits.get(40),
                 "ours are on disk"
+            );
+        }
+    }
+
+    #[test]
+    fn a_slot_dirty_on_the_second_leg_only_is_taken_over_and_cleared_everywhere() {
+        // A node died while its bitmap daemon cleared chunk 7: the cleared bitmap
+        // reached leg a, not leg b.
+        let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 64 << 20));
+        let b: Arc<dyn Leg> = Arc::new(MemLeg::new("b", 64 << 20));
+        let (_, metas) = create_array(
+            &[&*a, &*b],
+            &super::super::metadata::NewArray {
+                name: "t".into(),
+                cluster_name: Some("c".into()),
+                nodes: 4,
+                bitmap_chunk: Some(1 << 20),
+                assume_clean: true,
+                now: 0,
+                uuid: None,
+            },
+        )
+        .unwrap();
+        let mut m: LegMetadata = metas[1].clone();
+        m.bitmaps[1].bits.set(7);
+        super::super::metadata::write_leg_metadata(&*b, &m).unwrap();
+        let (array, _) = Array::assemble(vec![a.clone(), b.clone()]).unwrap();
+        assert_eq!(array.merge_slot(1, true).unwrap(), 1);
+        assert!(array.bitmap.is_needed(7 * 2048, 8), "resynced, to be safe");
+        for leg in [&a, &b] {
+            let m = LegMetadata::load(&**leg).unwrap();
+            assert_eq!(
+                m.bitmaps[1].bits.count_dirty(),
+                0,
+                "leg {}: the slot is clean",
+                leg.name()
             );
         }
     }
