@@ -38,6 +38,7 @@ use vhost_user_md::dlm::local::{LocalDlm, LocalMember};
 use vhost_user_md::dlm::{DlmError, Event, LockId, LockSpace, Mode, NodeId};
 use vhost_user_md::md::Uuid;
 use vhost_user_md::raid1::metadata::{create_array, LegMetadata, NewArray};
+use vhost_user_md::raid1::LegState;
 use vhost_user_md::storage::{Leg, MemLeg};
 
 const KIB: u64 = 1024;
@@ -382,6 +383,8 @@ struct Stats {
     chunks_recovered: u64,
     restarts: u64,
     racing_writes: u64,
+    legs_failed: u64,
+    legs_re_added: u64,
 }
 
 impl Stats {
@@ -397,6 +400,8 @@ impl Stats {
         self.chunks_recovered += o.chunks_recovered;
         self.restarts += o.restarts;
         self.racing_writes += o.racing_writes;
+        self.legs_failed += o.legs_failed;
+        self.legs_re_added += o.legs_re_added;
     }
 }
 
@@ -451,6 +456,8 @@ struct Sim {
     racing_writes: Vec<RacingWrites>,
     /// Nodes joining during a recovery: (result, trace line, guest).
     racing_joins: Vec<RacingJoin>,
+    /// A leg an operator failed and has not re-added yet.
+    out_leg: Option<usize>,
     stats: Stats,
 }
 
@@ -517,6 +524,7 @@ impl Sim {
             expected: Vec::new(),
             racing_writes: Vec::new(),
             racing_joins: Vec::new(),
+            out_leg: None,
             stats: Stats {
                 seeds: 1,
                 ..Stats::default()
@@ -1038,6 +1046,14 @@ impl Sim {
                 self.log(format!("node {n}: resynced {bytes} bytes"));
             }
         }
+        // A rebuilt leg is declared in sync by the node that rebuilt it.
+        for n in self.live() {
+            self.nodes[n]
+                .cn
+                .array
+                .finish_recovery()
+                .map_err(|e| format!("node {n}: finish recovery: {e}"))?;
+        }
         Ok(())
     }
 
@@ -1046,7 +1062,24 @@ impl Sim {
     fn check_converged(&mut self, why: &str) -> Result<(), String> {
         let live = self.live();
         for &n in &live {
-            let needed = self.nodes[n].cn.array.bitmap.stats().needed;
+            let a = &self.nodes[n].cn.array;
+            let states: Vec<(String, LegState)> = a
+                .members()
+                .iter()
+                .flatten()
+                .map(|m| (m.name().to_string(), m.state()))
+                .collect();
+            for (name, st) in &states {
+                let out = self.out_leg.is_some_and(|l| *name == format!("leg{l}"));
+                if !out && *st != LegState::InSync {
+                    return Err(format!("{why}: node {n}: {name} is {st:?}, not in sync"));
+                }
+            }
+            if self.out_leg.is_some() {
+                // Writes while a leg is out stay needed for its re-add.
+                continue;
+            }
+            let needed = a.bitmap.stats().needed;
             if needed > 0 {
                 return Err(format!(
                     "{why}: node {n} still needs {needed} chunks resynced"
@@ -1058,7 +1091,9 @@ impl Sim {
             .legs
             .iter()
             .zip(&self.data_offset)
-            .map(|(l, &off)| l.contents()[off as usize..off as usize + data_len].to_vec())
+            .enumerate()
+            .filter(|&(i, _)| self.out_leg != Some(i))
+            .map(|(_, (l, &off))| l.contents()[off as usize..off as usize + data_len].to_vec())
             .collect();
         for (i, a) in areas.iter().enumerate().skip(1) {
             if *a != areas[0] {
@@ -1087,6 +1122,9 @@ impl Sim {
         }
         let owned: BTreeSet<u32> = live.iter().map(|&n| self.nodes[n].cn.node.slot).collect();
         for (i, leg) in self.legs.iter().enumerate() {
+            if self.out_leg == Some(i) {
+                continue; // not written while it is out
+            }
             let m = LegMetadata::load(&**leg).map_err(|e| format!("leg {i}: {e}"))?;
             for (slot, b) in m.bitmaps.iter().enumerate() {
                 let dirty = b.bits.count_dirty();
@@ -1154,6 +1192,7 @@ impl Sim {
                 Some(vm) if self.expected.is_empty() => self.restart(vm),
                 _ => Ok(()),
             },
+            95..=96 => self.leg_maintenance(n),
             _ => {
                 self.recover_all()?;
                 let r = self.rng.pick(&self.live());
@@ -1162,12 +1201,49 @@ impl Sim {
         }
     }
 
+    /// An operator fails a leg through node `n`, or re-adds the failed one
+    /// through it: every node stops (starts) writing it, and `n` rebuilds it.
+    fn leg_maintenance(&mut self, n: usize) -> Result<(), String> {
+        let a = self.nodes[n].cn.array.clone();
+        match self.out_leg {
+            None if !a.is_degraded() => {
+                let l = self.rng.below(self.legs.len() as u64) as usize;
+                self.log(format!("node {n}: operator fails leg{l}"));
+                a.fail_leg(&format!("leg{l}"))
+                    .map_err(|e| format!("fail leg{l} through node {n}: {e}"))?;
+                self.out_leg = Some(l);
+                self.stats.legs_failed += 1;
+                Ok(())
+            }
+            Some(l) => self.re_add(n, l),
+            None => Ok(()),
+        }
+    }
+
+    fn re_add(&mut self, n: usize, l: usize) -> Result<(), String> {
+        self.log(format!("node {n}: operator re-adds leg{l}"));
+        let kind = self.nodes[n]
+            .cn
+            .array
+            .re_add_leg(&format!("leg{l}"))
+            .map_err(|e| format!("re-add leg{l} through node {n}: {e}"))?;
+        self.log(format!("node {n}: leg{l} re-added, {kind:?} rebuild"));
+        self.out_leg = None;
+        self.stats.legs_re_added += 1;
+        Ok(())
+    }
+
     fn run(&mut self) -> Result<(), String> {
         let ops = 10 + self.rng.below(30);
         for _ in 0..ops {
             self.step()?;
         }
         self.recover_all()?;
+        if let Some(l) = self.out_leg {
+            let n = self.rng.pick(&self.live());
+            self.re_add(n, l)?;
+            self.recover_all()?;
+        }
         self.check_converged("at the end")?;
         for n in self.live() {
             self.read_all(n)?;
@@ -1352,7 +1428,7 @@ fn cluster_simulation() {
     });
     let total = *total.lock().unwrap();
     println!(
-        "cluster simulation: {} seeds in {:.1?}: {} writes ({} racing a recovery, {} interrupted by a crash), {} reads, {} daemon passes, {} crashes ({} during a recovery), {} recoveries, {} chunks recovered, {} restarts",
+        "cluster simulation: {} seeds in {:.1?}: {} writes ({} racing a recovery, {} interrupted by a crash), {} reads, {} daemon passes, {} crashes ({} during a recovery), {} recoveries, {} chunks recovered, {} restarts, {} legs failed, {} re-added",
         total.seeds,
         t0.elapsed(),
         total.writes,
@@ -1364,7 +1440,9 @@ fn cluster_simulation() {
         total.crashes_in_recovery,
         total.recoveries,
         total.chunks_recovered,
-        total.restarts
+        total.restarts,
+        total.legs_failed,
+        total.legs_re_added
     );
     let failures = failures.lock().unwrap();
     if !failures.is_empty() {

@@ -170,7 +170,8 @@ impl Receiving {
             }
             Err(e) => log::warn!(
                 "node slot {} adds device {}: {e}; not confirming",
-                m.slot, m.raid_slot
+                m.slot,
+                m.raid_slot
             ),
         }
     }
@@ -244,6 +245,7 @@ impl ClusterNode {
         let _ = ctx.comms.set(node.comms.clone());
         let (array, report) =
             Array::assemble_as(legs, node.slot).map_err(|e| NodeError::Array(e.to_string()))?;
+        array.set_detached(report.left_out_legs);
         for l in &report.left_out {
             log::warn!("{l}");
         }

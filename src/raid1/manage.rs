@@ -164,6 +164,7 @@ impl Array {
         if let Some(sync) = &sync {
             sync.re_adding(member.dev_number)?;
         }
+        self.copy_bitmaps_to(&member)?;
         {
             let _joining = lock(&self.recovery);
             member.set_state(LegState::Recovering);
@@ -203,6 +204,30 @@ impl Array {
             self.bitmap.stats().needed
         );
         Ok(kind)
+    }
+
+    /// Gives a leg coming back every node slot's bitmap as the in-sync legs have
+    /// it: bits set or cleared while it was out would otherwise stay stale there.
+    fn copy_bitmaps_to(&self, member: &Member) -> Result<(), ManageError> {
+        let source = self
+            .in_sync()
+            .into_iter()
+            .next()
+            .ok_or_else(|| ManageError::Unsuitable {
+                leg: member.name().into(),
+                why: "no in-sync leg to copy the bitmaps from".into(),
+            })?;
+        let sb = self.superblock();
+        let g = self.bitmap.geometry();
+        for slot in 0..self.bitmap.superblock().slots() {
+            let Some(off) = g.slot_offset(sb.super_offset, sb.bitmap_offset, slot) else {
+                continue;
+            };
+            let area = read_vec(&*source.leg, off, g.slot_len() as usize)?;
+            member.leg.write_at(&area, off)?;
+        }
+        member.leg.flush()?;
+        Ok(())
     }
 
     /// Adds a blank leg into a free slot and rebuilds it completely (like `mdadm --add`).
