@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -143,6 +143,40 @@ pub trait VhostUserBackend: Send + Sync {
     /// unregistered. Asynchronous backends should block until previously accepted requests
     /// have completed. Wrapper implementations may hold their backend lock during this call.
     fn stop_vring(&self, _queue_index: u32) -> Result<()> {
+        Ok(())
+    }
+
+    /// `VHOST_USER_GET_INFLIGHT_FD` (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`): allocate the
+    /// shared buffer that tracks inflight descriptors for `inflight.num_queues` queues of
+    /// `inflight.queue_size` entries; return its description and file.
+    ///
+    /// (Local patch: not in vhost-user-backend 0.24.)
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// `VHOST_USER_SET_INFLIGHT_FD`: use the shared inflight buffer described by `inflight`
+    /// (the one a previous back-end returned for `GET_INFLIGHT_FD`).
+    ///
+    /// (Local patch: not in vhost-user-backend 0.24.)
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// The vring `queue_index` starts: its kick and call descriptors are set and it is
+    /// marked ready. Called before its kick descriptor is watched, so no request of the
+    /// ring is processed before this returns (the place to resubmit inflight
+    /// descriptors and to set the ring's next available index). An error fails the
+    /// request that started the ring.
+    ///
+    /// (Local patch: not in vhost-user-backend 0.24.)
+    fn vring_started(&self, _queue_index: u32, _vring: &Self::Vring) -> Result<()> {
         Ok(())
     }
 
@@ -422,6 +456,18 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn stop_vring(&self, queue_index: u32) -> Result<()> {
         self.deref().stop_vring(queue_index)
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
+    }
+
+    fn vring_started(&self, queue_index: u32, vring: &Self::Vring) -> Result<()> {
+        self.deref().vring_started(queue_index, vring)
     }
 
     fn handle_event(
