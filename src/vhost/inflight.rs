@@ -509,7 +509,8 @@ pub fn set_inflight_fd(
 
 /// A vring of queue `q` starts with `region` in use: repairs the region, sets the
 /// ring's next available index past the heads still marked (which are kept for
-/// resubmission) and kicks the ring so they run without waiting for the guest.
+/// resubmission) and kicks the ring so they run without waiting for the guest (as
+/// libvhost-user does; vhost-user-backend also runs a ring when it gets enabled).
 pub fn start_vring<A: GuestAddressSpace, M: GuestMemoryBackend>(
     region: &InflightRegion,
     q: usize,
