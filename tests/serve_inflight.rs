@@ -202,3 +202,99 @@ fn requests_in_flight_when_the_backend_dies_complete_once_after_restart() {
         }
     }
 }
+
+/// A memfd of `len` bytes with `fill` written at offset 0.
+fn memfd_with(len: u64, fill: &[u8]) -> File {
+    use std::os::unix::fs::FileExt;
+    let name = std::ffi::CString::new("bad-inflight").unwrap();
+    // SAFETY: memfd_create with a valid C string; the result is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a new descriptor nobody else owns.
+    let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f.write_all_at(fill, 0).unwrap();
+    f
+}
+
+#[test]
+fn malformed_inflight_buffers_get_error_replies_and_serve_survives() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
+    let sock = d.path().join("vm.sock");
+    let mut serve = Serve::start(
+        &sock,
+        &[
+            "--create-size",
+            "16M",
+            "--queues",
+            "1",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
+    let region = 16 + 16 * u64::from(QSIZE);
+    let good = |mmap_size, mmap_offset, num_queues, queue_size| VhostUserInflight {
+        mmap_size,
+        mmap_offset,
+        num_queues,
+        queue_size,
+    };
+    // Each gets an error reply; the vhost crate then ends the connection (as after any
+    // failed request) and the back-end serves the next one.
+    let f = memfd_with(4096, &[]);
+    for (what, msg) in [
+        ("too small", good(region - 1, 0, 1, QSIZE)),
+        ("beyond the file", good(region, 4096, 1, QSIZE)),
+        ("more queues than the device", good(8192, 0, 5, QSIZE)),
+        ("no queue", good(4096, 0, 0, QSIZE)),
+        ("empty queues", good(4096, 0, 1, 0)),
+        ("huge queues", good(4096, 0, 1, u16::MAX)),
+        ("huge buffer", good(u64::MAX, 0, 1, QSIZE)),
+        ("unaligned offset", good(region, 1, 1, QSIZE)),
+    ] {
+        let (mut fe, _) = connect(&sock, proto());
+        assert!(
+            fe.set_inflight_fd(&msg, f.as_raw_fd()).is_err(),
+            "SET_INFLIGHT_FD {what} accepted"
+        );
+    }
+    let (mut fe, _) = connect(&sock, proto());
+    assert!(fe.get_inflight_fd(&good(0, 0, 1, 0)).is_err());
+    let (mut fe, _) = connect(&sock, proto());
+    assert!(fe.get_inflight_fd(&good(0, 0, 2, QSIZE)).is_err());
+    drop(fe);
+
+    // A buffer full of garbage: every head marked with random counters, the last batch
+    // head and used index out of range. The ring starts; the heads' descriptors are
+    // empty chains, used with length 0; nothing crashes.
+    let mut junk = vec![0u8; 4096];
+    for (i, b) in junk.iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(151).wrapping_add(7) | 1;
+    }
+    junk[8..10].copy_from_slice(&1u16.to_le_bytes()); // version
+    junk[12..14].copy_from_slice(&0xfff0u16.to_le_bytes()); // last_batch_head
+    let f = memfd_with(4096, &junk);
+    let (mut fe, _) = connect(&sock, proto());
+    let g = Guest::new();
+    let (_kick, _call) = attach(&mut fe, &g, &good(4096, 0, 1, QSIZE), &f, 0);
+    assert!(
+        g.wait_used(QSIZE, Duration::from_secs(20)),
+        "used {}",
+        g.used_idx()
+    );
+    assert_eq!(fe.get_vring_base(0).unwrap(), u32::from(QSIZE));
+    drop(fe);
+
+    // Still serving.
+    let (fe, _) = connect(&sock, proto());
+    fe.get_features().unwrap();
+    assert!(serve.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    assert!(
+        !serve.log_text().contains("panicked"),
+        "{}",
+        serve.log_text()
+    );
+    drop(fe);
+    assert!(serve.stop().success());
+}
