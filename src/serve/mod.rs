@@ -60,6 +60,8 @@ pub struct FaultSpec {
     pub writes_after: Option<i64>,
     /// Fail every read.
     pub fail_reads: bool,
+    /// Writes at or beyond this byte offset of the leg block until the process ends.
+    pub stall_writes_from: Option<u64>,
 }
 
 /// The control path that goes with a vhost-user socket path.
@@ -99,6 +101,9 @@ pub fn open_legs(config: &ServeConfig) -> Result<Vec<Arc<dyn Leg>>, String> {
                     f.writes_until_failure.store(n, Ordering::Relaxed);
                 }
                 f.fail_reads.store(spec.fail_reads, Ordering::Relaxed);
+                if let Some(off) = spec.stall_writes_from {
+                    f.stall_writes_from.store(off.max(1), Ordering::Relaxed);
+                }
                 warn!("leg {}: fault drill active: {spec:?}", p.display());
                 Arc::new(FaultyLeg::new(leg, f)) as Arc<dyn Leg>
             }

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: reading mdadm's output, loop devices.
 #![allow(dead_code)]
 
+pub mod vring;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
