@@ -10,9 +10,10 @@
 #           written on one node (PW -> NL) is read on the other, and the death of a whole node
 #           releases its locks.
 #   phase 3 (two guests sharing two leg image files, /dev/vdc and /dev/vdd): two of our
-#           `serve --lock-manager dlm` nodes share an array (profile U32: slots 0 and 1 in
-#           one lockspace), node2 reads what node1 wrote; node1 dies mid-write, first by
-#           kill -9 of its serve, then (restarted) by killing its whole guest: each time
+#           `serve --lock-manager dlm` nodes share an array (profile U32: slots 1 and 2
+#           in one lockspace, slot 0 is taken last), node2 reads what node1 wrote; node1
+#           dies mid-write, first by kill -9 of its serve, then (restarted) by killing its
+#           whole guest: each time
 #           node2 resyncs exactly node1's dirty chunks (status resync.bytes_copied), and
 #           every write node1 acknowledged (examples/guest_io's record) reads back through
 #           node2; at the end the legs are identical and node2's clean stop releases the
@@ -23,9 +24,10 @@
 #           kernel node, no join attempt seen by the kernel's lockspace); a kernel node
 #           dies mid-write (guest killed; a clean mdadm --stop would clear its bits), our
 #           nodes resync exactly the dirty chunks and hold every write it acknowledged;
-#           our nodes write and are killed (dirty bits left), kernel md assembles, resyncs
-#           them, and reads every block back. Leg chunks are corrupted on purpose inside
-#           the dirty regions, so identical legs at the end prove they were resynced.
+#           our nodes write and are killed together mid-write (8 dirty chunks in each of
+#           their slots, 1 and 2), kernel md assembles alone (slot 0), resyncs them all,
+#           and reads every acknowledged block back. Leg chunks are corrupted on purpose
+#           inside the dirty regions, so identical legs at the end prove they were resynced.
 #
 # Usage: integration/dlm-cluster.sh            (root; ci/dlm-tests.sh installs the host packages)
 # Environment:
@@ -387,6 +389,7 @@ examine() {
         python3 -c 'import json, sys; d = json.load(sys.stdin)["legs"][0]; print(eval(sys.argv[1]))' "$1"
 }
 dirty() { examine "d['bitmap']['slots'][$1]['dirty']"; } # dirty chunks of node slot $1
+slots_dirty() { examine "' '.join(str(s['dirty']) for s in d['bitmap']['slots'])"; } # of every slot
 # serve_cmd N: start our node on guest N (lock manager dlm) in the background
 serve_cmd() {
     # (in a subshell: no job notice from the guest's shell when it is killed)
@@ -443,8 +446,8 @@ death_mid_write() {
         wait_host '[ "$(ttys1_acks)" -ge 128 ]' 300
     fi || { fail "$kind death: node1's writer ($(on 1 'cat /tmp/writer.out' 10))"; return 1; }
     # only the writer's 8 chunks dirty in node1's slot (earlier bits cleared by its daemon)
-    if ! wait_host '[ "$(dirty 0)" = 8 ]' 180; then
-        fail "$kind death: node1's slot never had exactly its 8 written chunks dirty ($(dirty 0))"
+    if ! wait_host '[ "$(dirty 1)" = 8 ]' 180; then
+        fail "$kind death: node1's slot never had exactly its 8 written chunks dirty ($(dirty 1))"
         return 1
     fi
     b0=$(status 2 "d['resync']['bytes_copied']")
@@ -465,7 +468,7 @@ death_mid_write() {
         return 1
     fi
     copied=$(status 2 "d['resync']['bytes_copied'] - $b0")
-    if [ "$copied" = $((8 * MIB)) ] && on 2 "grep -q 'node slot 0 died with 8 dirty chunks' /tmp/serve.log" 30; then
+    if [ "$copied" = $((8 * MIB)) ] && on 2 "grep -q 'node slot 1 died with 8 dirty chunks' /tmp/serve.log" 30; then
         pass "$kind death of node1 mid-write: node2 resynced exactly its 8 dirty chunks ($copied bytes)"
     else
         fail "$kind death of node1: node2 copied $copied bytes, want $((8 * MIB)) ($(on 2 'grep "died with" /tmp/serve.log' 10))"
@@ -495,8 +498,8 @@ phase3() {
     s1=$(status 1 "d['node_slot']")
     s2=$(status 2 "d['node_slot']")
     members=$(on 1 "dlm_tool ls | sed -n '/^name *$ls/,/^\$/p' | sed -n 's/^members *//p'" 30 | tr -s ' ')
-    if [ "$s1 $s2" = "0 1" ] && [ "$(echo $members)" = "1 2" ]; then
-        pass "two nodes joined lockspace $ls over libdlm (members $members): node1 slot 0, node2 slot 1"
+    if [ "$s1 $s2" = "1 2" ] && [ "$(echo $members)" = "1 2" ]; then
+        pass "two nodes joined lockspace $ls over libdlm (members $members): node1 slot 1, node2 slot 2 (slot 0 last)"
     else
         fail "join: node1 slot $s1, node2 slot $s2, lockspace members '$members'"
         return
@@ -509,10 +512,10 @@ phase3() {
     fi
 
     death_mid_write process 2 20 || return
-    # node1 comes back (the survivor released slot 0) and dies again, this time the guest
+    # node1 comes back (the survivor released slot 1) and dies again, this time the guest
     serve_start 1 || { fail "node1: serve again after its kill"; return; }
     s1=$(status 1 "d['node_slot']")
-    [ "$s1" = 0 ] && pass "node1 restarted: takes slot 0 again" || fail "node1 restarted in slot $s1"
+    [ "$s1" = 1 ] && pass "node1 restarted: takes slot 1 again" || fail "node1 restarted in slot $s1"
     death_mid_write guest 3 40
 
     # node2 stops cleanly: legs identical, node1's slot clean, no lockspace left behind
@@ -522,12 +525,11 @@ phase3() {
     else
         fail "node2 stopped but lockspace $ls is still joined on its host ($(on 2 'dlm_tool ls' 10))"
     fi
-    local d0 d1 cmp
-    d0=$(dirty 0)
-    d1=$(dirty 1)
-    cmp=$("$IO_BIN" compare-legs "$W/leg0.img" "$W/leg1.img") && [ "$d0 $d1" = "0 0" ] &&
+    local d cmp
+    d=$(slots_dirty)
+    cmp=$("$IO_BIN" compare-legs "$W/leg0.img" "$W/leg1.img") && [ "$d" = "0 0 0 0" ] &&
         pass "legs identical, no dirty chunks left ($cmp)" ||
-        fail "after the deaths: slot dirty counts $d0 $d1; $cmp"
+        fail "after the deaths: slot dirty counts $d; $cmp"
 }
 
 # refused N MESSAGE: our node on guest N must refuse to serve, saying MESSAGE
@@ -537,7 +539,6 @@ refused() {
     echo "$out" | tail -3 | sed "s/^/    node$1| /"
     [ $rc != 0 ] && [ $rc != 124 ] && echo "$out" | grep -q "$2"
 }
-all_dirty() { examine "sum(s['dirty'] for s in d['bitmap']['slots'])"; }
 
 phase4() {
     log "phase 4: kernel md-cluster nodes hand the array over to ours and back; our nodes refuse while a kernel node has it"
@@ -617,19 +618,31 @@ phase4() {
         fail "kernel -> ours: data the kernel nodes wrote is not intact"
     fi
 
-    # ours -> kernel: our nodes write, both die at once (bits stay dirty), kernel resyncs
-    if ! on 1 "guest_io write $SOCK --seed 13 --first 320 $blk" 300 || ! on 2 "guest_io write $SOCK --seed 14 --first 400 $blk" 300; then
-        fail "our nodes write"
+    # ours -> kernel: both our nodes (slots 1 and 2) write in a loop over 8 chunks each
+    # and are killed together mid-write, before any bit is cleared: two dirty slots. A kernel node
+    # assembling alone takes slot 0, merges both slots' bits and resyncs them (a dirty
+    # slot 0 would not be: the kernel drops the bits of the slot it takes when another
+    # slot is dirty too, see cluster::membership::claim_order).
+    local w1="--seed 13 --first 320 --blocks 64 --block-size 131072" # MiB 40-47
+    local w2="--seed 14 --first 400 --blocks 64 --block-size 131072" # MiB 50-57
+    on 1 "(guest_io write $SOCK $w1 --passes 0 --acks /tmp/acks13 </dev/null >/tmp/writer.out 2>&1 & echo \$! >/tmp/writer.pid)" 30 >/dev/null
+    on 2 "(guest_io write $SOCK $w2 --passes 0 --acks /tmp/acks14 </dev/null >/tmp/writer.out 2>&1 & echo \$! >/tmp/writer.pid)" 30 >/dev/null
+    if ! until_ok 1 '[ $(wc -l </tmp/acks13) -ge 64 ]' 300 || ! until_ok 2 '[ $(wc -l </tmp/acks14) -ge 64 ]' 300 ||
+        ! wait_host '[ "$(slots_dirty)" = "0 8 8 0" ]' 180; then
+        fail "ours -> kernel: our writers ($(on 1 'cat /tmp/writer.out' 10); $(on 2 'cat /tmp/writer.out' 10)); dirty per slot $(slots_dirty)"
         return
     fi
-    local p1 p2
-    on 1 'kill -9 $(cat /tmp/serve.pid)' 30 & p1=$!
-    on 2 'kill -9 $(cat /tmp/serve.pid)' 30 & p2=$!
-    wait $p1 $p2
+    # frozen first (SIGSTOP), so that neither sees the other die and takes its slot over
+    local k1 k2 n
+    for n in 1 2; do on "$n" 'kill -STOP $(cat /tmp/serve.pid)' 30; done
+    for n in 1 2; do on "$n" 'kill -9 $(cat /tmp/serve.pid)' 30; done
+    sleep 1
+    k1=$(on 1 'kill -9 $(cat /tmp/writer.pid); wc -l </tmp/acks13' 30 | tail -1)
+    k2=$(on 2 'kill -9 $(cat /tmp/writer.pid); wc -l </tmp/acks14' 30 | tail -1)
     local d
-    d=$(all_dirty)
-    log "our nodes killed with $d dirty chunks"
-    [ "$d" -gt 0 ] || { fail "our nodes left no dirty bits"; return; }
+    d=$(slots_dirty)
+    log "our nodes killed mid-write after $k1 + $k2 acknowledged writes; dirty chunks per slot: $d"
+    [ "$d" = "0 8 8 0" ] || { fail "our nodes left dirty chunks per slot $d, want 0 8 8 0"; return; }
     "$IO_BIN" corrupt "$W/leg1.img" 41 >/dev/null && "$IO_BIN" corrupt "$W/leg1.img" 51 >/dev/null
     # a killed node leaves its userspace lockspace joined on its host; a kernel md join
     # there would hang (spec §6.7): the operator releases it first
@@ -637,22 +650,25 @@ phase4() {
         on "$n" "while [ -e /sys/kernel/dlm/$ls ]; do dlm_tool leave $ls >/dev/null 2>&1 || break; done; [ ! -e /sys/kernel/dlm/$ls ]" 60 ||
             { fail "node$n: dlm_tool leave $ls"; return; }
     done
-    if ! on 1 "mdadm --assemble $md" 180 >/dev/null || ! until_ok 1 'dmesg | grep -q "md: md0: resync done"' 300; then
-        fail "ours -> kernel: mdadm --assemble and resync on node1 ($(on 1 'cat /proc/mdstat; dmesg | grep -E "md|dlm" | tail -15' 10))"
+    if ! on 1 "mdadm --assemble $md" 180 >/dev/null || ! until_ok 1 'dmesg | grep -q "md: md0: resync done"' 300 ||
+        ! on 1 'dmesg | grep -q "md-cluster: Joined cluster .* slot 1$"' 30; then
+        fail "ours -> kernel: mdadm --assemble (slot 0) and resync on node1 ($(on 1 'cat /proc/mdstat; dmesg | grep -E "md|dlm" | tail -15' 10))"
         return
     fi
-    if on 1 "guest_io verify /dev/md0 --seed 13 --first 320 $blk --acked 32 && guest_io verify /dev/md0 --seed 14 --first 400 $blk --acked 32" 600 | sed 's/^/    node1| /'; then
+    if on 1 "guest_io verify /dev/md0 $w1 --acked $k1 && guest_io verify /dev/md0 $w2 --acked $k2" 600 | sed 's/^/    node1| /'; then
         pass "ours -> kernel: every block our nodes acknowledged reads back through kernel md"
     else
         fail "ours -> kernel: data our nodes wrote is not intact"
     fi
     on 1 'mdadm --stop /dev/md0' 120 >/dev/null || fail "mdadm --stop on node1"
+    # the kernel clears its own slot; the slots it merged keep their bits (it merges
+    # free slots without clearing them, spec §5.1); their chunks are in sync now
     local cmp
-    d=$(all_dirty)
-    if cmp=$("$IO_BIN" compare-legs "$W/leg0.img" "$W/leg1.img") && [ "$d" = 0 ]; then
-        pass "ours -> kernel: kernel md resynced our dirty chunks (legs identical, no dirty bits left)"
+    d=$(slots_dirty)
+    if cmp=$("$IO_BIN" compare-legs "$W/leg0.img" "$W/leg1.img") && [ "$d" = "0 8 8 0" ]; then
+        pass "ours -> kernel: kernel md resynced the 16 chunks our two nodes left dirty (legs identical; dirty per slot $d)"
     else
-        fail "ours -> kernel: $d dirty chunks left; $cmp"
+        fail "ours -> kernel: dirty chunks per slot $d; $cmp"
     fi
 }
 

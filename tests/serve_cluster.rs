@@ -126,7 +126,8 @@ fn two_nodes_share_a_mirror_and_a_survivor_recovers_a_killed_node() {
     let (st1, st2) = (n1.status(), n2.status());
     assert_eq!(
         (st1["node_slot"].as_u64(), st2["node_slot"].as_u64()),
-        (Some(0), Some(1))
+        (Some(1), Some(2)),
+        "slot 0 is taken last"
     );
 
     // Node 1 writes MiB 0..4, node 2 reads it back.
@@ -155,7 +156,7 @@ fn two_nodes_share_a_mirror_and_a_survivor_recovers_a_killed_node() {
     }
     let ex = bin().args(["examine", "--json"]).arg(&a).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&ex.stdout).unwrap();
-    let dirty = v["legs"][0]["bitmap"]["slots"][0]["dirty"]
+    let dirty = v["legs"][0]["bitmap"]["slots"][1]["dirty"]
         .as_u64()
         .unwrap();
     assert!(dirty >= 3, "node 1's slot has its chunks dirty: {v}");
@@ -184,7 +185,7 @@ fn two_nodes_share_a_mirror_and_a_survivor_recovers_a_killed_node() {
     let ex = bin().args(["examine", "--json"]).arg(&a).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&ex.stdout).unwrap();
     assert_eq!(
-        v["legs"][0]["bitmap"]["slots"][0]["dirty"], 0,
+        v["legs"][0]["bitmap"]["slots"][1]["dirty"], 0,
         "node 1's slot was cleared"
     );
 }
@@ -199,8 +200,8 @@ fn three_nodes_write_disjoint_and_overlapping_ranges_and_agree() {
         .collect();
     for (i, n) in nodes.iter().enumerate() {
         let c = n.status()["cluster"].clone();
-        assert_eq!(c["slot"], i as u64, "{c}");
-        let want: Vec<u64> = (0..3).filter(|&s| s != i as u64).collect();
+        assert_eq!(c["slot"], i as u64 + 1, "{c}");
+        let want: Vec<u64> = (1..4).filter(|&s| s != i as u64 + 1).collect();
         assert_eq!(
             c["peers"],
             serde_json::json!(want),
@@ -345,7 +346,7 @@ fn reads_during_another_nodes_resync_never_return_the_stale_leg() {
     let st = n2.wait_for("node 1's resync window", |s| {
         !s["cluster"]["suspended"].as_array().unwrap().is_empty()
     });
-    assert_eq!(st["cluster"]["resync_holder"], 0, "{st}");
+    assert_eq!(st["cluster"]["resync_holder"], 1, "{st}");
     let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
     let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
     let mut written: Option<(u64, Vec<u8>)> = None;

@@ -1,8 +1,8 @@
 //! Joining an md-cluster array without DLM callbacks (spec §7.2, profile U32):
-//! a node claims the first free `bitmapNNNN` slot lock with NOQUEUE PW under the
-//! `token`, announces itself with NODE_JOINED, and watches every occupied slot with
-//! a blocking NL→PW request that the DLM grants only when the owner's PW is gone —
-//! that grant is how a peer's death is seen.
+//! a node claims the first free `bitmapNNNN` slot lock (in [`claim_order`]: slot 0
+//! last) with NOQUEUE PW under the `token`, announces itself with NODE_JOINED, and
+//! watches every occupied slot with a blocking NL→PW request that the DLM grants only
+//! when the owner's PW is gone — that grant is how a peer's death is seen.
 
 use super::comms::{new_nl_lock, Comms, CommsError, Handler};
 use crate::dlm::{flags, LockId, Mode, Status};
@@ -18,6 +18,23 @@ pub const RESYNC: &[u8] = b"resync";
 /// The `bitmapNNNN` lock of slot `s`.
 pub fn bitmap_lock_name(s: u32) -> Vec<u8> {
     format!("bitmap{s:04}").into_bytes()
+}
+
+/// The order in which a joining node tries the slots: 1, 2, …, `nodes − 1`, then 0.
+///
+/// Slot 0 is the one a kernel md-cluster node takes when it assembles the array on
+/// its own (the first member of a lockspace gets DLM slot 1, md slot 0), and the
+/// kernel drops the dirty bits of the slot it takes whenever another free slot has
+/// dirty bits too: `md_bitmap_load` (Linux 6.1) runs `load_bitmaps` →
+/// `gather_all_resync_info` → `md_bitmap_copy_from_slot(…, clear_bits = false)`
+/// before `md_bitmap_init_from_disk` has read its own slot, and the
+/// `md_bitmap_unplug` there writes its own still blank bitmap pages, now holding only
+/// the merged bits, over its slot on disk. The bits of the other slots are always
+/// merged and resynced. So while fewer nodes of ours than slots run, slot 0 stays
+/// clean, and a kernel node that takes the array over after all of ours died resyncs
+/// every chunk they left dirty.
+pub fn claim_order(nodes: u32) -> impl Iterator<Item = u32> {
+    (1..nodes).chain(0..nodes.min(1))
 }
 
 /// Why joining failed.
@@ -120,7 +137,7 @@ pub struct Node {
     /// Slots whose owner died, one report per death; the slot's lock is held in PW
     /// until [`Node::release_slot`].
     pub dead: Receiver<u32>,
-    /// Slots after ours found free at join; their locks are held in PW until
+    /// Slots after ours (in [`claim_order`]) found free at join; their locks are held in PW until
     /// [`Node::release_slot`], after their bitmaps (a departed node's bits) were merged.
     pub free_at_join: Vec<u32>,
     /// Resync windows `(slot, lo, hi)` live nodes had announced when we joined.
@@ -171,7 +188,7 @@ impl Node {
         comms.step("token NL->EX", comms.token(), Mode::Ex, 0, None)?;
         let claimed = (|| -> Result<Option<(u32, Vec<u32>)>, CommsError> {
             let mut occupied = Vec::new();
-            for s in 0..nodes {
+            for s in claim_order(nodes) {
                 let rx = router.expect(bitmaps[s as usize]);
                 ls.convert(
                     bitmaps[s as usize],
@@ -251,11 +268,12 @@ impl Node {
         joined.low = u64::from(ls.node());
         joined.high = u64::from(std::process::id());
         comms.send(joined)?;
-        // Slots after ours: free ones are reported (their bits need merging), taken
-        // ones are watched. A slot whose node sent us a message meanwhile is
-        // watched already (the receive loop armed it): taken, and its lock busy.
+        // Slots after ours in the claim order: free ones are reported (their bits
+        // need merging), taken ones are watched. A slot whose node sent us a
+        // message meanwhile is watched already (the receive loop armed it): taken,
+        // and its lock busy.
         let mut free_at_join = Vec::new();
-        for s in (slot + 1)..nodes {
+        for s in claim_order(nodes).skip_while(|&s| s != slot).skip(1) {
             if !watches.reserve(s) {
                 continue;
             }
@@ -409,19 +427,23 @@ mod tests {
     }
 
     #[test]
-    fn nodes_take_the_first_free_slots_and_watch_each_other() {
+    fn nodes_take_the_first_free_slots_slot_0_last_and_watch_each_other() {
+        assert_eq!(claim_order(4).collect::<Vec<_>>(), vec![1, 2, 3, 0]);
+        assert_eq!(claim_order(1).collect::<Vec<_>>(), vec![0]);
         let dlm = LocalDlm::new();
         let (a, _) = join(&dlm);
         let (b, _) = join(&dlm);
         let (c, _) = join(&dlm);
-        assert_eq!((a.slot, b.slot, c.slot), (0, 1, 2));
-        assert_eq!(a.free_at_join, vec![1, 2, 3]);
-        assert_eq!(c.free_at_join, vec![3]);
-        wait_watched(&a, &[1, 2]);
-        wait_watched(&b, &[0, 2]);
-        wait_watched(&c, &[0, 1]);
+        assert_eq!((a.slot, b.slot, c.slot), (1, 2, 3));
+        assert_eq!(a.free_at_join, vec![2, 3, 0]);
+        assert_eq!(c.free_at_join, vec![0]);
+        wait_watched(&a, &[2, 3]);
+        wait_watched(&b, &[1, 3]);
+        wait_watched(&c, &[1, 2]);
         let (d, _) = join(&dlm);
-        assert_eq!(d.slot, 3);
+        assert_eq!(d.slot, 0);
+        assert!(d.free_at_join.is_empty());
+        wait_watched(&d, &[1, 2, 3]);
         let e = Node::join(Arc::new(dlm.join(LS, 32)), 4, Box::new(|_| {}));
         assert!(matches!(e, Err(JoinError::Full(4))));
     }
@@ -449,12 +471,12 @@ mod tests {
         a.announce_window(0, 65536).unwrap();
         assert_eq!(
             windows.try_recv().unwrap(),
-            (0, 0, 65536),
+            (1, 0, 65536),
             "received before the send returned"
         );
         // A node joining now reads a's window from its slot lock.
         let (c, _) = join(&dlm);
-        assert_eq!(c.windows_at_join, vec![(0, 0, 65536)]);
+        assert_eq!(c.windows_at_join, vec![(1, 0, 65536)]);
         // b cannot resync while a does.
         let b2 = b.clone();
         let t = std::thread::spawn(move || b2.acquire_resync().unwrap());
@@ -463,7 +485,7 @@ mod tests {
         a.release_resync().unwrap();
         assert_eq!(
             windows.recv_timeout(Duration::from_secs(5)).unwrap(),
-            (0, 0, 0)
+            (1, 0, 0)
         );
         t.join().unwrap();
         b.release_resync().unwrap();
@@ -481,10 +503,10 @@ mod tests {
         dlm.kill(LS, a_id);
         // b holds a's slot while recovering it; a joiner reads the slot's value
         // block, which the DLM marks not valid: no window.
-        assert_eq!(b.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        assert_eq!(b.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
         let (c, _) = join(&dlm);
         assert!(c.windows_at_join.is_empty(), "{:?}", c.windows_at_join);
-        b.release_slot(0).unwrap();
+        b.release_slot(1).unwrap();
     }
 
     #[test]
@@ -493,34 +515,34 @@ mod tests {
         let (a, _) = join(&dlm);
         let (b, b_id) = join(&dlm);
         let (c, _) = join(&dlm);
-        wait_watched(&a, &[1, 2]);
-        wait_watched(&c, &[0, 1]);
+        wait_watched(&a, &[2, 3]);
+        wait_watched(&c, &[1, 2]);
         dlm.kill(LS, b_id);
-        // The survivors queue on slot 1; the first recovers while holding it.
+        // The survivors queue on slot 2; the first recovers while holding it.
         let (first, second) = match (
             a.dead.recv_timeout(Duration::from_millis(500)),
             c.dead.recv_timeout(Duration::from_millis(500)),
         ) {
-            (Ok(1), Err(_)) => (&a, &c),
-            (Err(_), Ok(1)) => (&c, &a),
+            (Ok(2), Err(_)) => (&a, &c),
+            (Err(_), Ok(2)) => (&c, &a),
             other => panic!("exactly one survivor recovers first: {other:?}"),
         };
-        first.release_slot(1).unwrap();
-        assert_eq!(second.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
-        second.release_slot(1).unwrap();
+        first.release_slot(2).unwrap();
+        assert_eq!(second.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 2);
+        second.release_slot(2).unwrap();
         drop(b);
         // A new node takes the freed slot and is watched again.
         let (n, n_id) = join(&dlm);
-        assert_eq!(n.slot, 1);
-        wait_watched(&a, &[1, 2]);
-        wait_watched(&c, &[0, 1]);
+        assert_eq!(n.slot, 2);
+        wait_watched(&a, &[2, 3]);
+        wait_watched(&c, &[1, 2]);
         dlm.kill(LS, n_id);
         let got = crossbeam_channel::select! {
             recv(a.dead) -> s => s,
             recv(c.dead) -> s => s,
             default(Duration::from_secs(5)) => panic!("nobody saw the second death"),
         };
-        assert_eq!(got.unwrap(), 1);
+        assert_eq!(got.unwrap(), 2);
     }
 
     #[test]
@@ -529,10 +551,10 @@ mod tests {
         let (_a, a_id) = join(&dlm);
         let (b, _) = join(&dlm);
         dlm.kill(LS, a_id);
-        assert_eq!(b.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
-        b.release_slot(0).unwrap();
-        // c takes slot 0 and, before it probes the slots after its own, receives a
-        // message from b (slot 1), which makes it watch slot 1.
+        assert_eq!(b.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        b.release_slot(1).unwrap();
+        // c takes slot 1 and, before it probes the slots after its own, receives a
+        // message from b (slot 2), which makes it watch slot 2.
         let (m, reached, go) = HoldingMember::new(
             dlm.join(LS, 32),
             |name, mode| name == super::super::comms::TOKEN && mode == Mode::Ex,
@@ -546,23 +568,23 @@ mod tests {
             .unwrap();
         go.send(()).unwrap();
         let c = settled(joining.join().unwrap().expect("c joins"));
-        assert_eq!(c.slot, 0);
+        assert_eq!(c.slot, 1);
         assert!(
-            c.free_at_join.iter().all(|&s| s >= 2),
+            c.free_at_join.iter().all(|&s| s == 3 || s == 0),
             "{:?}",
             c.free_at_join
         );
-        wait_watched(&c, &[1]);
+        wait_watched(&c, &[2]);
     }
 
     #[test]
     fn a_message_received_while_joining_does_not_break_the_window_read_of_its_senders_slot() {
         let dlm = LocalDlm::new();
         let (a, _) = join(&dlm);
-        // b (slot 1) stops where it reads a's resync window; a sends meanwhile.
+        // b (slot 2) stops where it reads a's (slot 1) resync window; a sends meanwhile.
         let (m, reached, go) = HoldingMember::new(
             dlm.join(LS, 32),
-            |name, mode| name == bitmap_lock_name(0).as_slice() && mode == Mode::Cr,
+            |name, mode| name == bitmap_lock_name(1).as_slice() && mode == Mode::Cr,
             0,
         );
         let ls: Arc<dyn LockSpace> = Arc::new(m);
@@ -577,8 +599,8 @@ mod tests {
         go.send(()).unwrap();
         let b = settled(joining.join().unwrap().expect("b joins"));
         sending.join().unwrap().unwrap();
-        assert_eq!(b.slot, 1);
-        wait_watched(&b, &[0]);
+        assert_eq!(b.slot, 2);
+        wait_watched(&b, &[1]);
     }
 
     #[test]
@@ -591,11 +613,11 @@ mod tests {
         a.acquire_resync().unwrap();
         a.announce_window(0, 65536).unwrap();
         dlm.kill(LS, a_id);
-        assert_eq!(b.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
-        b.release_slot(0).unwrap();
-        // c takes slot 0; d, joining next, reads slot 0's value block.
+        assert_eq!(b.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        b.release_slot(1).unwrap();
+        // c takes slot 1; d, joining next, reads slot 1's value block.
         let (c, _) = join(&dlm);
-        assert_eq!(c.slot, 0);
+        assert_eq!(c.slot, 1);
         let (d, _) = join(&dlm);
         assert!(d.windows_at_join.is_empty(), "{:?}", d.windows_at_join);
     }

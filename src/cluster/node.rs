@@ -546,7 +546,7 @@ mod tests {
         let id1 = m1.node();
         let n1 = ClusterNode::join(Arc::new(m1), legs()).unwrap();
         let n2 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
-        assert_eq!((n1.node.slot, n2.node.slot), (0, 1));
+        assert_eq!((n1.node.slot, n2.node.slot), (1, 2));
         // Node 1 writes chunk 3 on both legs, then "crashes" in the middle of a
         // second write to chunk 3 that reached only leg a.
         let data = vec![0x11u8; 4096];
@@ -557,7 +557,7 @@ mod tests {
         dlm.kill(&ls_name, id1);
         // Node 2 sees the death through its watch, recovers node 1's slot.
         let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
-        assert_eq!(slot, 0);
+        assert_eq!(slot, 1);
         let copied = n2.recover(slot).unwrap();
         assert_eq!(copied, MIB, "exactly the one dirty chunk");
         let (ca, cb) = (a.contents(), b.contents());
@@ -568,12 +568,12 @@ mod tests {
         );
         let m = LegMetadata::load(&*b).unwrap();
         assert_eq!(
-            m.bitmaps[0].bits.count_dirty(),
+            m.bitmaps[1].bits.count_dirty(),
             0,
             "the dead node's bits are cleared"
         );
         assert!(
-            m.bitmaps[1].bits.get(3),
+            m.bitmaps[2].bits.get(3),
             "the survivor carries them until its daemon clears them"
         );
     }
@@ -634,5 +634,90 @@ mod tests {
         done.recv_timeout(Duration::from_secs(5))
             .expect("the dead node's window no longer holds writes")
             .unwrap();
+    }
+
+    /// The chunks a kernel md-cluster node (Linux 6.1) resyncs when it assembles the
+    /// array alone in `own` slot, from what is on disk (`md_bitmap_load`):
+    /// `gather_all_resync_info` merges every other (free) slot's bits into its own
+    /// bitmap pages, which are still blank then, and writes them over its slot
+    /// (`md_bitmap_copy_from_slot` → `md_bitmap_unplug`); `resync_offset` becomes
+    /// the first merged chunk if lower; `md_bitmap_init_from_disk` then reads its slot
+    /// back and marks a set bit NEEDED if the chunk ends at or after `resync_offset`.
+    fn kernel_assembly_resyncs(meta: &LegMetadata, own: usize) -> Vec<u64> {
+        let bm = &meta.bitmaps;
+        let chunks = bm[own].bits.chunks();
+        let chunk_sectors = u64::from(bm[own].sb.chunksize) / 512;
+        // Bitmap page p of a slot holds these chunks (the first page starts with
+        // the 256-byte superblock).
+        let page = |c: u64| (c + 256 * 8) / (4096 * 8);
+        let merged: Vec<u64> = (0..bm.len())
+            .filter(|&s| s != own)
+            .flat_map(|s| (0..chunks).filter(move |&c| bm[s].bits.get(c)))
+            .collect();
+        let written: std::collections::HashSet<u64> = merged.iter().map(|&c| page(c)).collect();
+        let mut start = meta.sb.resync_offset;
+        if let Some(&lo) = merged.iter().min() {
+            start = start.min(lo * chunk_sectors);
+        }
+        (0..chunks)
+            .filter(|&c| {
+                if written.contains(&page(c)) {
+                    merged.contains(&c)
+                } else {
+                    bm[own].bits.get(c)
+                }
+            })
+            .filter(|&c| (c + 1) * chunk_sectors >= start)
+            .collect()
+    }
+
+    #[test]
+    fn a_kernel_node_taking_over_after_all_of_ours_died_resyncs_what_they_left_dirty() {
+        let (a, b, metas) = clustered_legs();
+        let ls_name = metas[0].sb.set_uuid.lockspace_name();
+        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
+        let dlm = LocalDlm::new();
+        let m1 = dlm.join(&ls_name, 32);
+        let id1 = m1.node();
+        let n1 = ClusterNode::join(Arc::new(m1), legs()).unwrap();
+        let m2 = dlm.join(&ls_name, 32);
+        let id2 = m2.node();
+        let n2 = ClusterNode::join(Arc::new(m2), legs()).unwrap();
+        n1.array.mark_active().unwrap();
+        // Both write and die before their bits are cleared: two slots are dirty.
+        for c in [3u64, 4, 40] {
+            n1.array
+                .write(c * 2048, &[IoSlice::new(&[1u8; 4096])])
+                .unwrap();
+        }
+        for c in [7u64, 50] {
+            n2.array
+                .write(c * 2048, &[IoSlice::new(&[2u8; 4096])])
+                .unwrap();
+        }
+        dlm.kill(&ls_name, id1);
+        dlm.kill(&ls_name, id2);
+        let m = LegMetadata::load(&*a).unwrap();
+        let dirty: Vec<Vec<u64>> = m
+            .bitmaps
+            .iter()
+            .map(|bm| (0..bm.bits.chunks()).filter(|&c| bm.bits.get(c)).collect())
+            .collect();
+        assert!(
+            dirty[0].is_empty(),
+            "no node of ours wrote slot 0: {dirty:?}"
+        );
+        assert_eq!(
+            dirty.iter().filter(|d| !d.is_empty()).count(),
+            2,
+            "{dirty:?}"
+        );
+        // A kernel node assembling alone takes slot 0 and resyncs all of them.
+        assert_eq!(kernel_assembly_resyncs(&m, 0), vec![3, 4, 7, 40, 50]);
+        // (Had it taken a dirty slot, that slot's bits would be lost, as observed on
+        // Debian's 6.1 kernel.)
+        let s1 = n1.node.slot as usize;
+        assert_eq!(kernel_assembly_resyncs(&m, s1), vec![7, 50]);
+        drop((n1, n2));
     }
 }
