@@ -3,6 +3,7 @@
 
 use super::dirty::{self, DirtyLog, LogCarrier};
 use super::request::{self, Context, Limits, Prepared, RequestError, ID_LEN};
+use crate::cluster::writer::{RoleState, WriterRole, ACQUIRE_RETRY};
 use crate::raid1::Array;
 use crate::raid1::AsyncIo;
 use log::{debug, info, warn};
@@ -113,6 +114,12 @@ pub struct BlockBackend {
     stopping: AtomicBool,
     /// Requests completed, for status.
     pub completed: AtomicU64,
+    /// Guest writes refused because another node holds the writer role.
+    pub writes_refused: AtomicU64,
+    /// Who may write the array: taken when the front-end starts the vrings.
+    role: Arc<WriterRole>,
+    /// Queues the front-end started (bit per queue), since their last stop.
+    started: Mutex<u64>,
     /// One asynchronous I/O state per queue (`None`: synchronous I/O).
     queues: Vec<Mutex<Option<QueueState>>>,
 }
@@ -143,6 +150,45 @@ impl BlockBackend {
             io_gate: RwLock::new(()),
             stopping: AtomicBool::new(false),
             completed: AtomicU64::new(0),
+            writes_refused: AtomicU64::new(0),
+            role: Arc::new(WriterRole::local()),
+            started: Mutex::new(0),
+        }
+    }
+
+    /// Uses `role` to decide whether this node may write (default: the array's
+    /// only node, always granted).
+    pub fn with_writer_role(mut self, role: Arc<WriterRole>) -> BlockBackend {
+        self.role = role;
+        self
+    }
+
+    /// This node's writer role.
+    pub fn writer_role(&self) -> &WriterRole {
+        &self.role
+    }
+
+    /// Queue `qi` got its first event since the front-end started it: the first
+    /// started queue takes the writer role.
+    fn vring_started(&self, qi: usize) {
+        let bit = 1u64 << qi;
+        let mut started = lock(&self.started);
+        if *started & bit != 0 {
+            return;
+        }
+        *started |= bit;
+        if self.role.state() == RoleState::Idle {
+            self.role.acquire(ACQUIRE_RETRY);
+        }
+    }
+
+    /// Queue `qi` was stopped (its requests finished): once no queue runs, the
+    /// writer role goes back.
+    fn vring_stopped(&self, qi: usize) {
+        let mut started = lock(&self.started);
+        *started &= !(1u64 << qi);
+        if *started == 0 {
+            self.role.release();
         }
     }
 
@@ -209,6 +255,9 @@ impl BlockBackend {
                 }
             }
         }
+        // Nothing of ours is in flight any more: another node may write.
+        *lock(&self.started) = 0;
+        self.role.release();
     }
 
     /// The serial number GET_ID returns.
@@ -257,6 +306,8 @@ impl BlockBackend {
         Context {
             array: &self.array,
             read_only: self.config.read_only,
+            not_writer: self.role.state() != RoleState::Held,
+            refused: Some(&self.writes_refused),
             writethrough: self.writethrough.load(Ordering::Relaxed),
             serial: self.serial,
             limits: self.limits,
@@ -519,9 +570,12 @@ impl VhostUserBackend for BlockBackend {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // GET_VRING_BASE: finish every request in flight first, so nothing is half
         // done when another back-end (e.g. a migration destination) takes over.
+        // Then the writer role goes back once no queue runs: the destination takes
+        // it when its front-end starts the vrings.
         if !self.wait_idle(queue_index as usize, std::time::Duration::from_secs(30)) {
             warn!("queue {queue_index}: requests still in flight after 30 s at vring stop");
         }
+        self.vring_stopped(queue_index as usize);
         Ok(())
     }
 
@@ -553,6 +607,9 @@ impl VhostUserBackend for BlockBackend {
         if self.stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
+        // The front-end kicks a queue when it starts it (QEMU sets the kick eventfd
+        // up signalled): take the writer role before the first request.
+        self.vring_started(thread_id);
         let mem = self
             .mem
             .read()
