@@ -606,7 +606,7 @@ test_migrate() {
     wait_sock "$D/lockd.sock" "$SPAWNED" || { fail "lockd did not start"; return; }
     start_node n1 || return
     start_node n2 || return
-    # Dirty-log watchers in front of each source.
+    # Dirty-log watchers between each QEMU and its node (they log every message).
     spawn proxy-a python3 "$WATCH_PY" "$D/pa.sock" "$D/n1.sock" "$D/watch-a.json" "$D/vu-a.log"
     wait_sock "$D/pa.sock" "$SPAWNED" || { fail "proxy a did not start"; return; }
     spawn proxy-b python3 "$WATCH_PY" "$D/pb.sock" "$D/n2.sock" "$D/watch-b.json" "$D/vu-b.log"
@@ -655,7 +655,9 @@ test_migrate() {
     quit_vm a
 
     # 3. node 2 -> node 1 (a new QEMU), then kill -9 of node 2 right after the switchover
-    start_vm c "$D/n1.sock" -incoming defer
+    spawn proxy-c python3 "$WATCH_PY" "$D/pc.sock" "$D/n1.sock" "$D/watch-c.json" "$D/vu-c.log"
+    wait_sock "$D/pc.sock" "$SPAWNED" || { fail "proxy c did not start"; return; }
+    start_vm c "$D/pc.sock" -incoming defer
     local b0
     b0=$(last_block b)
     wait_blocks b $((b0 + 100)) 120 || fail "the guest on node 2 stalled"
@@ -727,7 +729,9 @@ test_migrate() {
     local qt1=$MIG_TOTAL qd1=$MIG_DOWN
     info "qsd migration 1: dirty log seen by the proxy: $(cat "$D/watch-x.json")"
     quit_vm x
-    start_vm z "$D/q1.sock" -incoming defer
+    spawn proxy-z python3 "$WATCH_PY" "$D/pz.sock" "$D/q1.sock" "$D/watch-z.json" "$D/vu-z.log"
+    wait_sock "$D/pz.sock" "$SPAWNED" || { fail "proxy z did not start"; return; }
+    start_vm z "$D/pz.sock" -incoming defer
     b0=$(last_block y)
     wait_blocks y $((b0 + 100)) 120 || fail "qsd: the guest stalled"
     migrate y z "qsd migration 2" || return

@@ -18,7 +18,7 @@ STATE_JSON is rewritten whenever something changes:
    "used_ring_pages_seen": ["0x..."] (those whose page was seen marked),
    "log_all": whether the last SET_FEATURES had VHOST_F_LOG_ALL,
    "vring_log": whether a SET_VRING_ADDR asked for used-ring logging (VHOST_VRING_F_LOG)}
-LOGFILE (optional) gets one line per message.
+LOGFILE (optional) gets one line per message, with the wall-clock time (UTC, ms).
 Serves one connection, then exits when either side closes."""
 import json
 import mmap
@@ -36,7 +36,6 @@ NAMES = {1: "GET_FEATURES", 2: "SET_FEATURES", 5: "SET_MEM_TABLE", 6: "SET_LOG_B
          12: "SET_VRING_KICK", 13: "SET_VRING_CALL", 18: "SET_VRING_ENABLE", 37: "ADD_MEM_REG",
          38: "REM_MEM_REG"}
 LOG_ALL = 1 << 26
-t0 = time.time()
 lock = threading.Lock()
 state = {"log_base": 0, "log_bytes": 0, "pages_seen": 0, "used_rings": [],
          "used_ring_pages_seen": [], "log_all": False, "vring_log": False}
@@ -47,7 +46,9 @@ logf = open(LOGFILE, "w", buffering=1) if LOGFILE else None
 
 def note(s):
     if logf:
-        logf.write("%9.3f %s\n" % (time.time() - t0, s))
+        now = time.time()
+        logf.write("%s.%03dZ %s\n" % (time.strftime("%H:%M:%S", time.gmtime(now)),
+                                     int(now * 1000) % 1000, s))
 
 
 def publish():

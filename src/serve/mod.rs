@@ -344,6 +344,8 @@ fn serve_connections(
         }
         daemon.request_shutdown();
         backend.abandon_in_flight();
+        // The daemon's vrings map the departed front-end's memory too.
+        drop(daemon);
     }
 }
 

@@ -258,6 +258,11 @@ impl BlockBackend {
         // Nothing of ours is in flight any more: another node may write.
         *lock(&self.started) = 0;
         self.role.release();
+        // Unmap the departed front-end's memory now: when it was the last user of a
+        // VM's RAM (the VM is gone), unmapping frees that RAM, which takes a while;
+        // done later it would delay the next front-end's memory table (e.g. a VM
+        // migrating back to this node, during its downtime).
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// The serial number GET_ID returns.
