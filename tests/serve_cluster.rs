@@ -475,10 +475,24 @@ fn one_node_writes_at_a_time_and_the_role_follows_the_front_end() {
     let n2 = start("n2");
     assert_eq!((role(&n1), role(&n2)), ("idle".into(), "idle".into()));
 
+    // A read-only node serves reads and never takes the role.
+    let ro = {
+        let mut args = vec!["--lock-manager", lm.as_str(), "--read-only"];
+        args.extend(legs.iter().map(|p| p.to_str().unwrap()));
+        Serve::start(&d.path().join("ro.sock"), &args)
+    };
+    let mut c3 = Client::connect_with(&ro.socket, 1, BLOCK, true);
+    assert_eq!(c3.read(0, 0, 0, BLOCK), 0);
+    assert_eq!(role(&ro), "idle");
+
     // Node 1's front-end starts first: it writes.
     let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
     write_pattern(&mut c1, 1, 0, MIB);
     assert_eq!(role(&n1), "held");
+    check_pattern(&mut c3, 1, 0, MIB, "the read-only node");
+    drop(c3);
+    let mut ro = ro;
+    assert!(ro.stop().success());
 
     // Node 2's front-end starts while node 1 writes: its writes fail, its reads work.
     let mut c2 = Client::connect(&n2.socket, 1, BLOCK);

@@ -169,7 +169,7 @@ impl BlockBackend {
     }
 
     /// Queue `qi` got its first event since the front-end started it: the first
-    /// started queue takes the writer role.
+    /// started queue takes the writer role (a read-only disk never does).
     fn vring_started(&self, qi: usize) {
         let bit = 1u64 << qi;
         let mut started = lock(&self.started);
@@ -177,7 +177,7 @@ impl BlockBackend {
             return;
         }
         *started |= bit;
-        if self.role.state() == RoleState::Idle {
+        if !self.config.read_only && self.role.state() == RoleState::Idle {
             self.role.acquire(ACQUIRE_RETRY);
         }
     }
