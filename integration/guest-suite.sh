@@ -532,6 +532,8 @@ wait_blocks() { # wait_blocks NAME N TIMEOUT: the guest on VM NAME wrote block N
 quit_vm() {
     qmp "$1" quit > /dev/null 2>&1
     for _ in $(seq 100); do kill -0 "${VMPID[$1]}" 2>/dev/null || break; sleep 0.1; done
+    # (the pid is QEMU's `timeout` wrapper: SIGTERM reaches QEMU through it)
+    kill -TERM "${VMPID[$1]}" 2>/dev/null && sleep 1
     kill -KILL "${VMPID[$1]}" 2>/dev/null
     wait "${VMPID[$1]}" 2>/dev/null
     info "VM $1 ended"
@@ -671,6 +673,8 @@ test_migrate() {
     check "node 1 saw node 2 die and recovered its slot" \
         node_wait n1 '(.cluster.peers | length) == 0 and .resync.active == false and .resync.remaining_chunks == 0' 120
     info "node 1 after the recovery: $(node_status n1 | jq -c '{resync: .resync | {bytes_copied, remaining_chunks}, bitmap_dirty, degraded}')"
+    check "node 1 recovered node 2's slot ($(grep -o 'recovered node slot 1: .*' "$D/backend-n1.log"))" \
+        grep -q 'recovered node slot 1:' "$D/backend-n1.log"
     local at2
     at2=$(last_block c)
     check "the guest goes on writing on node 1" wait_blocks c $((${at2:-0} + 100)) 120
