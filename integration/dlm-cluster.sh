@@ -9,6 +9,23 @@
 #           holder gets a blocking callback, kill -9 of the holder grants the waiter, an LVB
 #           written on one node (PW -> NL) is read on the other, and the death of a whole node
 #           releases its locks.
+#   phase 3 (two guests sharing two leg image files, /dev/vdc and /dev/vdd): two of our
+#           `serve --lock-manager dlm` nodes share an array (profile U32: slots 0 and 1 in
+#           one lockspace), node2 reads what node1 wrote; node1 dies mid-write, first by
+#           kill -9 of its serve, then (restarted) by killing its whole guest: each time
+#           node2 resyncs exactly node1's dirty chunks (status resync.bytes_copied), and
+#           every write node1 acknowledged (examples/guest_io's record) reads back through
+#           node2; at the end the legs are identical and node2's clean stop releases the
+#           lockspace.
+#   phase 4 (two guests, shared legs): kernel md-cluster (mdadm) creates and runs the
+#           array on both; our node refuses to join while the kernel has it, on the same
+#           host (before touching the DLM) and on the other host (CPG check naming the
+#           kernel node, no join attempt seen by the kernel's lockspace); a kernel node
+#           dies mid-write (guest killed; a clean mdadm --stop would clear its bits), our
+#           nodes resync exactly the dirty chunks and hold every write it acknowledged;
+#           our nodes write and are killed (dirty bits left), kernel md assembles, resyncs
+#           them, and reads every block back. Leg chunks are corrupted on purpose inside
+#           the dirty regions, so identical legs at the end prove they were resynced.
 #
 # Usage: integration/dlm-cluster.sh            (root; ci/dlm-tests.sh installs the host packages)
 # Environment:
@@ -16,12 +33,14 @@
 #               (default ${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-md/dlm-cluster)
 #   DLM_WORK    work dir for images, sockets and logs (default: a new /tmp/vumd-dlm.XXXXXX;
 #               keep it short, unix socket paths are limited); removed on success
-#   DLM_PHASES  phases to run (default "1 2")
+#   DLM_PHASES  phases to run (default "1 2 3 4")
 #   KDIR        an unpacked, depmod'ed Debian linux-image-6.1.0-*-amd64 tree to use
 #               instead of downloading one into the cache
 #   KEEP=1      keep the work dir (logs) even on success
 #   DLM_SHELL=1 phase 1 only boots the guest and starts the cluster, then waits for
 #               $DLM_WORK/stop (drive the guest with integration/dlm-cluster/vmsh.py)
+# The guest test client is examples/guest_io.rs (cargo build --example guest_io; copied into
+# the guests with the other binaries, never installed).
 # Needs (ci/dlm-tests.sh installs them on Debian 12): qemu-system-x86_64 (run with
 # -accel tcg -cpu max), debootstrap, busybox-static, kmod, cpio, e2fsprogs, python3, cargo;
 # network access to deb.debian.org on the first run (kernel and rootfs are cached).
@@ -30,10 +49,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 H=$ROOT/integration/dlm-cluster
 CACHE=${DLM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-md/dlm-cluster}
-PHASES=${DLM_PHASES:-1 2}
+PHASES=${DLM_PHASES:-1 2 3 4}
 VM_TIMEOUT=${DLM_VM_TIMEOUT:-1800}
-PKGS=corosync,dlm-controld,libdlm3,kmod,iproute2,procps,psmisc
-MODULES="virtio_pci virtio_blk virtio_net ext4 dlm"
+PKGS=corosync,dlm-controld,libdlm3,mdadm,kmod,iproute2,procps,psmisc
+MODULES="virtio_pci virtio_blk virtio_net ext4 dlm md-mod raid1 md-cluster"
 mkdir -p "$CACHE"
 W=${DLM_WORK:-$(mktemp -d /tmp/vumd-dlm.XXXXXX)}
 mkdir -p "$W"
@@ -46,6 +65,7 @@ fail() { failed=$((failed + 1)); fail_logs=1; log "FAIL: $*"; }
 
 # ---------------------------------------------------------------- guests
 NODES_UP=""
+LEG_ARGS="" # shared legs (phases 3, 4): /dev/vdc and /dev/vdd in every guest
 on() { local n=$1; shift; "$H/vmsh.py" "$W/node$n.ser" "$@"; } # on N 'cmd' [timeout_s]
 # until_ok N 'cmd' seconds: retry cmd (each try 30 s max) until it succeeds
 until_ok() {
@@ -63,11 +83,13 @@ start_node() { # N NODES NETDEV-ARGS
     timeout "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m 768M -machine q35 \
         -kernel "$KDIR/boot/vmlinuz-$KVER" -initrd "$W/initrd.cpio.gz" \
         -append "console=ttyS0 panic=-1 loglevel=4 vmh_node=$n vmh_nodes=$nodes" \
-        -drive "file=$W/root.ext4,if=virtio,format=raw,snapshot=on" \
-        -drive "file=$W/bin.ext4,if=virtio,format=raw,readonly=on" \
+        -drive "file=$W/root.ext4,if=none,id=root,format=raw,snapshot=on" -device virtio-blk-pci,drive=root \
+        -drive "file=$W/bin.ext4,if=none,id=bin,format=raw,readonly=on" -device virtio-blk-pci,drive=bin \
+        $LEG_ARGS \
         -netdev "$net" -device "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:0$n" \
         -chardev "socket,id=s0,path=$W/node$n.ser,server=on,wait=off,logfile=$W/node$n.log" \
-        -serial chardev:s0 -display none -monitor none -no-reboot \
+        -serial chardev:s0 -chardev "file,id=s1,path=$W/node$n.ttyS1" -serial chardev:s1 \
+        -display none -monitor none -no-reboot \
         >"$W/qemu-node$n.out" 2>&1 &
     echo $! >"$W/node$n.pid"
     NODES_UP="$NODES_UP $n"
@@ -151,7 +173,8 @@ for line in sys.stdin:
 }
 TEST_BIN=$(NAME=dlm_conformance artifact test --no-run --test dlm_conformance)
 MD_BIN=$(NAME=vhost-user-md artifact build --bin vhost-user-md)
-if [ ! -x "$TEST_BIN" ] || [ ! -x "$MD_BIN" ]; then echo "build failed" >&2; exit 1; fi
+IO_BIN=$(NAME=guest_io artifact build --example guest_io)
+if [ ! -x "$TEST_BIN" ] || [ ! -x "$MD_BIN" ] || [ ! -x "$IO_BIN" ]; then echo "build failed" >&2; exit 1; fi
 
 log "guest kernel and rootfs (cache: $CACHE)"
 if [ -z "${KDIR:-}" ]; then
@@ -198,6 +221,7 @@ rm -rf "$B" "$W/bin.ext4"
 mkdir -p "$B"
 cp "$TEST_BIN" "$B/dlm_conformance"
 cp "$MD_BIN" "$B/vhost-user-md"
+cp "$IO_BIN" "$B/guest_io"
 mke2fs -q -t ext4 -L vumdbin -d "$B" "$W/bin.ext4" $(($(du -sm "$B" | cut -f1) * 5 / 4 + 16))M >/dev/null
 rm -rf "$B"
 # initramfs: busybox, the modules, then switch_root into the rootfs (guest-init)
@@ -229,6 +253,7 @@ log "images ready in $W"
 # ---------------------------------------------------------------- phase 1: one node
 phase1() {
     log "phase 1: one guest, one-node cluster"
+    LEG_ARGS=""
     start_node 1 1 hubport,id=n0,hubid=0
     wait_ready 1 || { fail "phase 1: guest boot"; return; }
     log "node1 up"
@@ -251,17 +276,22 @@ phase1() {
 # ---------------------------------------------------------------- phase 2: two nodes
 # wait_line N FILE TEXT SECONDS: until FILE on node N has a line TEXT
 wait_line() { until_ok "$1" "grep -qx '$3' $2" "$4"; }
-phase2() {
-    log "phase 2: two guests"
+# two_guests PHASE: boots node1 and node2 on one QEMU socket network, starts the cluster
+two_guests() {
     local port
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     start_node 1 2 "socket,id=n0,listen=127.0.0.1:$port"
     for _ in $(seq 100); do [ -S "$W/node1.ser" ] && break; sleep 0.1; done
     sleep 0.5
     start_node 2 2 "socket,id=n0,connect=127.0.0.1:$port"
-    if ! wait_ready 1 || ! wait_ready 2; then fail "phase 2: guest boot"; return; fi
+    if ! wait_ready 1 || ! wait_ready 2; then fail "$1: guest boot"; return 1; fi
     log "node1, node2 up"
-    cluster_up 2 || { fail "phase 2: corosync + dlm_controld on two nodes"; return; }
+    cluster_up 2 || { fail "$1: corosync + dlm_controld on two nodes"; return 1; }
+}
+phase2() {
+    log "phase 2: two guests"
+    LEG_ARGS=""
+    two_guests "phase 2" || return
     local LK='vhost-user-md lock --dlm --lockspace vumdx'
 
     # node2 holds PW on r
@@ -335,6 +365,294 @@ phase2() {
         fi
     else
         fail "node2 takes PW on d and writes its LVB: $(on 2 'cat /tmp/dpw.out' 10)"
+    fi
+}
+
+# ---------------------------------------------------------------- phases 3, 4: shared legs
+MIB=1048576
+SOCK=/tmp/md.sock
+# new_legs: two fresh 64 MiB image files, attached to the next guests as /dev/vdc, /dev/vdd
+new_legs() {
+    rm -f "$W/leg0.img" "$W/leg1.img"
+    truncate -s 64M "$W/leg0.img" "$W/leg1.img"
+    LEG_ARGS=""
+    for i in 0 1; do
+        LEG_ARGS="$LEG_ARGS -drive file=$W/leg$i.img,if=none,id=leg$i,format=raw,cache=none,file.locking=off"
+        LEG_ARGS="$LEG_ARGS -device virtio-blk-pci,drive=leg$i,share-rw=on"
+    done
+}
+# examine EXPR: EXPR (python, d = `examine --json` of leg 0, read on the host)
+examine() {
+    "$MD_BIN" examine --json "$W/leg0.img" |
+        python3 -c 'import json, sys; d = json.load(sys.stdin)["legs"][0]; print(eval(sys.argv[1]))' "$1"
+}
+dirty() { examine "d['bitmap']['slots'][$1]['dirty']"; } # dirty chunks of node slot $1
+# serve_cmd N: start our node on guest N (lock manager dlm) in the background
+serve_cmd() {
+    # (in a subshell: no job notice from the guest's shell when it is killed)
+    on "$1" "(RUST_LOG=info vhost-user-md serve --lock-manager dlm --socket $SOCK /dev/vdc /dev/vdd </dev/null >>/tmp/serve.log 2>&1 & echo \$! >/tmp/serve.pid)" 30 >/dev/null
+}
+serve_start() { # N: start our node on guest N, wait until it answers
+    serve_cmd "$1"
+    until_ok "$1" "vhost-user-md status --format json $SOCK >/dev/null" 240 && return 0
+    on "$1" 'tail -20 /tmp/serve.log' 20 | sed "s/^/    node$1| /"
+    return 1
+}
+status() { # N EXPR: EXPR (python, d = `status --format json` of our node on guest N)
+    on "$1" "vhost-user-md status --format json $SOCK" 60 |
+        python3 -c 'import json, sys; d = json.load(sys.stdin); print(eval(sys.argv[1]))' "$2"
+}
+wait_status() { # N EXPR SECONDS
+    local end=$(($(date +%s) + $3))
+    while [ "$(date +%s)" -lt $end ]; do
+        [ "$(status "$1" "bool($2)" 2>/dev/null)" = True ] && return 0
+        sleep 2
+    done
+    log "timeout (${3}s) on node$1 waiting for: $2"
+    on "$1" "vhost-user-md status $SOCK; tail -20 /tmp/serve.log" 30 | sed "s/^/    node$1| /"
+    return 1
+}
+wait_host() { # 'cmd' SECONDS: until cmd (on the host) succeeds
+    local end=$(($(date +%s) + $2))
+    while [ "$(date +%s)" -lt $end ]; do
+        eval "$1" && return 0
+        sleep 1
+    done
+    log "timeout (${2}s) waiting for: $1"
+    return 1
+}
+serve_stop() { # N: SIGTERM our node on guest N, wait for it to exit
+    on "$1" 'kill $(cat /tmp/serve.pid)' 30 >/dev/null
+    until_ok "$1" '! kill -0 $(cat /tmp/serve.pid) 2>/dev/null' 120
+}
+# lines of the acknowledgement record node1 wrote to its second serial port (host file)
+ttys1_acks() { python3 -c 'import sys; print(open(sys.argv[1], "rb").read().count(b"\n"))' "$W/node1.ttyS1"; }
+
+# death_mid_write KIND SEED MIB: node1 writes 128 KiB blocks in a loop over the 8 chunks
+# at MIB..MIB+8 (1 MiB chunks) and dies mid-write (KIND process: kill -9 of its serve;
+# guest: its whole guest is killed). node2 must resync exactly those 8 chunks, and every
+# write node1 acknowledged must read back through node2.
+death_mid_write() {
+    local kind=$1 seed=$2 acks k b0 copied
+    local args="--seed $seed --first $(($3 * 8)) --blocks 64 --block-size 131072"
+    if [ "$kind" = process ]; then acks=/tmp/acks$seed; else acks=/dev/ttyS1; fi
+    on 1 "(guest_io write $SOCK $args --passes 0 --acks $acks </dev/null >/tmp/writer.out 2>&1 & echo \$! >/tmp/writer.pid)" 30 >/dev/null
+    if [ "$kind" = process ]; then
+        until_ok 1 "[ \$(wc -l <$acks) -ge 128 ]" 300
+    else
+        wait_host '[ "$(ttys1_acks)" -ge 128 ]' 300
+    fi || { fail "$kind death: node1's writer ($(on 1 'cat /tmp/writer.out' 10))"; return 1; }
+    # only the writer's 8 chunks dirty in node1's slot (earlier bits cleared by its daemon)
+    if ! wait_host '[ "$(dirty 0)" = 8 ]' 180; then
+        fail "$kind death: node1's slot never had exactly its 8 written chunks dirty ($(dirty 0))"
+        return 1
+    fi
+    b0=$(status 2 "d['resync']['bytes_copied']")
+    if [ "$kind" = process ]; then
+        on 1 'kill -9 $(cat /tmp/serve.pid)' 30
+        sleep 1
+        k=$(on 1 "wc -l <$acks" 30 | tail -1)
+        on 1 'kill -9 $(cat /tmp/writer.pid)' 30
+    else
+        kill -9 "$(pgrep -P "$(cat "$W/node1.pid")" qemu-system)"
+        sleep 1
+        k=$(ttys1_acks)
+    fi
+    case $k in '' | *[!0-9]*) fail "$kind death: no acknowledgement count ($k)"; return 1 ;; esac
+    log "node1 killed ($kind) with 8 dirty chunks, after $k acknowledged writes"
+    if ! wait_status 2 "d['resync']['bytes_copied'] - $b0 >= 8 * $MIB and not d['resync']['active'] and d['resync']['remaining_chunks'] == 0" 300; then
+        fail "$kind death: node2 did not recover node1's slot"
+        return 1
+    fi
+    copied=$(status 2 "d['resync']['bytes_copied'] - $b0")
+    if [ "$copied" = $((8 * MIB)) ] && on 2 "grep -q 'node slot 0 died with 8 dirty chunks' /tmp/serve.log" 30; then
+        pass "$kind death of node1 mid-write: node2 resynced exactly its 8 dirty chunks ($copied bytes)"
+    else
+        fail "$kind death of node1: node2 copied $copied bytes, want $((8 * MIB)) ($(on 2 'grep "died with" /tmp/serve.log' 10))"
+    fi
+    local out rc=0
+    out=$(on 2 "guest_io verify $SOCK $args --acked $k" 600) || rc=$?
+    echo "$out" | sed 's/^/    node2| /'
+    if [ $rc = 0 ] && [ "$k" -ge 128 ]; then
+        pass "$kind death: all $k writes node1 acknowledged read back through node2"
+    else
+        fail "$kind death: writes node1 acknowledged are missing (rc=$rc)"
+    fi
+}
+
+phase3() {
+    log "phase 3: two of our nodes share an array over the DLM (profile U32); node deaths mid-write"
+    new_legs
+    "$MD_BIN" create --assume-clean --cluster-name vumdclu --bitmap-chunk 1M \
+        "$W/leg0.img" "$W/leg1.img" >/dev/null || { fail "phase 3: create the array"; return; }
+    local ls
+    ls=$(examine "d['superblock']['lockspace']")
+    : >"$W/node1.ttyS1"
+    two_guests "phase 3" || return
+    serve_start 1 || { fail "node1: serve --lock-manager dlm"; return; }
+    serve_start 2 || { fail "node2: serve --lock-manager dlm"; return; }
+    local s1 s2 members
+    s1=$(status 1 "d['node_slot']")
+    s2=$(status 2 "d['node_slot']")
+    members=$(on 1 "dlm_tool ls | sed -n '/^name *$ls/,/^\$/p' | sed -n 's/^members *//p'" 30 | tr -s ' ')
+    if [ "$s1 $s2" = "0 1" ] && [ "$(echo $members)" = "1 2" ]; then
+        pass "two nodes joined lockspace $ls over libdlm (members $members): node1 slot 0, node2 slot 1"
+    else
+        fail "join: node1 slot $s1, node2 slot $s2, lockspace members '$members'"
+        return
+    fi
+    if on 1 "guest_io write $SOCK --seed 1 --first 0 --blocks 32" 300 >/dev/null &&
+        on 2 "guest_io verify $SOCK --seed 1 --first 0 --blocks 32 --acked 32" 300 | sed 's/^/    node2| /'; then
+        pass "node2 reads the 4 MiB node1 wrote"
+    else
+        fail "node2 does not read what node1 wrote"
+    fi
+
+    death_mid_write process 2 20 || return
+    # node1 comes back (the survivor released slot 0) and dies again, this time the guest
+    serve_start 1 || { fail "node1: serve again after its kill"; return; }
+    s1=$(status 1 "d['node_slot']")
+    [ "$s1" = 0 ] && pass "node1 restarted: takes slot 0 again" || fail "node1 restarted in slot $s1"
+    death_mid_write guest 3 40
+
+    # node2 stops cleanly: legs identical, node1's slot clean, no lockspace left behind
+    serve_stop 2 || fail "node2: serve does not stop on SIGTERM"
+    if on 2 "[ ! -e /sys/kernel/dlm/$ls ]" 30; then
+        pass "node2 stopped: its DLM lockspace is released"
+    else
+        fail "node2 stopped but lockspace $ls is still joined on its host ($(on 2 'dlm_tool ls' 10))"
+    fi
+    local d0 d1 cmp
+    d0=$(dirty 0)
+    d1=$(dirty 1)
+    cmp=$("$IO_BIN" compare-legs "$W/leg0.img" "$W/leg1.img") && [ "$d0 $d1" = "0 0" ] &&
+        pass "legs identical, no dirty chunks left ($cmp)" ||
+        fail "after the deaths: slot dirty counts $d0 $d1; $cmp"
+}
+
+# refused N MESSAGE: our node on guest N must refuse to serve, saying MESSAGE
+refused() {
+    local out rc=0
+    out=$(on "$1" "timeout 120 vhost-user-md serve --lock-manager dlm --socket /tmp/refused.sock /dev/vdc /dev/vdd </dev/null 2>&1" 180) || rc=$?
+    echo "$out" | tail -3 | sed "s/^/    node$1| /"
+    [ $rc != 0 ] && [ $rc != 124 ] && echo "$out" | grep -q "$2"
+}
+all_dirty() { examine "sum(s['dirty'] for s in d['bitmap']['slots'])"; }
+
+phase4() {
+    log "phase 4: kernel md-cluster nodes hand the array over to ours and back; our nodes refuse while a kernel node has it"
+    new_legs
+    two_guests "phase 4" || return
+    local md="/dev/md0 /dev/vdc /dev/vdd" blk="--block-size 131072 --blocks 32"
+    if ! on 1 "mdadm --create $md --run --assume-clean --bitmap=clustered --nodes=4 --bitmap-chunk=1M --level=1 --raid-devices=2 --metadata=1.2" 180 >/dev/null ||
+        ! on 2 "mdadm --assemble $md" 180 >/dev/null ||
+        ! on 1 'dmesg | grep -q "md-cluster: Joined cluster .* slot 1"' 30 ||
+        ! on 2 'dmesg | grep -q "md-cluster: Joined cluster .* slot 2"' 30; then
+        fail "kernel md-cluster array on node1 and node2"
+        return
+    fi
+    local ls
+    ls=$(examine "d['superblock']['lockspace']")
+    log "kernel md-cluster array $ls active on node1 (slot 1) and node2 (slot 2)"
+    if ! on 1 "guest_io write /dev/md0 --seed 11 --first 0 $blk" 300 || ! on 2 "guest_io write /dev/md0 --seed 12 --first 160 $blk" 300; then
+        fail "kernel nodes write"
+        return
+    fi
+
+    # same host: the DLM would not refuse (spec §6.7); we must, before touching it
+    local n1
+    n1=$(on 1 "dmesg | grep -c $ls" 30)
+    if refused 1 "is active on a kernel md-cluster node on this host" &&
+        on 1 "! grep -q dlm_$ls /proc/misc && [ \$(dmesg | grep -c $ls) = $n1 ] && grep -q 'md0 : active' /proc/mdstat" 30; then
+        pass "same host: our node refuses while kernel md-cluster has the array, without touching the DLM"
+    else
+        fail "same host: no clean refusal ($(on 1 "grep dlm_ /proc/misc; dmesg | grep $ls | tail -5" 10))"
+    fi
+    # across hosts: node2 leaves the kernel cluster, node1 keeps the array
+    on 2 'mdadm --stop /dev/md0' 120 >/dev/null || { fail "mdadm --stop on node2"; return; }
+    n1=$(on 1 "dmesg | grep -c $ls" 30)
+    if refused 2 "is active on kernel md-cluster node(s) 1 " &&
+        on 2 "[ ! -e /sys/kernel/dlm/$ls ]" 30 && on 1 "[ \$(dmesg | grep -c $ls) = $n1 ]" 30; then
+        pass "other host: our node refuses naming kernel node 1, and node1's lockspace saw no join attempt"
+    else
+        fail "other host: no clean refusal ($(on 1 "dmesg | grep $ls | tail -5" 10))"
+    fi
+    # kernel -> ours: node1 (kernel) dies mid-write, its guest killed: its slot's bits
+    # stay dirty (a clean mdadm --stop clears them). Both guests are restarted.
+    local k
+    on 1 "(guest_io write /dev/md0 --seed 15 --first 0 $blk --passes 0 --acks /dev/ttyS1 </dev/null >/tmp/writer.out 2>&1 &)" 30 >/dev/null
+    wait_host '[ "$(ttys1_acks)" -ge 64 ]' 300 || { fail "kernel writer on node1 ($(on 1 'cat /tmp/writer.out' 10))"; return; }
+    kill -9 "$(pgrep -P "$(cat "$W/node1.pid")" qemu-system)"
+    sleep 1
+    k=$(ttys1_acks)
+    stop_nodes
+    log "kernel node1 killed mid-write after $k acknowledged writes; restarting both guests"
+    two_guests "phase 4 (restart)" || return
+    local d0 d1 want
+    d0=$(dirty 0)
+    d1=$(dirty 1)
+    want=$(((d0 + d1) * MIB))
+    log "the kernel nodes left $d0 + $d1 dirty chunks (slots 0, 1)"
+    [ "$d0" -ge 4 ] || { fail "the dead kernel node left $d0 dirty chunks, want at least the 4 it wrote"; return; }
+    # make the legs differ inside a dirty chunk: only its resync makes them identical
+    "$IO_BIN" corrupt "$W/leg1.img" 1 >/dev/null
+    ! "$IO_BIN" compare-legs "$W/leg0.img" "$W/leg1.img" >/dev/null || { fail "corrupt leg1"; return; }
+    serve_start 1 && serve_start 2 || { fail "our nodes do not start on the kernel's array"; return; }
+    if wait_status 1 "not d['resync']['active'] and d['resync']['remaining_chunks'] == 0" 300 &&
+        wait_status 2 "not d['resync']['active'] and d['resync']['remaining_chunks'] == 0" 300; then
+        local c1 c2
+        c1=$(status 1 "d['resync']['bytes_copied']")
+        c2=$(status 2 "d['resync']['bytes_copied']")
+        if [ $((c1 + c2)) = "$want" ]; then
+            pass "kernel -> ours: our nodes resynced exactly the kernel's $((d0 + d1)) dirty chunks ($c1 + $c2 bytes)"
+        else
+            fail "kernel -> ours: copied $c1 + $c2 bytes, want $want"
+        fi
+    else
+        fail "kernel -> ours: resync does not finish"
+    fi
+    if on 2 "guest_io verify $SOCK --seed 15 --first 0 $blk --acked $k && guest_io verify $SOCK --seed 12 --first 160 $blk --acked 32" 600 | sed 's/^/    node2| /'; then
+        pass "kernel -> ours: every block the kernel nodes wrote reads back through our node"
+    else
+        fail "kernel -> ours: data the kernel nodes wrote is not intact"
+    fi
+
+    # ours -> kernel: our nodes write, both die at once (bits stay dirty), kernel resyncs
+    if ! on 1 "guest_io write $SOCK --seed 13 --first 320 $blk" 300 || ! on 2 "guest_io write $SOCK --seed 14 --first 400 $blk" 300; then
+        fail "our nodes write"
+        return
+    fi
+    local p1 p2
+    on 1 'kill -9 $(cat /tmp/serve.pid)' 30 & p1=$!
+    on 2 'kill -9 $(cat /tmp/serve.pid)' 30 & p2=$!
+    wait $p1 $p2
+    local d
+    d=$(all_dirty)
+    log "our nodes killed with $d dirty chunks"
+    [ "$d" -gt 0 ] || { fail "our nodes left no dirty bits"; return; }
+    "$IO_BIN" corrupt "$W/leg1.img" 41 >/dev/null && "$IO_BIN" corrupt "$W/leg1.img" 51 >/dev/null
+    # a killed node leaves its userspace lockspace joined on its host; a kernel md join
+    # there would hang (spec §6.7): the operator releases it first
+    for n in 1 2; do
+        on "$n" "while [ -e /sys/kernel/dlm/$ls ]; do dlm_tool leave $ls >/dev/null 2>&1 || break; done; [ ! -e /sys/kernel/dlm/$ls ]" 60 ||
+            { fail "node$n: dlm_tool leave $ls"; return; }
+    done
+    if ! on 1 "mdadm --assemble $md" 180 >/dev/null || ! until_ok 1 'dmesg | grep -q "md: md0: resync done"' 300; then
+        fail "ours -> kernel: mdadm --assemble and resync on node1 ($(on 1 'cat /proc/mdstat; dmesg | grep -E "md|dlm" | tail -15' 10))"
+        return
+    fi
+    if on 1 "guest_io verify /dev/md0 --seed 13 --first 320 $blk --acked 32 && guest_io verify /dev/md0 --seed 14 --first 400 $blk --acked 32" 600 | sed 's/^/    node1| /'; then
+        pass "ours -> kernel: every block our nodes acknowledged reads back through kernel md"
+    else
+        fail "ours -> kernel: data our nodes wrote is not intact"
+    fi
+    on 1 'mdadm --stop /dev/md0' 120 >/dev/null || fail "mdadm --stop on node1"
+    local cmp
+    d=$(all_dirty)
+    if cmp=$("$IO_BIN" compare-legs "$W/leg0.img" "$W/leg1.img") && [ "$d" = 0 ]; then
+        pass "ours -> kernel: kernel md resynced our dirty chunks (legs identical, no dirty bits left)"
+    else
+        fail "ours -> kernel: $d dirty chunks left; $cmp"
     fi
 }
 

@@ -13,6 +13,10 @@
 #   backend-restart kill -9 of the backend while the guest is idle, restart on the same socket;
 #                  QEMU reconnects (-chardev socket,reconnect-ms=1000) and the guest's I/O goes on
 #                  (see test_backend_restart for what is asserted)
+#   backend-crash  kill -9 of the backend while the guest's fio verify has writes in flight (a
+#                  fault drill stalls one leg's writes past 176 MiB, so some are), restart on
+#                  the same socket: QEMU hands the inflight buffer (INFLIGHT_SHMFD) to the new
+#                  backend, which resubmits them; fio verifies every block, no guest I/O error
 #   libvirt        libvirt as operators run it: the domain in integration/libvirt/vhost-user-md-tcg.xml
 #                  (vhostuser disk with 2 queues and reconnect, memfd shared memory, TCG) started
 #                  with virsh on Debian's libvirtd (started here, with virtlogd, unless one
@@ -53,7 +57,7 @@ GUEST_DIR=$ROOT/integration/guest
 VUMD=${VUMD:-$ROOT/target/release/vhost-user-md}
 RESULTS=${VUMD_GUEST_RESULTS:-$ROOT/target/guest-tests}
 TEST_TIMEOUT=${VUMD_GUEST_TEST_TIMEOUT:-300}
-ALL_TESTS="io-q1 io-q4 leg-fail readd-under-load backend-restart migrate libvirt"
+ALL_TESTS="io-q1 io-q4 leg-fail readd-under-load backend-restart backend-crash migrate libvirt"
 LEG_SIZE=256M
 GUEST_MEM=512M
 
@@ -382,6 +386,54 @@ test_backend_restart() {
     check_legs
     [ "$FAILS" = 0 ] && note "observed: QEMU reconnected ${reconnect_s} s after the new backend started;" \
         "the guest's I/O resumed (earlier data intact, new writes and fio verify pass, no I/O error)"
+}
+
+# backend-crash: the guest's fio randwrite+verify writes 64-192 MiB; the first backend runs with
+# a fault drill that blocks leg B's writes at or beyond leg byte 176 MiB, so the first fio write
+# there stalls the queue with that write and the ones taken with it in flight. Then kill -9, a
+# new backend without the drill; QEMU reconnects, hands it the inflight buffer and restarts the
+# ring at the used index; the new backend resubmits the heads still marked (asserted from its
+# log). fio must finish with every block verified, the kernel must log no I/O error, and the
+# legs end identical.
+test_backend_crash() {
+    QUEUES=1
+    make_initrd crash.sh "FIO_SIZE=128M"
+    start_backend backend --create-size $LEG_SIZE --inject-fault 1:stall-writes-from=$((176 * 1048576)) || return
+    start_qemu 1 ",reconnect-ms=1000"
+    if ! wait_guest '^T_FIO_RUNNING crash' 120; then
+        fail "guest never started fio"
+        wait_qemu 5
+        return
+    fi
+    local t0
+    t0=$(now)
+    for _ in $(seq 600); do grep -q 'stalls until the process ends' "$D/backend.log" && break; sleep 0.1; done
+    if ! check "a guest write stalled on leg B ($(since "$t0") s after fio started)"         grep -q 'stalls until the process ends' "$D/backend.log"; then
+        wait_qemu 5
+        return
+    fi
+    sleep 1 # more requests pile up in the ring behind the stalled one
+    info "backend requests completed before the kill: $(status_json | jq -r .requests_completed)"
+    kill -KILL "$BPID"
+    wait "$BPID" 2>/dev/null
+    info "backend killed with SIGKILL"
+    BPID=
+    sleep 1
+    check "QEMU survives the backend's death" kill -0 "$QPID"
+    start_backend backend2 || return
+    t0=$(now)
+    for _ in $(seq 100); do grep -q 'front-end connected' "$D/backend2.log" && break; sleep 0.1; done
+    check "QEMU reconnected to the new backend ($(since "$t0") s)" grep -q 'front-end connected' "$D/backend2.log"
+    local n
+    for _ in $(seq 100); do grep -q 'resubmitting [0-9]* inflight requests' "$D/backend2.log" && break; sleep 0.1; done
+    n=$(sed -n 's/.*resubmitting \([0-9]*\) inflight requests.*/\1/p' "$D/backend2.log" | head -1)
+    check "the new backend resubmitted the requests in flight at the kill (${n:-none})" [ "${n:-0}" -gt 0 ]
+    wait_qemu 180
+    guest_results
+    info "backend requests completed after the restart: $(status_json | jq -r .requests_completed)"
+    stop_backend
+    check_legs
+    [ "$FAILS" = 0 ] && note "resubmitted ${n} requests in flight at the kill; fio verified every block, no guest I/O error"
 }
 
 # libvirt: the repo's example domain XML, booted with virsh.
@@ -767,6 +819,7 @@ run_one() {
         leg-fail) test_leg_fail 0 ;;
         readd-under-load) test_leg_fail 1 ;;
         backend-restart) test_backend_restart ;;
+        backend-crash) test_backend_crash ;;
         migrate) test_migrate ;;
         libvirt) test_libvirt ;;
         *) fail "unknown test $name"; return 1 ;;

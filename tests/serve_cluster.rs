@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{bin, data_area, pattern, Client, Lockd, Serve};
+use common::{bin, data_area, leg_state, pattern, Client, Lockd, Serve};
 use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;
@@ -45,6 +45,35 @@ fn node(dir: &Path, name: &str, lockd: &Lockd, legs: &[PathBuf], extra: &[&str])
     Serve::start(&dir.join(format!("{name}.sock")), &args)
 }
 
+/// Fails and removes leg 1 through `n`, and makes a blank replacement next to the
+/// legs (so every node can find it). Returns its path.
+fn take_out_and_replace(dir: &Path, n: &Serve, legs: &[PathBuf]) -> PathBuf {
+    for op in ["fail", "remove"] {
+        let (ok, out) = n.manage(op, &legs[1]);
+        assert!(ok, "{op}: {out}");
+    }
+    let new = dir.join("leg-new.img");
+    std::fs::File::create(&new)
+        .unwrap()
+        .set_len(std::fs::metadata(&legs[0]).unwrap().len())
+        .unwrap();
+    new
+}
+
+/// Overwrites the first `len` bytes of leg 1's data area with pattern `seed`:
+/// the legs then differ there, as a crash between the legs' writes leaves them.
+fn scribble_on_leg1(legs: &[PathBuf], seed: u64, len: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&legs[1])
+        .unwrap();
+    let sb = vhost_user_md::md::Superblock::decode(&std::fs::read(&legs[0]).unwrap()[4096..8192])
+        .unwrap();
+    f.write_all_at(&pattern(seed, 0, len as usize), sb.data_offset * 512)
+        .unwrap();
+}
+
 /// Writes `len` bytes of pattern `seed` at `off` in BLOCK pieces.
 fn write_pattern(c: &mut Client, seed: u64, off: u64, len: u64) {
     for o in (off..off + len).step_by(BLOCK) {
@@ -63,16 +92,6 @@ fn check_pattern(c: &mut Client, seed: u64, off: u64, len: u64, who: &str) {
             "{who}: data at {o} is not pattern {seed}"
         );
     }
-}
-
-fn leg_state(st: &serde_json::Value, leg: &Path) -> String {
-    st["legs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == leg.to_str().unwrap())
-        .map(|l| l["state"].as_str().unwrap().to_string())
-        .unwrap_or_default()
 }
 
 #[test]
@@ -298,33 +317,32 @@ fn a_leg_failed_on_one_node_is_failed_everywhere_and_re_added_from_another() {
     assert!(data_area(&legs[0]) == data_area(&legs[1]), "legs identical");
 }
 
+/// Node 1 writes MiB 0..40 with pattern `seed` and is killed with those bits set;
+/// leg 1 then gets other data there (a crash between the legs' writes, at its
+/// worst). Node 1 comes back (same slot, its own bits) and resyncs slowly at
+/// 4 MiB/s; node 2 joins.
+fn slow_resync_of_a_crashed_node(
+    d: &Path,
+    lockd: &Lockd,
+    seed: u64,
+) -> (Vec<PathBuf>, Serve, Serve) {
+    let legs = clustered(d, 2, "64M");
+    let mut n1 = node(d, "n1", lockd, &legs, &[]);
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    write_pattern(&mut c1, seed, 0, 40 * MIB);
+    drop(c1);
+    n1.kill9();
+    scribble_on_leg1(&legs, seed + 100, 40 * MIB);
+    let n1 = node(d, "n1", lockd, &legs, &["--resync-max-rate", "4M"]);
+    let n2 = node(d, "n2", lockd, &legs, &[]);
+    (legs, n1, n2)
+}
+
 #[test]
 fn reads_during_another_nodes_resync_never_return_the_stale_leg() {
     let lockd = Lockd::start();
     let d = tempfile::tempdir().unwrap();
-    let legs = clustered(d.path(), 2, "64M");
-    // Node 1 writes MiB 0..40 and dies with those bits set.
-    let mut n1 = node(d.path(), "n1", &lockd, &legs, &[]);
-    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
-    write_pattern(&mut c1, 5, 0, 40 * MIB);
-    drop(c1);
-    n1.kill9();
-    // Leg 1 gets different data in that range: what a crash between the legs'
-    // writes leaves, at its worst.
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&legs[1])
-            .unwrap();
-        let bytes = std::fs::read(&legs[0]).unwrap();
-        let sb = vhost_user_md::md::Superblock::decode(&bytes[4096..8192]).unwrap();
-        let junk = pattern(66, 0, 40 * MIB as usize);
-        f.write_all_at(&junk, sb.data_offset * 512).unwrap();
-    }
-    // Node 1 comes back (same slot, its own bits) and resyncs slowly; node 2 joins.
-    let n1 = node(d.path(), "n1", &lockd, &legs, &["--resync-max-rate", "4M"]);
-    let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
+    let (legs, n1, n2) = slow_resync_of_a_crashed_node(d.path(), &lockd, 5);
     let st = n2.wait_for("node 1's resync window", |s| {
         !s["cluster"]["suspended"].as_array().unwrap().is_empty()
     });
@@ -395,26 +413,7 @@ fn reads_during_another_nodes_resync_never_return_the_stale_leg() {
 fn a_node_killed_in_the_middle_of_its_resync_is_finished_by_a_survivor() {
     let lockd = Lockd::start();
     let d = tempfile::tempdir().unwrap();
-    let legs = clustered(d.path(), 2, "64M");
-    let mut n1 = node(d.path(), "n1", &lockd, &legs, &[]);
-    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
-    write_pattern(&mut c1, 8, 0, 40 * MIB);
-    drop(c1);
-    n1.kill9();
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&legs[1])
-            .unwrap();
-        let sb =
-            vhost_user_md::md::Superblock::decode(&std::fs::read(&legs[0]).unwrap()[4096..8192])
-                .unwrap();
-        f.write_all_at(&pattern(67, 0, 40 * MIB as usize), sb.data_offset * 512)
-            .unwrap();
-    }
-    let mut n1 = node(d.path(), "n1", &lockd, &legs, &["--resync-max-rate", "4M"]);
-    let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
+    let (legs, mut n1, n2) = slow_resync_of_a_crashed_node(d.path(), &lockd, 8);
     let st = n2.wait_for("node 1's resync window", |s| {
         !s["cluster"]["suspended"].as_array().unwrap().is_empty()
     });
@@ -566,5 +565,111 @@ fn one_node_writes_at_a_time_and_the_role_follows_the_front_end() {
     assert!(
         data_area(a)[..BLOCK] == pattern(3, 0, BLOCK)[..],
         "no refused write reached the legs"
+    );
+}
+
+#[test]
+fn a_replacement_leg_added_on_one_node_is_found_and_written_by_the_other() {
+    let lockd = Lockd::start();
+    let d = tempfile::tempdir().unwrap();
+    let legs = clustered(d.path(), 2, "64M");
+    let n1 = node(d.path(), "n1", &lockd, &legs, &[]);
+    let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    write_pattern(&mut c1, 11, 0, 8 * MIB);
+    let new = take_out_and_replace(d.path(), &n1, &legs);
+    assert_eq!(leg_state(&n2.status(), &legs[1]), "removed");
+    let (ok, out) = n2.manage("add", &new);
+    assert!(ok, "{out}");
+    let st1 = n1.status();
+    assert!(
+        ["recovering", "in-sync"].contains(&leg_state(&st1, &new).as_str()),
+        "node 1 knows the new leg at once: {st1}"
+    );
+    write_pattern(&mut c1, 12, 20 * MIB, 4 * MIB);
+    for n in [&n1, &n2] {
+        n.wait_for("new leg in sync", |s| {
+            leg_state(s, &new) == "in-sync" && s["degraded"] == false
+        });
+    }
+    let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
+    for (c, who) in [(&mut c1, "node 1"), (&mut c2, "node 2")] {
+        check_pattern(c, 11, 0, 8 * MIB, who);
+        check_pattern(c, 12, 20 * MIB, 4 * MIB, who);
+    }
+    drop((c1, c2));
+    for mut n in [n1, n2] {
+        assert!(n.stop().success());
+    }
+    assert!(
+        data_area(&legs[0]) == data_area(&new),
+        "the new leg is a full copy"
+    );
+}
+
+#[test]
+fn a_node_joining_during_a_rebuild_does_not_trust_the_half_built_leg() {
+    let lockd = Lockd::start();
+    let d = tempfile::tempdir().unwrap();
+    let legs = clustered(d.path(), 2, "64M");
+    let n1 = node(d.path(), "n1", &lockd, &legs, &["--resync-max-rate", "4M"]);
+    let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    write_pattern(&mut c1, 13, 0, 32 * MIB);
+    let new = take_out_and_replace(d.path(), &n1, &legs);
+    let (ok, out) = n1.manage("add", &new);
+    assert!(ok, "{out}");
+    n1.wait_for("part of the rebuild", |s| {
+        s["resync"]["bytes_copied"].as_u64().unwrap() >= 2 * MIB
+    });
+    // Node 3 joins while the new leg is half built (its superblock says so).
+    let n3 = node(d.path(), "n3", &lockd, &[legs[0].clone(), new.clone()], &[]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for n in [&n1, &n2, &n3] {
+        let s = n.status();
+        assert_eq!(leg_state(&s, &new), "recovering", "{s}");
+    }
+    let mut c3 = Client::connect(&n3.socket, 1, BLOCK);
+    let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
+    check_pattern(&mut c3, 13, 0, 32 * MIB, "node 3");
+    check_pattern(&mut c2, 13, 0, 32 * MIB, "node 2");
+    drop((c1, c2, c3));
+    for mut n in [n1, n2, n3] {
+        assert!(n.stop().success());
+    }
+}
+
+#[test]
+fn a_survivor_finishes_the_rebuild_a_dead_node_started() {
+    let lockd = Lockd::start();
+    let d = tempfile::tempdir().unwrap();
+    let legs = clustered(d.path(), 2, "64M");
+    let mut n1 = node(d.path(), "n1", &lockd, &legs, &["--resync-max-rate", "4M"]);
+    let n2 = node(d.path(), "n2", &lockd, &legs, &[]);
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    write_pattern(&mut c1, 14, 0, 16 * MIB);
+    let new = take_out_and_replace(d.path(), &n1, &legs);
+    let (ok, out) = n1.manage("add", &new);
+    assert!(ok, "{out}");
+    n1.wait_for("part of the rebuild", |s| {
+        s["resync"]["bytes_copied"].as_u64().unwrap() >= 2 * MIB
+    });
+    drop(c1);
+    n1.kill9();
+    let s = n2.wait_for("node 2 finished the rebuild", |s| {
+        leg_state(s, &new) == "in-sync" && s["degraded"] == false
+    });
+    assert!(
+        s["resync"]["bytes_copied"].as_u64().unwrap() >= 60 * MIB,
+        "{s}"
+    );
+    let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
+    check_pattern(&mut c2, 14, 0, 16 * MIB, "node 2");
+    drop(c2);
+    let mut n2 = n2;
+    assert!(n2.stop().success());
+    assert!(
+        data_area(&legs[0]) == data_area(&new),
+        "the new leg is a full copy"
     );
 }

@@ -7,178 +7,20 @@
 
 mod common;
 
+use common::vring::Shm;
+use common::vring::{connect, header, regions, set_up_vring, Guest, HIGH, PAGE, USED};
+use common::vring::{AVAIL, DESC, HDRS, REGION, T_GET_ID, T_IN, T_OUT};
 use common::{pattern, Serve};
 use std::collections::BTreeSet;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::{Duration, Instant};
-use vhost::vhost_user::message::VhostUserHeaderFlag;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use std::os::fd::AsRawFd;
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::vhost_user::VhostUserProtocolFeatures;
+use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-const PAGE: u64 = 4096;
-const MIB: u64 = 1 << 20;
-/// Guest RAM: region 0 at GPA 0, region 1 at GPA 16 MiB, 4 MiB each, one memfd.
-const REGION: u64 = 4 * MIB;
-const HIGH: u64 = 16 * MIB;
 /// One bit per 4 KiB page up to the end of region 1.
 const LOG_LEN: u64 = (HIGH + REGION) / PAGE / 8;
-const QSIZE: u16 = 16;
-const DESC: u64 = 0x1000;
-const AVAIL: u64 = 0x2000;
-const USED: u64 = 0x3000;
-const HDRS: u64 = 0x1_0000;
-
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_GET_ID: u32 = 8;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 const VHOST_F_LOG_ALL: u64 = 1 << 26;
-
-/// A shared mapping of a memfd.
-struct Shm {
-    fd: OwnedFd,
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Shm {
-    fn new(name: &str, len: u64) -> Shm {
-        let cname = std::ffi::CString::new(name).unwrap();
-        // SAFETY: plain memfd_create/ftruncate/mmap on a new descriptor; results checked.
-        unsafe {
-            let fd = libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC);
-            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-            let fd = OwnedFd::from_raw_fd(fd);
-            assert_eq!(libc::ftruncate(fd.as_raw_fd(), len as libc::off_t), 0);
-            let ptr = libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            );
-            assert_ne!(ptr, libc::MAP_FAILED);
-            Shm {
-                fd,
-                ptr: ptr as *mut u8,
-                len: len as usize,
-            }
-        }
-    }
-
-    fn read(&self, off: usize, out: &mut [u8]) {
-        assert!(off + out.len() <= self.len);
-        for (i, b) in out.iter_mut().enumerate() {
-            // SAFETY: inside the mapping (checked above); the backend writes concurrently,
-            // hence volatile.
-            *b = unsafe { std::ptr::read_volatile(self.ptr.add(off + i)) };
-        }
-    }
-
-    fn write(&self, off: usize, data: &[u8]) {
-        assert!(off + data.len() <= self.len);
-        for (i, b) in data.iter().enumerate() {
-            // SAFETY: as in `read`.
-            unsafe { std::ptr::write_volatile(self.ptr.add(off + i), *b) };
-        }
-    }
-}
-
-impl Drop for Shm {
-    fn drop(&mut self) {
-        // SAFETY: unmapping our own mapping.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-    }
-}
-
-/// Guest RAM as the test (the "driver") sees it.
-struct Guest {
-    ram: Shm,
-    /// Next free descriptor and our avail index.
-    avail_idx: u16,
-}
-
-impl Guest {
-    /// Offset in the memfd of guest address `gpa`.
-    fn off(gpa: u64) -> usize {
-        if gpa < REGION {
-            gpa as usize
-        } else {
-            assert!((HIGH..HIGH + REGION).contains(&gpa), "{gpa:#x}");
-            (REGION + gpa - HIGH) as usize
-        }
-    }
-
-    fn va(&self, gpa: u64) -> u64 {
-        self.ram.ptr as u64 + Self::off(gpa) as u64
-    }
-
-    fn put(&self, gpa: u64, data: &[u8]) {
-        self.ram.write(Self::off(gpa), data);
-    }
-
-    fn get(&self, gpa: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0; len];
-        self.ram.read(Self::off(gpa), &mut v);
-        v
-    }
-
-    fn used_idx(&self) -> u16 {
-        let b = self.get(USED + 2, 2);
-        u16::from_le_bytes([b[0], b[1]])
-    }
-
-    /// Puts `chains` (each: guest buffers (address, length, device-writable)) on the
-    /// ring, kicks, and waits until the device used them all.
-    fn run(&mut self, kick: &EventFd, chains: &[Vec<(u64, u32, bool)>]) {
-        let mut d: u16 = 0;
-        for chain in chains {
-            let head = d;
-            for (i, &(addr, len, writable)) in chain.iter().enumerate() {
-                let last = i + 1 == chain.len();
-                let mut desc = [0u8; 16];
-                desc[0..8].copy_from_slice(&addr.to_le_bytes());
-                desc[8..12].copy_from_slice(&len.to_le_bytes());
-                let flags = if writable { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
-                desc[12..14].copy_from_slice(&flags.to_le_bytes());
-                desc[14..16].copy_from_slice(&(d + 1).to_le_bytes());
-                self.put(DESC + u64::from(d) * 16, &desc);
-                d += 1;
-            }
-            assert!(d <= QSIZE);
-            let slot = u64::from(self.avail_idx % QSIZE);
-            self.put(AVAIL + 4 + slot * 2, &head.to_le_bytes());
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-        }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.put(AVAIL + 2, &self.avail_idx.to_le_bytes());
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        kick.write(1).unwrap();
-        let start = Instant::now();
-        while self.used_idx() != self.avail_idx {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "device used {} of {} requests",
-                self.used_idx(),
-                self.avail_idx
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-}
-
-fn header(g: &Guest, slot: u64, ty: u32, sector: u64) -> u64 {
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&ty.to_le_bytes());
-    h[8..16].copy_from_slice(&sector.to_le_bytes());
-    let gpa = HDRS + slot * 16;
-    g.put(gpa, &h);
-    gpa
-}
 
 /// The guest pages (addresses) marked in the log.
 fn dirty_pages(log: &Shm) -> BTreeSet<u64> {
@@ -217,70 +59,24 @@ fn dirty_log_marks_exactly_the_pages_the_backend_wrote_while_log_all_is_on() {
     );
 
     // Negotiation, as QEMU does it.
-    let mut fe = Frontend::connect(&sock, 1).unwrap();
-    fe.set_owner().unwrap();
-    let offered = fe.get_features().unwrap();
-    assert_ne!(offered & VHOST_F_LOG_ALL, 0, "VHOST_F_LOG_ALL not offered");
     let proto = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::LOG_SHMFD
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-    // GET_PROTOCOL_FEATURES needs PROTOCOL_FEATURES offered (checked by the crate).
-    let offered_proto = fe.get_protocol_features().unwrap();
-    assert!(
-        offered_proto.contains(VhostUserProtocolFeatures::LOG_SHMFD),
-        "LOG_SHMFD not offered: {offered_proto:?}"
-    );
-    fe.set_protocol_features(proto).unwrap();
-    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    let acked = (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1)
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-    fe.set_features(acked).unwrap();
+    let (mut fe, acked) = connect(&sock, proto);
+    let offered = fe.get_features().unwrap();
+    assert_ne!(offered & VHOST_F_LOG_ALL, 0, "VHOST_F_LOG_ALL not offered");
 
     // Guest RAM: one memfd, two regions (SET_MEM_TABLE, then ADD_MEM_REG).
-    let mut g = Guest {
-        ram: Shm::new("guest-ram", 2 * REGION),
-        avail_idx: 0,
-    };
-    let fd = g.ram.fd.as_raw_fd();
-    let base = g.ram.ptr as u64;
-    let low = VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: REGION,
-        userspace_addr: base,
-        mmap_offset: 0,
-        mmap_handle: fd,
-    };
-    let high = VhostUserMemoryRegionInfo {
-        guest_phys_addr: HIGH,
-        memory_size: REGION,
-        userspace_addr: base + REGION,
-        mmap_offset: REGION,
-        mmap_handle: fd,
-    };
+    let mut g = Guest::new();
+    let (low, high) = regions(&g);
     fe.set_mem_table(std::slice::from_ref(&low)).unwrap();
     fe.add_mem_region(&high).unwrap();
 
     // One split virtqueue in region 0.
     let kick = EventFd::new(0).unwrap();
     let call = EventFd::new(0).unwrap();
-    fe.set_vring_num(0, QSIZE).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: g.va(DESC),
-            used_ring_addr: g.va(USED),
-            avail_ring_addr: g.va(AVAIL),
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    fe.set_vring_base(0, 0).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
+    set_up_vring(&mut fe, &g, 0, &kick, &call);
     fe.set_vring_enable(0, true).unwrap();
 
     // The dirty log is shared, but LOG_ALL is not acked yet.

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{bin, data_area, pattern, Client, Serve};
+use common::{bin, data_area, leg_state, pattern, Client, Serve};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -41,16 +41,6 @@ fn examine(legs: &[&Path]) -> serde_json::Value {
         .output()
         .unwrap();
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn leg_state(s: &serde_json::Value, leg: &Path) -> String {
-    s["legs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == leg.to_str().unwrap())
-        .map(|l| l["state"].as_str().unwrap().to_string())
-        .unwrap_or_default()
 }
 
 /// Writes block `i` of a region with seed `seed`; panics on a guest-visible error.
@@ -271,6 +261,54 @@ fn remove_and_add_a_blank_leg_rebuilds_it_completely() {
     assert!(data_area(&a) == data_area(&fresh));
     let ex = examine(&[&a, &fresh]);
     assert_eq!(ex["array"]["consistent"], true, "{ex}");
+}
+
+#[test]
+fn a_rebuild_interrupted_by_a_crash_starts_again_after_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = make_array(d.path());
+    let sock = d.path().join("vm.sock");
+    let mut serve = Serve::start(
+        &sock,
+        &[
+            "--resync-max-rate",
+            "8M",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
+    let mut c = Client::connect(&sock, 1, BLOCK);
+    for i in 0..32 {
+        write_block(&mut c, 40 * MIB, i, 5);
+    }
+    assert!(serve.manage("fail", &b).0);
+    assert!(serve.manage("remove", &b).0);
+    let fresh = d.path().join("c.img");
+    std::fs::File::create(&fresh)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let (ok, out) = serve.manage("add", &fresh);
+    assert!(ok, "{out}");
+    serve.wait_for("part of the rebuild", |s| {
+        s["resync"]["bytes_copied"].as_u64().unwrap() >= 4 * MIB
+    });
+    drop(c);
+    serve.kill9();
+    // The new leg is only partly written: after the restart its rebuild starts
+    // again from the beginning instead of trusting it.
+    let mut serve = Serve::start(&sock, &[a.to_str().unwrap(), fresh.to_str().unwrap()]);
+    let s = serve.status();
+    assert_eq!(leg_state(&s, &fresh), "recovering", "{s}");
+    let s = serve.wait_for("rebuild", |s| s["degraded"] == false);
+    assert_eq!(s["resync"]["bytes_copied"].as_u64().unwrap(), 129_024 * 512);
+    let mut c = Client::connect(&sock, 1, BLOCK);
+    for i in 0..32 {
+        verify_block(&mut c, 40 * MIB + i * BLOCK as u64, &[5]);
+    }
+    drop(c);
+    assert!(serve.stop().success());
+    assert!(data_area(&a) == data_area(&fresh));
 }
 
 #[test]

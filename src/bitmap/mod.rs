@@ -36,6 +36,8 @@ struct Inner {
     /// Chunks `[lo, hi)` another node is resyncing: writes wait, reads use the
     /// first leg (md-cluster's suspend window).
     remote: Option<(u64, u64)>,
+    /// The node slot whose window `remote` is.
+    remote_from: u32,
     /// Some mirror slot is not in sync: bits must stay set.
     hold_bits: bool,
     /// Writes miss a mirror slot: their chunks stay needed for a later recovery.
@@ -90,6 +92,7 @@ impl WriteIntent {
                 idle: BitmapBits::new(chunks),
                 resyncing: None,
                 remote: None,
+                remote_from: 0,
                 hold_bits: false,
                 incomplete_writes: false,
                 generation: 0,
@@ -229,9 +232,9 @@ impl WriteIntent {
     }
 
     /// Installs (or with `hi_sector == 0` clears) the window of array sectors
-    /// another node resyncs. Returns once every write already started inside the
-    /// window has finished, so the resyncing node never races one of ours.
-    pub fn set_remote_window(&self, lo_sector: u64, hi_sector: u64) {
+    /// the node in slot `from` resyncs. Returns once every write already started
+    /// inside the window has finished, so the resyncing node never races one of ours.
+    pub fn set_remote_window(&self, from: u32, lo_sector: u64, hi_sector: u64) {
         let mut g = self.lock();
         if hi_sector == 0 || hi_sector <= lo_sector {
             g.remote = None;
@@ -240,6 +243,7 @@ impl WriteIntent {
             let lo = self.geometry.chunk_of(lo_sector);
             let hi = self.geometry.chunk_of(hi_sector - 1) + 1;
             g.remote = Some((lo, hi.min(self.geometry.chunks())));
+            g.remote_from = from;
             self.remote_active.store(true, Ordering::Release);
             while let Some((lo, hi)) = g.remote {
                 if (lo..hi).all(|c| g.pending.get(c as usize).is_none_or(|&p| p == 0)) {
@@ -248,6 +252,26 @@ impl WriteIntent {
                 g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
             }
         }
+        drop(g);
+        self.changed.notify_all();
+        self.wake();
+    }
+
+    /// The window another node resyncs: `(its slot, first chunk, end chunk)`.
+    pub fn remote_window(&self) -> Option<(u32, u64, u64)> {
+        let g = self.lock();
+        g.remote.map(|(lo, hi)| (g.remote_from, lo, hi))
+    }
+
+    /// The node in slot `from` died: its resync window, if installed, is void
+    /// (its chunks are needed in its bitmap, which the recovery merges).
+    pub fn clear_remote_window_of(&self, from: u32) {
+        let mut g = self.lock();
+        if g.remote.is_none() || g.remote_from != from {
+            return;
+        }
+        g.remote = None;
+        self.remote_active.store(false, Ordering::Release);
         drop(g);
         self.changed.notify_all();
         self.wake();
@@ -614,7 +638,7 @@ mod tests {
         );
         let d2 = done.clone();
         let t = std::thread::spawn(move || {
-            b2.set_remote_window(2048 * 2, 2048 * 6);
+            b2.set_remote_window(1, 2048 * 2, 2048 * 6);
             d2.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -635,7 +659,7 @@ mod tests {
         assert!(b.is_needed(2048 * 4, 8), "reads inside use the first leg");
         assert!(b.is_needed(2048 * 7, 8), "and above: not resynced yet");
         assert!(!b.is_needed(2048, 8), "below: resynced");
-        b.set_remote_window(0, 0);
+        b.set_remote_window(1, 0, 0);
         assert!(b.try_start_write(2048 * 5, 8, &*rec).unwrap());
         assert!(!b.is_needed(2048 * 4, 8));
     }

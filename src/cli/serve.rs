@@ -50,7 +50,8 @@ pub struct ServeArgs {
     /// array should agree on this.
     #[arg(long)]
     pub shared_writes: bool,
-    /// Fault drill: make leg INDEX fail, e.g. `1:writes-after=500` or `0:reads`.
+    /// Fault drill: make leg INDEX fail, e.g. `1:writes-after=500` or `0:reads`, or
+    /// stall its writes at or beyond a byte offset (`1:stall-writes-from=33554432`).
     #[arg(long, value_name = "INDEX:FAULT", value_parser = parse_fault, hide = true)]
     pub inject_fault: Vec<(usize, FaultSpec)>,
     /// Legs: block devices or image files.
@@ -84,9 +85,11 @@ fn parse_fault(s: &str) -> Result<(usize, FaultSpec), String> {
             spec.fail_reads = true;
         } else if let Some(n) = part.strip_prefix("writes-after=") {
             spec.writes_after = Some(n.parse().map_err(|_| format!("{n:?} is not a number"))?);
+        } else if let Some(n) = part.strip_prefix("stall-writes-from=") {
+            spec.stall_writes_from = Some(n.parse().map_err(|_| format!("{n:?} is not a number"))?);
         } else {
             return Err(format!(
-                "unknown fault {part:?}: use reads or writes-after=N"
+                "unknown fault {part:?}: use reads, writes-after=N or stall-writes-from=BYTE"
             ));
         }
     }

@@ -7,7 +7,7 @@ use crate::md::message::{ClusterMsg, MessageError};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use log::{debug, warn};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +17,9 @@ pub const TOKEN: &[u8] = b"token";
 pub const MESSAGE: &[u8] = b"message";
 /// Receivers hold CR; a sender's EX request wakes them.
 pub const ACK: &[u8] = b"ack";
+/// Held in CR by every node; a node adding a device can take it in EX (NOQUEUE)
+/// only when every other node found the device and released it (spec §5.6).
+pub const NO_NEW_DEV: &[u8] = b"no-new-dev";
 
 /// How long one lock step may take before the operation is abandoned.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,6 +39,9 @@ pub enum CommsError {
     /// The LVB did not hold a message.
     #[error("bad message: {0}")]
     Message(#[from] MessageError),
+    /// Some node did not find the device being added.
+    #[error("another node did not find the new device (it must see the same leg)")]
+    NotFound,
 }
 
 /// Routes completion events to the thread waiting for them, and BASTs on `ack` to
@@ -112,6 +118,9 @@ pub struct Comms {
     token: LockId,
     message: LockId,
     ack: LockId,
+    no_new_dev: LockId,
+    /// Whether we released `no-new-dev` to confirm a new device.
+    confirmed_new_dev: AtomicBool,
     /// Our 0-based md slot (put into every message we send).
     slot: AtomicU32,
     /// Serialises our own sends with our receive processing (spec: a node does not
@@ -137,6 +146,7 @@ impl Comms {
         c.set_slot(slot);
         c.step("token NL->EX", c.token, Mode::Ex, 0, None)?;
         c.step("ack NL->CR", c.ack, Mode::Cr, 0, None)?;
+        c.step("no-new-dev NL->CR", c.no_new_dev, Mode::Cr, 0, None)?;
         c.step("token EX->NL", c.token, Mode::Nl, 0, None)?;
         c.start_receiving(basts, handler)?;
         Ok(c)
@@ -183,6 +193,7 @@ impl Comms {
         let message = new_nl_lock(&*ls, &router, MESSAGE, flags::VALBLK)?;
         let token = new_nl_lock(&*ls, &router, TOKEN, 0)?;
         let ack = new_nl_lock(&*ls, &router, ACK, 0)?;
+        let no_new_dev = new_nl_lock(&*ls, &router, NO_NEW_DEV, 0)?;
         *ack_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(ack);
         let c = Arc::new(Comms {
             ls,
@@ -190,6 +201,8 @@ impl Comms {
             token,
             message,
             ack,
+            no_new_dev,
+            confirmed_new_dev: AtomicBool::new(false),
             slot: AtomicU32::new(0),
             busy: Mutex::new(()),
             sending: Mutex::new(()),
@@ -239,6 +252,70 @@ impl Comms {
     /// The `ack` lock.
     pub(crate) fn ack(&self) -> LockId {
         self.ack
+    }
+
+    /// The `no-new-dev` lock.
+    pub(crate) fn no_new_dev(&self) -> LockId {
+        self.no_new_dev
+    }
+
+    /// Confirms a NEWDISK: we found the device (`no-new-dev` CR→NL).
+    pub fn confirm_new_device(&self) -> Result<(), CommsError> {
+        self.step("no-new-dev CR->NL", self.no_new_dev, Mode::Nl, 0, None)?;
+        self.confirmed_new_dev.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Takes `no-new-dev` back in CR after a confirmation, once the add it
+    /// confirmed is over (any later message means that).
+    pub fn rearm_new_device(&self) -> Result<(), CommsError> {
+        if self.confirmed_new_dev.swap(false, Ordering::AcqRel) {
+            self.step("no-new-dev NL->CR", self.no_new_dev, Mode::Cr, 0, None)?;
+        }
+        Ok(())
+    }
+
+    /// Adds a device cluster-wide (spec §5.6): under the token, sends `newdisk`;
+    /// when every other node found the device (`no-new-dev` EX with NOQUEUE is
+    /// granted), runs `f` (writes the superblocks) and sends the message it
+    /// returns. Fails with [`CommsError::NotFound`] when some node did not find it.
+    pub fn add_device<T>(
+        &self,
+        mut newdisk: ClusterMsg,
+        f: impl FnOnce() -> (T, Option<ClusterMsg>),
+    ) -> Result<T, CommsError> {
+        let _sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        self.step("token NL->EX", self.token, Mode::Ex, 0, None)?;
+        let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        newdisk.slot = self.slot();
+        let r = self.send_locked(&newdisk).and_then(|()| {
+            let rx = self.router.expect(self.no_new_dev);
+            self.ls.convert(
+                self.no_new_dev,
+                Mode::Ex,
+                flags::CONVERT | flags::NOQUEUE,
+                None,
+            )?;
+            match rx.recv_timeout(STEP_TIMEOUT) {
+                Ok((Status::Granted, _)) => {
+                    self.step("no-new-dev EX->CR", self.no_new_dev, Mode::Cr, 0, None)?;
+                    let (value, msg) = f();
+                    if let Some(mut m) = msg {
+                        m.slot = self.slot();
+                        self.send_locked(&m)?;
+                    }
+                    Ok(value)
+                }
+                Ok((Status::Again, _)) => Err(CommsError::NotFound),
+                Ok((st, _)) => Err(CommsError::Status("no-new-dev CR->EX", st)),
+                Err(_) => Err(CommsError::Timeout("no-new-dev CR->EX", STEP_TIMEOUT)),
+            }
+        });
+        drop(busy);
+        let back = self.step("token EX->NL", self.token, Mode::Nl, 0, None);
+        let value = r?;
+        back?;
+        Ok(value)
     }
 
     /// Converts `lock` to `mode` and waits for the grant.

@@ -42,17 +42,33 @@ struct Watches {
 impl Watches {
     /// Queues a blocking NL→PW on `slot`'s lock; its grant reports the owner dead.
     fn arm(self: &Arc<Self>, slot: u32) {
-        if slot == self.comms.slot() || slot as usize >= self.bitmaps.len() {
-            return;
+        if self.reserve(slot) {
+            self.arm_reserved(slot);
         }
-        if !self
-            .armed
+    }
+
+    /// Marks `slot` as watched, so that nothing else converts its lock; false when
+    /// it is ours, out of range or already watched.
+    fn reserve(&self, slot: u32) -> bool {
+        if slot == self.comms.slot() || slot as usize >= self.bitmaps.len() {
+            return false;
+        }
+        self.armed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(slot)
-        {
-            return;
-        }
+    }
+
+    /// Gives up a reservation without watching (the slot turned out free).
+    fn unreserve(&self, slot: u32) {
+        self.armed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&slot);
+    }
+
+    /// Arms the watch on a slot [`Watches::reserve`] marked.
+    fn arm_reserved(self: &Arc<Self>, slot: u32) {
         let lock = self.bitmaps[slot as usize];
         let rx = self.comms.router().expect(lock);
         if let Err(e) =
@@ -133,29 +149,12 @@ pub fn decode_window(lvb: &[u8]) -> (u64, u64) {
     (u64::from_le_bytes(lo), u64::from_le_bytes(hi))
 }
 
-/// The resync window another node announced: `(slot, lo, hi)` array sectors.
-/// Written by the receive path (RESYNCING) and by the join (the window a node had
-/// published in its slot's value block), under this mutex, so the newer one wins.
-pub type RemoteWindow = Arc<Mutex<Option<(u32, u64, u64)>>>;
-
 impl Node {
     /// Joins the lockspace of `comms`-to-be as a node of an array with `nodes` slots.
     pub fn join(
         ls: Arc<dyn crate::dlm::LockSpace>,
         nodes: u32,
-        handler: Handler,
-    ) -> Result<Node, JoinError> {
-        Self::join_with_window(ls, nodes, handler, Arc::new(Mutex::new(None)))
-    }
-
-    /// As [`Node::join`]; a window published by a live node when we join is
-    /// recorded in `window` (messages received meanwhile are newer only if they
-    /// come after the value block was read: both writers hold the mutex).
-    pub fn join_with_window(
-        ls: Arc<dyn crate::dlm::LockSpace>,
-        nodes: u32,
         mut handler: Handler,
-        window: RemoteWindow,
     ) -> Result<Node, JoinError> {
         let (comms, basts) = Comms::create(ls.clone())?;
         let router = comms.router().clone();
@@ -200,6 +199,9 @@ impl Node {
                 comms.set_slot(slot);
                 comms
                     .step("ack NL->CR", comms.ack(), Mode::Cr, 0, None)
+                    .and_then(|_| {
+                        comms.step("no-new-dev NL->CR", comms.no_new_dev(), Mode::Cr, 0, None)
+                    })
                     .map(|_| (slot, occupied))
             }
             Ok(None) => Err(CommsError::Status("slot claim", Status::Again)),
@@ -219,6 +221,20 @@ impl Node {
             armed: Mutex::new(HashSet::new()),
             dead: dead_tx,
         });
+        // Live nodes' resync windows, read with CR before anything else converts
+        // these locks: before the receive loop, which arms the watch on the slot
+        // of every message's sender. A window announced from now on reaches us as
+        // a message (our ack lock is armed), processed once the loop runs.
+        let mut windows_at_join = Vec::new();
+        for &s in &occupied {
+            let lock = watches.bitmaps[s as usize];
+            let lvb = comms.step("slot NL->CR", lock, Mode::Cr, flags::VALBLK, None)?;
+            comms.step("slot CR->NL", lock, Mode::Nl, 0, None)?;
+            let (lo, hi) = decode_window(lvb.as_deref().unwrap_or(&[]));
+            if hi > 0 {
+                windows_at_join.push((s, lo, hi));
+            }
+        }
         let w2 = watches.clone();
         comms.start_receiving(
             basts,
@@ -228,20 +244,7 @@ impl Node {
                 handler(m)
             }),
         )?;
-        // Live nodes' resync windows (read with CR before watching them).
-        let mut windows_at_join = Vec::new();
         for &s in &occupied {
-            let lock = watches.bitmaps[s as usize];
-            {
-                let mut w = window.lock().unwrap_or_else(|e| e.into_inner());
-                let lvb = comms.step("slot NL->CR", lock, Mode::Cr, flags::VALBLK, None)?;
-                comms.step("slot CR->NL", lock, Mode::Nl, 0, None)?;
-                let (lo, hi) = decode_window(lvb.as_deref().unwrap_or(&[]));
-                if hi > 0 {
-                    windows_at_join.push((s, lo, hi));
-                    *w = Some((s, lo, hi));
-                }
-            }
             watches.arm(s);
         }
         let mut joined = ClusterMsg::new(MsgType::NodeJoined, slot);
@@ -249,24 +252,31 @@ impl Node {
         joined.high = u64::from(std::process::id());
         comms.send(joined)?;
         // Slots after ours: free ones are reported (their bits need merging), taken
-        // ones are watched.
+        // ones are watched. A slot whose node sent us a message meanwhile is
+        // watched already (the receive loop armed it): taken, and its lock busy.
         let mut free_at_join = Vec::new();
         for s in (slot + 1)..nodes {
+            if !watches.reserve(s) {
+                continue;
+            }
             let lock = watches.bitmaps[s as usize];
             let rx = router.expect(lock);
-            ls.convert(
+            if let Err(e) = ls.convert(
                 lock,
                 Mode::Pw,
                 flags::CONVERT | flags::NOQUEUE | flags::VALBLK,
                 None,
-            )
-            .map_err(CommsError::Dlm)?;
+            ) {
+                watches.unreserve(s);
+                return Err(CommsError::Dlm(e).into());
+            }
             match rx.recv_timeout(super::comms::STEP_TIMEOUT) {
                 Ok((Status::Granted, _)) => {
                     // Kept in PW until the caller merged its bits (release_slot).
+                    watches.unreserve(s);
                     free_at_join.push(s);
                 }
-                Ok((Status::Again, _)) => watches.arm(s),
+                Ok((Status::Again, _)) => watches.arm_reserved(s),
                 Ok((st, _)) => return Err(CommsError::Status("slot probe", st).into()),
                 Err(_) => {
                     return Err(
@@ -290,11 +300,19 @@ impl Node {
     }
 
     /// After recovering a dead node's slot (or merging a free one): lets a new node
-    /// take it.
+    /// take it. The slot's value block is rewritten with no resync window: the
+    /// dead node's window, read (flagged not valid) when we took the lock, must
+    /// not be written back as valid for the slot's next owner.
     pub fn release_slot(&self, slot: u32) -> Result<(), CommsError> {
         let lock = self.watches.bitmaps[slot as usize];
-        self.comms
-            .step("recovered slot PW->NL", lock, Mode::Nl, flags::VALBLK, None)?;
+        let none = encode_window(0, 0, self.comms.ls().lvb_len());
+        self.comms.step(
+            "recovered slot PW->NL",
+            lock,
+            Mode::Nl,
+            flags::VALBLK,
+            Some(&none),
+        )?;
         Ok(())
     }
 
@@ -357,7 +375,7 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dlm::local::LocalDlm;
+    use crate::dlm::local::{HoldingMember, LocalDlm};
     use crate::dlm::LockSpace;
     use std::time::{Duration, Instant};
 
@@ -503,5 +521,82 @@ mod tests {
             default(Duration::from_secs(5)) => panic!("nobody saw the second death"),
         };
         assert_eq!(got.unwrap(), 1);
+    }
+
+    #[test]
+    fn a_message_received_while_joining_does_not_break_the_probe_of_its_senders_slot() {
+        let dlm = LocalDlm::new();
+        let (_a, a_id) = join(&dlm);
+        let (b, _) = join(&dlm);
+        dlm.kill(LS, a_id);
+        assert_eq!(b.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        b.release_slot(0).unwrap();
+        // c takes slot 0 and, before it probes the slots after its own, receives a
+        // message from b (slot 1), which makes it watch slot 1.
+        let (m, reached, go) = HoldingMember::new(
+            dlm.join(LS, 32),
+            |name, mode| name == super::super::comms::TOKEN && mode == Mode::Ex,
+            1,
+        );
+        let ls: Arc<dyn LockSpace> = Arc::new(m);
+        let joining = std::thread::spawn(move || Node::join(ls, 4, Box::new(|_| {})));
+        reached.recv_timeout(Duration::from_secs(5)).unwrap();
+        b.comms
+            .send(ClusterMsg::new(MsgType::MetadataUpdated, 0))
+            .unwrap();
+        go.send(()).unwrap();
+        let c = settled(joining.join().unwrap().expect("c joins"));
+        assert_eq!(c.slot, 0);
+        assert!(
+            c.free_at_join.iter().all(|&s| s >= 2),
+            "{:?}",
+            c.free_at_join
+        );
+        wait_watched(&c, &[1]);
+    }
+
+    #[test]
+    fn a_message_received_while_joining_does_not_break_the_window_read_of_its_senders_slot() {
+        let dlm = LocalDlm::new();
+        let (a, _) = join(&dlm);
+        // b (slot 1) stops where it reads a's resync window; a sends meanwhile.
+        let (m, reached, go) = HoldingMember::new(
+            dlm.join(LS, 32),
+            |name, mode| name == bitmap_lock_name(0).as_slice() && mode == Mode::Cr,
+            0,
+        );
+        let ls: Arc<dyn LockSpace> = Arc::new(m);
+        let joining = std::thread::spawn(move || Node::join(ls, 4, Box::new(|_| {})));
+        reached.recv_timeout(Duration::from_secs(5)).unwrap();
+        let a = Arc::new(a);
+        let a2 = a.clone();
+        let sending =
+            std::thread::spawn(move || a2.comms.send(ClusterMsg::new(MsgType::MetadataUpdated, 0)));
+        // Give the message time to arrive (it is acknowledged once b receives).
+        std::thread::sleep(Duration::from_millis(100));
+        go.send(()).unwrap();
+        let b = settled(joining.join().unwrap().expect("b joins"));
+        sending.join().unwrap().unwrap();
+        assert_eq!(b.slot, 1);
+        wait_watched(&b, &[0]);
+    }
+
+    #[test]
+    fn a_dead_nodes_window_is_not_installed_once_its_slot_has_a_new_owner() {
+        let dlm = LocalDlm::new();
+        let m = dlm.join(LS, 32);
+        let a_id = m.node();
+        let a = settled(Node::join(Arc::new(m), 4, Box::new(|_| {})).unwrap());
+        let (b, _) = join(&dlm);
+        a.acquire_resync().unwrap();
+        a.announce_window(0, 65536).unwrap();
+        dlm.kill(LS, a_id);
+        assert_eq!(b.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        b.release_slot(0).unwrap();
+        // c takes slot 0; d, joining next, reads slot 0's value block.
+        let (c, _) = join(&dlm);
+        assert_eq!(c.slot, 0);
+        let (d, _) = join(&dlm);
+        assert!(d.windows_at_join.is_empty(), "{:?}", d.windows_at_join);
     }
 }

@@ -3,7 +3,7 @@
 //! resync lock with announced windows, and recovers the slots of nodes that died.
 
 use super::comms::CommsError;
-use super::membership::{JoinError, Node, RemoteWindow};
+use super::membership::{JoinError, Node};
 use crate::dlm::LockSpace;
 use crate::md::message::{ClusterMsg, MsgType};
 use crate::raid1::array::MetadataSync;
@@ -41,23 +41,55 @@ struct ClusterMetadata {
     array: std::sync::Weak<Array>,
 }
 
+impl ClusterMetadata {
+    /// METADATA_UPDATED naming the first good leg, whose superblock receivers read.
+    fn metadata_updated(array: &std::sync::Weak<Array>) -> ClusterMsg {
+        let mut m = ClusterMsg::new(MsgType::MetadataUpdated, 0);
+        m.raid_slot = array
+            .upgrade()
+            .and_then(|a| a.first_good_dev())
+            .unwrap_or(0);
+        m
+    }
+}
+
 impl MetadataSync for ClusterMetadata {
     fn update(&self, write: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()> {
         let array = self.array.clone();
         self.comms
             .under_token(|| {
                 let r = write();
-                let msg = r.is_ok().then(|| {
-                    let mut m = ClusterMsg::new(MsgType::MetadataUpdated, 0);
-                    m.raid_slot = array
-                        .upgrade()
-                        .and_then(|a| a.first_good_dev())
-                        .unwrap_or(0);
-                    m
-                });
+                let msg = r.is_ok().then(|| Self::metadata_updated(&array));
                 (r, msg)
             })
             .map_err(|e| io::Error::other(format!("cluster metadata update: {e}")))?
+    }
+
+    fn add_device(
+        &self,
+        dev_number: u32,
+        device_uuid: crate::md::Uuid,
+        write: &mut dyn FnMut() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut m = ClusterMsg::new(MsgType::NewDisk, 0);
+        m.uuid = device_uuid;
+        m.raid_slot = dev_number;
+        let array = self.array.clone();
+        self.comms
+            .add_device(m, || {
+                let r = write();
+                let msg = r.is_ok().then(|| Self::metadata_updated(&array));
+                (r, msg)
+            })
+            .map_err(|e| io::Error::other(format!("cluster add: {e}")))?
+    }
+
+    fn removing(&self, dev_number: u32) -> io::Result<()> {
+        let mut m = ClusterMsg::new(MsgType::Remove, 0);
+        m.raid_slot = dev_number;
+        self.comms
+            .send(m)
+            .map_err(|e| io::Error::other(format!("cluster remove message: {e}")))
     }
 
     fn re_adding(&self, dev_number: u32) -> io::Result<()> {
@@ -69,16 +101,95 @@ impl MetadataSync for ClusterMetadata {
     }
 }
 
+/// What the receive loop of a joining node has before its array exists.
+#[derive(Default)]
+struct Early {
+    array: Option<Arc<Array>>,
+    queued: Vec<ClusterMsg>,
+}
+
+/// What the receive path needs besides the array.
+#[derive(Default)]
+struct Receiving {
+    comms: OnceLock<Arc<super::comms::Comms>>,
+    finder: Mutex<Option<DeviceFinder>>,
+}
+
+impl Receiving {
+    /// Applies another node's message to our array.
+    fn apply(&self, a: &Array, m: &ClusterMsg) {
+        if m.kind != MsgType::NewDisk {
+            // Whatever add we confirmed is over: back to refusing new devices.
+            if let Some(Err(e)) = self.comms.get().map(|c| c.rearm_new_device()) {
+                log::warn!("cannot take no-new-dev back: {e}");
+            }
+        }
+        match m.kind {
+            // Returns once our writes in the window finished: then ack.
+            MsgType::Resyncing => a.bitmap.set_remote_window(m.slot, m.low, m.high),
+            MsgType::MetadataUpdated => {
+                if let Err(e) = a.reload_superblocks() {
+                    log::warn!("cannot re-read the superblocks: {e}");
+                }
+            }
+            MsgType::NewDisk => self.new_disk(a, m),
+            MsgType::ReAdd => info!(
+                "node slot {} re-adds leg #{}; its role comes with the next metadata update",
+                m.slot, m.raid_slot
+            ),
+            MsgType::Remove => info!("node slot {} removes leg #{}", m.slot, m.raid_slot),
+            MsgType::BitmapNeedsSync => info!(
+                "node slot {} leaves with dirty bits; they are recovered when its slot lock is released",
+                m.slot
+            ),
+            MsgType::NodeLeaving => info!("node slot {} leaves", m.slot),
+            _ => {}
+        }
+    }
+
+    /// NEWDISK: confirms (releases `no-new-dev`) only when the device is found here.
+    fn new_disk(&self, a: &Array, m: &ClusterMsg) {
+        let found = self
+            .finder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|f| f(&m.uuid));
+        let Some(leg) = found else {
+            log::warn!(
+                "node slot {} adds device {} (uuid {}), which this node cannot find: not confirming, the add fails",
+                m.slot, m.raid_slot, m.uuid
+            );
+            return;
+        };
+        match a.offer_candidate(leg, m.raid_slot, m.uuid) {
+            Ok(()) => {
+                if let Some(Err(e)) = self.comms.get().map(|c| c.confirm_new_device()) {
+                    log::warn!("cannot confirm the new device: {e}");
+                }
+            }
+            Err(e) => log::warn!(
+                "node slot {} adds device {}: {e}; not confirming",
+                m.slot,
+                m.raid_slot
+            ),
+        }
+    }
+}
+
 /// A node of a clustered mirror.
 pub struct ClusterNode {
     /// Membership and messaging.
     pub node: Node,
     /// The mirror, writing this node's bitmap slot.
     pub array: Arc<Array>,
-    /// The window another node announced it resyncs.
-    remote: RemoteWindow,
+    /// The receive path's state (device finder).
+    receiving: Arc<Receiving>,
     resyncing: AtomicBool,
 }
+
+/// Looks for the leg with a given device uuid among what this node can open.
+pub type DeviceFinder = Box<dyn Fn(&crate::md::Uuid) -> Option<Arc<dyn Leg>> + Send + Sync>;
 
 /// What `status` shows of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -108,55 +219,33 @@ impl ClusterNode {
             ));
         }
         let nodes = meta.bitmap().slots();
-        let cell: Arc<OnceLock<Arc<Array>>> = Arc::new(OnceLock::new());
-        let c2 = cell.clone();
-        let remote: RemoteWindow = Arc::new(Mutex::new(None));
-        let r2 = remote.clone();
-        let node = Node::join_with_window(
+        // Messages that arrive before the array exists are kept and applied once
+        // it does: a window announced or ended meanwhile must not be lost.
+        let early: Arc<Mutex<Early>> = Arc::new(Mutex::new(Early::default()));
+        let e2 = early.clone();
+        let ctx = Arc::new(Receiving::default());
+        let ctx2 = ctx.clone();
+        let node = Node::join(
             ls,
             nodes,
             Box::new(move |m| {
-                if m.kind == MsgType::Resyncing {
-                    // Recorded even before the array exists (it is installed then);
-                    // returns once our writes in the window finished: then ack.
-                    let mut w = r2.lock().unwrap_or_else(|e| e.into_inner());
-                    if m.high > m.low {
-                        *w = Some((m.slot, m.low, m.high));
-                    } else if w.is_some_and(|(s, _, _)| s == m.slot) {
-                        *w = None;
-                    }
-                    if let Some(a) = c2.get() {
-                        match *w {
-                            Some((_, lo, hi)) => a.bitmap.set_remote_window(lo, hi),
-                            None => a.bitmap.set_remote_window(0, 0),
+                let a = {
+                    let mut g = e2.lock().unwrap_or_else(|e| e.into_inner());
+                    match &g.array {
+                        Some(a) => a.clone(),
+                        None => {
+                            g.queued.push(m);
+                            return;
                         }
                     }
-                    return;
-                }
-                let Some(a) = c2.get() else { return };
-                match m.kind {
-                    MsgType::MetadataUpdated => {
-                        if let Err(e) = a.reload_superblocks() {
-                            log::warn!("cannot re-read the superblocks: {e}");
-                        }
-                    }
-                    MsgType::ReAdd => info!(
-                        "node slot {} re-adds leg #{}; its role comes with the next metadata update",
-                        m.slot, m.raid_slot
-                    ),
-                    MsgType::Remove => info!("node slot {} removes leg #{}", m.slot, m.raid_slot),
-                    MsgType::BitmapNeedsSync => info!(
-                        "node slot {} leaves with dirty bits; they are recovered when its slot lock is released",
-                        m.slot
-                    ),
-                    MsgType::NodeLeaving => info!("node slot {} leaves", m.slot),
-                    _ => {}
-                }
+                };
+                ctx2.apply(&a, &m);
             }),
-            remote.clone(),
         )?;
+        let _ = ctx.comms.set(node.comms.clone());
         let (array, report) =
             Array::assemble_as(legs, node.slot).map_err(|e| NodeError::Array(e.to_string()))?;
+        array.set_detached(report.left_out_legs);
         for l in &report.left_out {
             log::warn!("{l}");
         }
@@ -166,13 +255,23 @@ impl ClusterNode {
             array: Arc::downgrade(&array),
         }));
         {
-            // From here on the receive path installs windows itself.
-            let w = remote.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = cell.set(array.clone());
-            if let Some((slot, lo, hi)) = *w {
+            // The windows read at join, then what was announced since, in order.
+            let mut g = early.lock().unwrap_or_else(|e| e.into_inner());
+            for &(slot, lo, hi) in &node.windows_at_join {
                 info!("node slot {slot} is resyncing sectors {lo}..{hi}");
-                array.bitmap.set_remote_window(lo, hi);
+                array.bitmap.set_remote_window(slot, lo, hi);
             }
+            for m in std::mem::take(&mut g.queued) {
+                ctx.apply(&array, &m);
+            }
+            g.array = Some(array.clone());
+        }
+        // A bitmap-guided rebuild in progress covers every node's bits.
+        if array.members().iter().flatten().any(|m| {
+            m.state() == crate::raid1::LegState::Recovering
+                && m.bitmap_guided.load(Ordering::Relaxed)
+        }) {
+            array.gather_other_slots()?;
         }
         for &s in &node.free_at_join {
             let n = array.merge_slot(s, true)?;
@@ -184,14 +283,30 @@ impl ClusterNode {
         Ok(ClusterNode {
             node,
             array,
-            remote,
+            receiving: ctx,
             resyncing: AtomicBool::new(false),
         })
     }
 
+    /// Sets how this node finds a device another node adds (NEWDISK).
+    pub fn set_device_finder(&self, f: DeviceFinder) {
+        *self
+            .receiving
+            .finder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
     /// The cluster as this node sees it.
     pub fn view(&self) -> ClusterView {
-        let remote = *self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let g = self.array.bitmap.geometry();
+        let remote = self.array.bitmap.remote_window().map(|(slot, lo, hi)| {
+            (
+                slot,
+                g.chunk_start(lo),
+                g.chunk_start(hi).min(self.array.size),
+            )
+        });
         ClusterView {
             slot: self.node.slot,
             peers: self.node.watched(),
@@ -254,18 +369,14 @@ impl ClusterNode {
     }
 
     /// Recovers the slot of a node that died: takes over and clears its bits,
-    /// releases the slot, resyncs. Returns the bytes copied.
+    /// lifts its resync window, releases the slot, resyncs. Returns the bytes copied.
     pub fn recover(&self, slot: u32) -> Result<u64, NodeError> {
-        {
-            let mut w = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-            if w.is_some_and(|(s, _, _)| s == slot) {
-                info!("node slot {slot} died while resyncing: its window no longer holds writes");
-                *w = None;
-                self.array.bitmap.set_remote_window(0, 0);
-            }
-        }
         let n = self.array.merge_slot(slot, true)?;
         info!("node slot {slot} died with {n} dirty chunks");
+        // Its window's chunks are needed now (in its bits, merged): ours to resync.
+        self.array.bitmap.clear_remote_window_of(slot);
+        // It may have been rebuilding a leg: nobody else finishes that.
+        self.array.take_over_recoveries()?;
         self.node.release_slot(slot)?;
         self.resync()
     }
@@ -274,7 +385,7 @@ impl ClusterNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dlm::local::LocalDlm;
+    use crate::dlm::local::{HoldingMember, LocalDlm};
     use crate::raid1::metadata::{create_array, NewArray};
     use crate::storage::MemLeg;
     use std::io::IoSlice;
@@ -365,6 +476,67 @@ mod tests {
     }
 
     #[test]
+    fn a_leg_added_on_one_node_must_be_found_by_the_others() {
+        let (a, b, metas) = clustered_legs();
+        let c: Arc<MemLeg> = Arc::new(MemLeg::new("c", 64 * MIB));
+        let ls_name = metas[0].sb.set_uuid.lockspace_name();
+        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
+        let dlm = LocalDlm::new();
+        let n1 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        let n2 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        n1.array.fail_leg("b").unwrap();
+        n1.array.remove_leg("b").unwrap();
+        n1.array
+            .write(9 * 2048, &[IoSlice::new(&[3u8; 4096])])
+            .unwrap();
+        // Node 1 cannot see leg c: the add is refused and changes nothing.
+        let e = n2.array.add_leg(c.clone()).unwrap_err().to_string();
+        assert!(e.contains("did not find"), "{e}");
+        assert!(n2.array.members().iter().flatten().all(|m| m.name() != "c"));
+        assert!(n1.array.is_degraded() && n2.array.is_degraded());
+        // Once node 1 can, it is added everywhere; node 2 rebuilds it.
+        let c2 = c.clone();
+        n1.set_device_finder(Box::new(move |u| {
+            let sb = crate::raid1::metadata::read_superblock(&*c2).ok()?;
+            (sb.device_uuid == *u).then(|| c2.clone() as Arc<dyn Leg>)
+        }));
+        let slot = n2.array.add_leg(c.clone()).unwrap();
+        let c_state = |n: &ClusterNode| {
+            n.array.members()[slot]
+                .as_ref()
+                .filter(|m| m.name() == "c")
+                .map(|m| m.state())
+        };
+        assert_eq!(c_state(&n1), Some(crate::raid1::LegState::Recovering));
+        n1.array
+            .write(11 * 2048, &[IoSlice::new(&[4u8; 4096])])
+            .unwrap();
+        let off = (metas[0].sb.data_offset * 512) as usize;
+        assert_eq!(
+            c.contents()[off + 11 * MIB as usize],
+            4,
+            "node 1 writes leg c"
+        );
+        n1.array.finish_recovery().unwrap();
+        assert_eq!(c_state(&n1), Some(crate::raid1::LegState::Recovering));
+        n2.resync().unwrap();
+        n2.array.finish_recovery().unwrap();
+        assert_eq!(c_state(&n2), Some(crate::raid1::LegState::InSync));
+        assert_eq!(c_state(&n1), Some(crate::raid1::LegState::InSync));
+        let data = off..off + 63 * MIB as usize;
+        assert!(
+            a.contents()[data.clone()] == c.contents()[data],
+            "leg c is a full copy"
+        );
+        // A third add of an unknown device is refused again (node 1 took no-new-dev back).
+        let d: Arc<MemLeg> = Arc::new(MemLeg::new("d", 64 * MIB));
+        n1.array.fail_leg("c").unwrap();
+        n1.array.remove_leg("c").unwrap();
+        let e = n2.array.add_leg(d).unwrap_err().to_string();
+        assert!(e.contains("did not find"), "{e}");
+    }
+
+    #[test]
     fn a_survivor_resyncs_exactly_what_a_dead_node_left_dirty() {
         let (a, b, metas) = clustered_legs();
         let ls_name = metas[0].sb.set_uuid.lockspace_name();
@@ -404,5 +576,63 @@ mod tests {
             m.bitmaps[1].bits.get(3),
             "the survivor carries them until its daemon clears them"
         );
+    }
+
+    #[test]
+    fn a_window_that_ends_while_a_node_joins_does_not_hold_its_writes() {
+        let (a, b, metas) = clustered_legs();
+        let ls_name = metas[0].sb.set_uuid.lockspace_name();
+        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
+        let dlm = LocalDlm::new();
+        let n1 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        n1.node.acquire_resync().unwrap();
+        n1.node.announce_window(0, 4 * 2048).unwrap();
+        // Node 2 reads that window while joining and stops before announcing
+        // itself; meanwhile node 1's resync ends.
+        let (m, reached, go) = HoldingMember::new(
+            dlm.join(&ls_name, 32),
+            |name, mode| name == crate::cluster::comms::TOKEN && mode == crate::dlm::Mode::Ex,
+            1,
+        );
+        let ls: Arc<dyn crate::dlm::LockSpace> = Arc::new(m);
+        let l2 = legs();
+        let joining = std::thread::spawn(move || ClusterNode::join(ls, l2));
+        reached.recv_timeout(Duration::from_secs(5)).unwrap();
+        n1.node.release_resync().unwrap();
+        go.send(()).unwrap();
+        let n2 = Arc::new(joining.join().unwrap().unwrap());
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let n2w = n2.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(n2w.array.write(2048, &[IoSlice::new(&[5u8; 4096])]));
+        });
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("the write is not held by the window that ended")
+            .unwrap();
+    }
+
+    #[test]
+    fn the_window_of_a_node_that_died_while_resyncing_is_lifted_by_its_recovery() {
+        let (a, b, metas) = clustered_legs();
+        let ls_name = metas[0].sb.set_uuid.lockspace_name();
+        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
+        let dlm = LocalDlm::new();
+        let m1 = dlm.join(&ls_name, 32);
+        let id1 = m1.node();
+        let n1 = ClusterNode::join(Arc::new(m1), legs()).unwrap();
+        let n2 = Arc::new(ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap());
+        n1.node.acquire_resync().unwrap();
+        n1.node.announce_window(0, 4 * 2048).unwrap();
+        dlm.kill(&ls_name, id1);
+        let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
+        n2.recover(slot).unwrap();
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let n2w = n2.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(n2w.array.write(2048, &[IoSlice::new(&[5u8; 4096])]));
+        });
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("the dead node's window no longer holds writes")
+            .unwrap();
     }
 }

@@ -186,6 +186,8 @@ struct Shared {
     /// Every libdlm call happens under this lock (libdlm_lt is not thread-safe).
     call: Mutex<HashMap<LockId, Box<LockState>>>,
     stop: AtomicBool,
+    /// The lockspace was released: the handle is gone.
+    released: AtomicBool,
 }
 
 // SAFETY: the raw handle is only used under `call`'s mutex.
@@ -198,7 +200,7 @@ pub struct LibDlmMember {
     shared: Arc<Shared>,
     tx: Sender<Event>,
     events: Receiver<Event>,
-    dispatcher: Option<std::thread::JoinHandle<()>>,
+    dispatcher: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl LibDlmMember {
@@ -238,6 +240,7 @@ impl LibDlmMember {
             name: cname,
             call: Mutex::new(HashMap::new()),
             stop: AtomicBool::new(false),
+            released: AtomicBool::new(false),
         });
         let (tx, rx) = unbounded();
         let s2 = shared.clone();
@@ -265,8 +268,45 @@ impl LibDlmMember {
             shared,
             tx,
             events: rx,
-            dispatcher: Some(dispatcher),
+            dispatcher: Mutex::new(Some(dispatcher)),
         })
+    }
+
+    /// Leaves the lockspace (releasing our locks) now, even while other parts of the
+    /// process still hold this member; later requests fail. A process that exits
+    /// without this leaves the lockspace joined on its host, where a kernel md-cluster
+    /// join of the same array would then hang (spec §6.7).
+    pub fn release(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let t = self
+            .dispatcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+        let _g = self.shared.call.lock().unwrap_or_else(|e| e.into_inner());
+        if self.shared.released.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: the handle is valid (not released yet, checked under `call`) and the
+        // dispatcher has stopped; force=1 releases our remaining locks.
+        let rc = unsafe { (self.shared.api.release)(self.shared.name.as_ptr(), self.shared.ls, 1) };
+        if rc != 0 {
+            log::warn!(
+                "dlm_release_lockspace {:?}: {}",
+                self.shared.name,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    fn check_joined(&self) -> Result<(), DlmError> {
+        if self.shared.released.load(Ordering::SeqCst) {
+            return Err(DlmError::Rejected("the lockspace was released".into()));
+        }
+        Ok(())
     }
 
     fn err(what: &str, rc: c_int) -> DlmError {
@@ -313,13 +353,7 @@ impl LibDlmMember {
 
 impl Drop for LibDlmMember {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.dispatcher.take() {
-            let _ = t.join();
-        }
-        let _g = self.shared.call.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: the handle is valid; force=1 releases our remaining locks.
-        unsafe { (self.shared.api.release)(self.shared.name.as_ptr(), self.shared.ls, 1) };
+        self.release();
     }
 }
 
@@ -340,6 +374,7 @@ impl LockSpace for LibDlmMember {
         lvb: Option<&[u8]>,
     ) -> Result<LockId, DlmError> {
         let mut locks = self.shared.call.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_joined()?;
         let mut st = Box::new(LockState {
             lksb: Lksb {
                 sb_status: 0,
@@ -376,6 +411,7 @@ impl LockSpace for LibDlmMember {
         lvb: Option<&[u8]>,
     ) -> Result<(), DlmError> {
         let mut locks = self.shared.call.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_joined()?;
         let st = locks
             .get_mut(&lock)
             .ok_or_else(|| DlmError::Rejected(format!("no such lock {lock}")))?;
@@ -393,6 +429,7 @@ impl LockSpace for LibDlmMember {
 
     fn unlock(&self, lock: LockId, flags: u32, lvb: Option<&[u8]>) -> Result<(), DlmError> {
         let mut locks = self.shared.call.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_joined()?;
         let st = locks
             .get_mut(&lock)
             .ok_or_else(|| DlmError::Rejected(format!("no such lock {lock}")))?;

@@ -203,3 +203,102 @@ impl LockSpace for LocalMember {
         self.events.clone()
     }
 }
+
+/// Which conversions (by lock name and mode) a [`HoldingMember`] stops at.
+#[cfg(test)]
+type HoldWhen = Box<dyn Fn(&[u8], Mode) -> bool + Send + Sync>;
+
+/// A member that stops at one conversion (the `nth`, from 0, of those `when`
+/// accepts by lock name and mode) until the test lets it go: to put another
+/// node's actions at an exact point of this one's protocol.
+#[cfg(test)]
+pub(crate) struct HoldingMember {
+    inner: LocalMember,
+    names: Mutex<HashMap<LockId, Vec<u8>>>,
+    when: HoldWhen,
+    nth: usize,
+    seen: std::sync::atomic::AtomicUsize,
+    reached: Sender<()>,
+    go: Receiver<()>,
+}
+
+#[cfg(test)]
+impl HoldingMember {
+    /// Wraps `inner`; returns the member, a channel told when it stopped, and
+    /// the sender that lets it go on.
+    pub(crate) fn new(
+        inner: LocalMember,
+        when: impl Fn(&[u8], Mode) -> bool + Send + Sync + 'static,
+        nth: usize,
+    ) -> (HoldingMember, Receiver<()>, Sender<()>) {
+        let (reached_tx, reached) = unbounded();
+        let (go, go_rx) = unbounded();
+        let m = HoldingMember {
+            inner,
+            names: Mutex::new(HashMap::new()),
+            when: Box::new(when),
+            nth,
+            seen: std::sync::atomic::AtomicUsize::new(0),
+            reached: reached_tx,
+            go: go_rx,
+        };
+        (m, reached, go)
+    }
+}
+
+#[cfg(test)]
+impl LockSpace for HoldingMember {
+    fn node(&self) -> NodeId {
+        self.inner.node()
+    }
+
+    fn lvb_len(&self) -> usize {
+        self.inner.lvb_len()
+    }
+
+    fn lock(
+        &self,
+        name: &[u8],
+        mode: Mode,
+        fl: u32,
+        lvb: Option<&[u8]>,
+    ) -> Result<LockId, DlmError> {
+        let id = self.inner.lock(name, mode, fl, lvb)?;
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, name.to_vec());
+        Ok(id)
+    }
+
+    fn convert(
+        &self,
+        lock: LockId,
+        mode: Mode,
+        fl: u32,
+        lvb: Option<&[u8]>,
+    ) -> Result<(), DlmError> {
+        let name = self
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&lock)
+            .cloned()
+            .unwrap_or_default();
+        if (self.when)(&name, mode)
+            && self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == self.nth
+        {
+            let _ = self.reached.send(());
+            let _ = self.go.recv();
+        }
+        self.inner.convert(lock, mode, fl, lvb)
+    }
+
+    fn unlock(&self, lock: LockId, fl: u32, lvb: Option<&[u8]>) -> Result<(), DlmError> {
+        self.inner.unlock(lock, fl, lvb)
+    }
+
+    fn events(&self) -> Receiver<Event> {
+        self.inner.events()
+    }
+}

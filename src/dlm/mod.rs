@@ -2,6 +2,7 @@
 //! cluster protocol runs the same on the in-process lock manager (one host) and on
 //! the real DLM.
 
+pub mod cpg;
 pub mod engine;
 pub mod libdlm;
 pub mod local;

@@ -20,6 +20,16 @@ pub trait MetadataSync: Send + Sync {
     fn update(&self, write: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()>;
     /// Tells the other nodes that leg `dev_number` is being re-added here.
     fn re_adding(&self, dev_number: u32) -> io::Result<()>;
+    /// Tells the other nodes that faulty leg `dev_number` is being removed here.
+    fn removing(&self, dev_number: u32) -> io::Result<()>;
+    /// Announces new device `dev_number` (`device_uuid`) and, once every other
+    /// node found it, runs `write` (the superblocks giving it its role).
+    fn add_device(
+        &self,
+        dev_number: u32,
+        device_uuid: Uuid,
+        write: &mut dyn FnMut() -> io::Result<()>,
+    ) -> io::Result<()>;
 }
 
 /// State of one member.
@@ -58,10 +68,15 @@ pub struct Member {
     pub data_size: u64,
     pub(super) state: AtomicU8,
     pub(super) inflight: AtomicU64,
+    /// Where the last read this leg served ended (sequential streams stay here).
+    pub(super) next_seq: AtomicU64,
     /// The events this leg's superblock had when it joined (re-add decisions).
     pub joined_events: u64,
     /// Another node rebuilds this leg: we write it but never declare it in sync.
     pub(super) remote_recovery: AtomicBool,
+    /// Its rebuild copies only chunks dirty in the bitmaps (a re-add), recorded
+    /// as RECOVERY_BITMAP; otherwise the whole array is copied.
+    pub(crate) bitmap_guided: AtomicBool,
 }
 
 impl Member {
@@ -165,6 +180,9 @@ pub struct Array {
     pub(super) recovery: Mutex<()>,
     /// How superblock updates are coordinated with other nodes (none: alone).
     pub(super) metadata_sync: Mutex<Option<Arc<dyn MetadataSync>>>,
+    /// Devices another node is adding, found here by their uuid; the metadata
+    /// update that gives one a role puts it into its slot.
+    pub(super) candidates: Mutex<Vec<Arc<Member>>>,
     /// Counters.
     pub counters: Counters,
 }
@@ -264,8 +282,12 @@ impl Array {
                     data_size: m.sb.data_size,
                     state: AtomicU8::new(state as u8),
                     inflight: AtomicU64::new(0),
+                    next_seq: AtomicU64::new(u64::MAX),
                     joined_events: m.sb.events,
                     remote_recovery: AtomicBool::new(false),
+                    bitmap_guided: AtomicBool::new(
+                        m.sb.feature_map & feature::RECOVERY_BITMAP != 0,
+                    ),
                 })
             };
             let why = if r == role::FAULTY {
@@ -342,8 +364,21 @@ impl Array {
             detached: Mutex::new(Vec::new()),
             recovery: Mutex::new(()),
             metadata_sync: Mutex::new(None),
+            candidates: Mutex::new(Vec::new()),
             counters: Counters::default(),
         };
+        // A leg being rebuilt (by this node before a crash, or by another node) is
+        // rebuilt here too: a bitmap-guided rebuild from the bits (this node's are
+        // kept until copied; a cluster node gathers the others'), a full one whole.
+        if array
+            .members()
+            .iter()
+            .flatten()
+            .any(|m| m.state() == LegState::Recovering && !m.bitmap_guided.load(Ordering::Relaxed))
+        {
+            info!("a leg was being rebuilt completely: its recovery starts again");
+            array.bitmap.mark_all_needed();
+        }
         array.update_bitmap_state();
         report.needed_chunks = array.bitmap.stats().needed;
         for l in &report.left_out {
@@ -551,6 +586,21 @@ impl Array {
                 back.push(m.clone());
             }
         }
+        {
+            let mut candidates = lock(&self.candidates);
+            for m in candidates.iter() {
+                if usize::from(role_of(m)) < slots.len() {
+                    info!(
+                        "leg {}: another node added it as device {}",
+                        m.name(),
+                        m.dev_number
+                    );
+                    back.push(m.clone());
+                }
+            }
+            candidates
+                .retain(|m| usize::from(role_of(m)) >= slots.len() && role_of(m) != role::FAULTY);
+        }
         for m in back {
             let r = usize::from(role_of(&m));
             if slots[r].as_ref().is_some_and(|o| !Arc::ptr_eq(o, &m)) {
@@ -568,10 +618,16 @@ impl Array {
             detached.retain(|o| !Arc::ptr_eq(o, &m));
             meta.faulty.retain(|&d| d != m.dev_number);
             m.remote_recovery.store(true, Ordering::Release);
+            if let Ok(own) = super::metadata::read_superblock(&*m.leg) {
+                m.bitmap_guided.store(
+                    own.feature_map & feature::RECOVERY_BITMAP != 0,
+                    Ordering::Relaxed,
+                );
+            }
             m.set_state(LegState::Recovering);
             slots[r] = Some(m.clone());
             info!(
-                "leg {}: re-added by another node; writing it while that node rebuilds it",
+                "leg {}: in mirror slot {r}; another node rebuilds it, this node writes it meanwhile",
                 m.name()
             );
         }
@@ -583,7 +639,10 @@ impl Array {
         Ok(())
     }
 
-    fn update_superblocks_local(&self, change: impl FnOnce(&mut Superblock)) -> io::Result<()> {
+    pub(super) fn update_superblocks_local(
+        &self,
+        change: impl FnOnce(&mut Superblock),
+    ) -> io::Result<()> {
         let mut meta = lock(&self.meta);
         change(&mut meta.sb);
         loop {
@@ -624,6 +683,11 @@ impl Array {
                 sb.data_size = m.data_size;
                 if m.state() == LegState::Recovering {
                     sb.feature_map |= feature::RECOVERY_OFFSET;
+                    if m.bitmap_guided.load(Ordering::Relaxed) {
+                        sb.feature_map |= feature::RECOVERY_BITMAP;
+                    } else {
+                        sb.feature_map &= !feature::RECOVERY_BITMAP;
+                    }
                     sb.recovery_offset = 0;
                 } else {
                     sb.feature_map &= !(feature::RECOVERY_OFFSET | feature::RECOVERY_BITMAP);
@@ -684,13 +748,26 @@ impl Array {
     }
 
     /// Picks the leg to read `sectors` at `sector` from: the first in-sync leg for
-    /// chunks that still need a resync, else the least busy in-sync leg.
+    /// chunks that still need a resync; else the leg whose last read ended here (a
+    /// sequential stream stays on one device, as md's read balancing does); else the
+    /// least busy in-sync leg.
     pub(super) fn read_order(&self, sector: u64, sectors: u64) -> Vec<Arc<Member>> {
         let mut legs = self.in_sync();
         if legs.len() > 1 && !self.bitmap.is_needed(sector, sectors) {
-            let start = self.next_read.fetch_add(1, Ordering::Relaxed) % legs.len();
-            legs.rotate_left(start);
-            legs.sort_by_key(|m| m.inflight.load(Ordering::Relaxed));
+            match legs
+                .iter()
+                .position(|m| m.next_seq.load(Ordering::Relaxed) == sector)
+            {
+                Some(i) => legs.swap(0, i),
+                None => {
+                    let start = self.next_read.fetch_add(1, Ordering::Relaxed) % legs.len();
+                    legs.rotate_left(start);
+                    legs.sort_by_key(|m| m.inflight.load(Ordering::Relaxed));
+                }
+            }
+        }
+        if let Some(m) = legs.first() {
+            m.next_seq.store(sector + sectors, Ordering::Relaxed);
         }
         legs
     }
@@ -827,17 +904,27 @@ impl Array {
     /// Merges node `slot`'s on-disk bitmap into ours (its dirty chunks become
     /// needed and dirty in our bitmap, which is flushed first); with `clear`, the
     /// slot's bits are then cleared on every leg (recovery of a departed node, whose
-    /// slot lock we hold). Returns how many chunks were dirty there.
+    /// slot lock we hold). The slot's bits are those of every in-sync leg together:
+    /// a node that died while writing its bitmap left it updated on some legs only.
+    /// Returns how many chunks were dirty there.
     pub fn merge_slot(&self, slot: u32, clear: bool) -> io::Result<u64> {
         let sb = self.superblock();
         let g = self.bitmap.geometry();
-        let src = self
-            .in_sync()
-            .into_iter()
-            .next()
+        let legs = self.in_sync();
+        let (first, others) = legs
+            .split_first()
             .ok_or_else(|| io::Error::other("no in-sync leg to read the bitmap from"))?;
-        let theirs = super::metadata::read_slot(&*src.leg, &sb, g, slot)
+        let mut theirs = super::metadata::read_slot(&*first.leg, &sb, g, slot)
             .map_err(|e| io::Error::other(format!("bitmap of node slot {slot}: {e}")))?;
+        // The first leg is the resync source and must be read; the others only add bits.
+        for m in others {
+            match super::metadata::read_slot(&*m.leg, &sb, g, slot) {
+                Ok(b) => {
+                    theirs.bits.merge(&b.bits);
+                }
+                Err(e) => warn!("leg {}: bitmap of node slot {slot}: {e}", m.name()),
+            }
+        }
         let dirty = theirs.bits.count_dirty();
         if dirty == 0 {
             return Ok(0);
@@ -856,6 +943,17 @@ impl Array {
         }
         self.settle_failures()?;
         Ok(dirty)
+    }
+
+    /// Marks every chunk dirty in any other node slot as needed here, without
+    /// clearing them there (a bitmap-guided rebuild covers all nodes' writes).
+    pub fn gather_other_slots(&self) -> io::Result<u64> {
+        let own = self.own_slot;
+        let mut n = 0;
+        for s in (0..self.bitmap.superblock().slots()).filter(|&s| s != own) {
+            n += self.merge_slot(s, false)?;
+        }
+        Ok(n)
     }
 
     /// As the only node of the array: takes over every other slot's dirty bits
@@ -964,6 +1062,29 @@ impl Array {
         Ok(())
     }
 
+    /// Takes over the rebuild of legs another node was rebuilding (it may have
+    /// died): they become ours to finish. Returns whether there were any.
+    pub fn take_over_recoveries(&self) -> io::Result<bool> {
+        let mut any = false;
+        let mut guided = true;
+        for m in self.members().iter().flatten() {
+            if m.state() == LegState::Recovering && m.remote_recovery.swap(false, Ordering::AcqRel)
+            {
+                info!("leg {}: this node takes over its rebuild", m.name());
+                any = true;
+                guided &= m.bitmap_guided.load(Ordering::Relaxed);
+            }
+        }
+        if any {
+            if guided {
+                self.gather_other_slots()?;
+            } else {
+                self.bitmap.mark_all_needed();
+            }
+        }
+        Ok(any)
+    }
+
     /// Whether any leg is recovering.
     pub fn recovering(&self) -> bool {
         self.members()
@@ -1025,6 +1146,41 @@ mod tests {
     use crate::storage::MemLeg;
 
     #[test]
+    fn a_sequential_stream_stays_on_one_leg_and_random_reads_alternate() {
+        let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 64 << 20));
+        let b: Arc<dyn Leg> = Arc::new(MemLeg::new("b", 64 << 20));
+        create_array(
+            &[&*a, &*b],
+            &super::super::metadata::NewArray {
+                name: "t".into(),
+                cluster_name: None,
+                nodes: 1,
+                bitmap_chunk: Some(1 << 20),
+                assume_clean: true,
+                now: 0,
+                uuid: None,
+            },
+        )
+        .unwrap();
+        let (array, _) = Array::assemble(vec![a, b]).unwrap();
+        let first = |s: u64| array.read_order(s, 256)[0].name().to_string();
+        let leg = first(0);
+        // Two interleaved streams: each keeps its own leg.
+        let other = first(50_000);
+        assert_ne!(leg, other, "a new stream goes to the other (idle) leg");
+        for i in 1..20 {
+            assert_eq!(first(i * 256), leg, "stream 1 stays on {leg}");
+            assert_eq!(first(50_000 + i * 256), other, "stream 2 stays on {other}");
+        }
+        // Random reads rotate over the legs.
+        let picks: std::collections::HashSet<String> = [9_000, 21_000, 33_000, 77_000]
+            .iter()
+            .map(|&s| first(s))
+            .collect();
+        assert_eq!(picks.len(), 2, "{picks:?}");
+    }
+
+    #[test]
     fn another_slots_dirty_bits_are_taken_over_and_cleared() {
         let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 64 << 20));
         let b: Arc<dyn Leg> = Arc::new(MemLeg::new("b", 64 << 20));
@@ -1059,6 +1215,42 @@ mod tests {
             assert!(
                 m.bitmaps[0].bits.get(5) && m.bitmaps[0].bits.get(40),
                 "ours are on disk"
+            );
+        }
+    }
+
+    #[test]
+    fn a_slot_dirty_on_the_second_leg_only_is_taken_over_and_cleared_everywhere() {
+        // A node died while its bitmap daemon cleared chunk 7: the cleared bitmap
+        // reached leg a, not leg b.
+        let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 64 << 20));
+        let b: Arc<dyn Leg> = Arc::new(MemLeg::new("b", 64 << 20));
+        let (_, metas) = create_array(
+            &[&*a, &*b],
+            &super::super::metadata::NewArray {
+                name: "t".into(),
+                cluster_name: Some("c".into()),
+                nodes: 4,
+                bitmap_chunk: Some(1 << 20),
+                assume_clean: true,
+                now: 0,
+                uuid: None,
+            },
+        )
+        .unwrap();
+        let mut m: LegMetadata = metas[1].clone();
+        m.bitmaps[1].bits.set(7);
+        super::super::metadata::write_leg_metadata(&*b, &m).unwrap();
+        let (array, _) = Array::assemble(vec![a.clone(), b.clone()]).unwrap();
+        assert_eq!(array.merge_slot(1, true).unwrap(), 1);
+        assert!(array.bitmap.is_needed(7 * 2048, 8), "resynced, to be safe");
+        for leg in [&a, &b] {
+            let m = LegMetadata::load(&**leg).unwrap();
+            assert_eq!(
+                m.bitmaps[1].bits.count_dirty(),
+                0,
+                "leg {}: the slot is clean",
+                leg.name()
             );
         }
     }

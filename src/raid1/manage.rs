@@ -2,7 +2,7 @@
 
 use super::array::{lock, Array, LegState, Member};
 use super::metadata::read_superblock;
-use crate::md::superblock::{role, MAX_DEVS};
+use crate::md::superblock::{feature, role, MAX_DEVS};
 use crate::md::Uuid;
 use crate::storage::{read_vec, Leg};
 use log::info;
@@ -70,20 +70,6 @@ impl Array {
         });
     }
 
-    /// A new leg must be found by every node (md-cluster's NEWDISK with
-    /// `--cluster-confirm`); nodes here know only the legs they were started with.
-    fn refuse_on_cluster_node(&self, what: &str) -> Result<(), ManageError> {
-        if self.is_cluster_node() {
-            return Err(ManageError::Unsuitable {
-                leg: String::new(),
-                why: format!(
-                    "{what} is not possible while other nodes serve the array; stop the other nodes' serve first"
-                ),
-            });
-        }
-        Ok(())
-    }
-
     /// Fails a leg on operator request (like `mdadm --fail`).
     pub fn fail_leg(&self, name: &str) -> Result<(), ManageError> {
         let (_, m) = self
@@ -107,6 +93,10 @@ impl Array {
             .ok_or_else(|| ManageError::UnknownLeg(name.into()))?;
         if m.state() != LegState::Faulty {
             return Err(ManageError::NotFaulty(name.into()));
+        }
+        let sync = lock(&self.metadata_sync).clone();
+        if let Some(sync) = sync {
+            sync.removing(m.dev_number)?;
         }
         self.set_slot(slot, None);
         let dev = m.dev_number;
@@ -174,9 +164,17 @@ impl Array {
         if let Some(sync) = &sync {
             sync.re_adding(member.dev_number)?;
         }
+        self.copy_bitmaps_to(&member)?;
         {
             let _joining = lock(&self.recovery);
             member.set_state(LegState::Recovering);
+            member.bitmap_guided.store(
+                kind == RecoveryKind::Bitmap,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            member
+                .remote_recovery
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             self.set_slot(slot, Some(member.clone()));
             lock(&self.detached).retain(|m| !Arc::ptr_eq(m, &member));
             lock(&self.meta).faulty.retain(|&d| d != member.dev_number);
@@ -191,12 +189,9 @@ impl Array {
         }
         self.update_superblocks(|_| {})?;
         if sync.is_some() && kind == RecoveryKind::Bitmap {
-            let own = self.own_slot;
-            for s in (0..self.bitmap.superblock().slots()).filter(|&s| s != own) {
-                let n = self.merge_slot(s, false)?;
-                if n > 0 {
-                    info!("leg {name}: node slot {s} wrote {n} chunks while it was out");
-                }
+            let n = self.gather_other_slots()?;
+            if n > 0 {
+                info!("leg {name}: the other nodes wrote {n} chunks while it was out");
             }
         }
         info!(
@@ -211,9 +206,36 @@ impl Array {
         Ok(kind)
     }
 
+    /// Gives a leg coming back every node slot's bitmap as the in-sync legs have
+    /// it: bits set or cleared while it was out would otherwise stay stale there.
+    fn copy_bitmaps_to(&self, member: &Member) -> Result<(), ManageError> {
+        let source = self
+            .in_sync()
+            .into_iter()
+            .next()
+            .ok_or_else(|| ManageError::Unsuitable {
+                leg: member.name().into(),
+                why: "no in-sync leg to copy the bitmaps from".into(),
+            })?;
+        let sb = self.superblock();
+        let g = self.bitmap.geometry();
+        for slot in 0..self.bitmap.superblock().slots() {
+            let Some(off) = g.slot_offset(sb.super_offset, sb.bitmap_offset, slot) else {
+                continue;
+            };
+            let area = read_vec(&*source.leg, off, g.slot_len() as usize)?;
+            member.leg.write_at(&area, off)?;
+        }
+        member.leg.flush()?;
+        Ok(())
+    }
+
     /// Adds a blank leg into a free slot and rebuilds it completely (like `mdadm --add`).
+    ///
+    /// On a cluster node the leg first gets a spare's superblock, then every other
+    /// node must find it by its device uuid (NEWDISK, `no-new-dev`): only then do
+    /// the superblocks give it its slot, and every node writes it from there on.
     pub fn add_leg(&self, leg: Arc<dyn Leg>) -> Result<usize, ManageError> {
-        self.refuse_on_cluster_node("add")?;
         let name = leg.name().to_string();
         if self.find_in_slots(&name).is_some() {
             return Err(ManageError::InUse(name));
@@ -279,17 +301,96 @@ impl Array {
             data_size: sectors - data_offset,
             state: AtomicU8::new(LegState::Recovering as u8),
             inflight: AtomicU64::new(0),
+            next_seq: AtomicU64::new(u64::MAX),
             joined_events: 0,
             remote_recovery: std::sync::atomic::AtomicBool::new(false),
+            bitmap_guided: std::sync::atomic::AtomicBool::new(false),
         });
-        {
+        let activate = || {
             let _joining = lock(&self.recovery);
-            self.set_slot(slot, Some(member));
+            self.set_slot(slot, Some(member.clone()));
             self.bitmap.mark_all_needed();
             self.update_bitmap_state();
+        };
+        let sync = lock(&self.metadata_sync).clone();
+        match sync {
+            None => {
+                activate();
+                self.update_superblocks(|_| {})?;
+            }
+            Some(sync) => {
+                // A spare's superblock, so the other nodes can find the leg.
+                let mut spare = sb.clone();
+                spare.dev_number = dev_number;
+                spare.device_uuid = member.device_uuid;
+                spare.data_offset = data_offset;
+                spare.data_size = member.data_size;
+                spare.feature_map &= !(feature::RECOVERY_OFFSET | feature::RECOVERY_BITMAP);
+                spare.recovery_offset = 0;
+                member
+                    .leg
+                    .write_at(&spare.encode(), spare.super_offset * 512)
+                    .and_then(|()| member.leg.flush())?;
+                let mut activated = false;
+                let mut write = || {
+                    if !activated {
+                        activate();
+                        activated = true;
+                    }
+                    self.update_superblocks_local(|_| {})
+                };
+                sync.add_device(dev_number, member.device_uuid, &mut write)
+                    .map_err(|e| ManageError::Unsuitable {
+                        leg: name.clone(),
+                        why: e.to_string(),
+                    })?;
+            }
         }
-        self.update_superblocks(|_| {})?;
         info!("leg {name}: added to slot {slot} as device {dev_number}; full recovery");
         Ok(slot)
+    }
+
+    /// Another node adds device `dev_number` (`device_uuid`), and `leg` is that
+    /// device as seen from here: it waits as a candidate for the metadata update
+    /// that gives it its slot (then this node writes it, the other rebuilds it).
+    pub fn offer_candidate(
+        &self,
+        leg: Arc<dyn Leg>,
+        dev_number: u32,
+        device_uuid: Uuid,
+    ) -> Result<(), ManageError> {
+        let name = leg.name().to_string();
+        let sb = read_superblock(&*leg).map_err(|e| ManageError::Unsuitable {
+            leg: name.clone(),
+            why: e.to_string(),
+        })?;
+        if sb.set_uuid != self.uuid || sb.device_uuid != device_uuid || sb.dev_number != dev_number
+        {
+            return Err(ManageError::Unsuitable {
+                leg: name,
+                why: format!(
+                    "is device {} ({}) of array {}, not device {dev_number} ({device_uuid}) of {}",
+                    sb.dev_number, sb.device_uuid, sb.set_uuid, self.uuid
+                ),
+            });
+        }
+        let member = Arc::new(Member {
+            leg,
+            dev_number,
+            device_uuid,
+            data_offset: sb.data_offset,
+            data_size: sb.data_size,
+            state: AtomicU8::new(LegState::Recovering as u8),
+            inflight: AtomicU64::new(0),
+            next_seq: AtomicU64::new(u64::MAX),
+            joined_events: sb.events,
+            remote_recovery: std::sync::atomic::AtomicBool::new(true),
+            bitmap_guided: std::sync::atomic::AtomicBool::new(false),
+        });
+        let mut c = lock(&self.candidates);
+        c.retain(|m| m.dev_number != dev_number);
+        c.push(member);
+        info!("leg {name}: found as device {dev_number} that another node adds");
+        Ok(())
     }
 }

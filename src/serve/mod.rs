@@ -62,6 +62,8 @@ pub struct FaultSpec {
     pub writes_after: Option<i64>,
     /// Fail every read.
     pub fail_reads: bool,
+    /// Writes at or beyond this byte offset of the leg block until the process ends.
+    pub stall_writes_from: Option<u64>,
 }
 
 /// The control path that goes with a vhost-user socket path.
@@ -101,6 +103,9 @@ pub fn open_legs(config: &ServeConfig) -> Result<Vec<Arc<dyn Leg>>, String> {
                     f.writes_until_failure.store(n, Ordering::Relaxed);
                 }
                 f.fail_reads.store(spec.fail_reads, Ordering::Relaxed);
+                if let Some(off) = spec.stall_writes_from {
+                    f.stall_writes_from.store(off.max(1), Ordering::Relaxed);
+                }
                 warn!("leg {}: fault drill active: {spec:?}", p.display());
                 Arc::new(FaultyLeg::new(leg, f)) as Arc<dyn Leg>
             }
@@ -109,6 +114,53 @@ pub fn open_legs(config: &ServeConfig) -> Result<Vec<Arc<dyn Leg>>, String> {
         legs.push(leg);
     }
     Ok(legs)
+}
+
+/// Looks in `dirs` (image files, block devices) for the leg whose md superblock
+/// carries `device_uuid`, and opens it: how a node finds a leg another node adds.
+fn find_device(
+    dirs: &[PathBuf],
+    device_uuid: &crate::md::Uuid,
+    direct: bool,
+) -> Option<Arc<dyn Leg>> {
+    use std::os::unix::fs::{FileExt, FileTypeExt};
+    let mut seen = std::collections::HashSet::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if !(meta.is_file() || meta.file_type().is_block_device()) {
+                continue;
+            }
+            let key = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+            if !seen.insert(key) {
+                continue;
+            }
+            let Ok(f) = std::fs::File::open(&path) else {
+                continue;
+            };
+            let mut buf = vec![0u8; crate::md::superblock::SB_BLOCK_LEN];
+            if f.read_exact_at(&mut buf, 4096).is_err() {
+                continue;
+            }
+            match crate::md::Superblock::decode(&buf) {
+                Ok(sb) if sb.device_uuid == *device_uuid => {
+                    info!("found the new leg at {}", path.display());
+                    return FileLeg::open_with(&path, OpenMode::ReadWrite, direct)
+                        .map_err(|e| warn!("leg {}: cannot open: {e}", path.display()))
+                        .ok()
+                        .map(|l| Arc::new(l) as Arc<dyn Leg>);
+                }
+                _ => {}
+            }
+        }
+    }
+    None
 }
 
 /// Runs `serve` until a signal; returns the process exit status message on errors
@@ -121,6 +173,11 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         }
     }
     let legs = open_legs(&config)?;
+    // Membership in our corosync group (lock manager `dlm`): kept until the lockspace
+    // is released (declared before `cluster`, so dropped after it).
+    let mut _our_group: Option<crate::dlm::cpg::OurGroup> = None;
+    // Our DLM lockspace (lock manager `dlm`), released explicitly at shutdown.
+    let mut libdlm: Option<Arc<crate::dlm::libdlm::LibDlmMember>> = None;
     let (array, left_out, cluster) = match &config.lock_manager {
         LockManager::Local => {
             let (array, report) = Array::assemble(legs).map_err(|e| e.to_string())?;
@@ -149,10 +206,16 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
                     .map_err(|e| e.to_string())?,
                 ),
                 _ => {
-                    crate::dlm::libdlm::refuse_kernel_lockspace(&name, &sb.set_uuid.to_string())?;
-                    Arc::new(
+                    let uuid = sb.set_uuid.to_string();
+                    // Both checks come before the DLM is touched: on this host the DLM
+                    // would not refuse, it would break (spec §6.7).
+                    crate::dlm::libdlm::refuse_kernel_lockspace(&name, &uuid)?;
+                    _our_group = crate::dlm::cpg::join_and_check(&name, &uuid)?;
+                    let m = Arc::new(
                         crate::dlm::libdlm::LibDlmMember::join(&name).map_err(|e| e.to_string())?,
-                    )
+                    );
+                    libdlm = Some(m.clone());
+                    m
                 }
             };
             let node = crate::cluster::node::ClusterNode::join(ls, legs)
@@ -161,6 +224,15 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
                 "joined array {} as node slot {}",
                 sb.set_uuid, node.node.slot
             );
+            let dirs: Vec<PathBuf> = config
+                .legs
+                .iter()
+                .filter(|p| p.is_file())
+                .filter_map(|p| p.parent().map(Path::to_path_buf))
+                .chain(std::iter::once(PathBuf::from("/dev/disk/by-id")))
+                .collect();
+            let direct = !config.buffered;
+            node.set_device_finder(Box::new(move |uuid| find_device(&dirs, uuid, direct)));
             let node = Arc::new(node);
             (node.array.clone(), Vec::new(), Some(node))
         }
@@ -281,6 +353,12 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         if let Err(e) = node.leave() {
             warn!("cannot tell the other nodes we leave: {e}");
         }
+    }
+    // Threads of the cluster node (watches) keep the member alive: leave explicitly, so
+    // that no lockspace stays joined on this host once we are gone.
+    if let Some(m) = libdlm {
+        m.release();
+        info!("left the DLM lockspace");
     }
     let _ = std::fs::remove_file(&config.socket);
     let _ = std::fs::remove_file(&config.control);

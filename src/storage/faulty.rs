@@ -14,6 +14,9 @@ pub struct Faults {
     pub fail_reads: AtomicBool,
     /// Every flush fails.
     pub fail_flushes: AtomicBool,
+    /// Writes at or beyond this byte offset of the leg never finish: the writing
+    /// thread blocks until the process ends (0: off). For crash drills.
+    pub stall_writes_from: AtomicU64,
     /// Bytes written through the wrapper.
     pub bytes_written: AtomicU64,
     /// Bytes read through the wrapper.
@@ -31,6 +34,17 @@ impl Faults {
     /// Makes every write fail from now on.
     pub fn fail_writes_now(&self) {
         self.writes_until_failure.store(0, Ordering::Relaxed);
+    }
+
+    /// Blocks forever when a write of `len` bytes at `off` is to stall.
+    fn maybe_stall(&self, off: u64) {
+        let from = self.stall_writes_from.load(Ordering::Relaxed);
+        if from != 0 && off >= from {
+            log::warn!("fault drill: write at byte {off} stalls until the process ends");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
     }
 
     fn write_allowed(&self) -> bool {
@@ -82,6 +96,7 @@ impl Leg for FaultyLeg {
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.faults.maybe_stall(off);
         if !self.faults.write_allowed() {
             return Err(injected());
         }
@@ -103,6 +118,7 @@ impl Leg for FaultyLeg {
     }
 
     fn writev_at(&self, bufs: &[IoSlice<'_>], off: u64) -> io::Result<()> {
+        self.faults.maybe_stall(off);
         if !self.faults.write_allowed() {
             return Err(injected());
         }

@@ -2,6 +2,7 @@
 //! and the per-queue workers.
 
 use super::dirty::{self, DirtyLog, LogCarrier};
+use super::inflight::{self, InflightQueue, InflightRegion};
 use super::request::{self, Context, Limits, Prepared, RequestError, ID_LEN};
 use crate::cluster::writer::{RoleState, WriterRole, ACQUIRE_RETRY};
 use crate::raid1::Array;
@@ -10,7 +11,9 @@ use log::{debug, info, warn};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -122,6 +125,8 @@ pub struct BlockBackend {
     started: Mutex<u64>,
     /// One asynchronous I/O state per queue (`None`: synchronous I/O).
     queues: Vec<Mutex<Option<QueueState>>>,
+    /// The front-end's inflight buffer (`SET_INFLIGHT_FD`), if any.
+    inflight: RwLock<Option<Arc<InflightRegion>>>,
 }
 
 fn serial_of(array: &Array) -> [u8; ID_LEN] {
@@ -153,6 +158,7 @@ impl BlockBackend {
             writes_refused: AtomicU64::new(0),
             role: Arc::new(WriterRole::local()),
             started: Mutex::new(0),
+            inflight: RwLock::new(None),
         }
     }
 
@@ -168,10 +174,10 @@ impl BlockBackend {
         &self.role
     }
 
-    /// Queue `qi` got its first event since the front-end started it: the first
-    /// started queue takes the writer role (a read-only disk never does).
-    fn vring_started(&self, qi: usize) {
-        let bit = 1u64 << qi;
+    /// The front-end started queue `qi`: the first started queue takes the writer
+    /// role (a read-only disk never does).
+    fn take_writer_role(&self, qi: usize) {
+        let bit = queue_bit(qi);
         let mut started = lock(&self.started);
         if *started & bit != 0 {
             return;
@@ -184,12 +190,25 @@ impl BlockBackend {
 
     /// Queue `qi` was stopped (its requests finished): once no queue runs, the
     /// writer role goes back.
-    fn vring_stopped(&self, qi: usize) {
+    fn give_back_writer_role(&self, qi: usize) {
         let mut started = lock(&self.started);
-        *started &= !(1u64 << qi);
+        *started &= !queue_bit(qi);
         if *started == 0 {
             self.role.release();
         }
+    }
+
+    /// The inflight buffer in use, if any.
+    fn inflight_region(&self) -> Option<Arc<InflightRegion>> {
+        self.inflight
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_inflight_region(&self, region: InflightRegion) {
+        debug!("inflight buffer: {region:?}");
+        *self.inflight.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(region));
     }
 
     /// Sets up io_uring for every queue; without it, requests run synchronously.
@@ -255,6 +274,9 @@ impl BlockBackend {
                 }
             }
         }
+        // Their heads stay marked in the inflight buffer: the front-end hands it to
+        // the next connection, which resubmits them. This one no longer uses it.
+        *self.inflight.write().unwrap_or_else(|e| e.into_inner()) = None;
         // Nothing of ours is in flight any more: another node may write.
         *lock(&self.started) = 0;
         self.role.release();
@@ -337,19 +359,46 @@ impl BlockBackend {
         let mut qs = lock(&self.queues[qi]);
         let mut state = vring.get_mut();
         let mut used_any = false;
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) {
-            let head = chain.head_index();
-            let descs: Vec<_> = chain.collect();
+        let region = self.inflight_region();
+        let iq = region.as_deref().and_then(|r| r.queue(qi));
+        let iq = iq.as_ref();
+        // Heads a previous back-end left inflight run first, in the order it took them.
+        let mut resubmit = iq
+            .map(|q| q.take_resubmit())
+            .unwrap_or_default()
+            .into_iter();
+        loop {
+            let (head, descs) = if let Some(head) = resubmit.next() {
+                let queue = state.get_queue();
+                let table = GuestAddress(queue.desc_table());
+                match inflight::read_chain(&**mem, table, queue.size(), head) {
+                    Ok(descs) => (head, descs),
+                    Err(e) => {
+                        warn!("queue {qi}: inflight head {head}: {e}");
+                        inflight::add_used(&mut state, iq, head, 0)?;
+                        used_any = true;
+                        continue;
+                    }
+                }
+            } else if let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) {
+                let head = chain.head_index();
+                if let Some(iq) = iq {
+                    iq.get(head);
+                }
+                (head, chain.collect::<Vec<_>>())
+            } else {
+                break;
+            };
             let Some(qs) = qs.as_mut() else {
                 let used = request::process(&ctx, &**mem, &descs);
-                add_used(&mut state, head, used)?;
+                inflight::add_used(&mut state, iq, head, used)?;
                 self.completed.fetch_add(1, Ordering::Relaxed);
                 used_any = true;
                 continue;
             };
             match request::prepare(&ctx, &**mem, &descs) {
                 Prepared::Done(used) => {
-                    add_used(&mut state, head, used)?;
+                    inflight::add_used(&mut state, iq, head, used)?;
                     self.completed.fetch_add(1, Ordering::Relaxed);
                     used_any = true;
                 }
@@ -380,7 +429,7 @@ impl BlockBackend {
                     }
                     if let Some(e) = bad {
                         let used = request::finish(&**mem, t.status, Err(RequestError::Memory(e)));
-                        add_used(&mut state, head, used)?;
+                        inflight::add_used(&mut state, iq, head, used)?;
                         used_any = true;
                         continue;
                     }
@@ -407,7 +456,7 @@ impl BlockBackend {
         }
         if let Some(qs) = qs.as_mut() {
             qs.io.submit()?;
-            used_any |= self.complete_done(qs, &mut state)?;
+            used_any |= self.complete_done(qs, &mut state, iq)?;
         }
         if !used_any {
             return Ok(false);
@@ -420,6 +469,7 @@ impl BlockBackend {
         &self,
         qs: &mut QueueState,
         state: &mut VringState<GuestMem>,
+        iq: Option<&InflightQueue<'_>>,
     ) -> io::Result<bool> {
         let done = qs.io.take_done();
         let any = !done.is_empty();
@@ -442,7 +492,7 @@ impl BlockBackend {
                 }
             }
             let used = request::finish(&*p.mem, p.status, result);
-            add_used(state, p.head, used)?;
+            inflight::add_used(state, iq, p.head, used)?;
             self.completed.fetch_add(1, Ordering::Relaxed);
         }
         Ok(any)
@@ -455,8 +505,10 @@ impl BlockBackend {
             return Ok(());
         };
         qs.io.reap(&self.array);
+        let region = self.inflight_region();
+        let iq = region.as_deref().and_then(|r| r.queue(qi));
         let mut state = vring.get_mut();
-        if self.complete_done(qs, &mut state)? && self.needs_signal(&mut state)? {
+        if self.complete_done(qs, &mut state, iq.as_ref())? && self.needs_signal(&mut state)? {
             drop(state);
             vring.signal_used_queue()?;
         }
@@ -464,14 +516,16 @@ impl BlockBackend {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// Queue `qi`'s bit in a mask of queues (queues are fewer than 64).
+fn queue_bit(qi: usize) -> u64 {
+    u32::try_from(qi)
+        .ok()
+        .and_then(|q| 1u64.checked_shl(q))
+        .unwrap_or(0)
 }
 
-fn add_used(state: &mut VringState<GuestMem>, head: u16, used: u32) -> io::Result<()> {
-    state
-        .add_used(head, used)
-        .map_err(|e| io::Error::other(format!("add_used: {e:?}")))
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl VhostUserBackend for BlockBackend {
@@ -526,6 +580,7 @@ impl VhostUserBackend for BlockBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -580,8 +635,42 @@ impl VhostUserBackend for BlockBackend {
         if !self.wait_idle(queue_index as usize, std::time::Duration::from_secs(30)) {
             warn!("queue {queue_index}: requests still in flight after 30 s at vring stop");
         }
-        self.vring_stopped(queue_index as usize);
+        self.give_back_writer_role(queue_index as usize);
         Ok(())
+    }
+
+    fn get_inflight_fd(
+        &self,
+        msg: &VhostUserInflight,
+    ) -> io::Result<(VhostUserInflight, std::fs::File)> {
+        let (reply, file, region) = inflight::get_inflight_fd(msg, self.config.queues)?;
+        self.set_inflight_region(region);
+        Ok((reply, file))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: std::fs::File) -> io::Result<()> {
+        let region = inflight::set_inflight_fd(msg, &file, self.config.queues)?;
+        self.set_inflight_region(region);
+        Ok(())
+    }
+
+    fn vring_started(&self, queue_index: u32, vring: &Vring) -> io::Result<()> {
+        // Before the ring's first request (resubmitted inflight ones included): a
+        // migration destination takes the writer role here, and a source resumed
+        // after its migration completed is refused it.
+        self.take_writer_role(queue_index as usize);
+        let Some(region) = self.inflight_region() else {
+            return Ok(());
+        };
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| io::Error::other("no guest memory"))?;
+        let mem = mem.memory();
+        let mut state = vring.get_mut();
+        inflight::start_vring(&region, queue_index as usize, &mut state, &*mem).map(|_| ())
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -612,9 +701,6 @@ impl VhostUserBackend for BlockBackend {
         if self.stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
-        // The front-end kicks a queue when it starts it (QEMU sets the kick eventfd
-        // up signalled): take the writer role before the first request.
-        self.vring_started(thread_id);
         let mem = self
             .mem
             .read()

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod dirty;
+pub mod inflight;
 pub mod request;
 
 pub use backend::{BlockBackend, BlockConfig};

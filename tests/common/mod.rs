@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: reading mdadm's output, loop devices.
 #![allow(dead_code)]
 
+pub mod vring;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -394,4 +396,15 @@ impl Drop for Lockd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A leg's state in a `status` answer ("" when the leg is not listed).
+pub fn leg_state(s: &serde_json::Value, leg: &Path) -> String {
+    s["legs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == leg.to_str().unwrap())
+        .map(|l| l["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
 }
