@@ -94,6 +94,8 @@ fn serve(sock: &Path, lockd: &Path, legs: &[PathBuf]) -> Child {
         .arg(sock)
         .arg("--lock-manager")
         .arg(format!("lockd:{}", lockd.display()))
+        // Both nodes' clients write while both nodes run.
+        .arg("--shared-writes")
         .args(legs)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

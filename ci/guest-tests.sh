@@ -21,7 +21,7 @@ qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulat
 
 # Debian 12's own QEMU is 7.2 and conflicts with the qemu-utils 10 from bookworm-backports that
 # these machines carry; QEMU 10 (reconnect-ms, the vhost-user-blk used here) comes from backports.
-tools=$(missing busybox-static fio e2fsprogs util-linux cpio kmod jq)
+tools=$(missing busybox-static fio e2fsprogs util-linux cpio kmod jq python3)
 qemu=
 [ "$(qemu_major)" -ge 10 ] 2>/dev/null || qemu=1
 libvirt=$(missing libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)

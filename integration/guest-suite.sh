@@ -24,6 +24,17 @@
 #   readd-under-load  like leg-fail, but the re-add happens while a second fio verify writes
 #                  the chunks the recovery copies (writes to a chunk under recovery wait for it
 #                  without stalling the queue)
+#   migrate        live migration between two QEMUs on one host: node 1 and node 2 (two serve
+#                  processes over lockd) on the same legs; the guest writes and reads back
+#                  numbered blocks the whole time (integration/guest/migrate.sh); migrate to
+#                  node 2 (QMP), check every block, resume the source (QMP cont): its writes
+#                  fail, node 1's writer role is refused; migrate back to a third QEMU on node 1
+#                  and kill -9 node 2 right after the switchover (node 1 recovers its slot); the
+#                  source's dirty log is watched (integration/tools/vu-log-watch.py) and must have
+#                  pages marked, the used ring's page among them; at the end every block verifies
+#                  in the guest and on both legs, no STALE block and no guest I/O error anywhere.
+#                  Then the same guest and migrations on two qemu-storage-daemon exports of one
+#                  file, for comparison. Records total time and downtime (query-migrate).
 #
 # Environment:
 #   VUMD                 backend binary (default target/release/vhost-user-md)
@@ -46,7 +57,7 @@ GUEST_DIR=$ROOT/integration/guest
 VUMD=${VUMD:-$ROOT/target/release/vhost-user-md}
 RESULTS=${VUMD_GUEST_RESULTS:-$ROOT/target/guest-tests}
 TEST_TIMEOUT=${VUMD_GUEST_TEST_TIMEOUT:-300}
-ALL_TESTS="io-q1 io-q4 leg-fail readd-under-load backend-restart backend-crash libvirt"
+ALL_TESTS="io-q1 io-q4 leg-fail readd-under-load backend-restart backend-crash migrate libvirt"
 LEG_SIZE=256M
 GUEST_MEM=512M
 
@@ -70,6 +81,7 @@ cleanup_one() {
     [ -n "${QPID:-}" ] && kill -KILL "$QPID" 2>/dev/null
     [ -n "${BPID:-}" ] && kill -KILL "$BPID" 2>/dev/null
     [ -n "${DAEMONS:-}" ] && kill -TERM $DAEMONS 2>/dev/null
+    [ -n "${KILL_PIDS:-}" ] && kill -KILL $KILL_PIDS 2>/dev/null
     wait 2>/dev/null
 }
 
@@ -475,10 +487,329 @@ test_libvirt() {
     check_legs
 }
 
+# ---- migrate
+QMP_PY=$ROOT/integration/tools/qmp.py
+WATCH_PY=$ROOT/integration/tools/vu-log-watch.py
+qmp() { # qmp NAME CMD...: QMP commands to VM NAME, one JSON answer per line
+    local sock=$D/qmp-$1.sock
+    shift
+    timeout --foreground 60 python3 "$QMP_PY" "$sock" "$@"
+}
+declare -A VMPID
+vlog() { tr -d '\r' < "$D/guest-$1.log" 2>/dev/null; }
+
+# spawn NAME COMMAND...: a helper process (killed when the test ends), output to $D/NAME.log.
+spawn() {
+    local name=$1
+    shift
+    "$@" > "$D/$name.log" 2>&1 &
+    SPAWNED=$!
+    KILL_PIDS="$KILL_PIDS $SPAWNED"
+}
+
+wait_sock() { # wait_sock PATH PID: until PATH is a socket (10 s), while PID lives
+    for _ in $(seq 100); do
+        [ -S "$1" ] && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+# start_node NAME: serve node NAME on $D/NAME.sock over lockd.
+start_node() {
+    RUST_LOG=${RUST_LOG:-info} spawn "backend-$1" "$VUMD" serve --socket "$D/$1.sock" \
+        --lock-manager "lockd:$D/lockd.sock" "$LA" "$LB"
+    NODEPID[$1]=$SPAWNED
+    if wait_sock "$D/$1.sock.ctl" "$SPAWNED"; then
+        info "node $1 up (pid $SPAWNED)"
+    else
+        fail "node $1 did not start"
+        return 1
+    fi
+}
+declare -A NODEPID
+node_status() { timeout --foreground 10 "$VUMD" status "$D/$1.sock" --format json 2>> "$D/control.log"; }
+node_wait() { # node_wait NAME JQ_CONDITION TIMEOUT: until status matches
+    local end=$(($(date +%s) + $3))
+    while [ "$(date +%s)" -lt "$end" ]; do
+        node_status "$1" | jq -e "$2" > /dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+# start_vm NAME SOCKET [QEMU ARGS]: the test guest on that vhost-user socket; serial log
+# guest-NAME.log, host->guest pipe ctl-NAME, QMP qmp-NAME.sock.
+start_vm() {
+    local name=$1 sock=$2
+    shift 2
+    rm -f "$D/ctl-$name.in" "$D/ctl-$name.out"
+    mkfifo "$D/ctl-$name.in"
+    : > "$D/ctl-$name.out"
+    : > "$D/guest-$name.log"
+    timeout --foreground 600 qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m $GUEST_MEM \
+        -object memory-backend-memfd,id=mem,size=$GUEST_MEM,share=on -machine q35,memory-backend=mem \
+        -chardev "socket,id=vumd0,path=$sock" -device vhost-user-blk-pci,chardev=vumd0,num-queues=1 \
+        -kernel "$IMAGES/vmlinuz" -initrd "$D/initrd.img" -append "console=ttyS0 panic=-1 loglevel=4" \
+        -display none -monitor none -no-reboot \
+        -serial "file:$D/guest-$name.log" -chardev "pipe,id=ctl,path=$D/ctl-$name" -serial chardev:ctl \
+        -qmp "unix:$D/qmp-$name.sock,server=on,wait=off" "$@" > "$D/qemu-$name.log" 2>&1 &
+    VMPID[$name]=$!
+    KILL_PIDS="$KILL_PIDS $!"
+    wait_sock "$D/qmp-$name.sock" "$!" || fail "VM $name: no QMP socket"
+    info "VM $name started on $(basename "$sock") (pid $!${*:+, $*})"
+}
+send_vm() { timeout --foreground 5 sh -c 'echo "$1" > "$2"' sh "$2" "$D/ctl-$1.in" || fail "cannot write to VM $1's ttyS1"; }
+wait_vm() { # wait_vm NAME REGEX TIMEOUT: a line of VM NAME's serial log matches
+    local end=$(($(date +%s) + $3))
+    while [ "$(date +%s)" -lt "$end" ]; do
+        vlog "$1" | grep -aqE "$2" && return 0
+        kill -0 "${VMPID[$1]}" 2>/dev/null || { vlog "$1" | grep -aqE "$2"; return; }
+        sleep 0.2
+    done
+    return 1
+}
+last_block() { vlog "$1" | sed -n 's/^W \([0-9]*\) .*/\1/p' | tail -1; }
+wait_blocks() { # wait_blocks NAME N TIMEOUT: the guest on VM NAME wrote block N
+    local end=$(($(date +%s) + $3)) b
+    while [ "$(date +%s)" -lt "$end" ]; do
+        b=$(last_block "$1")
+        [ "${b:-0}" -ge "$2" ] && return 0
+        kill -0 "${VMPID[$1]}" 2>/dev/null || return 1
+        sleep 0.2
+    done
+    return 1
+}
+quit_vm() {
+    qmp "$1" quit > /dev/null 2>&1
+    for _ in $(seq 100); do kill -0 "${VMPID[$1]}" 2>/dev/null || break; sleep 0.1; done
+    # (the pid is QEMU's `timeout` wrapper: SIGTERM reaches QEMU through it)
+    kill -TERM "${VMPID[$1]}" 2>/dev/null && sleep 1
+    kill -KILL "${VMPID[$1]}" 2>/dev/null
+    wait "${VMPID[$1]}" 2>/dev/null
+    info "VM $1 ended"
+}
+
+# migrate SRC DST LABEL: live-migrates VM SRC to VM DST (started with -incoming defer);
+# checks completion; MIG_TOTAL / MIG_DOWN (ms) from query-migrate.
+migrate() {
+    local src=$1 dst=$2 label=$3 r st s t0
+    MIG_TOTAL= MIG_DOWN=
+    qmp "$dst" "migrate-incoming {\"uri\": \"unix:$D/mig-$dst.sock\"}" > /dev/null
+    t0=$(now)
+    r=$(qmp "$src" 'migrate-set-parameters {"max-bandwidth": 4294967296, "downtime-limit": 300}' \
+        "migrate {\"uri\": \"unix:$D/mig-$dst.sock\"}" | tail -1)
+    if [ "$(jq -r '.error.desc // empty' <<<"$r")" != "" ]; then
+        fail "$label: migrate refused: $r"
+        return 1
+    fi
+    for _ in $(seq 600); do
+        st=$(qmp "$src" query-migrate | tail -1)
+        s=$(jq -r '.return.status // "none"' <<<"$st")
+        case $s in completed | failed | cancelled | none) break ;; esac
+        sleep 0.1
+    done
+    info "$label: $(jq -c '.return | {status, "total-time", downtime, "setup-time", ram_mb: ((.ram.transferred // 0) / 1048576 | floor), dirty_syncs: .ram["dirty-sync-count"]}' <<<"$st")"
+    if ! check "$label: migration completed ($s after $(since "$t0") s)" [ "$s" = completed ]; then
+        info "$label: $(jq -c '.return["error-desc"] // empty' <<<"$st")"
+        return 1
+    fi
+    MIG_TOTAL=$(jq -r '.return["total-time"]' <<<"$st")
+    MIG_DOWN=$(jq -r '.return.downtime' <<<"$st")
+    check "$label: destination runs ($(qmp "$dst" query-status | jq -c -r '.return.status'))" \
+        [ "$(qmp "$dst" query-status | jq -r '.return.status')" = running ]
+}
+
+# watched_log NAME LABEL: the dirty log the proxy in front of a source saw.
+jq_ok() { jq -e "$1" "$2" > /dev/null 2>&1; }
+watched_log() {
+    local w=$D/watch-$1.json
+    info "$2: dirty log seen by the proxy: $(cat "$w" 2>/dev/null)"
+    check "$2: QEMU switched dirty logging on (LOG_ALL, SET_LOG_BASE, used-ring logging)" \
+        jq_ok '.log_all and .log_base > 0 and .vring_log' "$w"
+    check "$2: the backend marked guest pages in the dirty log ($(jq -r .pages_seen "$w") pages seen)" \
+        jq_ok '.pages_seen > 0' "$w"
+    check "$2: the used ring's page was marked ($(jq -c .used_rings "$w"))" \
+        jq_ok '(.used_ring_pages_seen | length) > 0 and (.used_ring_pages_seen | length) == (.used_rings | length)' "$w"
+}
+
+# legs_bad_blocks LEG N: data area blocks 0..N-1 hold exactly SEQ%08d + zeros; prints the
+# number of bad blocks.
+legs_bad_blocks() {
+    python3 - "$1" "$2" "$(jq -r --arg l "$1" '.legs[] | select(.leg == $l) | .superblock.data_offset' "$D/examine.json")" <<'PY'
+import sys
+leg, n, doff = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) * 512
+bad = 0
+with open(leg, "rb") as f:
+    f.seek(doff)
+    for i in range(n):
+        if f.read(4096) != (b"SEQ%08d" % i).ljust(4096, b"\0"):
+            bad += 1
+print(bad)
+PY
+}
+
+test_migrate() {
+    QUEUES=1
+    make_initrd migrate.sh "MAX_BLOCKS=20000"
+    local out
+    out=$("$VUMD" create --assume-clean --cluster-name vumd-ci --size $LEG_SIZE --bitmap-chunk 4M "$LA" "$LB" 2>&1) ||
+        { fail "create: $out"; return; }
+    spawn lockd "$VUMD" lockd --socket "$D/lockd.sock"
+    wait_sock "$D/lockd.sock" "$SPAWNED" || { fail "lockd did not start"; return; }
+    start_node n1 || return
+    start_node n2 || return
+    # Dirty-log watchers between each QEMU and its node (they log every message).
+    spawn proxy-a python3 "$WATCH_PY" "$D/pa.sock" "$D/n1.sock" "$D/watch-a.json" "$D/vu-a.log"
+    wait_sock "$D/pa.sock" "$SPAWNED" || { fail "proxy a did not start"; return; }
+    spawn proxy-b python3 "$WATCH_PY" "$D/pb.sock" "$D/n2.sock" "$D/watch-b.json" "$D/vu-b.log"
+    wait_sock "$D/pb.sock" "$SPAWNED" || { fail "proxy b did not start"; return; }
+
+    start_vm a "$D/pa.sock"
+    start_vm b "$D/pb.sock" -incoming defer
+    if ! wait_blocks a 100 180; then
+        fail "the guest on node 1 did not write 100 blocks"
+        return
+    fi
+    check "node 1 holds the writer role" node_wait n1 '.writer_role == "held"' 5
+    check "node 2 does not (idle)" node_wait n2 '.writer_role == "idle"' 5
+
+    # 1. node 1 -> node 2
+    migrate a b "migration 1 (node 1 -> node 2)" || return
+    local t1=$MIG_TOTAL d1=$MIG_DOWN at1 a_lines
+    a_lines=$(vlog a | wc -l)
+    at1=$(last_block a)
+    info "switchover near block ${at1:-?}"
+    check "node 1 gave the writer role back" node_wait n1 '.writer_role == "idle"' 10
+    check "node 2 took the writer role" node_wait n2 '.writer_role == "held"' 30
+    check "the guest goes on writing on node 2" wait_blocks b $((at1 + 100)) 120
+    watched_log a "migration 1"
+    send_vm b verify
+    wait_vm b '^T_MID_VERIFY_' 120
+    check "guest on node 2: every block written before and after the migration verifies" \
+        wait_vm b '^T_MID_VERIFY_OK' 1
+
+    # 2. the source resumed after the completed migration (stale writer)
+    send_vm a stale
+    out=$(qmp a cont | tail -1)
+    info "cont on the source: $out"
+    wait_vm a '^T_(WRITE_ERR [0-9]+ STALE|STALE_WRITTEN)' 60
+    sleep 2
+    local stale_err stale_ok
+    stale_err=$(vlog a | tail -n +$((a_lines + 1)) | grep -ac '^T_WRITE_ERR')
+    stale_ok=$(vlog a | grep -ac '^T_STALE_WRITTEN')
+    info "resumed source: $stale_err writes failed, $stale_ok STALE blocks written; $(vlog a | grep -a -m1 '^T_STALE_FROM')"
+    check "resumed source: its guest's writes fail ($stale_err I/O errors)" [ "$stale_err" -ge 3 ]
+    check "resumed source: none of its STALE blocks was written ($stale_ok)" [ "$stale_ok" = 0 ]
+    check "resumed source: node 1's writer role is refused" \
+        node_wait n1 '.writer_role == "refused" and .writes_refused > 0' 10
+    info "node 1: $(node_status n1 | jq -c '{writer_role, writes_refused}')"
+    check "node 2 keeps the writer role" node_wait n2 '.writer_role == "held"' 5
+    quit_vm a
+
+    # 3. node 2 -> node 1 (a new QEMU), then kill -9 of node 2 right after the switchover
+    spawn proxy-c python3 "$WATCH_PY" "$D/pc.sock" "$D/n1.sock" "$D/watch-c.json" "$D/vu-c.log"
+    wait_sock "$D/pc.sock" "$SPAWNED" || { fail "proxy c did not start"; return; }
+    start_vm c "$D/pc.sock" -incoming defer
+    local b0
+    b0=$(last_block b)
+    wait_blocks b $((b0 + 100)) 120 || fail "the guest on node 2 stalled"
+    migrate b c "migration 2 (node 2 -> node 1)" || return
+    local t2=$MIG_TOTAL d2=$MIG_DOWN
+    kill -KILL "${NODEPID[n2]}"
+    info "node 2 killed (SIGKILL) right after the switchover"
+    quit_vm b
+    watched_log b "migration 2"
+    check "node 1 took the writer role back" node_wait n1 '.writer_role == "held"' 30
+    check "node 1 saw node 2 die and recovered its slot" \
+        node_wait n1 '(.cluster.peers | length) == 0 and .resync.active == false and .resync.remaining_chunks == 0' 120
+    info "node 1 after the recovery: $(node_status n1 | jq -c '{resync: .resync | {bytes_copied, remaining_chunks}, bitmap_dirty, degraded}')"
+    check "node 1 recovered node 2's slot ($(grep -o 'recovered node slot 1: .*' "$D/backend-n1.log"))" \
+        grep -q 'recovered node slot 1:' "$D/backend-n1.log"
+    local at2
+    at2=$(last_block c)
+    check "the guest goes on writing on node 1" wait_blocks c $((${at2:-0} + 100)) 120
+    send_vm c verify
+    wait_vm c '^T_MID_VERIFY_' 120
+    check "guest back on node 1: every block verifies" wait_vm c '^T_MID_VERIFY_OK' 1
+    send_vm c finish
+    local end=$(($(date +%s) + 180))
+    while kill -0 "${VMPID[c]}" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 0.2; done
+    kill -0 "${VMPID[c]}" 2>/dev/null && fail "the guest did not power off"
+    quit_vm c
+    cp "$D/guest-c.log" "$D/guest.log"
+    local n
+    n=$(vlog c | sed -n 's/^T_BLOCKS //p')
+    guest_results
+    local io_b rb
+    rb=$( (vlog a | head -n "$a_lines"; vlog b; vlog c) | grep -ac '^T_READBACK_ERR')
+    io_b=$( (vlog a | head -n "$a_lines"; vlog b; vlog c) | grep -ac '^T_WRITE_ERR')
+    check "the migrating guest never saw a failed write or a bad read-back ($io_b, $rb)" [ "$io_b$rb" = 00 ]
+
+    # The legs: node 1 stops cleanly; both legs hold every block, nothing STALE.
+    kill -TERM "${NODEPID[n1]}"
+    wait "${NODEPID[n1]}"
+    check "node 1 exits 0 after SIGTERM" [ $? = 0 ]
+    "$VUMD" examine --json "$LA" "$LB" > "$D/examine.json" 2>> "$D/examine.txt"
+    check "leg A and leg B data areas byte-identical" cmp -s <(data_area "$LA") <(data_area "$LB")
+    if [ -n "$n" ]; then
+        check "leg A: all $n blocks hold their SEQ record (bad: $(legs_bad_blocks "$LA" "$n"))" \
+            [ "$(legs_bad_blocks "$LA" "$n")" = 0 ]
+        check "leg B: all $n blocks hold their SEQ record" [ "$(legs_bad_blocks "$LB" "$n")" = 0 ]
+    else
+        fail "the guest did not report how many blocks it wrote"
+    fi
+    check "no STALE block on either leg" [ "$(cat "$LA" "$LB" | grep -ac STALE)" = 0 ]
+    note "vhost-user-md: migration 1 total ${t1} ms, downtime ${d1} ms; migration 2 total ${t2} ms, downtime ${d2} ms; ${n:-?} blocks"
+
+    # The same guest on qemu-storage-daemon exports of one file, for comparison.
+    local f=$D/qsd.img
+    truncate -s $LEG_SIZE "$f"
+    local q
+    for q in q1 q2; do
+        spawn "qsd-$q" qemu-storage-daemon \
+            --blockdev "driver=file,node-name=f,filename=$f,cache.direct=on,locking=off" \
+            --export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$D/$q.sock,writable=on,num-queues=1"
+        wait_sock "$D/$q.sock" "$SPAWNED" || { fail "qemu-storage-daemon $q did not start"; return; }
+    done
+    # Same topology as above: the same log-watching proxy in front of each source.
+    spawn proxy-x python3 "$WATCH_PY" "$D/px.sock" "$D/q1.sock" "$D/watch-x.json" "$D/vu-x.log"
+    wait_sock "$D/px.sock" "$SPAWNED" || { fail "proxy x did not start"; return; }
+    spawn proxy-y python3 "$WATCH_PY" "$D/py.sock" "$D/q2.sock" "$D/watch-y.json" "$D/vu-y.log"
+    wait_sock "$D/py.sock" "$SPAWNED" || { fail "proxy y did not start"; return; }
+    start_vm x "$D/px.sock"
+    start_vm y "$D/py.sock" -incoming defer
+    wait_blocks x 100 180 || { fail "qsd: the guest did not write 100 blocks"; return; }
+    migrate x y "qsd migration 1" || return
+    local qt1=$MIG_TOTAL qd1=$MIG_DOWN
+    info "qsd migration 1: dirty log seen by the proxy: $(cat "$D/watch-x.json")"
+    quit_vm x
+    spawn proxy-z python3 "$WATCH_PY" "$D/pz.sock" "$D/q1.sock" "$D/watch-z.json" "$D/vu-z.log"
+    wait_sock "$D/pz.sock" "$SPAWNED" || { fail "proxy z did not start"; return; }
+    start_vm z "$D/pz.sock" -incoming defer
+    b0=$(last_block y)
+    wait_blocks y $((b0 + 100)) 120 || fail "qsd: the guest stalled"
+    migrate y z "qsd migration 2" || return
+    local qt2=$MIG_TOTAL qd2=$MIG_DOWN
+    info "qsd migration 2: dirty log seen by the proxy: $(cat "$D/watch-y.json")"
+    quit_vm y
+    wait_blocks z $(($(last_block z) + 100)) 120
+    send_vm z finish
+    end=$(($(date +%s) + 180))
+    while kill -0 "${VMPID[z]}" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 0.2; done
+    quit_vm z
+    check "qsd: the guest's checks pass" eval 'vlog z | grep -aq "^T_TEST_RC=0$"'
+    note "qemu-storage-daemon: migration 1 total ${qt1} ms, downtime ${qd1} ms; migration 2 total ${qt2} ms, downtime ${qd2} ms"
+    echo "MIGRATION_RESULT backend=vhost-user-md total_ms=$t1,$t2 downtime_ms=$d1,$d2" >> "$D/migration-times.txt"
+    echo "MIGRATION_RESULT backend=qemu-storage-daemon total_ms=$qt1,$qt2 downtime_ms=$qd1,$qd2" >> "$D/migration-times.txt"
+    rm -f "$f"
+}
+
 run_one() {
     local name=$1
     D=$2
-    FAILS=0 QPID="" BPID="" DOMAIN="" DAEMONS=""
+    FAILS=0 QPID="" BPID="" DOMAIN="" DAEMONS="" KILL_PIDS=""
     SOCK=$D/vumd.sock LA=$D/leg-a.img LB=$D/leg-b.img
     trap cleanup_one EXIT
     trap 'exit 143' TERM INT
@@ -489,6 +820,7 @@ run_one() {
         readd-under-load) test_leg_fail 1 ;;
         backend-restart) test_backend_restart ;;
         backend-crash) test_backend_crash ;;
+        migrate) test_migrate ;;
         libvirt) test_libvirt ;;
         *) fail "unknown test $name"; return 1 ;;
     esac

@@ -36,9 +36,10 @@ fn clustered(dir: &Path, legs: usize, size: &str) -> Vec<PathBuf> {
     paths
 }
 
+/// A node whose guests write together with the other nodes' (`--shared-writes`).
 fn node(dir: &Path, name: &str, lockd: &Lockd, legs: &[PathBuf], extra: &[&str]) -> Serve {
     let lm = format!("lockd:{}", lockd.socket.display());
-    let mut args: Vec<&str> = vec!["--lock-manager", &lm];
+    let mut args: Vec<&str> = vec!["--lock-manager", &lm, "--shared-writes"];
     args.extend_from_slice(extra);
     args.extend(legs.iter().map(|p| p.to_str().unwrap()));
     Serve::start(&dir.join(format!("{name}.sock")), &args)
@@ -449,6 +450,123 @@ fn a_node_killed_in_the_middle_of_its_resync_is_finished_by_a_survivor() {
     let mut n2 = n2;
     assert!(n2.stop().success());
     assert!(data_area(&legs[0]) == data_area(&legs[1]), "legs identical");
+}
+
+/// Status field `writer_role` of a node.
+fn role(n: &Serve) -> String {
+    n.status()["writer_role"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string()
+}
+
+#[test]
+fn one_node_writes_at_a_time_and_the_role_follows_the_front_end() {
+    let lockd = Lockd::start();
+    let d = tempfile::tempdir().unwrap();
+    let legs = clustered(d.path(), 2, "64M");
+    let lm = format!("lockd:{}", lockd.socket.display());
+    let start = |name: &str| {
+        let mut args = vec!["--lock-manager", lm.as_str()];
+        args.extend(legs.iter().map(|p| p.to_str().unwrap()));
+        Serve::start(&d.path().join(format!("{name}.sock")), &args)
+    };
+    let mut n1 = start("n1");
+    let n2 = start("n2");
+    assert_eq!((role(&n1), role(&n2)), ("idle".into(), "idle".into()));
+
+    // A read-only node serves reads and never takes the role.
+    let ro = {
+        let mut args = vec!["--lock-manager", lm.as_str(), "--read-only"];
+        args.extend(legs.iter().map(|p| p.to_str().unwrap()));
+        Serve::start(&d.path().join("ro.sock"), &args)
+    };
+    let mut c3 = Client::connect_with(&ro.socket, 1, BLOCK, true);
+    assert_eq!(c3.read(0, 0, 0, BLOCK), 0);
+    assert_eq!(role(&ro), "idle");
+
+    // Node 1's front-end starts first: it writes.
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    write_pattern(&mut c1, 1, 0, MIB);
+    assert_eq!(role(&n1), "held");
+    check_pattern(&mut c3, 1, 0, MIB, "the read-only node");
+    drop(c3);
+    let mut ro = ro;
+    assert!(ro.stop().success());
+
+    // Node 2's front-end starts while node 1 writes: its writes fail, its reads work.
+    let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
+    c2.buf()[..BLOCK].copy_from_slice(&pattern(2, 0, BLOCK));
+    assert_ne!(
+        c2.write(0, 0, 0, BLOCK),
+        0,
+        "node 2 writes while node 1 holds the role"
+    );
+    assert_ne!(
+        c2.write_zeroes(0, 4 * MIB, BLOCK as u64),
+        0,
+        "write-zeroes too"
+    );
+    check_pattern(&mut c2, 1, 0, MIB, "node 2 without the role");
+    let s2 = n2.status();
+    assert_eq!(s2["writer_role"], "refused");
+    assert!(s2["writes_refused"].as_u64() >= Some(2), "{s2}");
+    check_pattern(&mut c1, 1, 0, MIB, "node 1 after node 2's refused writes");
+
+    // Node 1's front-end leaves: the role is free, but node 2 stays refused until
+    // its front-end starts the vrings again (a stale writer never comes back).
+    drop(c1);
+    n1.wait_for("node 1 gives the role back", |s| s["writer_role"] == "idle");
+    assert_ne!(
+        c2.write(0, 0, 0, BLOCK),
+        0,
+        "still refused without a restart"
+    );
+    drop(c2);
+    n2.wait_for("node 2 forgets the refusal", |s| s["writer_role"] == "idle");
+    let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
+    write_pattern(&mut c2, 3, 0, MIB);
+    assert_eq!(role(&n2), "held");
+
+    // Now node 1 is the one refused.
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    c1.buf()[..BLOCK].copy_from_slice(&pattern(4, 0, BLOCK));
+    assert_ne!(
+        c1.write(0, 0, 0, BLOCK),
+        0,
+        "node 1 writes while node 2 holds the role"
+    );
+    check_pattern(&mut c1, 3, 0, MIB, "node 1 reads node 2's data");
+    assert_eq!(role(&n1), "refused");
+    drop(c1);
+
+    // Node 2 dies holding the role: the lock manager frees it for node 1.
+    drop(c2);
+    let mut n2 = n2;
+    let mut c2b = Client::connect(&n2.socket, 1, BLOCK);
+    write_pattern(&mut c2b, 5, MIB, MIB);
+    assert_eq!(role(&n2), "held");
+    n2.kill9();
+    drop(c2b);
+    n1.wait_for("node 1 sees node 2 die", |s| {
+        s["cluster"]["peers"]
+            .as_array()
+            .is_some_and(|p| p.is_empty())
+    });
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    write_pattern(&mut c1, 6, 2 * MIB, MIB);
+    assert_eq!(role(&n1), "held");
+    check_pattern(&mut c1, 3, 0, MIB, "node 2's first data");
+    check_pattern(&mut c1, 5, MIB, MIB, "node 2's data before it died");
+    check_pattern(&mut c1, 6, 2 * MIB, MIB, "node 1's data");
+    drop(c1);
+    assert!(n1.stop().success());
+    let (a, b) = (&legs[0], &legs[1]);
+    assert!(data_area(a) == data_area(b), "legs identical");
+    assert!(
+        data_area(a)[..BLOCK] == pattern(3, 0, BLOCK)[..],
+        "no refused write reached the legs"
+    );
 }
 
 #[test]

@@ -43,6 +43,13 @@ pub struct ServeArgs {
     /// the legs' bandwidth to the guests (md's speed_limit_max). Default: no limit.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub resync_max_rate: Option<u64>,
+    /// Let several nodes write the array at once (guests that coordinate their
+    /// writes, e.g. a cluster file system on a disk shared by several VMs). By
+    /// default one node writes: the one whose front-end started its vrings while
+    /// no other node's did; the others serve reads and fail writes. All nodes of an
+    /// array should agree on this.
+    #[arg(long)]
+    pub shared_writes: bool,
     /// Fault drill: make leg INDEX fail, e.g. `1:writes-after=500` or `0:reads`, or
     /// stall its writes at or beyond a byte offset (`1:stall-writes-from=33554432`).
     #[arg(long, value_name = "INDEX:FAULT", value_parser = parse_fault, hide = true)]
@@ -113,6 +120,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         faults: args.inject_fault,
         lock_manager: args.lock_manager,
         resync_max_rate: args.resync_max_rate.unwrap_or(0),
+        shared_writes: args.shared_writes,
     })
 }
 
@@ -271,6 +279,21 @@ pub fn render_status(s: &Status) -> String {
             let _ = writeln!(o, "  suspended: sectors {lo}..{hi} (writes wait there)");
         }
     }
+    let _ = writeln!(
+        o,
+        "  writer role: {}{}{}",
+        s.writer_role,
+        if s.shared_writes {
+            " (shared writes)"
+        } else {
+            ""
+        },
+        if s.writes_refused > 0 {
+            format!(", {} guest writes refused", s.writes_refused)
+        } else {
+            String::new()
+        }
+    );
     let _ = writeln!(o, "  requests completed: {}", s.requests_completed);
     o
 }

@@ -4,3 +4,4 @@
 pub mod comms;
 pub mod membership;
 pub mod node;
+pub mod writer;

@@ -84,6 +84,16 @@ pub struct Status {
     pub resync: ResyncStatusWire,
     /// Guest requests completed.
     pub requests_completed: u64,
+    /// The writer role on this node: "held", "refused" or "idle" (no front-end
+    /// runs the vrings).
+    #[serde(default)]
+    pub writer_role: String,
+    /// Writers share the role (`--shared-writes`).
+    #[serde(default)]
+    pub shared_writes: bool,
+    /// Guest writes refused because another node holds the writer role.
+    #[serde(default)]
+    pub writes_refused: u64,
     /// The cluster, on a cluster node.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub cluster: Option<crate::cluster::node::ClusterView>,
@@ -209,6 +219,9 @@ pub fn status(service: &Service) -> Status {
         bitmap_dirty: stats.dirty,
         resync: service.progress.status(a).into(),
         requests_completed: service.backend.completed.load(Ordering::Relaxed),
+        writer_role: service.backend.writer_role().state().name().into(),
+        shared_writes: service.backend.writer_role().shared(),
+        writes_refused: service.backend.writes_refused.load(Ordering::Relaxed),
         cluster: service.cluster.as_ref().map(|c| c.view()),
     }
 }

@@ -40,6 +40,8 @@ pub struct ServeConfig {
     pub lock_manager: LockManager,
     /// Resync/recovery bytes per second at most (0: no limit).
     pub resync_max_rate: u64,
+    /// Several nodes may write at once (writer role in CW instead of EX).
+    pub shared_writes: bool,
 }
 
 /// The lock manager `serve` uses.
@@ -264,14 +266,24 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         array.bitmap.stats().needed
     );
     let block_size = 512;
-    let backend = Arc::new(BlockBackend::new(
-        array.clone(),
-        BlockConfig {
-            queues: config.queues,
-            read_only: config.read_only,
-            block_size,
-        },
-    ));
+    let role = match &cluster {
+        None => crate::cluster::writer::WriterRole::local(),
+        Some(node) => {
+            crate::cluster::writer::WriterRole::cluster(&node.node.comms, config.shared_writes)
+                .map_err(|e| format!("cannot create the writer role lock: {e}"))?
+        }
+    };
+    let backend = Arc::new(
+        BlockBackend::new(
+            array.clone(),
+            BlockConfig {
+                queues: config.queues,
+                read_only: config.read_only,
+                block_size,
+            },
+        )
+        .with_writer_role(Arc::new(role)),
+    );
     if let Err(e) = backend.enable_async_io() {
         warn!("io_uring unavailable ({e}): leg I/O runs synchronously");
     }
@@ -410,6 +422,8 @@ fn serve_connections(
         }
         daemon.request_shutdown();
         backend.abandon_in_flight();
+        // The daemon's vrings map the departed front-end's memory too.
+        drop(daemon);
     }
 }
 

@@ -4,6 +4,7 @@
 use super::dirty::{self, DirtyLog, LogCarrier};
 use super::inflight::{self, InflightQueue, InflightRegion};
 use super::request::{self, Context, Limits, Prepared, RequestError, ID_LEN};
+use crate::cluster::writer::{RoleState, WriterRole, ACQUIRE_RETRY};
 use crate::raid1::Array;
 use crate::raid1::AsyncIo;
 use log::{debug, info, warn};
@@ -116,6 +117,12 @@ pub struct BlockBackend {
     stopping: AtomicBool,
     /// Requests completed, for status.
     pub completed: AtomicU64,
+    /// Guest writes refused because another node holds the writer role.
+    pub writes_refused: AtomicU64,
+    /// Who may write the array: taken when the front-end starts the vrings.
+    role: Arc<WriterRole>,
+    /// Queues the front-end started (bit per queue), since their last stop.
+    started: Mutex<u64>,
     /// One asynchronous I/O state per queue (`None`: synchronous I/O).
     queues: Vec<Mutex<Option<QueueState>>>,
     /// The front-end's inflight buffer (`SET_INFLIGHT_FD`), if any.
@@ -148,7 +155,46 @@ impl BlockBackend {
             io_gate: RwLock::new(()),
             stopping: AtomicBool::new(false),
             completed: AtomicU64::new(0),
+            writes_refused: AtomicU64::new(0),
+            role: Arc::new(WriterRole::local()),
+            started: Mutex::new(0),
             inflight: RwLock::new(None),
+        }
+    }
+
+    /// Uses `role` to decide whether this node may write (default: the array's
+    /// only node, always granted).
+    pub fn with_writer_role(mut self, role: Arc<WriterRole>) -> BlockBackend {
+        self.role = role;
+        self
+    }
+
+    /// This node's writer role.
+    pub fn writer_role(&self) -> &WriterRole {
+        &self.role
+    }
+
+    /// The front-end started queue `qi`: the first started queue takes the writer
+    /// role (a read-only disk never does).
+    fn take_writer_role(&self, qi: usize) {
+        let bit = queue_bit(qi);
+        let mut started = lock(&self.started);
+        if *started & bit != 0 {
+            return;
+        }
+        *started |= bit;
+        if !self.config.read_only && self.role.state() == RoleState::Idle {
+            self.role.acquire(ACQUIRE_RETRY);
+        }
+    }
+
+    /// Queue `qi` was stopped (its requests finished): once no queue runs, the
+    /// writer role goes back.
+    fn give_back_writer_role(&self, qi: usize) {
+        let mut started = lock(&self.started);
+        *started &= !queue_bit(qi);
+        if *started == 0 {
+            self.role.release();
         }
     }
 
@@ -231,6 +277,14 @@ impl BlockBackend {
         // Their heads stay marked in the inflight buffer: the front-end hands it to
         // the next connection, which resubmits them. This one no longer uses it.
         *self.inflight.write().unwrap_or_else(|e| e.into_inner()) = None;
+        // Nothing of ours is in flight any more: another node may write.
+        *lock(&self.started) = 0;
+        self.role.release();
+        // Unmap the departed front-end's memory now: when it was the last user of a
+        // VM's RAM (the VM is gone), unmapping frees that RAM, which takes a while;
+        // done later it would delay the next front-end's memory table (e.g. a VM
+        // migrating back to this node, during its downtime).
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// The serial number GET_ID returns.
@@ -279,6 +333,8 @@ impl BlockBackend {
         Context {
             array: &self.array,
             read_only: self.config.read_only,
+            not_writer: self.role.state() != RoleState::Held,
+            refused: Some(&self.writes_refused),
             writethrough: self.writethrough.load(Ordering::Relaxed),
             serial: self.serial,
             limits: self.limits,
@@ -460,6 +516,14 @@ impl BlockBackend {
     }
 }
 
+/// Queue `qi`'s bit in a mask of queues (queues are fewer than 64).
+fn queue_bit(qi: usize) -> u64 {
+    u32::try_from(qi)
+        .ok()
+        .and_then(|q| 1u64.checked_shl(q))
+        .unwrap_or(0)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -566,9 +630,12 @@ impl VhostUserBackend for BlockBackend {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // GET_VRING_BASE: finish every request in flight first, so nothing is half
         // done when another back-end (e.g. a migration destination) takes over.
+        // Then the writer role goes back once no queue runs: the destination takes
+        // it when its front-end starts the vrings.
         if !self.wait_idle(queue_index as usize, std::time::Duration::from_secs(30)) {
             warn!("queue {queue_index}: requests still in flight after 30 s at vring stop");
         }
+        self.give_back_writer_role(queue_index as usize);
         Ok(())
     }
 
@@ -588,6 +655,10 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn vring_started(&self, queue_index: u32, vring: &Vring) -> io::Result<()> {
+        // Before the ring's first request (resubmitted inflight ones included): a
+        // migration destination takes the writer role here, and a source resumed
+        // after its migration completed is refused it.
+        self.take_writer_role(queue_index as usize);
         let Some(region) = self.inflight_region() else {
             return Ok(());
         };

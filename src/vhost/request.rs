@@ -70,12 +70,32 @@ pub struct Context<'a> {
     pub array: &'a Array,
     /// Writes are refused.
     pub read_only: bool,
+    /// Another node holds the writer role: writes fail (IOERR), reads are served.
+    pub not_writer: bool,
+    /// Counts the writes refused for the writer role.
+    pub refused: Option<&'a std::sync::atomic::AtomicU64>,
     /// The guest disabled the write cache: make every write durable before completing.
     pub writethrough: bool,
     /// GET_ID answer.
     pub serial: [u8; ID_LEN],
     /// Discard/write-zeroes limits.
     pub limits: Limits,
+}
+
+impl Context<'_> {
+    /// Whether a request that changes the disk may run (counts refusals).
+    fn may_write(&self) -> Result<(), RequestError> {
+        if self.read_only {
+            return Err(RequestError::ReadOnly);
+        }
+        if self.not_writer {
+            if let Some(c) = self.refused {
+                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            return Err(RequestError::NotWriter);
+        }
+        Ok(())
+    }
 }
 
 /// Why a request failed, mapped to a status in one place.
@@ -96,6 +116,9 @@ pub enum RequestError {
     /// A write to a read-only disk.
     #[error("the disk is read-only")]
     ReadOnly,
+    /// A write while another node holds the writer role.
+    #[error("another node holds the writer role")]
+    NotWriter,
     /// The mirror failed it.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -283,7 +306,7 @@ where
         Ok(p) if p.ty == kind::FLUSH => Prepared::Flush {
             status: status_addr,
         },
-        Ok(p) if p.ty == kind::IN || (p.ty == kind::OUT && !ctx.read_only) => {
+        Ok(p) if p.ty == kind::IN || (p.ty == kind::OUT && ctx.may_write().is_ok()) => {
             let len: usize = p.data.iter().map(|s| s.len).sum();
             Prepared::Transfer(Transfer {
                 write: p.ty == kind::OUT,
@@ -358,9 +381,7 @@ fn execute<M: GuestMemoryBackend>(
             Ok(data_len as u32)
         }
         kind::OUT => {
-            if ctx.read_only {
-                return Err(RequestError::ReadOnly);
-            }
+            ctx.may_write()?;
             let slices = guest_slices!(mem, &data);
             {
                 let bufs: Vec<IoSlice<'_>> = slices
@@ -398,9 +419,7 @@ fn execute<M: GuestMemoryBackend>(
             Ok(n as u32)
         }
         kind::DISCARD | kind::WRITE_ZEROES => {
-            if ctx.read_only {
-                return Err(RequestError::ReadOnly);
-            }
+            ctx.may_write()?;
             if !all(false) || data_len == 0 || data_len % 16 != 0 {
                 return Err(RequestError::Malformed("bad discard/write-zeroes segments"));
             }
@@ -494,6 +513,8 @@ mod tests {
         Context {
             array: &r.array,
             read_only: false,
+            not_writer: false,
+            refused: None,
             writethrough: false,
             serial: *b"0123456789abcdefghij",
             limits: Limits::default(),
@@ -763,6 +784,39 @@ mod tests {
         assert_eq!(
             r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
             status::IOERR
+        );
+        // So does a node without the writer role; it still reads.
+        static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut c = ctx(&r);
+        c.not_writer = true;
+        c.refused = Some(&REFUSED);
+        for ty in [kind::OUT, kind::WRITE_ZEROES, kind::DISCARD] {
+            header(&r, ty, 0);
+            r.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+            let data = if ty == kind::OUT { 512 } else { 16 };
+            let descs = [
+                Descriptor::new(HDR, 16, 0, 0),
+                Descriptor::new(DATA, data, 0, 0),
+                Descriptor::new(STATUS, 1, W, 0),
+            ];
+            assert_eq!(process(&c, &r.mem, &descs), 1);
+            assert_eq!(
+                r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+                status::IOERR,
+                "type {ty}"
+            );
+        }
+        assert_eq!(REFUSED.load(std::sync::atomic::Ordering::Relaxed), 3);
+        header(&r, kind::IN, 0);
+        let descs = [
+            Descriptor::new(HDR, 16, 0, 0),
+            Descriptor::new(DATA, 512, W, 0),
+            Descriptor::new(STATUS, 1, W, 0),
+        ];
+        assert_eq!(process(&c, &r.mem, &descs), 513);
+        assert_eq!(
+            r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            status::OK
         );
         // After all of that the device still serves.
         ok_write_read(&r);

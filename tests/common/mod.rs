@@ -240,8 +240,16 @@ pub struct Client {
 
 impl Client {
     pub fn connect(socket: &Path, queues: i32, buf_len: usize) -> Client {
+        Client::connect_with(socket, queues, buf_len, false)
+    }
+
+    /// As `connect`; `read_only` for a device that offers VIRTIO_BLK_F_RO.
+    pub fn connect_with(socket: &Path, queues: i32, buf_len: usize, read_only: bool) -> Client {
         let mut b = blkio::Blkio::new("virtio-blk-vhost-user").unwrap();
         b.set_str("path", socket.to_str().unwrap()).unwrap();
+        if read_only {
+            b.set_bool("read-only", true).unwrap();
+        }
         b.connect().unwrap();
         b.set_i32("num-queues", queues).unwrap();
         let capacity = b.get_u64("capacity").unwrap();
