@@ -717,16 +717,18 @@ test_migrate() {
     wait_blocks b $((b0 + 100)) 120 || fail "the guest on node 2 stalled"
     migrate b c "migration 2 (node 2 -> node 1)" || return
     local t2=$MIG_TOTAL d2=$MIG_DOWN
+    local slot2
+    slot2=$(node_status n2 | jq -r .node_slot)
     kill -KILL "${NODEPID[n2]}"
-    info "node 2 killed (SIGKILL) right after the switchover"
+    info "node 2 (slot $slot2) killed (SIGKILL) right after the switchover"
     quit_vm b
     watched_log b "migration 2"
     check "node 1 took the writer role back" node_wait n1 '.writer_role == "held"' 30
     check "node 1 saw node 2 die and recovered its slot" \
         node_wait n1 '(.cluster.peers | length) == 0 and .resync.active == false and .resync.remaining_chunks == 0' 120
     info "node 1 after the recovery: $(node_status n1 | jq -c '{resync: .resync | {bytes_copied, remaining_chunks}, bitmap_dirty, degraded}')"
-    check "node 1 recovered node 2's slot ($(grep -o 'recovered node slot 1: .*' "$D/backend-n1.log"))" \
-        grep -q 'recovered node slot 1:' "$D/backend-n1.log"
+    check "node 1 recovered node 2's slot ($(grep -o "recovered node slot $slot2: .*" "$D/backend-n1.log"))" \
+        grep -q "recovered node slot $slot2:" "$D/backend-n1.log"
     local at2
     at2=$(last_block c)
     check "the guest goes on writing on node 1" wait_blocks c $((${at2:-0} + 100)) 120
