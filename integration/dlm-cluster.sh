@@ -390,10 +390,12 @@ examine() {
 }
 dirty() { examine "d['bitmap']['slots'][$1]['dirty']"; } # dirty chunks of node slot $1
 slots_dirty() { examine "' '.join(str(s['dirty']) for s in d['bitmap']['slots'])"; } # of every slot
-# serve_cmd N: start our node on guest N (lock manager dlm) in the background
+# serve_cmd N: start our node on guest N (lock manager dlm) in the background. The nodes
+# write disjoint ranges at the same time, as md-cluster allows: --shared-writes (the
+# writer role of one VM per disk is exclusive otherwise).
 serve_cmd() {
     # (in a subshell: no job notice from the guest's shell when it is killed)
-    on "$1" "(RUST_LOG=info vhost-user-md serve --lock-manager dlm --socket $SOCK /dev/vdc /dev/vdd </dev/null >>/tmp/serve.log 2>&1 & echo \$! >/tmp/serve.pid)" 30 >/dev/null
+    on "$1" "(RUST_LOG=info vhost-user-md serve --lock-manager dlm --shared-writes --socket $SOCK /dev/vdc /dev/vdd </dev/null >>/tmp/serve.log 2>&1 & echo \$! >/tmp/serve.pid)" 30 >/dev/null
 }
 serve_start() { # N: start our node on guest N, wait until it answers
     serve_cmd "$1"
