@@ -1145,16 +1145,19 @@ mod tests {
     use crate::raid1::metadata::{create_array, LegMetadata};
     use crate::storage::MemLeg;
 
-    #[test]
-    fn a_sequential_stream_stays_on_one_leg_and_random_reads_alternate() {
+    /// Two 64 MiB in-memory legs of a new array with 1 MiB bitmap chunks.
+    fn two_legs(
+        cluster: Option<&str>,
+        nodes: u32,
+    ) -> (Arc<dyn Leg>, Arc<dyn Leg>, Vec<LegMetadata>) {
         let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 64 << 20));
         let b: Arc<dyn Leg> = Arc::new(MemLeg::new("b", 64 << 20));
-        create_array(
+        let (_, metas) = create_array(
             &[&*a, &*b],
             &super::super::metadata::NewArray {
                 name: "t".into(),
-                cluster_name: None,
-                nodes: 1,
+                cluster_name: cluster.map(str::to_string),
+                nodes,
                 bitmap_chunk: Some(1 << 20),
                 assume_clean: true,
                 now: 0,
@@ -1162,6 +1165,12 @@ mod tests {
             },
         )
         .unwrap();
+        (a, b, metas)
+    }
+
+    #[test]
+    fn a_sequential_stream_stays_on_one_leg_and_random_reads_alternate() {
+        let (a, b, _) = two_legs(None, 1);
         let (array, _) = Array::assemble(vec![a, b]).unwrap();
         let first = |s: u64| array.read_order(s, 256)[0].name().to_string();
         let leg = first(0);
@@ -1182,21 +1191,7 @@ mod tests {
 
     #[test]
     fn another_slots_dirty_bits_are_taken_over_and_cleared() {
-        let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 64 << 20));
-        let b: Arc<dyn Leg> = Arc::new(MemLeg::new("b", 64 << 20));
-        let (_, metas) = create_array(
-            &[&*a, &*b],
-            &super::super::metadata::NewArray {
-                name: "t".into(),
-                cluster_name: Some("c".into()),
-                nodes: 4,
-                bitmap_chunk: Some(1 << 20),
-                assume_clean: true,
-                now: 0,
-                uuid: None,
-            },
-        )
-        .unwrap();
+        let (a, b, metas) = two_legs(Some("c"), 4);
         // Node slot 2 left chunks 5 and 40 dirty.
         for (leg, m) in [(&a, &metas[0]), (&b, &metas[1])] {
             let mut m: LegMetadata = m.clone();
@@ -1223,21 +1218,7 @@ mod tests {
     fn a_slot_dirty_on_the_second_leg_only_is_taken_over_and_cleared_everywhere() {
         // A node died while its bitmap daemon cleared chunk 7: the cleared bitmap
         // reached leg a, not leg b.
-        let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 64 << 20));
-        let b: Arc<dyn Leg> = Arc::new(MemLeg::new("b", 64 << 20));
-        let (_, metas) = create_array(
-            &[&*a, &*b],
-            &super::super::metadata::NewArray {
-                name: "t".into(),
-                cluster_name: Some("c".into()),
-                nodes: 4,
-                bitmap_chunk: Some(1 << 20),
-                assume_clean: true,
-                now: 0,
-                uuid: None,
-            },
-        )
-        .unwrap();
+        let (a, b, metas) = two_legs(Some("c"), 4);
         let mut m: LegMetadata = metas[1].clone();
         m.bitmaps[1].bits.set(7);
         super::super::metadata::write_leg_metadata(&*b, &m).unwrap();
