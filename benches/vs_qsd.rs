@@ -3,6 +3,15 @@
 //! in the same run.
 //!
 //! cargo bench --bench vs_qsd -- [--seconds N] [--size-mib N] [--dir PATH]
+//!     [--devices files|loop --dev-iops N --dev-mbps N]
+//!
+//! `--devices files` (default) puts every image in `--dir` as a plain file, so every
+//! backend shares that directory's disk. `--devices loop` (root, cgroup v1 `blkio`)
+//! models separate devices such as SAN LUNs: each image (put them in RAM with
+//! `--dir /dev/shm`) is attached as its own loop device with direct I/O, and each
+//! backend runs in a cgroup that limits every one of those devices to `--dev-iops`
+//! reads and writes per second and `--dev-mbps` MiB/s each way. A mirror's legs then
+//! have a device each, as the single-file peer has one.
 //!
 //! Workloads: 4 KiB random read / write at queue depth 32 per queue, 128 KiB
 //! sequential read / write at queue depth 32 per queue, with 1 and 2 queues (one
@@ -20,6 +29,8 @@ struct Opts {
     seconds: u64,
     size_mib: u64,
     dir: PathBuf,
+    /// Per-device limits (IOPS, MiB/s) when every image is its own loop device.
+    loop_devices: Option<(u64, u64)>,
 }
 
 fn opts() -> Opts {
@@ -27,7 +38,10 @@ fn opts() -> Opts {
         seconds: 5,
         size_mib: 1024,
         dir: PathBuf::from("/var/tmp"),
+        loop_devices: None,
     };
+    let mut devices = String::from("files");
+    let (mut iops, mut mbps) = (25_000u64, 500u64);
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < args.len() {
@@ -36,6 +50,9 @@ fn opts() -> Opts {
             "--seconds" => o.seconds = val.parse().expect("--seconds N"),
             "--size-mib" => o.size_mib = val.parse().expect("--size-mib N"),
             "--dir" => o.dir = PathBuf::from(val),
+            "--devices" => devices = val,
+            "--dev-iops" => iops = val.parse().expect("--dev-iops N"),
+            "--dev-mbps" => mbps = val.parse().expect("--dev-mbps N"),
             _ => {
                 i += 1;
                 continue;
@@ -43,7 +60,110 @@ fn opts() -> Opts {
         }
         i += 2;
     }
+    match devices.as_str() {
+        "files" => {}
+        "loop" => o.loop_devices = Some((iops, mbps)),
+        other => panic!("--devices files|loop, not {other}"),
+    }
     o
+}
+
+/// Loop devices attached for the run, detached when dropped.
+struct Loops(Vec<PathBuf>);
+
+impl Loops {
+    fn attach(&mut self, image: &Path) -> PathBuf {
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(image)
+            .output()
+            .expect("losetup");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        self.0.push(dev.clone());
+        dev
+    }
+}
+
+impl Drop for Loops {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = Command::new("losetup").arg("-d").arg(d).status();
+        }
+    }
+}
+
+/// A cgroup v1 `blkio` group whose members get per-device throttle limits; removed
+/// when dropped.
+struct Throttle {
+    dir: PathBuf,
+    procs: std::ffi::CString,
+}
+
+impl Throttle {
+    fn new(devices: &[PathBuf], iops: u64, mbps: u64) -> Throttle {
+        use std::os::unix::fs::MetadataExt;
+        let dir = PathBuf::from(format!(
+            "/sys/fs/cgroup/blkio/vumd-bench-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir(&dir).expect("cgroup v1 blkio (run as root)");
+        for d in devices {
+            let rdev = std::fs::metadata(d).unwrap().rdev();
+            let (maj, min) = (libc::major(rdev), libc::minor(rdev));
+            for (file, v) in [
+                ("read_iops_device", iops),
+                ("write_iops_device", iops),
+                ("read_bps_device", mbps << 20),
+                ("write_bps_device", mbps << 20),
+            ] {
+                std::fs::write(
+                    dir.join(format!("blkio.throttle.{file}")),
+                    format!("{maj}:{min} {v}"),
+                )
+                .unwrap();
+            }
+        }
+        let procs = std::ffi::CString::new(
+            dir.join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        Throttle { dir, procs }
+    }
+
+    /// Makes `cmd`'s process join the group before it runs.
+    fn apply(&self, cmd: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let procs = self.procs.clone();
+        // SAFETY: the closure runs between fork and exec and only calls open(2),
+        // write(2) and close(2) on memory prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                libc::close(fd);
+                if n != 2 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 fn prefill(path: &Path, bytes: u64) {
@@ -202,8 +322,11 @@ fn measure(sock: &Path, pid: u32, queues: usize, w: Workload, secs: u64) -> Resu
     }
 }
 
-fn qsd(sock: &Path, blockdevs: &[String], node: &str) -> Child {
+fn qsd(sock: &Path, blockdevs: &[String], node: &str, throttle: Option<&Throttle>) -> Child {
     let mut cmd = Command::new("qemu-storage-daemon");
+    if let Some(t) = throttle {
+        t.apply(&mut cmd);
+    }
     for b in blockdevs {
         cmd.arg("--blockdev").arg(b);
     }
@@ -232,6 +355,28 @@ fn main() {
     let meta = 8 << 20;
     prefill(&la, bytes + meta);
     prefill(&lb, bytes + meta);
+    let single = d.join("single.img");
+    prefill(&single, bytes);
+    let (qa, qb) = (d.join("quorum-a.img"), d.join("quorum-b.img"));
+    prefill(&qa, bytes);
+    prefill(&qb, bytes);
+    let mut loops = Loops(Vec::new());
+    let mut throttle = None;
+    let (la, lb, single, qa, qb) = match o.loop_devices {
+        None => (la, lb, single, qa, qb),
+        Some((iops, mbps)) => {
+            let devs = [&la, &lb, &single, &qa, &qb].map(|p| loops.attach(p));
+            throttle = Some(std::sync::Arc::new(Throttle::new(&devs, iops, mbps)));
+            eprintln!("devices: {devs:?}, each limited to {iops} IOPS and {mbps} MiB/s each way");
+            let [la, lb, single, qa, qb] = devs;
+            (la, lb, single, qa, qb)
+        }
+    };
+    let driver = if o.loop_devices.is_some() {
+        "host_device"
+    } else {
+        "file"
+    };
     let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-md"))
         .args(["create", "--assume-clean"])
         .arg(&la)
@@ -243,14 +388,9 @@ fn main() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let single = d.join("single.img");
-    prefill(&single, bytes);
-    let (qa, qb) = (d.join("quorum-a.img"), d.join("quorum-b.img"));
-    prefill(&qa, bytes);
-    prefill(&qb, bytes);
     let file = |n: &str, p: &Path| {
         format!(
-            "driver=file,node-name={n},filename={},cache.direct=on,aio=io_uring",
+            "driver={driver},node-name={n},filename={},cache.direct=on,aio=io_uring",
             p.display()
         )
     };
@@ -288,9 +428,13 @@ fn main() {
             "vhost-user-md (2 legs)",
             Box::new({
                 let (la, lb) = (la.clone(), lb.clone());
+                let throttle = throttle.clone();
                 move |s: &Path| {
-                    Command::new(env!("CARGO_BIN_EXE_vhost-user-md"))
-                        .args(["serve", "--queues", "2", "--socket"])
+                    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-md"));
+                    if let Some(t) = &throttle {
+                        t.apply(&mut cmd);
+                    }
+                    cmd.args(["serve", "--queues", "2", "--socket"])
                         .arg(s)
                         .arg(&la)
                         .arg(&lb)
@@ -305,14 +449,16 @@ fn main() {
             "qsd file",
             Box::new({
                 let b = vec![file("f0", &single)];
-                move |s: &Path| qsd(s, &b, "f0")
+                let throttle = throttle.clone();
+                move |s: &Path| qsd(s, &b, "f0", throttle.as_deref())
             }),
         ),
         (
             "qsd quorum (2 files)",
             Box::new({
                 let b = vec![file("q0", &qa), file("q1", &qb), quorum.to_string()];
-                move |s: &Path| qsd(s, &b, "qq")
+                let throttle = throttle.clone();
+                move |s: &Path| qsd(s, &b, "qq", throttle.as_deref())
             }),
         ),
     ];
