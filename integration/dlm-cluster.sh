@@ -475,6 +475,19 @@ death_mid_write() {
     else
         fail "$kind death of node1: node2 copied $copied bytes, want $((8 * MIB)) ($(on 2 'grep "died with" /tmp/serve.log' 10))"
     fi
+    # corosync reports a dead host before the DLM has recovered its locks: node2 reads
+    # from one leg from then until node1's bits are taken over (a killed process's
+    # locks go at once, so that case may not see the window)
+    local seq
+    seq=$(on 2 "grep -o 'read balancing suspended\|node slot 1 died with\|read balancing resumed' /tmp/serve.log | tail -3 | tr '\n' ," 30 | tr -d '\r' | tail -1)
+    log "node2's read balancing around the $kind death: $seq"
+    if [ "$kind" = guest ]; then
+        case $seq in
+        "read balancing suspended,node slot 1 died with,read balancing resumed,"*)
+            pass "guest death: node2 read from one leg from corosync's report until node1's bits were its own" ;;
+        *) fail "guest death: node2's read balancing was not suspended until the recovery ($seq)" ;;
+        esac
+    fi
     local out rc=0
     out=$(on 2 "guest_io verify $SOCK $args --acked $k" 600) || rc=$?
     echo "$out" | sed 's/^/    node2| /'
@@ -518,6 +531,11 @@ phase3() {
     serve_start 1 || { fail "node1: serve again after its kill"; return; }
     s1=$(status 1 "d['node_slot']")
     [ "$s1" = 1 ] && pass "node1 restarted: takes slot 1 again" || fail "node1 restarted in slot $s1"
+    if on 2 "grep -q 'node slot 1 joined (node id 1, pid [1-9]' /tmp/serve.log" 30; then
+        pass "node2 learned node1's corosync node id from its NODE_JOINED"
+    else
+        fail "node2's NODE_JOINED from node1 lacks its node id ($(on 2 'grep "joined (node id" /tmp/serve.log' 10))"
+    fi
     death_mid_write guest 3 40
 
     # node2 stops cleanly: legs identical, node1's slot clean, no lockspace left behind

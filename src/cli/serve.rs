@@ -275,6 +275,12 @@ pub fn render_status(s: &Status) -> String {
                 .map(|h| format!("slot {h}"))
                 .unwrap_or_else(|| "nobody".into())
         );
+        if c.reads_from_one_leg {
+            let _ = writeln!(
+                o,
+                "  reads from one leg: a node left before its dirty chunks were taken over"
+            );
+        }
         for [lo, hi] in &c.suspended {
             let _ = writeln!(o, "  suspended: sectors {lo}..{hi} (writes wait there)");
         }

@@ -53,6 +53,8 @@ struct Watches {
     comms: Arc<Comms>,
     bitmaps: Vec<LockId>,
     armed: Mutex<HashSet<u32>>,
+    /// Slots whose owner is gone and that are not recovered yet.
+    gone: Mutex<HashSet<u32>>,
     dead: Sender<u32>,
 }
 
@@ -105,6 +107,10 @@ impl Watches {
             .name(format!("watch-{slot}"))
             .spawn(move || match rx.recv() {
                 Ok((Status::Granted, _)) => {
+                    me.gone
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(slot);
                     me.armed
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -236,6 +242,7 @@ impl Node {
             comms: comms.clone(),
             bitmaps,
             armed: Mutex::new(HashSet::new()),
+            gone: Mutex::new(HashSet::new()),
             dead: dead_tx,
         });
         // Live nodes' resync windows, read with CR before anything else converts
@@ -331,6 +338,11 @@ impl Node {
             flags::VALBLK,
             Some(&none),
         )?;
+        self.watches
+            .gone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&slot);
         Ok(())
     }
 
@@ -373,6 +385,24 @@ impl Node {
         self.comms
             .step("resync EX->NL", self.resync, Mode::Nl, 0, None)?;
         Ok(())
+    }
+
+    /// Slots that another node holds or held: watched ones, and those whose owner
+    /// is gone but which are not recovered yet.
+    pub fn occupied_by_others(&self) -> usize {
+        let armed = self
+            .watches
+            .armed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        armed
+            + self
+                .watches
+                .gone
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .len()
     }
 
     /// Slots currently watched.

@@ -143,6 +143,10 @@ impl Receiving {
                 m.slot
             ),
             MsgType::NodeLeaving => info!("node slot {} leaves", m.slot),
+            MsgType::NodeJoined => info!(
+                "node slot {} joined (node id {}, pid {})",
+                m.slot, m.low, m.high
+            ),
             _ => {}
         }
     }
@@ -186,6 +190,9 @@ pub struct ClusterNode {
     /// The receive path's state (device finder).
     receiving: Arc<Receiving>,
     resyncing: AtomicBool,
+    /// How many other members the corosync group of this array has (None without
+    /// corosync).
+    live_peers: Mutex<Option<usize>>,
 }
 
 /// Looks for the leg with a given device uuid among what this node can open.
@@ -202,6 +209,9 @@ pub struct ClusterView {
     pub resync_holder: Option<u32>,
     /// Array sectors `[lo, hi)` where our writes wait for another node's resync.
     pub suspended: Vec<[u64; 2]>,
+    /// Reads go to one leg: a node left and its dirty chunks are not taken over yet.
+    #[serde(default)]
+    pub reads_from_one_leg: bool,
 }
 
 impl ClusterNode {
@@ -285,6 +295,7 @@ impl ClusterNode {
             array,
             receiving: ctx,
             resyncing: AtomicBool::new(false),
+            live_peers: Mutex::new(None),
         })
     }
 
@@ -316,6 +327,28 @@ impl ClusterNode {
                 remote.map(|(s, _, _)| s)
             },
             suspended: remote.map(|(_, lo, hi)| vec![[lo, hi]]).unwrap_or_default(),
+            reads_from_one_leg: self.array.read_balancing_suspended(),
+        }
+    }
+
+    /// Corosync reports how many other members this array's group has. When fewer
+    /// than the node slots other nodes hold, a node has left (or died) before its
+    /// slot lock was released and its dirty bits merged: until then the legs may
+    /// differ where it was writing, and reads go to one leg (the kernel's
+    /// `recover_prep`, which suspends read balancing on a DLM "node down").
+    pub fn peers_alive(&self, n: usize) {
+        *self.live_peers.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
+        self.check_read_balancing();
+    }
+
+    fn check_read_balancing(&self) {
+        let live = *self.live_peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = live {
+            let occupied = self.node.occupied_by_others();
+            if occupied > n {
+                info!("{occupied} node slots held by others, {n} other nodes alive");
+            }
+            self.array.suspend_read_balancing(occupied > n);
         }
     }
 
@@ -378,6 +411,8 @@ impl ClusterNode {
         // It may have been rebuilding a leg: nobody else finishes that.
         self.array.take_over_recoveries()?;
         self.node.release_slot(slot)?;
+        // Its bits are ours now: reads of its chunks go to one leg until resynced.
+        self.check_read_balancing();
         self.resync()
     }
 }
@@ -575,6 +610,59 @@ mod tests {
         assert!(
             m.bitmaps[2].bits.get(3),
             "the survivor carries them until its daemon clears them"
+        );
+    }
+
+    #[test]
+    fn reads_stay_on_one_leg_from_a_nodes_departure_until_its_bits_are_taken_over() {
+        let (a, b, metas) = clustered_legs();
+        let ls_name = metas[0].sb.set_uuid.lockspace_name();
+        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
+        let dlm = LocalDlm::new();
+        let m1 = dlm.join(&ls_name, 32);
+        let id1 = m1.node();
+        let n1 = ClusterNode::join(Arc::new(m1), legs()).unwrap();
+        let n2 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        // Node 1 writes chunk 3, then "dies" in the middle of a second write there
+        // that reached leg a only.
+        n1.array
+            .write(3 * 2048, &[IoSlice::new(&[0x11u8; 4096])])
+            .unwrap();
+        let data_offset = metas[0].sb.data_offset * 512;
+        a.write_at(&[0x22u8; 4096], data_offset + 3 * MIB).unwrap();
+        let read = |n: &ClusterNode| {
+            let mut buf = vec![0u8; 4096];
+            n.array
+                .read(3 * 2048, &mut [std::io::IoSliceMut::new(&mut buf)])
+                .unwrap();
+            buf[0]
+        };
+        // Corosync counts node 1 as a member: reads are balanced, and show both legs.
+        n2.peers_alive(1);
+        assert!(!n2.view().reads_from_one_leg);
+        let seen: std::collections::HashSet<u8> = (0..8).map(|_| read(&n2)).collect();
+        assert_eq!(seen.len(), 2, "balanced reads see both legs: {seen:?}");
+        // Corosync reports node 1 gone; the DLM has not recovered it yet (its slot
+        // lock is still held): every read comes from the same leg.
+        n2.peers_alive(0);
+        assert!(n2.view().reads_from_one_leg);
+        let seen: std::collections::HashSet<u8> = (0..8).map(|_| read(&n2)).collect();
+        assert_eq!(
+            seen.len(),
+            1,
+            "one leg while node 1's bits are not ours: {seen:?}"
+        );
+        // The DLM releases node 1's locks; the survivor takes its bits over and
+        // resyncs: balancing resumes, the legs agree.
+        dlm.kill(&ls_name, id1);
+        let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
+        n2.recover(slot).unwrap();
+        assert!(!n2.view().reads_from_one_leg);
+        let seen: std::collections::HashSet<u8> = (0..8).map(|_| read(&n2)).collect();
+        assert_eq!(
+            seen.len(),
+            1,
+            "after resync both legs hold the same: {seen:?}"
         );
     }
 

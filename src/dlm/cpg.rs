@@ -5,13 +5,23 @@
 //! has the lockspace) has a member node that is not in ours — a kernel md-cluster
 //! node. The DLM would refuse such a join as well (LVB length mismatch) but only
 //! after disturbing the kernel members with a recovery cycle (spec §6.7).
+//!
+//! The group's membership changes are also passed on (see [`OurGroup::on_members`]):
+//! a member that leaves is the first sign of a node's death, before the DLM has
+//! recovered and released its locks.
 
 use libloading::{Library, Symbol};
 use log::{info, warn};
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Told how many other members our group has, at every membership change.
+type MembersListener = Box<dyn Fn(usize) + Send>;
+
+/// The listener of the one group a process joins.
+static LISTENER: Mutex<Option<MembersListener>> = Mutex::new(None);
 
 const CS_OK: c_int = 1;
 const CS_ERR_TRY_AGAIN: c_int = 6;
@@ -93,7 +103,7 @@ extern "C" fn confchg(
     _: Handle,
     group: *const CpgName,
     _: *const CpgAddress,
-    _: usize,
+    n_members: usize,
     left: *const CpgAddress,
     n_left: usize,
     joined: *const CpgAddress,
@@ -118,6 +128,10 @@ extern "C" fn confchg(
             "{group}: node {} (pid {}) left (reason {})",
             a.nodeid, a.pid, a.reason
         );
+    }
+    // The member list includes this process.
+    if let Some(f) = LISTENER.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        f(n_members.saturating_sub(1));
     }
 }
 
@@ -232,10 +246,24 @@ pub struct OurGroup {
     dispatcher: Option<std::thread::JoinHandle<()>>,
     /// This host's corosync node id.
     pub nodeid: u32,
+    name: String,
+}
+
+impl OurGroup {
+    /// Calls `f` with the number of other members of the group now and at every
+    /// membership change, until the group is left.
+    pub fn on_members(&self, f: impl Fn(usize) + Send + 'static) -> Result<(), String> {
+        let mut l = LISTENER.lock().unwrap_or_else(|e| e.into_inner());
+        let now = members(&self.shared.api, self.shared.handle, &self.name)?;
+        f(now.len().saturating_sub(1));
+        *l = Some(Box::new(f));
+        Ok(())
+    }
 }
 
 impl Drop for OurGroup {
     fn drop(&mut self) {
+        *LISTENER.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.dispatcher.take() {
             let _ = t.join();
@@ -340,13 +368,14 @@ pub fn join_and_check_with(
         handle,
         stop: AtomicBool::new(false),
     });
+    let ours = our_group(lockspace);
     let mut group = OurGroup {
         shared: shared.clone(),
         dispatcher: None,
         nodeid,
+        name: ours.clone(),
     };
     got?;
-    let ours = our_group(lockspace);
     let name = CpgName::new(&ours)?;
     // SAFETY: valid handle and name.
     retry("cpg_join", || unsafe { (shared.api.join)(handle, &name) })?;

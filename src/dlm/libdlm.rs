@@ -197,6 +197,8 @@ unsafe impl Sync for Shared {}
 
 /// A member of a DLM lockspace through libdlm.
 pub struct LibDlmMember {
+    /// This host's corosync node id, when known (libdlm does not tell it).
+    node_id: std::sync::atomic::AtomicU32,
     shared: Arc<Shared>,
     tx: Sender<Event>,
     events: Receiver<Event>,
@@ -207,6 +209,11 @@ impl LibDlmMember {
     /// Creates or joins lockspace `name` through `libdlm_lt.so.3`.
     pub fn join(name: &str) -> Result<LibDlmMember, DlmError> {
         Self::join_with("libdlm_lt.so.3", name)
+    }
+
+    /// Sets the node id [`LockSpace::node`] reports (this host's corosync node id).
+    pub fn set_node_id(&self, id: NodeId) {
+        self.node_id.store(id, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// As [`LibDlmMember::join`] with the library at `lib`.
@@ -265,6 +272,7 @@ impl LibDlmMember {
             })
             .map_err(|e| DlmError::Unavailable(e.to_string()))?;
         Ok(LibDlmMember {
+            node_id: std::sync::atomic::AtomicU32::new(0),
             shared,
             tx,
             events: rx,
@@ -359,7 +367,7 @@ impl Drop for LibDlmMember {
 
 impl LockSpace for LibDlmMember {
     fn node(&self) -> NodeId {
-        0
+        self.node_id.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn lvb_len(&self) -> usize {

@@ -174,6 +174,9 @@ pub struct Array {
     pub bitmap: WriteIntent,
     pub(super) unrecorded_failure: AtomicBool,
     next_read: AtomicUsize,
+    /// Reads go to the first in-sync leg only (a peer node left and its dirty bits
+    /// are not merged into ours yet).
+    balancing_suspended: AtomicBool,
     /// Legs that belong to the array but are not in a slot (left out or removed).
     pub(super) detached: Mutex<Vec<Arc<Member>>>,
     /// Serialises chunk copies against legs joining a recovery.
@@ -361,6 +364,7 @@ impl Array {
             bitmap,
             unrecorded_failure: AtomicBool::new(false),
             next_read: AtomicUsize::new(0),
+            balancing_suspended: AtomicBool::new(false),
             detached: Mutex::new(Vec::new()),
             recovery: Mutex::new(()),
             metadata_sync: Mutex::new(None),
@@ -747,13 +751,36 @@ impl Array {
         }
     }
 
+    /// Suspends read balancing (every read goes to the first in-sync leg) or resumes
+    /// it: while a peer node is gone but its dirty bits are not yet ours, the legs
+    /// may differ where it was writing, and balancing could show a reader both.
+    pub fn suspend_read_balancing(&self, on: bool) {
+        if self.balancing_suspended.swap(on, Ordering::Relaxed) != on {
+            if on {
+                info!(
+                    "read balancing suspended: a node left before its dirty chunks were taken over"
+                );
+            } else {
+                info!("read balancing resumed");
+            }
+        }
+    }
+
+    /// Whether read balancing is suspended.
+    pub fn read_balancing_suspended(&self) -> bool {
+        self.balancing_suspended.load(Ordering::Relaxed)
+    }
+
     /// Picks the leg to read `sectors` at `sector` from: the first in-sync leg for
     /// chunks that still need a resync; else the leg whose last read ended here (a
     /// sequential stream stays on one device, as md's read balancing does); else the
     /// least busy in-sync leg.
     pub(super) fn read_order(&self, sector: u64, sectors: u64) -> Vec<Arc<Member>> {
         let mut legs = self.in_sync();
-        if legs.len() > 1 && !self.bitmap.is_needed(sector, sectors) {
+        if legs.len() > 1
+            && !self.balancing_suspended.load(Ordering::Relaxed)
+            && !self.bitmap.is_needed(sector, sectors)
+        {
             match legs
                 .iter()
                 .position(|m| m.next_seq.load(Ordering::Relaxed) == sector)
@@ -1187,6 +1214,23 @@ mod tests {
             .map(|&s| first(s))
             .collect();
         assert_eq!(picks.len(), 2, "{picks:?}");
+    }
+
+    #[test]
+    fn with_balancing_suspended_every_read_goes_to_the_same_leg() {
+        let (a, b, _) = two_legs(None, 1);
+        let (array, _) = Array::assemble(vec![a, b]).unwrap();
+        let first = |s: u64| array.read_order(s, 8)[0].name().to_string();
+        array.suspend_read_balancing(true);
+        let picks: std::collections::HashSet<String> = (0..40u64)
+            .map(|i| first((i * 7919) % 100_000 * 8))
+            .collect();
+        assert_eq!(picks.len(), 1, "suspended: {picks:?}");
+        array.suspend_read_balancing(false);
+        let picks: std::collections::HashSet<String> = (0..40u64)
+            .map(|i| first((i * 7919) % 100_000 * 8))
+            .collect();
+        assert_eq!(picks.len(), 2, "resumed: {picks:?}");
     }
 
     #[test]

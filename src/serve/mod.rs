@@ -214,6 +214,9 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
                     let m = Arc::new(
                         crate::dlm::libdlm::LibDlmMember::join(&name).map_err(|e| e.to_string())?,
                     );
+                    if let Some(g) = &_our_group {
+                        m.set_node_id(g.nodeid);
+                    }
                     libdlm = Some(m.clone());
                     m
                 }
@@ -234,6 +237,14 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             let direct = !config.buffered;
             node.set_device_finder(Box::new(move |uuid| find_device(&dirs, uuid, direct)));
             let node = Arc::new(node);
+            if let Some(g) = &_our_group {
+                let weak = Arc::downgrade(&node);
+                g.on_members(move |n| {
+                    if let Some(node) = weak.upgrade() {
+                        node.peers_alive(n);
+                    }
+                })?;
+            }
             (node.array.clone(), Vec::new(), Some(node))
         }
     };
