@@ -11,7 +11,9 @@
 #           releases its locks.
 #   phase 3 (two guests sharing two leg image files, /dev/vdc and /dev/vdd): two of our
 #           `serve --lock-manager dlm` nodes share an array (profile U32: slots 1 and 2
-#           in one lockspace, slot 0 is taken last), node2 reads what node1 wrote; node1
+#           in one lockspace, slot 0 is taken last), node2 reads what node1 wrote; the
+#           writer role a migration hands over: node2's writes fail while node1's
+#           front-end holds it, and succeed once that front-end is gone; node1
 #           dies mid-write, first by kill -9 of its serve, then (restarted) by killing its
 #           whole guest: each time
 #           node2 resyncs exactly node1's dirty chunks (status resync.bytes_copied), and
@@ -214,6 +216,8 @@ install -m 755 "$H/guest-init" "$R/sbin/guest-init"
 mkdir -p "$R/etc/dlm" "$R/etc/corosync"
 install -m 644 "$H/corosync-1node.conf" "$H/corosync-2node.conf" "$R/etc/corosync/"
 install -m 644 "$H/dlm.conf" "$R/etc/dlm/dlm.conf"
+mkdir -p "$R/usr/local/sbin"
+install -m 755 "$H/fence-delay" "$R/usr/local/sbin/vumd-fence-delay"
 printf '10.0.0.1 node1\n10.0.0.2 node2\n127.0.0.1 localhost\n' >"$R/etc/hosts"
 rm -f "$W/root.ext4"
 mke2fs -q -t ext4 -L vumdroot -d "$R" "$W/root.ext4" 1G >/dev/null
@@ -392,10 +396,11 @@ dirty() { examine "d['bitmap']['slots'][$1]['dirty']"; } # dirty chunks of node 
 slots_dirty() { examine "' '.join(str(s['dirty']) for s in d['bitmap']['slots'])"; } # of every slot
 # serve_cmd N: start our node on guest N (lock manager dlm) in the background. The nodes
 # write disjoint ranges at the same time, as md-cluster allows: --shared-writes (the
-# writer role of one VM per disk is exclusive otherwise).
+# writer role of one VM per disk is exclusive otherwise; WRITES= for that).
+WRITES=--shared-writes
 serve_cmd() {
     # (in a subshell: no job notice from the guest's shell when it is killed)
-    on "$1" "(RUST_LOG=info vhost-user-md serve --lock-manager dlm --shared-writes --socket $SOCK /dev/vdc /dev/vdd </dev/null >>/tmp/serve.log 2>&1 & echo \$! >/tmp/serve.pid)" 30 >/dev/null
+    on "$1" "(RUST_LOG=info vhost-user-md serve --lock-manager dlm $WRITES --socket $SOCK /dev/vdc /dev/vdd </dev/null >>/tmp/serve.log 2>&1 & echo \$! >/tmp/serve.pid)" 30 >/dev/null
 }
 serve_start() { # N: start our node on guest N, wait until it answers
     serve_cmd "$1"
@@ -498,6 +503,42 @@ death_mid_write() {
     fi
 }
 
+# writer_role: the lock a live migration hands from host to host (`vumd-writer`), over the
+# real DLM: while node1's front-end has its vrings started, writes through node2 fail;
+# once node1's front-end is gone, node2's takes the role and its writes land. (A serve
+# has one front-end at a time: node1 is not read while its writer is connected.)
+writer_role() {
+    local n rc=0
+    for n in 1 2; do serve_stop $n || { fail "writer role: node$n's serve does not stop"; return 1; }; done
+    WRITES=
+    for n in 1 2; do serve_start $n || { fail "writer role: node$n: serve (exclusive writer)"; WRITES=--shared-writes; return 1; }; done
+    WRITES=--shared-writes
+    on 1 "(guest_io write $SOCK --seed 5 --first 0 --blocks 16 --passes 0 </dev/null >/tmp/holder.out 2>&1 & echo \$! >/tmp/holder.pid)" 30 >/dev/null
+    if ! wait_status 1 "d['writer_role'] == 'held'" 120; then
+        fail "writer role: node1's writing front-end does not hold it ($(on 1 'cat /tmp/holder.out' 10))"
+        return 1
+    fi
+    local out
+    out=$(on 2 "guest_io write $SOCK --seed 6 --first 100 --blocks 4" 120) || rc=$?
+    echo "$out" | tail -2 | sed 's/^/    node2| /'
+    if [ $rc != 0 ] && on 2 "grep -q 'writer role refused' /tmp/serve.log" 30 &&
+        ! on 2 "guest_io verify $SOCK --seed 6 --first 100 --blocks 1 --acked 1" 120 >/dev/null 2>&1; then
+        pass "writer role held on node1: node2's front-end is refused it, its writes fail and none lands"
+    else
+        fail "writer role: node2 wrote while node1 held the role (rc $rc; $(on 2 'grep "writer role" /tmp/serve.log' 10))"
+    fi
+    on 1 'kill $(cat /tmp/holder.pid)' 30 >/dev/null
+    wait_status 1 "d['writer_role'] == 'idle'" 120 || fail "writer role: node1 keeps it after its front-end left"
+    if on 2 "guest_io write $SOCK --seed 6 --first 100 --blocks 4" 120 >/dev/null &&
+        on 1 "guest_io verify $SOCK --seed 6 --first 100 --blocks 4 --acked 4" 120 >/dev/null; then
+        pass "writer role: node1's front-end gone, node2's takes the role; node1 reads what it wrote"
+    else
+        fail "writer role: node2 cannot write after node1's front-end left"
+    fi
+    for n in 1 2; do serve_stop $n || { fail "writer role: node$n's serve does not stop"; return 1; }; done
+    for n in 1 2; do serve_start $n || { fail "node$n: serve --shared-writes again"; return 1; }; done
+}
+
 phase3() {
     log "phase 3: two of our nodes share an array over the DLM (profile U32); node deaths mid-write"
     new_legs
@@ -525,6 +566,7 @@ phase3() {
     else
         fail "node2 does not read what node1 wrote"
     fi
+    writer_role || return
 
     death_mid_write process 2 20 || return
     # node1 comes back (the survivor released slot 1) and dies again, this time the guest
