@@ -428,6 +428,43 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// A clustered array on two in-memory legs, and the lock manager its nodes join.
+    struct Cluster {
+        a: Arc<MemLeg>,
+        b: Arc<MemLeg>,
+        metas: Vec<LegMetadata>,
+        dlm: LocalDlm,
+        ls_name: String,
+    }
+
+    impl Cluster {
+        fn new() -> Cluster {
+            let (a, b, metas) = clustered_legs();
+            let ls_name = metas[0].sb.set_uuid.lockspace_name();
+            Cluster {
+                a,
+                b,
+                metas,
+                dlm: LocalDlm::new(),
+                ls_name,
+            }
+        }
+
+        fn legs(&self) -> Vec<Arc<dyn Leg>> {
+            vec![
+                self.a.clone() as Arc<dyn Leg>,
+                self.b.clone() as Arc<dyn Leg>,
+            ]
+        }
+
+        /// A node joining: the node and its lock manager id (for `dlm.kill`).
+        fn join(&self) -> (ClusterNode, crate::dlm::NodeId) {
+            let m = self.dlm.join(&self.ls_name, 32);
+            let id = m.node();
+            (ClusterNode::join(Arc::new(m), self.legs()).unwrap(), id)
+        }
+    }
+
     /// Two 64 MiB in-memory legs of a clustered array (4 slots, 1 MiB chunks).
     fn clustered_legs() -> (Arc<MemLeg>, Arc<MemLeg>, Vec<LegMetadata>) {
         let a: Arc<MemLeg> = Arc::new(MemLeg::new("a", 64 * MIB));
@@ -450,12 +487,9 @@ mod tests {
 
     #[test]
     fn a_leg_failed_on_one_node_is_failed_on_the_others() {
-        let (a, b, metas) = clustered_legs();
-        let ls_name = metas[0].sb.set_uuid.lockspace_name();
-        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
-        let dlm = LocalDlm::new();
-        let n1 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
-        let n2 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        let c = Cluster::new();
+        let (n1, _) = c.join();
+        let (n2, _) = c.join();
         let before = n2.array.events();
         n1.array.fail_leg("b").unwrap();
         // When fail_leg returned, node 2 had processed METADATA_UPDATED.
@@ -464,9 +498,9 @@ mod tests {
         assert_eq!(n1.array.events(), n2.array.events());
         // Node 2 now writes to leg a only.
         n2.array.write(0, &[IoSlice::new(&[7u8; 4096])]).unwrap();
-        let off = (metas[0].sb.data_offset * 512) as usize;
-        assert_eq!(a.contents()[off], 7);
-        assert_eq!(b.contents()[off], 0);
+        let off = (c.metas[0].sb.data_offset * 512) as usize;
+        assert_eq!(c.a.contents()[off], 7);
+        assert_eq!(c.b.contents()[off], 0);
         // Node 2 re-adds it: node 1 writes it again at once, node 2 rebuilds it,
         // including the chunk node 1 wrote while it was out.
         n1.array
@@ -489,7 +523,7 @@ mod tests {
             .write(7 * 2048, &[IoSlice::new(&[5u8; 4096])])
             .unwrap();
         assert_eq!(
-            b.contents()[off + 7 * MIB as usize],
+            c.b.contents()[off + 7 * MIB as usize],
             5,
             "node 1 writes leg b again"
         );
@@ -503,22 +537,19 @@ mod tests {
         assert_eq!(b_state(&n1), Some(crate::raid1::LegState::InSync));
         assert!(!n1.array.is_degraded());
         assert_eq!(
-            b.contents()[off + 5 * MIB as usize],
+            c.b.contents()[off + 5 * MIB as usize],
             9,
             "node 1's write while out"
         );
-        assert_eq!(b.contents()[off], 7);
+        assert_eq!(c.b.contents()[off], 7);
     }
 
     #[test]
     fn a_leg_added_on_one_node_must_be_found_by_the_others() {
-        let (a, b, metas) = clustered_legs();
+        let cl = Cluster::new();
         let c: Arc<MemLeg> = Arc::new(MemLeg::new("c", 64 * MIB));
-        let ls_name = metas[0].sb.set_uuid.lockspace_name();
-        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
-        let dlm = LocalDlm::new();
-        let n1 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
-        let n2 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        let (n1, _) = cl.join();
+        let (n2, _) = cl.join();
         n1.array.fail_leg("b").unwrap();
         n1.array.remove_leg("b").unwrap();
         n1.array
@@ -546,7 +577,7 @@ mod tests {
         n1.array
             .write(11 * 2048, &[IoSlice::new(&[4u8; 4096])])
             .unwrap();
-        let off = (metas[0].sb.data_offset * 512) as usize;
+        let off = (cl.metas[0].sb.data_offset * 512) as usize;
         assert_eq!(
             c.contents()[off + 11 * MIB as usize],
             4,
@@ -560,7 +591,7 @@ mod tests {
         assert_eq!(c_state(&n1), Some(crate::raid1::LegState::InSync));
         let data = off..off + 63 * MIB as usize;
         assert!(
-            a.contents()[data.clone()] == c.contents()[data],
+            cl.a.contents()[data.clone()] == c.contents()[data],
             "leg c is a full copy"
         );
         // A third add of an unknown device is refused again (node 1 took no-new-dev back).
@@ -573,35 +604,30 @@ mod tests {
 
     #[test]
     fn a_survivor_resyncs_exactly_what_a_dead_node_left_dirty() {
-        let (a, b, metas) = clustered_legs();
-        let ls_name = metas[0].sb.set_uuid.lockspace_name();
-        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
-        let dlm = LocalDlm::new();
-        let m1 = dlm.join(&ls_name, 32);
-        let id1 = m1.node();
-        let n1 = ClusterNode::join(Arc::new(m1), legs()).unwrap();
-        let n2 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        let c = Cluster::new();
+        let (n1, id1) = c.join();
+        let (n2, _) = c.join();
         assert_eq!((n1.node.slot, n2.node.slot), (1, 2));
         // Node 1 writes chunk 3 on both legs, then "crashes" in the middle of a
         // second write to chunk 3 that reached only leg a.
         let data = vec![0x11u8; 4096];
         n1.array.write(3 * 2048, &[IoSlice::new(&data)]).unwrap();
-        let data_offset = metas[0].sb.data_offset * 512;
-        a.write_at(&[0x22u8; 4096], data_offset + 3 * MIB + 8192)
+        let data_offset = c.metas[0].sb.data_offset * 512;
+        c.a.write_at(&[0x22u8; 4096], data_offset + 3 * MIB + 8192)
             .unwrap();
-        dlm.kill(&ls_name, id1);
+        c.dlm.kill(&c.ls_name, id1);
         // Node 2 sees the death through its watch, recovers node 1's slot.
         let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(slot, 1);
         let copied = n2.recover(slot).unwrap();
         assert_eq!(copied, MIB, "exactly the one dirty chunk");
-        let (ca, cb) = (a.contents(), b.contents());
+        let (ca, cb) = (c.a.contents(), c.b.contents());
         let data = (data_offset as usize)..(data_offset + 63 * MIB) as usize;
         assert!(
             ca[data.clone()] == cb[data],
             "legs identical after recovery"
         );
-        let m = LegMetadata::load(&*b).unwrap();
+        let m = LegMetadata::load(&*c.b).unwrap();
         assert_eq!(
             m.bitmaps[1].bits.count_dirty(),
             0,
@@ -615,21 +641,17 @@ mod tests {
 
     #[test]
     fn reads_stay_on_one_leg_from_a_nodes_departure_until_its_bits_are_taken_over() {
-        let (a, b, metas) = clustered_legs();
-        let ls_name = metas[0].sb.set_uuid.lockspace_name();
-        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
-        let dlm = LocalDlm::new();
-        let m1 = dlm.join(&ls_name, 32);
-        let id1 = m1.node();
-        let n1 = ClusterNode::join(Arc::new(m1), legs()).unwrap();
-        let n2 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        let c = Cluster::new();
+        let (n1, id1) = c.join();
+        let (n2, _) = c.join();
         // Node 1 writes chunk 3, then "dies" in the middle of a second write there
         // that reached leg a only.
         n1.array
             .write(3 * 2048, &[IoSlice::new(&[0x11u8; 4096])])
             .unwrap();
-        let data_offset = metas[0].sb.data_offset * 512;
-        a.write_at(&[0x22u8; 4096], data_offset + 3 * MIB).unwrap();
+        let data_offset = c.metas[0].sb.data_offset * 512;
+        c.a.write_at(&[0x22u8; 4096], data_offset + 3 * MIB)
+            .unwrap();
         let read = |n: &ClusterNode| {
             let mut buf = vec![0u8; 4096];
             n.array
@@ -654,7 +676,7 @@ mod tests {
         );
         // The DLM releases node 1's locks; the survivor takes its bits over and
         // resyncs: balancing resumes, the legs agree.
-        dlm.kill(&ls_name, id1);
+        c.dlm.kill(&c.ls_name, id1);
         let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
         n2.recover(slot).unwrap();
         assert!(!n2.view().reads_from_one_leg);
@@ -668,22 +690,19 @@ mod tests {
 
     #[test]
     fn a_window_that_ends_while_a_node_joins_does_not_hold_its_writes() {
-        let (a, b, metas) = clustered_legs();
-        let ls_name = metas[0].sb.set_uuid.lockspace_name();
-        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
-        let dlm = LocalDlm::new();
-        let n1 = ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap();
+        let c = Cluster::new();
+        let (n1, _) = c.join();
         n1.node.acquire_resync().unwrap();
         n1.node.announce_window(0, 4 * 2048).unwrap();
         // Node 2 reads that window while joining and stops before announcing
         // itself; meanwhile node 1's resync ends.
         let (m, reached, go) = HoldingMember::new(
-            dlm.join(&ls_name, 32),
+            c.dlm.join(&c.ls_name, 32),
             |name, mode| name == crate::cluster::comms::TOKEN && mode == crate::dlm::Mode::Ex,
             1,
         );
         let ls: Arc<dyn crate::dlm::LockSpace> = Arc::new(m);
-        let l2 = legs();
+        let l2 = c.legs();
         let joining = std::thread::spawn(move || ClusterNode::join(ls, l2));
         reached.recv_timeout(Duration::from_secs(5)).unwrap();
         n1.node.release_resync().unwrap();
@@ -701,17 +720,13 @@ mod tests {
 
     #[test]
     fn the_window_of_a_node_that_died_while_resyncing_is_lifted_by_its_recovery() {
-        let (a, b, metas) = clustered_legs();
-        let ls_name = metas[0].sb.set_uuid.lockspace_name();
-        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
-        let dlm = LocalDlm::new();
-        let m1 = dlm.join(&ls_name, 32);
-        let id1 = m1.node();
-        let n1 = ClusterNode::join(Arc::new(m1), legs()).unwrap();
-        let n2 = Arc::new(ClusterNode::join(Arc::new(dlm.join(&ls_name, 32)), legs()).unwrap());
+        let c = Cluster::new();
+        let (n1, id1) = c.join();
+        let n2 =
+            Arc::new(ClusterNode::join(Arc::new(c.dlm.join(&c.ls_name, 32)), c.legs()).unwrap());
         n1.node.acquire_resync().unwrap();
         n1.node.announce_window(0, 4 * 2048).unwrap();
-        dlm.kill(&ls_name, id1);
+        c.dlm.kill(&c.ls_name, id1);
         let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
         n2.recover(slot).unwrap();
         let (done_tx, done) = crossbeam_channel::bounded(1);
@@ -761,16 +776,9 @@ mod tests {
 
     #[test]
     fn a_kernel_node_taking_over_after_all_of_ours_died_resyncs_what_they_left_dirty() {
-        let (a, b, metas) = clustered_legs();
-        let ls_name = metas[0].sb.set_uuid.lockspace_name();
-        let legs = || vec![a.clone() as Arc<dyn Leg>, b.clone() as Arc<dyn Leg>];
-        let dlm = LocalDlm::new();
-        let m1 = dlm.join(&ls_name, 32);
-        let id1 = m1.node();
-        let n1 = ClusterNode::join(Arc::new(m1), legs()).unwrap();
-        let m2 = dlm.join(&ls_name, 32);
-        let id2 = m2.node();
-        let n2 = ClusterNode::join(Arc::new(m2), legs()).unwrap();
+        let c = Cluster::new();
+        let (n1, id1) = c.join();
+        let (n2, id2) = c.join();
         n1.array.mark_active().unwrap();
         // Both write and die before their bits are cleared: two slots are dirty.
         for c in [3u64, 4, 40] {
@@ -783,9 +791,9 @@ mod tests {
                 .write(c * 2048, &[IoSlice::new(&[2u8; 4096])])
                 .unwrap();
         }
-        dlm.kill(&ls_name, id1);
-        dlm.kill(&ls_name, id2);
-        let m = LegMetadata::load(&*a).unwrap();
+        c.dlm.kill(&c.ls_name, id1);
+        c.dlm.kill(&c.ls_name, id2);
+        let m = LegMetadata::load(&*c.a).unwrap();
         let dirty: Vec<Vec<u64>> = m
             .bitmaps
             .iter()
