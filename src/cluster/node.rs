@@ -335,7 +335,9 @@ impl ClusterNode {
     /// than the node slots other nodes hold, a node has left (or died) before its
     /// slot lock was released and its dirty bits merged: until then the legs may
     /// differ where it was writing, and reads go to one leg (the kernel's
-    /// `recover_prep`, which suspends read balancing on a DLM "node down").
+    /// `recover_prep`, which suspends read balancing on a DLM "node down"). A member
+    /// that has joined the group but not yet claimed a slot counts as alive, so a
+    /// death during another node's join can lift the suspension before the recovery.
     pub fn peers_alive(&self, n: usize) {
         *self.live_peers.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
         self.check_read_balancing();
