@@ -55,7 +55,35 @@ struct Watches {
     armed: Mutex<HashSet<u32>>,
     /// Slots whose owner is gone and that are not recovered yet.
     gone: Mutex<HashSet<u32>>,
+    /// How many other nodes corosync counts, when it is asked.
+    live: Mutex<Option<usize>>,
+    /// Told whether reads must stay on one leg, whenever that may have changed.
+    read_balancing: Mutex<Option<ReadBalancingSink>>,
     dead: Sender<u32>,
+}
+
+/// Receives "reads must stay on one leg" (true) or "balance again" (false).
+pub type ReadBalancingSink = Box<dyn Fn(bool) + Send + Sync>;
+
+impl Watches {
+    /// Reads stay on one leg while a slot's owner is gone and its bits are not merged
+    /// (from the watch's grant to the slot's release), and, with corosync's count,
+    /// while fewer other nodes are alive than hold slots (a node died and the DLM
+    /// has not recovered it yet).
+    fn update_read_balancing(&self) {
+        let gone = self.gone.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let armed = self.armed.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let live = *self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let suspend = gone > 0 || live.is_some_and(|n| armed + gone > n);
+        if let Some(f) = self
+            .read_balancing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            f(suspend);
+        }
+    }
 }
 
 impl Watches {
@@ -115,6 +143,7 @@ impl Watches {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&slot);
+                    me.update_read_balancing();
                     info!("node in slot {slot} is gone: its bitmap is ours to recover");
                     let _ = me.dead.send(slot);
                 }
@@ -243,6 +272,8 @@ impl Node {
             bitmaps,
             armed: Mutex::new(HashSet::new()),
             gone: Mutex::new(HashSet::new()),
+            live: Mutex::new(None),
+            read_balancing: Mutex::new(None),
             dead: dead_tx,
         });
         // Live nodes' resync windows, read with CR before anything else converts
@@ -343,6 +374,7 @@ impl Node {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&slot);
+        self.watches.update_read_balancing();
         Ok(())
     }
 
@@ -387,22 +419,20 @@ impl Node {
         Ok(())
     }
 
-    /// Slots that another node holds or held: watched ones, and those whose owner
-    /// is gone but which are not recovered yet.
-    pub fn occupied_by_others(&self) -> usize {
-        let armed = self
+    /// Where the read-balancing decision goes (the array); applied at once.
+    pub fn set_read_balancing_sink(&self, f: ReadBalancingSink) {
+        *self
             .watches
-            .armed
+            .read_balancing
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len();
-        armed
-            + self
-                .watches
-                .gone
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .len()
+            .unwrap_or_else(|e| e.into_inner()) = Some(f);
+        self.watches.update_read_balancing();
+    }
+
+    /// Corosync counts `n` other members in this array's group.
+    pub fn set_live_peers(&self, n: usize) {
+        *self.watches.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
+        self.watches.update_read_balancing();
     }
 
     /// Slots currently watched.

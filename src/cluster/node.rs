@@ -190,9 +190,6 @@ pub struct ClusterNode {
     /// The receive path's state (device finder).
     receiving: Arc<Receiving>,
     resyncing: AtomicBool,
-    /// How many other members the corosync group of this array has (None without
-    /// corosync).
-    live_peers: Mutex<Option<usize>>,
 }
 
 /// Looks for the leg with a given device uuid among what this node can open.
@@ -290,12 +287,17 @@ impl ClusterNode {
             }
             node.release_slot(s)?;
         }
+        let weak = Arc::downgrade(&array);
+        node.set_read_balancing_sink(Box::new(move |on| {
+            if let Some(a) = weak.upgrade() {
+                a.suspend_read_balancing(on);
+            }
+        }));
         Ok(ClusterNode {
             node,
             array,
             receiving: ctx,
             resyncing: AtomicBool::new(false),
-            live_peers: Mutex::new(None),
         })
     }
 
@@ -335,23 +337,13 @@ impl ClusterNode {
     /// than the node slots other nodes hold, a node has left (or died) before its
     /// slot lock was released and its dirty bits merged: until then the legs may
     /// differ where it was writing, and reads go to one leg (the kernel's
-    /// `recover_prep`, which suspends read balancing on a DLM "node down"). A member
-    /// that has joined the group but not yet claimed a slot counts as alive, so a
-    /// death during another node's join can lift the suspension before the recovery.
+    /// `recover_prep`, which suspends read balancing on a DLM "node down"). Without
+    /// corosync, reads stay on one leg from the watch's grant to the merge only. A
+    /// member that has joined the group but not yet claimed a slot counts as alive,
+    /// so a death during another node's join can lift the suspension before the
+    /// watch fires.
     pub fn peers_alive(&self, n: usize) {
-        *self.live_peers.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
-        self.check_read_balancing();
-    }
-
-    fn check_read_balancing(&self) {
-        let live = *self.live_peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = live {
-            let occupied = self.node.occupied_by_others();
-            if occupied > n {
-                info!("{occupied} node slots held by others, {n} other nodes alive");
-            }
-            self.array.suspend_read_balancing(occupied > n);
-        }
+        self.node.set_live_peers(n);
     }
 
     /// Copies every needed chunk under the cluster-wide resync lock, announcing
@@ -412,9 +404,9 @@ impl ClusterNode {
         self.array.bitmap.clear_remote_window_of(slot);
         // It may have been rebuilding a leg: nobody else finishes that.
         self.array.take_over_recoveries()?;
+        // Its bits are ours now (reads of its chunks go to one leg until resynced):
+        // releasing the slot lets reads be balanced again.
         self.node.release_slot(slot)?;
-        // Its bits are ours now: reads of its chunks go to one leg until resynced.
-        self.check_read_balancing();
         self.resync()
     }
 }
@@ -680,6 +672,7 @@ mod tests {
         // resyncs: balancing resumes, the legs agree.
         c.dlm.kill(&c.ls_name, id1);
         let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(n2.view().reads_from_one_leg);
         n2.recover(slot).unwrap();
         assert!(!n2.view().reads_from_one_leg);
         let seen: std::collections::HashSet<u8> = (0..8).map(|_| read(&n2)).collect();
@@ -688,6 +681,35 @@ mod tests {
             1,
             "after resync both legs hold the same: {seen:?}"
         );
+    }
+
+    #[test]
+    fn without_corosync_reads_stay_on_one_leg_from_the_watch_to_the_merge() {
+        let c = Cluster::new();
+        let (n1, id1) = c.join();
+        let (n2, _) = c.join();
+        n1.array
+            .write(3 * 2048, &[IoSlice::new(&[0x11u8; 4096])])
+            .unwrap();
+        let data_offset = c.metas[0].sb.data_offset * 512;
+        c.a.write_at(&[0x22u8; 4096], data_offset + 3 * MIB)
+            .unwrap();
+        assert!(!n2.view().reads_from_one_leg, "both nodes alive");
+        c.dlm.kill(&c.ls_name, id1);
+        let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
+        // The watch fired; node 1's bits are not merged yet.
+        assert!(n2.view().reads_from_one_leg);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..8 {
+            let mut buf = vec![0u8; 4096];
+            n2.array
+                .read(3 * 2048, &mut [std::io::IoSliceMut::new(&mut buf)])
+                .unwrap();
+            seen.insert(buf[0]);
+        }
+        assert_eq!(seen.len(), 1, "one leg until the merge: {seen:?}");
+        n2.recover(slot).unwrap();
+        assert!(!n2.view().reads_from_one_leg);
     }
 
     #[test]
