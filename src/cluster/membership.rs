@@ -71,18 +71,17 @@ impl Watches {
     /// while fewer other nodes are alive than hold slots (a node died and the DLM
     /// has not recovered it yet).
     fn update_read_balancing(&self) {
+        // Decided and applied under the sink's lock: the last update applied is
+        // the one that saw the last change.
+        let sink = self
+            .read_balancing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(f) = sink.as_ref() else { return };
         let gone = self.gone.lock().unwrap_or_else(|e| e.into_inner()).len();
         let armed = self.armed.lock().unwrap_or_else(|e| e.into_inner()).len();
         let live = *self.live.lock().unwrap_or_else(|e| e.into_inner());
-        let suspend = gone > 0 || live.is_some_and(|n| armed + gone > n);
-        if let Some(f) = self
-            .read_balancing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            f(suspend);
-        }
+        f(gone > 0 || live.is_some_and(|n| armed + gone > n));
     }
 }
 
