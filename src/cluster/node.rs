@@ -633,40 +633,50 @@ mod tests {
         );
     }
 
-    #[test]
-    fn reads_stay_on_one_leg_from_a_nodes_departure_until_its_bits_are_taken_over() {
-        let c = Cluster::new();
+    /// Two nodes; node 1 wrote chunk 3, then "died" in the middle of a second write
+    /// there that reached leg a only. Returns node 1 (its process lives on until its
+    /// lock manager member is killed), its lock manager id, and node 2.
+    fn node_died_mid_write(c: &Cluster) -> (ClusterNode, crate::dlm::NodeId, ClusterNode) {
         let (n1, id1) = c.join();
         let (n2, _) = c.join();
-        // Node 1 writes chunk 3, then "dies" in the middle of a second write there
-        // that reached leg a only.
         n1.array
             .write(3 * 2048, &[IoSlice::new(&[0x11u8; 4096])])
             .unwrap();
         let data_offset = c.metas[0].sb.data_offset * 512;
         c.a.write_at(&[0x22u8; 4096], data_offset + 3 * MIB)
             .unwrap();
-        let read = |n: &ClusterNode| {
+        (n1, id1, n2)
+    }
+
+    /// How many different versions of chunk 3 eight reads through `n` return.
+    fn versions_read(n: &ClusterNode) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..8 {
             let mut buf = vec![0u8; 4096];
             n.array
                 .read(3 * 2048, &mut [std::io::IoSliceMut::new(&mut buf)])
                 .unwrap();
-            buf[0]
-        };
+            seen.insert(buf[0]);
+        }
+        seen.len()
+    }
+
+    #[test]
+    fn reads_stay_on_one_leg_from_a_nodes_departure_until_its_bits_are_taken_over() {
+        let c = Cluster::new();
+        let (_n1, id1, n2) = node_died_mid_write(&c);
         // Corosync counts node 1 as a member: reads are balanced, and show both legs.
         n2.peers_alive(1);
         assert!(!n2.view().reads_from_one_leg);
-        let seen: std::collections::HashSet<u8> = (0..8).map(|_| read(&n2)).collect();
-        assert_eq!(seen.len(), 2, "balanced reads see both legs: {seen:?}");
+        assert_eq!(versions_read(&n2), 2, "balanced reads see both legs");
         // Corosync reports node 1 gone; the DLM has not recovered it yet (its slot
         // lock is still held): every read comes from the same leg.
         n2.peers_alive(0);
         assert!(n2.view().reads_from_one_leg);
-        let seen: std::collections::HashSet<u8> = (0..8).map(|_| read(&n2)).collect();
         assert_eq!(
-            seen.len(),
+            versions_read(&n2),
             1,
-            "one leg while node 1's bits are not ours: {seen:?}"
+            "one leg while node 1's bits are not ours"
         );
         // The DLM releases node 1's locks; the survivor takes its bits over and
         // resyncs: balancing resumes, the legs agree.
@@ -675,39 +685,23 @@ mod tests {
         assert!(n2.view().reads_from_one_leg);
         n2.recover(slot).unwrap();
         assert!(!n2.view().reads_from_one_leg);
-        let seen: std::collections::HashSet<u8> = (0..8).map(|_| read(&n2)).collect();
         assert_eq!(
-            seen.len(),
+            versions_read(&n2),
             1,
-            "after resync both legs hold the same: {seen:?}"
+            "after resync both legs hold the same"
         );
     }
 
     #[test]
     fn without_corosync_reads_stay_on_one_leg_from_the_watch_to_the_merge() {
         let c = Cluster::new();
-        let (n1, id1) = c.join();
-        let (n2, _) = c.join();
-        n1.array
-            .write(3 * 2048, &[IoSlice::new(&[0x11u8; 4096])])
-            .unwrap();
-        let data_offset = c.metas[0].sb.data_offset * 512;
-        c.a.write_at(&[0x22u8; 4096], data_offset + 3 * MIB)
-            .unwrap();
+        let (_n1, id1, n2) = node_died_mid_write(&c);
         assert!(!n2.view().reads_from_one_leg, "both nodes alive");
         c.dlm.kill(&c.ls_name, id1);
         let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
         // The watch fired; node 1's bits are not merged yet.
         assert!(n2.view().reads_from_one_leg);
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..8 {
-            let mut buf = vec![0u8; 4096];
-            n2.array
-                .read(3 * 2048, &mut [std::io::IoSliceMut::new(&mut buf)])
-                .unwrap();
-            seen.insert(buf[0]);
-        }
-        assert_eq!(seen.len(), 1, "one leg until the merge: {seen:?}");
+        assert_eq!(versions_read(&n2), 1, "one leg until the merge");
         n2.recover(slot).unwrap();
         assert!(!n2.view().reads_from_one_leg);
     }
