@@ -105,13 +105,38 @@ struct HostState {
 }
 
 /// One simulated host: the crash point and delays of its I/O.
+/// Pauses a thread now and then (`pct` percent of the calls), to shake up the
+/// interleavings.
+struct Delay {
+    rng: Mutex<Rng>,
+    pct: u64,
+}
+
+impl Delay {
+    fn new(seed: u64, pct: u64) -> Delay {
+        Delay {
+            rng: Mutex::new(Rng::new(seed)),
+            pct,
+        }
+    }
+
+    fn maybe(&self) {
+        if self.pct == 0 {
+            return;
+        }
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        if rng.chance(self.pct) {
+            rng.pause();
+        }
+    }
+}
+
 struct Host {
     state: Mutex<HostState>,
     cond: Condvar,
     /// Told when a thread of this host stopped at the crash point.
     crashed: Sender<()>,
-    delay: Mutex<Rng>,
-    delay_pct: u64,
+    delay: Delay,
 }
 
 fn host_is_dead() -> io::Error {
@@ -125,8 +150,7 @@ impl Host {
             state: Mutex::new(HostState::default()),
             cond: Condvar::new(),
             crashed: tx,
-            delay: Mutex::new(Rng::new(seed)),
-            delay_pct,
+            delay: Delay::new(seed, delay_pct),
         };
         (Arc::new(h), rx)
     }
@@ -135,20 +159,10 @@ impl Host {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn maybe_delay(&self) {
-        if self.delay_pct == 0 {
-            return;
-        }
-        let mut rng = self.delay.lock().unwrap_or_else(|e| e.into_inner());
-        if rng.chance(self.delay_pct) {
-            rng.pause();
-        }
-    }
-
     /// Before a leg write: counts down to the crash point; there the calling
     /// thread stops (as the host did) until the simulation ends.
     fn before_write(&self) -> io::Result<()> {
-        self.maybe_delay();
+        self.delay.maybe();
         let mut st = self.lock();
         if st.dead {
             return Err(host_is_dead());
@@ -171,7 +185,7 @@ impl Host {
     }
 
     fn before_other(&self) -> io::Result<()> {
-        self.maybe_delay();
+        self.delay.maybe();
         if self.lock().dead {
             return Err(host_is_dead());
         }
@@ -244,20 +258,7 @@ impl Leg for HostLeg {
 /// A lockspace member whose requests may be delayed.
 struct HostLs {
     inner: LocalMember,
-    delay: Mutex<Rng>,
-    delay_pct: u64,
-}
-
-impl HostLs {
-    fn maybe_delay(&self) {
-        if self.delay_pct == 0 {
-            return;
-        }
-        let mut rng = self.delay.lock().unwrap_or_else(|e| e.into_inner());
-        if rng.chance(self.delay_pct) {
-            rng.pause();
-        }
-    }
+    delay: Delay,
 }
 
 impl LockSpace for HostLs {
@@ -276,7 +277,7 @@ impl LockSpace for HostLs {
         fl: u32,
         lvb: Option<&[u8]>,
     ) -> Result<LockId, DlmError> {
-        self.maybe_delay();
+        self.delay.maybe();
         self.inner.lock(name, mode, fl, lvb)
     }
 
@@ -287,12 +288,12 @@ impl LockSpace for HostLs {
         fl: u32,
         lvb: Option<&[u8]>,
     ) -> Result<(), DlmError> {
-        self.maybe_delay();
+        self.delay.maybe();
         self.inner.convert(lock, mode, fl, lvb)
     }
 
     fn unlock(&self, lock: LockId, fl: u32, lvb: Option<&[u8]>) -> Result<(), DlmError> {
-        self.maybe_delay();
+        self.delay.maybe();
         self.inner.unlock(lock, fl, lvb)
     }
 
@@ -574,8 +575,7 @@ impl Sim {
         let dlm_id = member.node();
         let ls = HostLs {
             inner: member,
-            delay: Mutex::new(Rng::new(self.rng.next())),
-            delay_pct: self.delay_pct,
+            delay: Delay::new(self.rng.next(), self.delay_pct),
         };
         let line = format!("vm {vm}: node (lock manager id {dlm_id}) joins");
         (

@@ -550,19 +550,26 @@ mod tests {
         b.release_resync().unwrap();
     }
 
-    #[test]
-    fn a_dead_nodes_window_is_not_installed_by_a_joiner() {
-        let dlm = LocalDlm::new();
+    /// Node a (slot 1) dies while resyncing, with a window announced; node b's
+    /// watch on slot 1 has fired (b holds the slot until it releases it).
+    fn a_died_resyncing(dlm: &LocalDlm) -> Node {
         let m = dlm.join(LS, 32);
         let a_id = m.node();
         let a = settled(Node::join(Arc::new(m), 4, Box::new(|_| {})).unwrap());
-        let (b, _) = join(&dlm);
+        let (b, _) = join(dlm);
         a.acquire_resync().unwrap();
         a.announce_window(0, 65536).unwrap();
         dlm.kill(LS, a_id);
+        assert_eq!(b.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        b
+    }
+
+    #[test]
+    fn a_dead_nodes_window_is_not_installed_by_a_joiner() {
+        let dlm = LocalDlm::new();
         // b holds a's slot while recovering it; a joiner reads the slot's value
         // block, which the DLM marks not valid: no window.
-        assert_eq!(b.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        let b = a_died_resyncing(&dlm);
         let (c, _) = join(&dlm);
         assert!(c.windows_at_join.is_empty(), "{:?}", c.windows_at_join);
         b.release_slot(1).unwrap();
@@ -665,14 +672,7 @@ mod tests {
     #[test]
     fn a_dead_nodes_window_is_not_installed_once_its_slot_has_a_new_owner() {
         let dlm = LocalDlm::new();
-        let m = dlm.join(LS, 32);
-        let a_id = m.node();
-        let a = settled(Node::join(Arc::new(m), 4, Box::new(|_| {})).unwrap());
-        let (b, _) = join(&dlm);
-        a.acquire_resync().unwrap();
-        a.announce_window(0, 65536).unwrap();
-        dlm.kill(LS, a_id);
-        assert_eq!(b.dead.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        let b = a_died_resyncing(&dlm);
         b.release_slot(1).unwrap();
         // c takes slot 1; d, joining next, reads slot 1's value block.
         let (c, _) = join(&dlm);
