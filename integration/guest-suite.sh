@@ -539,6 +539,13 @@ node_wait() { # node_wait NAME JQ_CONDITION TIMEOUT: until status matches
     return 1
 }
 
+# watch_proxy NAME BACKEND: a dirty-log watcher (it logs every message) listening on
+# $D/pNAME.sock in front of $D/BACKEND.sock; what it saw goes to $D/watch-NAME.json.
+watch_proxy() {
+    spawn "proxy-$1" python3 "$WATCH_PY" "$D/p$1.sock" "$D/$2.sock" "$D/watch-$1.json" "$D/vu-$1.log"
+    wait_sock "$D/p$1.sock" "$SPAWNED" || { fail "proxy $1 did not start"; return 1; }
+}
+
 # start_vm NAME SOCKET [QEMU ARGS]: the test guest on that vhost-user socket; serial log
 # guest-NAME.log, host->guest pipe ctl-NAME, QMP qmp-NAME.sock.
 start_vm() {
@@ -660,11 +667,9 @@ test_migrate() {
     wait_sock "$D/lockd.sock" "$SPAWNED" || { fail "lockd did not start"; return; }
     start_node n1 || return
     start_node n2 || return
-    # Dirty-log watchers between each QEMU and its node (they log every message).
-    spawn proxy-a python3 "$WATCH_PY" "$D/pa.sock" "$D/n1.sock" "$D/watch-a.json" "$D/vu-a.log"
-    wait_sock "$D/pa.sock" "$SPAWNED" || { fail "proxy a did not start"; return; }
-    spawn proxy-b python3 "$WATCH_PY" "$D/pb.sock" "$D/n2.sock" "$D/watch-b.json" "$D/vu-b.log"
-    wait_sock "$D/pb.sock" "$SPAWNED" || { fail "proxy b did not start"; return; }
+    # Dirty-log watchers between each QEMU and its node.
+    watch_proxy a n1 || return
+    watch_proxy b n2 || return
 
     start_vm a "$D/pa.sock"
     start_vm b "$D/pb.sock" -incoming defer
@@ -709,8 +714,7 @@ test_migrate() {
     quit_vm a
 
     # 3. node 2 -> node 1 (a new QEMU), then kill -9 of node 2 right after the switchover
-    spawn proxy-c python3 "$WATCH_PY" "$D/pc.sock" "$D/n1.sock" "$D/watch-c.json" "$D/vu-c.log"
-    wait_sock "$D/pc.sock" "$SPAWNED" || { fail "proxy c did not start"; return; }
+    watch_proxy c n1 || return
     start_vm c "$D/pc.sock" -incoming defer
     local b0
     b0=$(last_block b)
@@ -776,10 +780,8 @@ test_migrate() {
         wait_sock "$D/$q.sock" "$SPAWNED" || { fail "qemu-storage-daemon $q did not start"; return; }
     done
     # Same topology as above: the same log-watching proxy in front of each source.
-    spawn proxy-x python3 "$WATCH_PY" "$D/px.sock" "$D/q1.sock" "$D/watch-x.json" "$D/vu-x.log"
-    wait_sock "$D/px.sock" "$SPAWNED" || { fail "proxy x did not start"; return; }
-    spawn proxy-y python3 "$WATCH_PY" "$D/py.sock" "$D/q2.sock" "$D/watch-y.json" "$D/vu-y.log"
-    wait_sock "$D/py.sock" "$SPAWNED" || { fail "proxy y did not start"; return; }
+    watch_proxy x q1 || return
+    watch_proxy y q2 || return
     start_vm x "$D/px.sock"
     start_vm y "$D/py.sock" -incoming defer
     wait_blocks x 100 180 || { fail "qsd: the guest did not write 100 blocks"; return; }
@@ -787,8 +789,7 @@ test_migrate() {
     local qt1=$MIG_TOTAL qd1=$MIG_DOWN
     info "qsd migration 1: dirty log seen by the proxy: $(cat "$D/watch-x.json")"
     quit_vm x
-    spawn proxy-z python3 "$WATCH_PY" "$D/pz.sock" "$D/q1.sock" "$D/watch-z.json" "$D/vu-z.log"
-    wait_sock "$D/pz.sock" "$SPAWNED" || { fail "proxy z did not start"; return; }
+    watch_proxy z q1 || return
     start_vm z "$D/pz.sock" -incoming defer
     b0=$(last_block y)
     wait_blocks y $((b0 + 100)) 120 || fail "qsd: the guest stalled"
