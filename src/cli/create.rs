@@ -5,7 +5,7 @@ use crate::md::human::{human_chunksize, human_size};
 use crate::md::layout::DEFAULT_NODES;
 use crate::md::Uuid;
 use crate::raid1::metadata::{build_new_array, create_array, find_existing_md, NewArray};
-use crate::storage::{FileLeg, Leg, OpenMode};
+use crate::storage::{Claim, FileLeg, Leg, OpenMode};
 use clap::Args;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -93,7 +93,7 @@ pub fn run(args: &CreateArgs) -> Result<(), String> {
                 if meta.file_type().is_dir() {
                     return Err(format!("{} is a directory, not a leg", path.display()));
                 }
-                let leg = FileLeg::open(path, OpenMode::ReadOnly)
+                let leg = FileLeg::open_with(path, OpenMode::ReadOnly, false, Claim::Exclusive)
                     .map_err(|e| format!("{}: cannot open: {e}", path.display()))?;
                 if args.size.is_some() && leg.is_block_device() {
                     return Err(format!(
@@ -140,7 +140,10 @@ pub fn run(args: &CreateArgs) -> Result<(), String> {
     let legs = args
         .legs
         .iter()
-        .map(|p| FileLeg::open(p, mode).map_err(|e| format!("{}: cannot open: {e}", p.display())))
+        .map(|p| {
+            FileLeg::open_with(p, mode, false, Claim::Exclusive)
+                .map_err(|e| format!("{}: cannot open: {e}", p.display()))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let refs: Vec<&dyn Leg> = legs.iter().map(|l| l as &dyn Leg).collect();
     let (g, metas) = create_array(&refs, &opts).map_err(|e| e.to_string())?;

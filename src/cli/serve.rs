@@ -5,7 +5,7 @@ use crate::md::human::human_size;
 use crate::raid1::metadata::{create_array, NewArray};
 use crate::serve::control::{self, Request, Status};
 use crate::serve::{control_path, FaultSpec, LockManager, ServeConfig};
-use crate::storage::{FileLeg, Leg, OpenMode};
+use crate::storage::{Claim, FileLeg, Leg, OpenMode};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 
@@ -98,6 +98,11 @@ fn parse_fault(s: &str) -> Result<(usize, FaultSpec), String> {
 
 /// Runs `serve`.
 pub fn run(args: ServeArgs) -> Result<(), String> {
+    if args.cluster_name.is_some() && args.lock_manager == LockManager::Local {
+        return Err(
+            "--cluster-name makes a clustered array, which a local lock manager cannot serve: add --lock-manager lockd:PATH (nodes on this host) or --lock-manager dlm".into(),
+        );
+    }
     if let Some(size) = args.create_size {
         create_missing(&args.legs, size, args.cluster_name.as_deref())?;
     } else if let Some(missing) = args.legs.iter().find(|p| !p.exists()) {
@@ -150,7 +155,7 @@ fn create_missing(legs: &[PathBuf], size: u64, cluster: Option<&str>) -> Result<
     let opened = legs
         .iter()
         .map(|p| {
-            FileLeg::open(p, OpenMode::CreateSize(size))
+            FileLeg::open_with(p, OpenMode::CreateSize(size), false, Claim::Exclusive)
                 .map_err(|e| format!("leg {}: cannot create: {e}", p.display()))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -284,6 +289,9 @@ pub fn render_status(s: &Status) -> String {
         for [lo, hi] in &c.suspended {
             let _ = writeln!(o, "  suspended: sectors {lo}..{hi} (writes wait there)");
         }
+    }
+    if let Some(why) = &s.fenced {
+        let _ = writeln!(o, "  FENCED: {why}: guest writes fail, nothing is written");
     }
     let _ = writeln!(
         o,

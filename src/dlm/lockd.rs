@@ -389,7 +389,7 @@ fn serve_client(dlm: LocalDlm, conn: UnixStream) {
 }
 
 /// The process id of the peer of a unix socket.
-fn peer_pid(conn: &UnixStream) -> Option<i32> {
+pub fn peer_pid(conn: &UnixStream) -> Option<i32> {
     use std::os::fd::AsRawFd;
     let mut cred = libc::ucred {
         pid: 0,
@@ -418,6 +418,40 @@ pub struct LockdMember {
     seq: Mutex<u64>,
     calls: Arc<Mutex<HashMap<u64, Sender<Message>>>>,
     events: Receiver<Event>,
+    loss: Arc<Loss>,
+    daemon_pid: Option<i32>,
+}
+
+/// Called once when the connection to the daemon is lost (with the reason).
+pub type OnLost = Box<dyn FnOnce(String) + Send>;
+
+/// What happens when the daemon goes away: every lock of the member is gone with
+/// it (a restarted daemon knows none of them).
+#[derive(Default)]
+struct Loss {
+    /// We closed the connection ourselves: not a loss.
+    closing: std::sync::atomic::AtomicBool,
+    /// The reason, once the connection is gone.
+    lost: Mutex<Option<String>>,
+    /// Who to tell.
+    on_lost: Mutex<Option<OnLost>>,
+}
+
+impl Loss {
+    fn lost(&self, why: String) {
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        *self.lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+        let f = self
+            .on_lost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(f) = f {
+            f(why);
+        }
+    }
 }
 
 impl LockdMember {
@@ -441,14 +475,23 @@ impl LockdMember {
             return Err(DlmError::Unavailable("lockd did not welcome us".into()));
         };
         conn.set_read_timeout(None).map_err(unavailable)?;
+        let daemon_pid = peer_pid(&conn);
         let mut reader = conn.try_clone().map_err(unavailable)?;
         let calls: Arc<Mutex<HashMap<u64, Sender<Message>>>> = Arc::default();
         let (tx, rx) = unbounded();
         let calls2 = calls.clone();
+        let loss = Arc::new(Loss::default());
+        let loss2 = loss.clone();
+        let daemon = path.display().to_string();
         std::thread::Builder::new()
             .name("lockd-client".into())
             .spawn(move || {
-                while let Ok(Some(m)) = read_frame::<Message>(&mut reader) {
+                let why = loop {
+                    let m = match read_frame::<Message>(&mut reader) {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break format!("lockd at {daemon} closed the connection"),
+                        Err(e) => break format!("connection to lockd at {daemon}: {e}"),
+                    };
                     let ev = match m {
                         Message::Reply { seq, .. } => {
                             let waiter = calls2.lock().ok().and_then(|mut c| c.remove(&seq));
@@ -480,9 +523,12 @@ impl LockdMember {
                         Message::Welcome { .. } => continue,
                     };
                     if tx.send(ev).is_err() {
-                        break;
+                        break "the member was dropped".to_string();
                     }
-                }
+                };
+                // Nobody waits for an answer that cannot come any more.
+                calls2.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                loss2.lost(why);
             })
             .map_err(unavailable)?;
         debug!("joined lockspace {lockspace} on lockd as node {node}");
@@ -493,7 +539,50 @@ impl LockdMember {
             seq: Mutex::new(0),
             calls,
             events: rx,
+            loss,
+            daemon_pid,
         })
+    }
+
+    /// The daemon's process id, as the kernel told it at connect time.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        self.daemon_pid
+    }
+
+    /// Calls `f` once if the connection to the daemon is lost (at once if it is
+    /// already): every lock of this member is gone then, and a node that goes on
+    /// writing as if it held them may write beside a node that was granted them.
+    pub fn on_lost(&self, f: OnLost) {
+        let lost = self
+            .loss
+            .lost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match lost {
+            Some(why) => f(why),
+            None => {
+                *self.loss.on_lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+                // The reader may have finished between the two looks.
+                let lost = self
+                    .loss
+                    .lost
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let Some(why) = lost {
+                    if let Some(f) = self
+                        .loss
+                        .on_lost
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take()
+                    {
+                        f(why);
+                    }
+                }
+            }
+        }
     }
 
     fn call(&self, make: impl FnOnce(u64) -> Request) -> Result<Option<LockId>, DlmError> {
@@ -523,6 +612,9 @@ impl LockdMember {
 
     /// Closes the connection now, as a dying process would.
     pub fn disconnect(&self) {
+        self.loss
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let _ = w.shutdown(std::net::Shutdown::Both);
     }

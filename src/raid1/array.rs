@@ -5,7 +5,7 @@ use super::metadata::{LegMetadata, MetaError};
 use crate::bitmap::{BitmapStore, WriteIntent};
 use crate::md::superblock::{feature, role, Superblock};
 use crate::md::{Uuid, MAX_SECTOR};
-use crate::storage::Leg;
+use crate::storage::{Fence, Leg};
 use arc_swap::ArcSwap;
 use log::{error, info, warn};
 use serde::Serialize;
@@ -188,6 +188,8 @@ pub struct Array {
     pub(super) candidates: Mutex<Vec<Arc<Member>>>,
     /// Counters.
     pub counters: Counters,
+    /// Raised when this node may no longer write (see [`Fence`]).
+    fence: std::sync::OnceLock<Arc<Fence>>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -370,6 +372,7 @@ impl Array {
             metadata_sync: Mutex::new(None),
             candidates: Mutex::new(Vec::new()),
             counters: Counters::default(),
+            fence: std::sync::OnceLock::new(),
         };
         // A leg being rebuilt (by this node before a crash, or by another node) is
         // rebuilt here too: a bitmap-guided rebuild from the bits (this node's are
@@ -749,6 +752,22 @@ impl Array {
                 ),
             )),
         }
+    }
+
+    /// Ties the array to the fence its legs are wrapped in (once).
+    pub fn set_fence(&self, fence: Arc<Fence>) {
+        let _ = self.fence.set(fence);
+    }
+
+    /// Whether this node is fenced: it must write nothing (guest writes are
+    /// refused, resync and bitmap clearing wait).
+    pub fn is_fenced(&self) -> bool {
+        self.fence.get().is_some_and(|f| f.is_fenced())
+    }
+
+    /// Why this node is fenced, if it is.
+    pub fn fence_reason(&self) -> Option<String> {
+        self.fence.get().and_then(|f| f.reason()).map(|(w, _)| w)
     }
 
     /// Suspends read balancing (every read goes to the first in-sync leg) or resumes

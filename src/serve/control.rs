@@ -4,7 +4,7 @@
 use super::resync::ResyncStatus;
 use super::Service;
 use crate::raid1::{LegState, RecoveryKind};
-use crate::storage::{FileLeg, Leg, OpenMode};
+use crate::storage::{FencedLeg, FileLeg, Leg, OpenMode};
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
@@ -97,6 +97,9 @@ pub struct Status {
     /// The cluster, on a cluster node.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub cluster: Option<crate::cluster::node::ClusterView>,
+    /// Why this node is fenced (writes nothing), if it is.
+    #[serde(default)]
+    pub fenced: Option<String>,
 }
 
 /// Resync progress as sent over the socket.
@@ -219,10 +222,15 @@ pub fn status(service: &Service) -> Status {
         bitmap_dirty: stats.dirty,
         resync: service.progress.status(a).into(),
         requests_completed: service.backend.completed.load(Ordering::Relaxed),
-        writer_role: service.backend.writer_role().state().name().into(),
+        writer_role: if a.is_fenced() {
+            "fenced".into()
+        } else {
+            service.backend.writer_role().state().name().into()
+        },
         shared_writes: service.backend.writer_role().shared(),
         writes_refused: service.backend.writes_refused.load(Ordering::Relaxed),
         cluster: service.cluster.as_ref().map(|c| c.view()),
+        fenced: a.fence_reason(),
     }
 }
 
@@ -296,9 +304,14 @@ impl Server {
                     Path::new(&leg),
                     OpenMode::ReadWrite,
                     !self.service.config.buffered,
+                    self.service.config.lock_manager.leg_claim(),
                 );
                 match opened {
-                    Ok(l) => match a.add_leg(Arc::new(l) as Arc<dyn Leg>) {
+                    Ok(l) => match a.add_leg(Arc::new(FencedLeg::new(
+                        Arc::new(l),
+                        self.service.fence.clone(),
+                    )) as Arc<dyn Leg>)
+                    {
                         Ok(slot) => Response::ok(format!(
                             "leg {leg} added to slot {slot}: full recovery started"
                         )),

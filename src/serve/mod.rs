@@ -2,10 +2,11 @@
 //! SIGTERM, run the bitmap daemon and resync, answer the control socket.
 
 pub mod control;
+pub mod rejoin;
 mod resync;
 
 use crate::raid1::Array;
-use crate::storage::{Faults, FaultyLeg, FileLeg, Leg, OpenMode};
+use crate::storage::{Claim, Faults, FaultyLeg, Fence, FencedLeg, FileLeg, Leg, OpenMode};
 use crate::vhost::{BlockBackend, BlockConfig};
 use log::{error, info, warn};
 use std::path::{Path, PathBuf};
@@ -55,6 +56,17 @@ pub enum LockManager {
     Dlm,
 }
 
+impl LockManager {
+    /// How a node with this lock manager holds its legs on this host: the only node
+    /// alone, cluster nodes shared with the other nodes here.
+    pub fn leg_claim(&self) -> Claim {
+        match self {
+            LockManager::Local => Claim::Exclusive,
+            LockManager::Lockd(_) | LockManager::Dlm => Claim::Shared,
+        }
+    }
+}
+
 /// A fault to inject into one leg (for drills and tests).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FaultSpec {
@@ -87,14 +99,22 @@ pub struct Service {
     pub config: ServeConfig,
     /// This node of the cluster, unless the array is served alone.
     pub cluster: Option<Arc<crate::cluster::node::ClusterNode>>,
+    /// Raised when this node may no longer write.
+    pub fence: Arc<Fence>,
 }
 
-/// Opens the legs for serving.
-pub fn open_legs(config: &ServeConfig) -> Result<Vec<Arc<dyn Leg>>, String> {
+/// Opens the legs for serving: claimed on this host for the whole run (see
+/// [`LockManager::leg_claim`]) and writing nothing once `fence` is raised.
+pub fn open_legs(config: &ServeConfig, fence: &Arc<Fence>) -> Result<Vec<Arc<dyn Leg>>, String> {
     let mut legs: Vec<Arc<dyn Leg>> = Vec::new();
     for (i, p) in config.legs.iter().enumerate() {
-        let leg = FileLeg::open_with(p, OpenMode::ReadWrite, !config.buffered)
-            .map_err(|e| format!("leg {}: cannot open: {e}", p.display()))?;
+        let leg = FileLeg::open_with(
+            p,
+            OpenMode::ReadWrite,
+            !config.buffered,
+            config.lock_manager.leg_claim(),
+        )
+        .map_err(|e| format!("leg {}: cannot open: {e}", p.display()))?;
         let leg: Arc<dyn Leg> = Arc::new(leg);
         let leg = match config.faults.iter().find(|(n, _)| *n == i) {
             Some((_, spec)) => {
@@ -111,9 +131,56 @@ pub fn open_legs(config: &ServeConfig) -> Result<Vec<Arc<dyn Leg>>, String> {
             }
             None => leg,
         };
-        legs.push(leg);
+        legs.push(Arc::new(FencedLeg::new(leg, fence.clone())));
     }
     Ok(legs)
+}
+
+/// Joins the lockspace `name` on the lockd at `path`. Losing lockd loses every
+/// lock: the node is fenced at once, and once another lockd answers on `path` it
+/// asks the main thread (`rejoin`, SIGUSR2) to start over. A node that is
+/// `rejoining` waits for lockd to answer (5 minutes at most) instead of failing.
+fn connect_lockd(
+    path: &Path,
+    name: &str,
+    fence: &Arc<Fence>,
+    rejoin: &Arc<AtomicBool>,
+    rejoining: bool,
+) -> Result<crate::dlm::lockd::LockdMember, String> {
+    use crate::dlm::lockd::LockdMember;
+    let start = std::time::Instant::now();
+    let mut said = None;
+    let m = loop {
+        match LockdMember::connect(path, name, crate::dlm::libdlm::LVB_LEN) {
+            Ok(m) => break m,
+            Err(e) if rejoining && start.elapsed() < Duration::from_secs(300) => {
+                if said.is_none_or(|t: std::time::Instant| t.elapsed() > Duration::from_secs(10)) {
+                    warn!("rejoining: {e}; trying again");
+                    said = Some(std::time::Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let (fence, rejoin) = (fence.clone(), rejoin.clone());
+    let lm = LockManager::Lockd(path.to_path_buf());
+    let gone = m.daemon_pid();
+    m.on_lost(Box::new(move |why| {
+        if !fence.raise(&format!("lock manager lost ({why})")) {
+            return;
+        }
+        let never = Arc::new(AtomicBool::new(false));
+        let watching = rejoin::watch_for_return(lm, gone, never, move || {
+            rejoin.store(true, Ordering::SeqCst);
+            // SAFETY: kill(2) of our own pid with a signal the main thread handles.
+            unsafe { libc::kill(libc::getpid(), libc::SIGUSR2) };
+        });
+        if let Err(e) = watching {
+            error!("cannot watch for the lock manager: {e}");
+        }
+    }));
+    Ok(m)
 }
 
 /// Looks in `dirs` (image files, block devices) for the leg whose md superblock
@@ -122,6 +189,7 @@ fn find_device(
     dirs: &[PathBuf],
     device_uuid: &crate::md::Uuid,
     direct: bool,
+    fence: &Arc<Fence>,
 ) -> Option<Arc<dyn Leg>> {
     use std::os::unix::fs::{FileExt, FileTypeExt};
     let mut seen = std::collections::HashSet::new();
@@ -151,10 +219,12 @@ fn find_device(
             match crate::md::Superblock::decode(&buf) {
                 Ok(sb) if sb.device_uuid == *device_uuid => {
                     info!("found the new leg at {}", path.display());
-                    return FileLeg::open_with(&path, OpenMode::ReadWrite, direct)
+                    return FileLeg::open_with(&path, OpenMode::ReadWrite, direct, Claim::Shared)
                         .map_err(|e| warn!("leg {}: cannot open: {e}", path.display()))
                         .ok()
-                        .map(|l| Arc::new(l) as Arc<dyn Leg>);
+                        .map(|l| {
+                            Arc::new(FencedLeg::new(Arc::new(l), fence.clone())) as Arc<dyn Leg>
+                        });
                 }
                 _ => {}
             }
@@ -172,7 +242,12 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
                 .map_err(|e| format!("socket directory {}: {e}", dir.display()))?;
         }
     }
-    let legs = open_legs(&config)?;
+    // A restart to rejoin after the lock manager came back (see `rejoin`).
+    let rejoining = std::env::var_os(rejoin::LISTEN_FD_ENV).is_some();
+    let fence = Fence::new();
+    let legs = open_legs(&config, &fence)?;
+    // Set by the thread that saw the lock manager come back: restart to rejoin.
+    let rejoin = Arc::new(AtomicBool::new(false));
     // Membership in our corosync group (lock manager `dlm`): kept until the lockspace
     // is released (declared before `cluster`, so dropped after it).
     let mut _our_group: Option<crate::dlm::cpg::OurGroup> = None;
@@ -181,6 +256,15 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     let (array, left_out, cluster) = match &config.lock_manager {
         LockManager::Local => {
             let (array, report) = Array::assemble(legs).map_err(|e| e.to_string())?;
+            if array.clustered {
+                // Checked before anything is written: the other nodes of a
+                // clustered array cannot see this process's locks.
+                return Err(format!(
+                    "array {} is clustered ({} node slots): its other nodes cannot see a local lock manager; serve it with --lock-manager dlm (hosts sharing the legs) or --lock-manager lockd:PATH (nodes on this host)",
+                    array.uuid,
+                    array.bitmap.superblock().nodes
+                ));
+            }
             let array = Arc::new(array);
             // The only node: every other node slot's dirty bits are ours to resync.
             let taken = array
@@ -197,14 +281,10 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
                 .map_err(|e| format!("leg {}: {e}", first.name()))?;
             let name = sb.set_uuid.lockspace_name();
             let ls: Arc<dyn crate::dlm::LockSpace> = match &config.lock_manager {
-                LockManager::Lockd(path) => Arc::new(
-                    crate::dlm::lockd::LockdMember::connect(
-                        path,
-                        &name,
-                        crate::dlm::libdlm::LVB_LEN,
-                    )
-                    .map_err(|e| e.to_string())?,
-                ),
+                LockManager::Lockd(path) => {
+                    let m = connect_lockd(path, &name, &fence, &rejoin, rejoining)?;
+                    Arc::new(m)
+                }
                 _ => {
                     let uuid = sb.set_uuid.to_string();
                     // Both checks come before the DLM is touched: on this host the DLM
@@ -235,7 +315,8 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
                 .chain(std::iter::once(PathBuf::from("/dev/disk/by-id")))
                 .collect();
             let direct = !config.buffered;
-            node.set_device_finder(Box::new(move |uuid| find_device(&dirs, uuid, direct)));
+            let f = fence.clone();
+            node.set_device_finder(Box::new(move |uuid| find_device(&dirs, uuid, direct, &f)));
             let node = Arc::new(node);
             if let Some(g) = &_our_group {
                 let weak = Arc::downgrade(&node);
@@ -248,6 +329,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             (node.array.clone(), Vec::new(), Some(node))
         }
     };
+    array.set_fence(fence.clone());
     array
         .counters
         .resync_max_rate
@@ -307,6 +389,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         stopping: stopping.clone(),
         config: config.clone(),
         cluster: cluster.clone(),
+        fence: fence.clone(),
     });
     array.set_detached(left_out);
 
@@ -327,6 +410,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGUSR2,
     ])
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
 
@@ -334,8 +418,13 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     let be = backend.clone();
     let stop = stopping.clone();
     // Bind once before announcing, so a wrong path fails the start-up.
-    let listener =
-        Listener::new(&socket, true).map_err(|e| format!("socket {}: {e}", socket.display()))?;
+    let listener = match rejoin::inherited_listener(&socket) {
+        Some(l) => Listener::from(l),
+        None => {
+            Listener::new(&socket, true).map_err(|e| format!("socket {}: {e}", socket.display()))?
+        }
+    };
+    let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     std::thread::Builder::new()
         .name("vhost-user".into())
         .spawn(move || serve_connections(be, listener, stop))
@@ -353,9 +442,26 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         config.queues
     ));
 
-    let sig = signals.forever().next();
-    info!("signal {sig:?}: shutting down");
+    let sig = loop {
+        let sig = signals.forever().next();
+        if sig == Some(signal_hook::consts::SIGUSR2) && !rejoin.load(Ordering::SeqCst) {
+            continue;
+        }
+        break sig;
+    };
     stopping.store(true, Ordering::SeqCst);
+    if rejoin.load(Ordering::SeqCst) {
+        // Fenced, and the lock manager is back: finish what is in flight (nothing
+        // new is written), then start over as a new node, keeping the socket.
+        info!("restarting to rejoin: draining the requests in flight");
+        backend.drain();
+        let _ = resync_thread.join();
+        let _ = daemon_thread.join();
+        let _ = std::fs::remove_file(&config.control);
+        let e = rejoin::reexec(listen_fd);
+        return Err(format!("cannot restart to rejoin the cluster: {e}"));
+    }
+    info!("signal {sig:?}: shutting down");
     backend.drain();
     let _ = resync_thread.join();
     let _ = daemon_thread.join();
@@ -455,6 +561,9 @@ fn spawn_bitmap_daemon(
                     continue;
                 }
                 waited = Duration::ZERO;
+                if array.is_fenced() {
+                    continue;
+                }
                 match array.bitmap_daemon_pass() {
                     Ok(0) => {}
                     Ok(n) => log::debug!("bitmap: cleared {n} chunks"),

@@ -82,7 +82,7 @@ fn run(array: &Array, progress: &ResyncProgress, stopping: &AtomicBool) {
     let mut cursor = 0;
     let mut last_log = Instant::now();
     while !stopping.load(Ordering::SeqCst) {
-        if array.copy_targets() == 0 {
+        if array.copy_targets() == 0 || array.is_fenced() {
             // Degraded to one leg: nothing to copy to until a leg is re-added.
             std::thread::sleep(Duration::from_millis(100));
             continue;
@@ -169,6 +169,11 @@ pub fn spawn_cluster(
         .name("cluster-resync".into())
         .spawn(move || {
             while !stopping.load(Ordering::SeqCst) {
+                if node.array.is_fenced() {
+                    // Writes nothing; the node restarts when the lock manager is back.
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
                 if let Ok(slot) = node.node.dead.recv_timeout(Duration::from_millis(100)) {
                     progress.active.store(true, Ordering::Relaxed);
                     match node.recover(slot) {

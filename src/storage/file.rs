@@ -1,6 +1,7 @@
 //! Legs on block devices and regular (image) files.
 
 use super::aligned::AlignedBuf;
+use super::claim::{self, Claim};
 use super::Leg;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
@@ -69,14 +70,20 @@ fn eof() -> io::Error {
 }
 
 impl FileLeg {
-    /// Opens `path` as a leg with buffered I/O.
+    /// Opens `path` as a leg with buffered I/O, without claiming it.
     pub fn open(path: &Path, mode: OpenMode) -> io::Result<FileLeg> {
-        Self::open_with(path, mode, false)
+        Self::open_with(path, mode, false, Claim::None)
     }
 
     /// Opens `path` as a leg; with `direct`, I/O bypasses the page cache (O_DIRECT)
-    /// when the file system supports it.
-    pub fn open_with(path: &Path, mode: OpenMode, direct: bool) -> io::Result<FileLeg> {
+    /// when the file system supports it. The leg is held with `claim` until it is
+    /// dropped; a leg another process holds is refused (`ResourceBusy`, naming it).
+    pub fn open_with(
+        path: &Path,
+        mode: OpenMode,
+        direct: bool,
+        claim: Claim,
+    ) -> io::Result<FileLeg> {
         let mut opts = OpenOptions::new();
         opts.read(true);
         match mode {
@@ -85,15 +92,25 @@ impl FileLeg {
                 opts.write(true);
             }
             OpenMode::CreateSize(_) => {
-                opts.write(true).create(true).truncate(false);
+                opts.write(true).create(true).truncate(false).mode(0o600);
             }
+        }
+        // An exclusive claim of a block device opens it O_EXCL (as md claims its
+        // members): the kernel then refuses other exclusive openers, mounts and md.
+        let is_block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        let excl = claim.open_flags(is_block);
+        if excl != 0 {
+            opts.custom_flags(excl);
         }
         let mut file = None;
         if direct {
             let mut d = opts.clone();
-            d.custom_flags(libc::O_DIRECT);
+            d.custom_flags(libc::O_DIRECT | excl);
             match d.open(path) {
                 Ok(f) => file = Some(f),
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && excl != 0 => {
+                    return Err(claim::exclusive_open_refused(path));
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     log::warn!(
                         "{}: direct I/O not supported here, using the page cache",
@@ -106,8 +123,12 @@ impl FileLeg {
         let direct = file.is_some();
         let file = match file {
             Some(f) => f,
-            None => opts.open(path)?,
+            None => opts.open(path).map_err(|e| match e.raw_os_error() {
+                Some(libc::EBUSY) if excl != 0 => claim::exclusive_open_refused(path),
+                _ => e,
+            })?,
         };
+        claim::take(&file, claim)?;
         let meta = file.metadata()?;
         let block_device = meta.file_type().is_block_device();
         let size = if block_device {

@@ -4,13 +4,17 @@
 //! put a fault-injecting or in-memory leg in place of a real one.
 
 mod aligned;
+mod claim;
 mod faulty;
+mod fence;
 mod file;
 mod mem;
 pub mod uring;
 
 pub use aligned::AlignedBuf;
+pub use claim::Claim;
 pub use faulty::{Faults, FaultyLeg};
+pub use fence::{Fence, FencedLeg};
 pub use file::{FileLeg, OpenMode};
 pub use mem::MemLeg;
 

@@ -333,7 +333,9 @@ impl BlockBackend {
         Context {
             array: &self.array,
             read_only: self.config.read_only,
-            not_writer: self.role.state() != RoleState::Held,
+            // A fenced node (lock manager lost, another host's heartbeat on the
+            // legs) writes nothing, whatever its role said.
+            not_writer: self.role.state() != RoleState::Held || self.array.is_fenced(),
             refused: Some(&self.writes_refused),
             writethrough: self.writethrough.load(Ordering::Relaxed),
             serial: self.serial,

@@ -1,0 +1,244 @@
+//! A node whose lock manager goes away is fenced: it writes nothing from then on
+//! (its slot and writer role are gone with the lock manager, and a node joining
+//! the restarted one may be granted them), says so in `status`, and rejoins once
+//! the lock manager is back. A clustered array refuses the local lock manager.
+
+mod common;
+
+use common::{bin, pattern, Client, Serve};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: usize = 64 * 1024;
+
+fn clustered(dir: &Path) -> Vec<PathBuf> {
+    let legs = vec![dir.join("a.img"), dir.join("b.img")];
+    let out = bin()
+        .args([
+            "create",
+            "--assume-clean",
+            "--cluster-name",
+            "fence",
+            "--size",
+            "64M",
+            "--bitmap-chunk",
+            "1M",
+        ])
+        .args(&legs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    legs
+}
+
+/// A lockd on `socket`, started anew on the same path when needed.
+fn lockd(socket: &Path) -> Child {
+    let _ = std::fs::remove_file(socket);
+    let c = bin()
+        .arg("lockd")
+        .arg("--socket")
+        .arg(socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "lockd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c
+}
+
+fn node(dir: &Path, name: &str, lockd: &Path, legs: &[PathBuf]) -> Serve {
+    let lm = format!("lockd:{}", lockd.display());
+    let mut args: Vec<&str> = vec!["--lock-manager", &lm, "--shared-writes"];
+    args.extend(legs.iter().map(|p| p.to_str().unwrap()));
+    Serve::start(&dir.join(format!("{name}.sock")), &args)
+}
+
+/// `status`, or `None` while the control socket does not answer (restarting).
+fn try_status(s: &Serve) -> Option<serde_json::Value> {
+    let out = bin()
+        .args(["status", "--format", "json"])
+        .arg(&s.socket)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+fn leg_bytes(path: &Path, off: u64, len: usize) -> Vec<u8> {
+    let data = common::data_area(path);
+    data[off as usize..off as usize + len].to_vec()
+}
+
+#[test]
+fn a_node_that_loses_its_lock_manager_writes_nothing_and_rejoins() {
+    let dir = tempfile::tempdir().unwrap();
+    let legs = clustered(dir.path());
+    let lsock = dir.path().join("lockd.sock");
+    let mut ld = lockd(&lsock);
+    let a = node(dir.path(), "a", &lsock, &legs);
+    let mut ca = Client::connect(&a.socket, 1, BLOCK);
+    ca.buf().copy_from_slice(&pattern(1, 0, BLOCK));
+    assert_eq!(ca.write(0, 0, 0, BLOCK), 0);
+    let slot_before = a.status()["node_slot"].as_u64().unwrap();
+
+    // The lock manager dies while the guest writes.
+    ld.kill().unwrap();
+    let killed = Instant::now();
+    ld.wait().unwrap();
+    let mut last_ok = None;
+    let mut first_refusal = None;
+    let mut i = 0u64;
+    while killed.elapsed() < Duration::from_secs(10) {
+        let off = MIB + (i % 64) * BLOCK as u64;
+        ca.buf().copy_from_slice(&pattern(2, off, BLOCK));
+        let ret = ca.write(0, off, 0, BLOCK);
+        if ret == 0 {
+            last_ok = Some(killed.elapsed());
+        } else {
+            first_refusal = Some(killed.elapsed());
+            break;
+        }
+        i += 1;
+    }
+    let first_refusal = first_refusal.expect("writes still succeed 10 s after lockd died");
+    eprintln!(
+        "lock manager killed: last acknowledged write {:?} after, first refused write {:?} after ({i} writes acknowledged in between)",
+        last_ok, first_refusal
+    );
+    let st = a.status();
+    assert_eq!(st["writer_role"], "fenced", "{st}");
+    assert!(
+        st["fenced"]
+            .as_str()
+            .unwrap_or("")
+            .contains("lock manager lost"),
+        "{st}"
+    );
+    // What the fenced node is asked to write lands nowhere.
+    let off = 8 * MIB;
+    ca.buf().copy_from_slice(&pattern(3, off, BLOCK));
+    assert_ne!(
+        ca.write(0, off, 0, BLOCK),
+        0,
+        "a fenced node acknowledged a write"
+    );
+    for leg in &legs {
+        assert_ne!(
+            leg_bytes(leg, off, BLOCK),
+            pattern(3, off, BLOCK),
+            "a fenced node wrote {}",
+            leg.display()
+        );
+    }
+    // Reads go on.
+    assert_eq!(ca.read(0, 0, 0, BLOCK), 0);
+    assert_eq!(ca.buf(), &pattern(1, 0, BLOCK)[..]);
+
+    // The lock manager comes back; another node joins it and writes.
+    let mut ld = lockd(&lsock);
+    let b = node(dir.path(), "b", &lsock, &legs);
+    let mut cb = Client::connect(&b.socket, 1, BLOCK);
+    let off = 16 * MIB;
+    cb.buf().copy_from_slice(&pattern(4, off, BLOCK));
+    assert_eq!(cb.write(0, off, 0, BLOCK), 0);
+
+    // Node a rejoins on its own: the same process (pid), a slot of the new lock
+    // manager, not fenced, and a front-end that connects anew writes and reads.
+    let pid = a.child.as_ref().unwrap().id();
+    let start = Instant::now();
+    let st = loop {
+        if let Some(st) = try_status(&a) {
+            if st["writer_role"] != "fenced" && st["cluster"].is_object() {
+                break st;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node a did not rejoin: {}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "node a rejoined {:?} after the lock manager came back (slot {} before, {} now)",
+        start.elapsed(),
+        slot_before,
+        st["node_slot"]
+    );
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    assert_ne!(
+        st["node_slot"],
+        b.status()["node_slot"],
+        "two nodes share a slot"
+    );
+    drop(ca);
+    let mut ca = Client::connect(&a.socket, 1, BLOCK);
+    assert_eq!(ca.read(0, off, 0, BLOCK), 0);
+    assert_eq!(
+        ca.buf(),
+        &pattern(4, off, BLOCK)[..],
+        "node a reads node b's write"
+    );
+    let off = 24 * MIB;
+    ca.buf().copy_from_slice(&pattern(5, off, BLOCK));
+    assert_eq!(ca.write(0, off, 0, BLOCK), 0);
+    assert_eq!(cb.read(0, off, 0, BLOCK), 0);
+    assert_eq!(cb.buf(), &pattern(5, off, BLOCK)[..]);
+    drop(ca);
+    drop(cb);
+    drop(a);
+    drop(b);
+    let _ = ld.kill();
+    let _ = ld.wait();
+}
+
+#[test]
+fn a_clustered_array_refuses_the_local_lock_manager() {
+    let dir = tempfile::tempdir().unwrap();
+    let legs = clustered(dir.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-md"))
+        .arg("serve")
+        .arg("--socket")
+        .arg(dir.path().join("s.sock"))
+        .args(&legs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let mut out = out;
+    let status = loop {
+        if let Some(st) = out.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = out.kill();
+            panic!("a clustered array was served with the local lock manager");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = String::from_utf8_lossy(&out.wait_with_output().unwrap().stderr).into_owned();
+    assert!(!status.success());
+    assert!(err.contains("--lock-manager dlm"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Nothing was written: both legs are still clean.
+    for leg in &legs {
+        let e = bin().args(["examine", "--json"]).arg(leg).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+        assert_eq!(v["legs"][0]["superblock"]["state"], "clean", "{v}");
+    }
+}
