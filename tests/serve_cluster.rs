@@ -5,8 +5,13 @@
 
 mod common;
 
+use common::vring::{connect, header, regions, set_up_vring, Guest, HIGH, T_OUT};
 use common::{bin, data_area, leg_state, pattern, Client, Lockd, Serve};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::VhostBackend;
+use vmm_sys_util::eventfd::EventFd;
 
 const MIB: u64 = 1 << 20;
 const BLOCK: usize = 64 * 1024;
@@ -567,6 +572,128 @@ fn one_node_writes_at_a_time_and_the_role_follows_the_front_end() {
         data_area(a)[..BLOCK] == pattern(3, 0, BLOCK)[..],
         "no refused write reached the legs"
     );
+}
+
+/// Node 1's front-end (a migration source) stops its ring while one of its writes
+/// is stalled on leg 1 (a device that stopped answering): GET_VRING_BASE waits for
+/// that write however long it takes (well past 30 s), node 1 keeps the writer role
+/// all that time, and node 2 (the destination) is refused it until the write landed.
+#[test]
+fn the_writer_role_stays_with_a_stopped_ring_until_its_last_write_landed() {
+    const LEN: usize = 16 << 10;
+    const STATUS: u64 = 0x2_0000;
+    const AT: u64 = 40 * MIB;
+    let lockd = Lockd::start();
+    let d = tempfile::tempdir().unwrap();
+    let legs = clustered(d.path(), 2, "64M");
+    let lm = format!("lockd:{}", lockd.socket.display());
+    let release = d.path().join("release-stall");
+    // Leg 1 bytes from 32 MiB on: past the metadata, before array byte AT.
+    let fault = format!(
+        "1:stall-writes-from={},stall-until-file={}",
+        32 * MIB,
+        release.display()
+    );
+    let mut args = vec!["--lock-manager", lm.as_str(), "--queues", "1"];
+    args.extend(legs.iter().map(|p| p.to_str().unwrap()));
+    let n2 = Serve::start(&d.path().join("n2.sock"), &args);
+    args.splice(0..0, ["--inject-fault", fault.as_str()]);
+    let n1 = Serve::start(&d.path().join("n1.sock"), &args);
+
+    let proto = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    let (mut fe, _) = connect(&n1.socket, proto);
+    let mut g = Guest::new();
+    let (low, high) = regions(&g);
+    fe.set_mem_table(&[low, high]).unwrap();
+    let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    set_up_vring(&mut fe, &g, 0, &kick, &call);
+    fe.set_vring_enable(0, true).unwrap();
+    assert_eq!(role(&n1), "held");
+
+    let buf = HIGH + 0x4_0000;
+    g.put(buf, &pattern(7, AT, LEN));
+    g.put(STATUS, &[0xff]);
+    let chain = vec![
+        (header(&g, 0, T_OUT, AT / 512), 16, false),
+        (buf, LEN as u32, false),
+        (STATUS, 1, true),
+    ];
+    g.publish(0, &[chain]);
+    kick.write(1).unwrap();
+    let start = Instant::now();
+    while !n1.log_text().contains("stalls until") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            n1.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(g.used_idx(), 0, "the stalled write completed");
+
+    // The source stops its ring (GET_VRING_BASE answers once the ring is idle).
+    let stop = std::thread::spawn(move || {
+        let base = fe.get_vring_base(0);
+        (fe, base)
+    });
+    let stopped_at = Instant::now();
+    let refused = |when: &str| {
+        let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
+        c2.buf()[..BLOCK].copy_from_slice(&pattern(8, 0, BLOCK));
+        assert_ne!(
+            c2.write(0, 0, 0, BLOCK),
+            0,
+            "{when}: node 2 writes while node 1's write is in flight"
+        );
+        assert_eq!(role(&n2), "refused", "{when}");
+        drop(c2);
+        n2.wait_for("node 2 forgets the refusal", |s| s["writer_role"] == "idle");
+    };
+    refused("at once");
+    // Longer than any time limit the back-end might put on the wait.
+    std::thread::sleep(Duration::from_secs(31).saturating_sub(stopped_at.elapsed()));
+    assert!(
+        !stop.is_finished(),
+        "GET_VRING_BASE answered with a write in flight"
+    );
+    refused("after 31 s");
+    assert_eq!(role(&n1), "held");
+    assert_eq!(g.used_idx(), 0);
+
+    // The leg answers: the write lands, completes, and only then does the role go.
+    std::fs::File::create(&release).unwrap();
+    let (_fe, base) = stop.join().unwrap();
+    let held = stopped_at.elapsed();
+    assert_eq!(base.unwrap(), 1);
+    assert_eq!(g.used_idx(), 1, "the write completed before GET_VRING_BASE");
+    assert_eq!(g.get(STATUS, 1)[0], 0, "the write succeeded");
+    let sb = vhost_user_md::md::Superblock::decode(&std::fs::read(&legs[1]).unwrap()[4096..8192])
+        .unwrap();
+    let on_leg1 = std::fs::read(&legs[1]).unwrap();
+    let at = (sb.data_offset * 512 + AT) as usize;
+    assert!(
+        on_leg1[at..at + LEN] == pattern(7, AT, LEN)[..],
+        "the stalled write is on leg 1 when GET_VRING_BASE answers"
+    );
+    n1.wait_for("node 1 gives the role back", |s| s["writer_role"] == "idle");
+    assert!(
+        n1.log_text()
+            .contains("GET_VRING_BASE: still waiting for requests in flight (1) after 30 s"),
+        "{}",
+        n1.log_text()
+    );
+    eprintln!("node 1 held the role {held:?} after GET_VRING_BASE");
+
+    let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
+    assert_eq!(c2.read(0, AT, 0, LEN), 0);
+    assert!(
+        c2.buf()[..LEN] == pattern(7, AT, LEN)[..],
+        "node 2 reads node 1's last write"
+    );
+    write_pattern(&mut c2, 9, 0, MIB);
+    assert_eq!(role(&n2), "held");
 }
 
 #[test]

@@ -51,7 +51,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub shared_writes: bool,
     /// Fault drill: make leg INDEX fail, e.g. `1:writes-after=500` or `0:reads`, or
-    /// stall its writes at or beyond a byte offset (`1:stall-writes-from=33554432`).
+    /// stall its writes at or beyond a byte offset (`1:stall-writes-from=33554432`),
+    /// until a file exists (`1:stall-writes-from=33554432,stall-until-file=PATH`).
     #[arg(long, value_name = "INDEX:FAULT", value_parser = parse_fault, hide = true)]
     pub inject_fault: Vec<(usize, FaultSpec)>,
     /// Legs: block devices or image files.
@@ -87,9 +88,11 @@ fn parse_fault(s: &str) -> Result<(usize, FaultSpec), String> {
             spec.writes_after = Some(n.parse().map_err(|_| format!("{n:?} is not a number"))?);
         } else if let Some(n) = part.strip_prefix("stall-writes-from=") {
             spec.stall_writes_from = Some(n.parse().map_err(|_| format!("{n:?} is not a number"))?);
+        } else if let Some(p) = part.strip_prefix("stall-until-file=") {
+            spec.stall_until_file = Some(PathBuf::from(p));
         } else {
             return Err(format!(
-                "unknown fault {part:?}: use reads, writes-after=N or stall-writes-from=BYTE"
+                "unknown fault {part:?}: use reads, writes-after=N, stall-writes-from=BYTE or stall-until-file=PATH"
             ));
         }
     }

@@ -4,6 +4,7 @@
 //! that direct I/O cannot take, go through the synchronous path instead.
 
 use super::array::{Array, LegState, Member};
+use super::offload::Offloaded;
 use crate::storage::uring::{Cqe, Ring};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
@@ -54,6 +55,9 @@ pub struct AsyncIo {
     cqes: Vec<Cqe>,
     /// Writes waiting for a chunk's resync to end.
     deferred: Vec<(Token, u64, Vec<libc::iovec>)>,
+    /// Leg writes running on threads of their own (slow legs), and their results.
+    offloaded: Arc<Offloaded>,
+    offloaded_running: usize,
 }
 
 // SAFETY: the deferred iovecs point to guest memory the submitter keeps valid until
@@ -65,13 +69,17 @@ const LEG_BITS: u32 = 8;
 impl AsyncIo {
     /// A ring with `entries` slots.
     pub fn new(entries: u32) -> io::Result<AsyncIo> {
+        let ring = Ring::new(entries)?;
+        let offloaded = Arc::new(Offloaded::new(ring.waker()?));
         Ok(AsyncIo {
-            ring: Ring::new(entries)?,
+            ring,
             ops: Vec::new(),
             free: Vec::new(),
             done: Vec::new(),
             cqes: Vec::new(),
             deferred: Vec::new(),
+            offloaded,
+            offloaded_running: 0,
         })
     }
 
@@ -118,6 +126,9 @@ impl AsyncIo {
         self.retry_deferred(array);
         let mut cqes = std::mem::take(&mut self.cqes);
         self.ring.reap(&mut cqes);
+        let slow = self.offloaded.take();
+        self.offloaded_running = self.offloaded_running.saturating_sub(slow.len());
+        cqes.extend(slow);
         for c in cqes.drain(..) {
             self.complete_one(array, c);
         }
@@ -136,7 +147,8 @@ impl AsyncIo {
     /// Waits for and processes completions until nothing is in flight.
     pub fn drain(&mut self, array: &Array) -> io::Result<()> {
         while self.in_flight() > 0 {
-            if self.ops.len() > self.free.len() {
+            // Offloaded writes do not complete through the kernel: poll for them.
+            if self.ops.len() > self.free.len() && self.offloaded_running == 0 {
                 self.ring.wait()?;
             } else {
                 std::thread::sleep(std::time::Duration::from_millis(1));
@@ -440,6 +452,17 @@ impl Array {
                     Ok(()) => continue,
                     Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
                 },
+                None if m.leg.slow_writes() => {
+                    // SAFETY: as above: the op keeps the iovecs until this leg's
+                    // completion is taken.
+                    match unsafe { io.offloaded.write(m.leg.clone(), iovs, off, tag) } {
+                        Ok(()) => {
+                            io.offloaded_running += 1;
+                            continue;
+                        }
+                        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                    }
+                }
                 None => {
                     // SAFETY: as above.
                     let bufs = unsafe { as_slices(iovs) };

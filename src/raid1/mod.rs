@@ -5,6 +5,7 @@ pub mod aio;
 pub mod array;
 pub mod manage;
 pub mod metadata;
+mod offload;
 
 pub use aio::AsyncIo;
 pub use array::{Array, AssembleError, AssembleReport, LegState, Member};

@@ -68,7 +68,7 @@ impl LockManager {
 }
 
 /// A fault to inject into one leg (for drills and tests).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FaultSpec {
     /// Fail every write after this many.
     pub writes_after: Option<i64>,
@@ -76,6 +76,9 @@ pub struct FaultSpec {
     pub fail_reads: bool,
     /// Writes at or beyond this byte offset of the leg block until the process ends.
     pub stall_writes_from: Option<u64>,
+    /// Stalled writes wait until this file exists instead, off the worker thread
+    /// (the leg then acts as a device that stopped answering its io_uring).
+    pub stall_until_file: Option<PathBuf>,
 }
 
 /// The control path that goes with a vhost-user socket path.
@@ -125,6 +128,9 @@ pub fn open_legs(config: &ServeConfig, fence: &Arc<Fence>) -> Result<Vec<Arc<dyn
                 f.fail_reads.store(spec.fail_reads, Ordering::Relaxed);
                 if let Some(off) = spec.stall_writes_from {
                     f.stall_writes_from.store(off.max(1), Ordering::Relaxed);
+                }
+                if let Some(p) = &spec.stall_until_file {
+                    let _ = f.stall_until.set(p.clone());
                 }
                 warn!("leg {}: fault drill active: {spec:?}", p.display());
                 Arc::new(FaultyLeg::new(leg, f)) as Arc<dyn Leg>

@@ -2,8 +2,10 @@
 
 use super::Leg;
 use std::io::{self, IoSlice, IoSliceMut};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 /// Fault knobs and counters, shared with whoever drives the drill.
 #[derive(Debug, Default)]
@@ -17,6 +19,10 @@ pub struct Faults {
     /// Writes at or beyond this byte offset of the leg never finish: the writing
     /// thread blocks until the process ends (0: off). For crash drills.
     pub stall_writes_from: AtomicU64,
+    /// When set, a stalled write waits until this file exists instead, and the
+    /// leg asks for its writes to run off the worker thread: the write stays in
+    /// flight as on a device that stopped answering (see [`Leg::slow_writes`]).
+    pub stall_until: OnceLock<PathBuf>,
     /// Bytes written through the wrapper.
     pub bytes_written: AtomicU64,
     /// Bytes read through the wrapper.
@@ -36,15 +42,27 @@ impl Faults {
         self.writes_until_failure.store(0, Ordering::Relaxed);
     }
 
-    /// Blocks forever when a write of `len` bytes at `off` is to stall.
+    /// Blocks when a write at `off` is to stall: until the release file exists, or
+    /// forever.
     fn maybe_stall(&self, off: u64) {
         let from = self.stall_writes_from.load(Ordering::Relaxed);
-        if from != 0 && off >= from {
+        if from == 0 || off < from {
+            return;
+        }
+        let Some(until) = self.stall_until.get() else {
             log::warn!("fault drill: write at byte {off} stalls until the process ends");
             loop {
-                std::thread::sleep(std::time::Duration::from_secs(3600));
+                std::thread::sleep(Duration::from_secs(3600));
             }
+        };
+        log::warn!(
+            "fault drill: write at byte {off} stalls until {} exists",
+            until.display()
+        );
+        while !until.exists() {
+            std::thread::sleep(Duration::from_millis(20));
         }
+        log::warn!("fault drill: write at byte {off} released");
     }
 
     fn write_allowed(&self) -> bool {
@@ -83,6 +101,10 @@ impl Leg for FaultyLeg {
 
     fn size(&self) -> u64 {
         self.inner.size()
+    }
+
+    fn slow_writes(&self) -> bool {
+        self.faults.stall_until.get().is_some() || self.inner.slow_writes()
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {

@@ -59,6 +59,12 @@ pub trait Leg: Send + Sync {
     fn raw_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
         None
     }
+    /// Whether a write may block for long (without [`Leg::raw_fd`]): the
+    /// asynchronous path then runs it on a thread of its own, so the worker goes
+    /// on taking requests as it does while a device answers an io_uring late.
+    fn slow_writes(&self) -> bool {
+        false
+    }
 }
 
 /// Reads `len` bytes at `off`, failing with `UnexpectedEof` when the leg is shorter.

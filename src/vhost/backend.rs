@@ -40,6 +40,9 @@ pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Largest segment (`size_max`).
 pub const SIZE_MAX: u32 = 1 << 20;
 
+/// How often a wait for requests in flight says it still waits.
+const STILL_WAITING_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What the device is.
 #[derive(Debug, Clone)]
 pub struct BlockConfig {
@@ -123,8 +126,13 @@ pub struct BlockBackend {
     role: Arc<WriterRole>,
     /// Queues the front-end started (bit per queue), since their last stop.
     started: Mutex<u64>,
-    /// One asynchronous I/O state per queue (`None`: synchronous I/O).
+    /// One asynchronous I/O state per queue (`None`: synchronous I/O). A worker
+    /// holds its queue's lock while it takes and runs requests, synchronous ones
+    /// included.
     queues: Vec<Mutex<Option<QueueState>>>,
+    /// Queues stopped (GET_VRING_BASE, front-end gone): they take no request until
+    /// the front-end starts them again. Changed under the queue's lock.
+    stopped: Vec<AtomicBool>,
     /// The front-end's inflight buffer (`SET_INFLIGHT_FD`), if any.
     inflight: RwLock<Option<Arc<InflightRegion>>>,
 }
@@ -143,6 +151,7 @@ impl BlockBackend {
     pub fn new(array: Arc<Array>, config: BlockConfig) -> BlockBackend {
         BlockBackend {
             queues: (0..config.queues).map(|_| Mutex::new(None)).collect(),
+            stopped: (0..config.queues).map(|_| AtomicBool::new(false)).collect(),
             serial: serial_of(&array),
             array,
             config,
@@ -177,6 +186,7 @@ impl BlockBackend {
     /// The front-end started queue `qi`: the first started queue takes the writer
     /// role (a read-only disk never does).
     fn take_writer_role(&self, qi: usize) {
+        self.set_stopped(qi, false);
         let bit = queue_bit(qi);
         let mut started = lock(&self.started);
         if *started & bit != 0 {
@@ -188,13 +198,27 @@ impl BlockBackend {
         }
     }
 
-    /// Queue `qi` was stopped (its requests finished): once no queue runs, the
-    /// writer role goes back.
+    /// Queue `qi` was stopped and its requests finished: once no queue runs and
+    /// none has a request in flight, the writer role goes back.
     fn give_back_writer_role(&self, qi: usize) {
         let mut started = lock(&self.started);
         *started &= !queue_bit(qi);
-        if *started == 0 {
-            self.role.release();
+        if *started != 0 {
+            return;
+        }
+        // Stopped queues take no new request: this ends.
+        for i in 0..self.queues.len() {
+            self.wait_idle(i, "before giving the writer role back");
+        }
+        self.role.release();
+    }
+
+    /// Marks queue `qi` stopped or not. Stopping waits for the request its worker
+    /// runs, if any: none runs after this (synchronous I/O included).
+    fn set_stopped(&self, qi: usize, stopped: bool) {
+        if let (Some(q), Some(flag)) = (self.queues.get(qi), self.stopped.get(qi)) {
+            let _running = lock(q);
+            flag.store(stopped, Ordering::SeqCst);
         }
     }
 
@@ -235,19 +259,34 @@ impl BlockBackend {
         self.config.queues as u64 + 1
     }
 
-    /// Waits until queue `i` has no request in flight (at most `limit`).
-    fn wait_idle(&self, i: usize, limit: std::time::Duration) -> bool {
+    /// Waits until queue `i` has no request in flight, however long that takes
+    /// (a leg that stopped answering, writes held by another node's resync): a
+    /// request given up on could still land after another node took over. Says
+    /// every few seconds what it waits for (`why`).
+    fn wait_idle(&self, i: usize, why: &str) {
         let start = std::time::Instant::now();
+        let mut next_warning = STILL_WAITING_EVERY;
         loop {
             let busy = self
                 .queues
                 .get(i)
-                .is_some_and(|q| lock(q).as_ref().is_some_and(|s| s.in_flight() > 0));
-            if !busy {
-                return true;
+                .and_then(|q| lock(q).as_ref().map(QueueState::in_flight))
+                .unwrap_or(0);
+            if busy == 0 {
+                if start.elapsed() >= STILL_WAITING_EVERY {
+                    info!(
+                        "queue {i}: the last request in flight ended after {:.1} s",
+                        start.elapsed().as_secs_f64()
+                    );
+                }
+                return;
             }
-            if start.elapsed() > limit {
-                return false;
+            if start.elapsed() >= next_warning {
+                warn!(
+                    "queue {i}: {why}: still waiting for requests in flight ({busy}) after {} s",
+                    next_warning.as_secs()
+                );
+                next_warning += STILL_WAITING_EVERY;
             }
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
@@ -258,9 +297,12 @@ impl BlockBackend {
     pub fn abandon_in_flight(&self) {
         self.log_all.store(false, Ordering::SeqCst);
         lock(&self.log_carrier).clear();
-        for q in &self.queues {
+        for (q, stopped) in self.queues.iter().zip(&self.stopped) {
+            // Waits for the request a worker runs; no other starts after this.
             let mut g = lock(q);
+            stopped.store(true, Ordering::SeqCst);
             if let Some(s) = g.as_mut() {
+                // No time limit: the role must not go while one of ours is on a leg.
                 if let Err(e) = s.io.drain(&self.array) {
                     warn!("draining in-flight I/O: {e}");
                 }
@@ -298,9 +340,7 @@ impl BlockBackend {
         self.stopping.store(true, Ordering::SeqCst);
         drop(self.io_gate.write().unwrap_or_else(|e| e.into_inner()));
         for i in 0..self.queues.len() {
-            if !self.wait_idle(i, std::time::Duration::from_secs(30)) {
-                warn!("queue {i}: requests still in flight after 30 s");
-            }
+            self.wait_idle(i, "shutting down");
         }
     }
 
@@ -357,8 +397,12 @@ impl BlockBackend {
     /// Takes every available request of `vring`: synchronous ones complete here, reads,
     /// writes and flushes are submitted. Returns whether to signal the guest.
     fn process_queue(&self, qi: usize, vring: &Vring, mem: &Arc<Mem>) -> io::Result<bool> {
-        let ctx = self.context();
         let mut qs = lock(&self.queues[qi]);
+        if self.stopped[qi].load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        // After the queue lock: a stop (and the role's release) waits for us.
+        let ctx = self.context();
         let mut state = vring.get_mut();
         let mut used_any = false;
         let region = self.inflight_region();
@@ -630,14 +674,16 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // GET_VRING_BASE: finish every request in flight first, so nothing is half
-        // done when another back-end (e.g. a migration destination) takes over.
-        // Then the writer role goes back once no queue runs: the destination takes
-        // it when its front-end starts the vrings.
-        if !self.wait_idle(queue_index as usize, std::time::Duration::from_secs(30)) {
-            warn!("queue {queue_index}: requests still in flight after 30 s at vring stop");
-        }
-        self.give_back_writer_role(queue_index as usize);
+        // GET_VRING_BASE: the ring takes no more requests, and every request in
+        // flight ends first, with no time limit (as QEMU's own drain waits): a
+        // request given up on could land after a migration destination's writes,
+        // and a read ending later would write guest memory and the used ring after
+        // the front-end took the ring back. Then the writer role goes back once no
+        // queue runs: the destination takes it when its front-end starts the vrings.
+        let qi = queue_index as usize;
+        self.set_stopped(qi, true);
+        self.wait_idle(qi, "GET_VRING_BASE");
+        self.give_back_writer_role(qi);
         Ok(())
     }
 

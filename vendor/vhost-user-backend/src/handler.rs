@@ -305,6 +305,37 @@ where
     }
 }
 
+// Local patch: a region that extends beyond the end of its file would be mapped
+// anyway, and the first access to the part past the end would kill the process with
+// SIGBUS. Refuse it before mapping. Only regular files (memfd, tmpfs, hugetlbfs
+// included) have a size that tells; other descriptors are not checked.
+fn check_region_fits(region: &VhostUserMemoryRegion, file: &File) -> VhostUserResult<()> {
+    let meta = file.metadata().map_err(VhostUserError::ReqHandlerError)?;
+    if !meta.file_type().is_file() {
+        return Ok(());
+    }
+    // Copies: the message struct is packed.
+    let (gpa, size, offset) = (
+        region.guest_phys_addr,
+        region.memory_size,
+        region.mmap_offset,
+    );
+    match offset.checked_add(size) {
+        Some(end) if end <= meta.len() => Ok(()),
+        _ => Err(VhostUserError::ReqHandlerError(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "memory region at guest address {:#x}: {:#x} bytes at file offset {:#x} \
+                 reach beyond the end of its file ({:#x} bytes)",
+                gpa,
+                size,
+                offset,
+                meta.len()
+            ),
+        ))),
+    }
+}
+
 impl<T: VhostUserBackend> VhostUserBackendReqHandlerMut for VhostUserHandler<T>
 where
     T::Bitmap: BitmapReplace + NewBitmap + Clone,
@@ -385,6 +416,11 @@ where
         #[cfg(not(feature = "postcopy"))]
         if postcopy_listening.is_some() {
             return Err(VhostUserError::InvalidOperation("postcopy not enabled"));
+        }
+
+        // Local patch: check every region before mapping any.
+        for (region, file) in ctx.iter().zip(&files) {
+            check_region_fits(region, file)?;
         }
 
         // We need to create tuple of ranges from the list of VhostUserMemoryRegion
@@ -702,6 +738,9 @@ where
         if postcopy_listening.is_some() {
             return Err(VhostUserError::InvalidOperation("postcopy not enabled"));
         }
+
+        // Local patch: refuse a region beyond the end of its file.
+        check_region_fits(region, &file)?;
 
         let guest_region = Arc::new(
             GuestRegionMmap::new(
