@@ -85,7 +85,8 @@ impl FileLeg {
                 opts.write(true);
             }
             OpenMode::CreateSize(_) => {
-                opts.write(true).create(true).truncate(false);
+                // A new image holds a guest's disk: readable by its owner only.
+                opts.write(true).create(true).truncate(false).mode(0o600);
             }
         }
         let mut file = None;
