@@ -1,13 +1,18 @@
 //! `serve`: assemble the mirror, serve it over a vhost-user socket until SIGINT or
 //! SIGTERM, run the bitmap daemon and resync, answer the control socket.
+//!
+//! Both sockets are made before the legs are touched: a path that is not a socket,
+//! or a socket another process serves, stops the start with the array untouched.
 
 pub mod control;
 mod resync;
 
 use crate::raid1::Array;
 use crate::storage::{Faults, FaultyLeg, FileLeg, Leg, OpenMode};
+use crate::unixsock::{self, Perms};
 use crate::vhost::{BlockBackend, BlockConfig};
 use log::{error, info, warn};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,6 +29,9 @@ pub use resync::ResyncProgress;
 pub struct ServeConfig {
     /// vhost-user socket path.
     pub socket: PathBuf,
+    /// Owner and mode of the vhost-user socket (the control socket is always 0600,
+    /// owned by this process's user).
+    pub socket_perms: Perms,
     /// Control socket path.
     pub control: PathBuf,
     /// Virtqueues.
@@ -71,6 +79,34 @@ pub fn control_path(socket: &Path) -> PathBuf {
     let mut s = socket.as_os_str().to_owned();
     s.push(".ctl");
     PathBuf::from(s)
+}
+
+/// The two sockets of a `serve`, listening; their paths are removed when dropped
+/// (while they still name these sockets).
+pub struct Sockets {
+    vhost: UnixListener,
+    control: UnixListener,
+    _paths: [unixsock::Bound; 2],
+}
+
+/// Makes the vhost-user socket and the control socket of `config` (and their
+/// directories): refuses a path that is not a socket or a socket in use.
+pub fn bind_sockets(config: &ServeConfig) -> Result<Sockets, String> {
+    for path in [&config.socket, &config.control] {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("socket directory {}: {e}", dir.display()))?;
+        }
+    }
+    let (vhost, vhost_path) =
+        unixsock::listen(&config.socket, config.socket_perms).map_err(|e| e.to_string())?;
+    let (control, control_path) =
+        unixsock::listen(&config.control, Perms::PRIVATE).map_err(|e| e.to_string())?;
+    Ok(Sockets {
+        vhost,
+        control,
+        _paths: [vhost_path, control_path],
+    })
 }
 
 /// Shared state of a running `serve`.
@@ -163,15 +199,14 @@ fn find_device(
     None
 }
 
-/// Runs `serve` until a signal; returns the process exit status message on errors
-/// that prevent starting.
-pub fn run(config: ServeConfig) -> Result<(), String> {
-    for path in [&config.socket, &config.control] {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("socket directory {}: {e}", dir.display()))?;
-        }
-    }
+/// Runs `serve` on `sockets` (from [`bind_sockets`]) until a signal; returns the
+/// process exit status message on errors that prevent starting.
+pub fn run(config: ServeConfig, sockets: Sockets) -> Result<(), String> {
+    let Sockets {
+        vhost,
+        control,
+        _paths: socket_paths,
+    } = sockets;
     let legs = open_legs(&config)?;
     // Membership in our corosync group (lock manager `dlm`): kept until the lockspace
     // is released (declared before `cluster`, so dropped after it).
@@ -252,6 +287,14 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         .counters
         .resync_max_rate
         .store(config.resync_max_rate, Ordering::Relaxed);
+    // From here on a signal stops us through the clean shutdown below.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGUSR1,
+    ])
+    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     array
         .mark_active()
         .map_err(|e| format!("cannot mark the array active: {e}"))?;
@@ -317,25 +360,15 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     .map_err(|e| format!("cannot start the resync thread: {e}"))?;
     let daemon_thread = spawn_bitmap_daemon(array.clone(), stopping.clone())
         .map_err(|e| format!("cannot start the bitmap thread: {e}"))?;
-    let control = control::Server::bind(&config.control, service.clone())
-        .map_err(|e| format!("control socket {}: {e}", config.control.display()))?;
+    let control = control::Server::new(control, service.clone());
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || control.run())
         .map_err(|e| e.to_string())?;
 
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-
-    let socket = config.socket.clone();
     let be = backend.clone();
     let stop = stopping.clone();
-    // Bind once before announcing, so a wrong path fails the start-up.
-    let listener =
-        Listener::new(&socket, true).map_err(|e| format!("socket {}: {e}", socket.display()))?;
+    let listener = Listener::from(vhost);
     std::thread::Builder::new()
         .name("vhost-user".into())
         .spawn(move || serve_connections(be, listener, stop))
@@ -353,7 +386,15 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         config.queues
     ));
 
-    let sig = signals.forever().next();
+    let sig = signals.forever().find(|&s| {
+        let name = match s {
+            signal_hook::consts::SIGHUP => "SIGHUP",
+            signal_hook::consts::SIGUSR1 => "SIGUSR1",
+            _ => return true,
+        };
+        info!("{name} ignored (SIGINT or SIGTERM stop serve)");
+        false
+    });
     info!("signal {sig:?}: shutting down");
     stopping.store(true, Ordering::SeqCst);
     backend.drain();
@@ -371,8 +412,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         m.release();
         info!("left the DLM lockspace");
     }
-    let _ = std::fs::remove_file(&config.socket);
-    let _ = std::fs::remove_file(&config.control);
+    drop(socket_paths);
     Ok(())
 }
 
