@@ -92,8 +92,9 @@ start_backend() {
     RUST_LOG=${RUST_LOG:-debug} "$VUMD" serve --socket "$SOCK" --queues "$QUEUES" "$@" "$LA" "$LB" \
         > "$D/$name.out" 2> "$D/$name.log" &
     BPID=$!
+    # (the sockets appear before the array is assembled: wait for the announcement)
     for _ in $(seq 100); do
-        [ -S "$SOCK" ] && [ -S "$SOCK.ctl" ] && { info "$name up (pid $BPID)"; return 0; }
+        grep -q "serving array" "$D/$name.out" 2>/dev/null && { info "$name up (pid $BPID)"; return 0; }
         kill -0 "$BPID" 2>/dev/null || break
         sleep 0.1
     done
@@ -452,9 +453,11 @@ test_libvirt() {
     check "libvirtd answers ($(timeout --foreground 10 $v version 2>/dev/null | grep -i 'running hypervisor' | xargs))" \
         timeout --foreground 10 $v version
     make_initrd io.sh "QUEUES=$QUEUES" "FIO_JOBS=2" "FIO_SIZE=48M" "MD5_MIB=32"
-    start_backend backend --create-size $LEG_SIZE || return
     # QEMU runs as libvirt's unprivileged user: it must be able to connect to the socket
-    id -u libvirt-qemu > /dev/null 2>&1 && chown libvirt-qemu "$SOCK"
+    # (0600 and root's by default)
+    local owner=
+    id -u libvirt-qemu > /dev/null 2>&1 && owner="--socket-owner libvirt-qemu"
+    start_backend backend --create-size $LEG_SIZE $owner || return
     local name=vumd-guest-suite-$$
     DOMAIN=$name
     sed -e "s|@NAME@|$name|; s|@KERNEL@|$IMAGES/vmlinuz|; s|@INITRD@|$D/initrd.img|" \
@@ -516,12 +519,21 @@ wait_sock() { # wait_sock PATH PID: until PATH is a socket (10 s), while PID liv
     return 1
 }
 
+wait_serving() { # wait_serving LOG PID: until serve's LOG says it serves (10 s), while PID lives
+    for _ in $(seq 100); do
+        grep -q "serving array" "$1" 2>/dev/null && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
 # start_node NAME: serve node NAME on $D/NAME.sock over lockd.
 start_node() {
     RUST_LOG=${RUST_LOG:-info} spawn "backend-$1" "$VUMD" serve --socket "$D/$1.sock" \
         --lock-manager "lockd:$D/lockd.sock" "$LA" "$LB"
     NODEPID[$1]=$SPAWNED
-    if wait_sock "$D/$1.sock.ctl" "$SPAWNED"; then
+    if wait_serving "$D/backend-$1.log" "$SPAWNED"; then
         info "node $1 up (pid $SPAWNED)"
     else
         fail "node $1 did not start"

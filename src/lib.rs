@@ -2,7 +2,8 @@
 //! format and cluster protocol are those of Linux md-cluster.
 //!
 //! Layers, top to bottom: `cli` (commands), `raid1` (the mirror), `storage` (legs),
-//! `md` (pure on-disk and wire formats).
+//! `md` (pure on-disk and wire formats). `unixsock` makes the unix sockets `serve`
+//! and `lockd` listen on.
 
 pub mod bitmap;
 pub mod cli;
@@ -12,4 +13,5 @@ pub mod md;
 pub mod raid1;
 pub mod serve;
 pub mod storage;
+pub mod unixsock;
 pub mod vhost;

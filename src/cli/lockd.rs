@@ -5,7 +5,6 @@ use crate::dlm::libdlm::LibDlmMember;
 use crate::dlm::lockd::{Daemon, LockdMember};
 use crate::dlm::{flags, Event, LockSpace, Mode, Status};
 use clap::Args;
-use std::ffi::CString;
 use std::path::PathBuf;
 
 /// Flags of `lockd`.
@@ -64,21 +63,6 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
     }
 }
 
-fn group_id(g: &str) -> Result<u32, String> {
-    if let Ok(n) = g.parse() {
-        return Ok(n);
-    }
-    let c = CString::new(g).map_err(|_| format!("bad group name {g:?}"))?;
-    // SAFETY: getgrnam reads a NUL-terminated string; the result is checked for NULL
-    // and read at once (single-threaded start-up).
-    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
-    if gr.is_null() {
-        return Err(format!("no group named {g:?}"));
-    }
-    // SAFETY: gr is a valid pointer returned by getgrnam.
-    Ok(unsafe { (*gr).gr_gid })
-}
-
 /// An LVB as text: trailing NULs dropped, other bytes outside printable ASCII as `\xNN`.
 fn lvb_text(v: &[u8]) -> String {
     let end = v.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
@@ -91,13 +75,32 @@ fn lvb_text(v: &[u8]) -> String {
         .collect()
 }
 
-/// Runs `lockd` until killed.
+/// Runs `lockd` until SIGINT or SIGTERM (SIGHUP and SIGUSR1 are ignored); removes
+/// its socket at exit.
 pub fn run_lockd(args: &LockdArgs) -> Result<(), String> {
-    let gid = args.group.as_deref().map(group_id).transpose()?;
-    let d = Daemon::bind(&args.socket, gid)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    let gid = args
+        .group
+        .as_deref()
+        .map(crate::unixsock::group_id)
+        .transpose()?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let (d, bound) = Daemon::bind(&args.socket, gid).map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("lockd".into())
+        .spawn(move || d.run())
+        .map_err(|e| format!("cannot start the lockd thread: {e}"))?;
     log::info!("lockd listening on {}", args.socket.display());
-    d.run();
+    for sig in signals.forever() {
+        match sig {
+            SIGHUP => log::info!("SIGHUP ignored (SIGINT or SIGTERM stop lockd)"),
+            SIGUSR1 => log::info!("SIGUSR1 ignored (SIGINT or SIGTERM stop lockd)"),
+            _ => break,
+        }
+    }
+    log::info!("lockd stopping");
+    drop(bound);
     Ok(())
 }
 

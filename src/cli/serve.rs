@@ -6,15 +6,27 @@ use crate::raid1::metadata::{create_array, NewArray};
 use crate::serve::control::{self, Request, Status};
 use crate::serve::{control_path, FaultSpec, LockManager, ServeConfig};
 use crate::storage::{Claim, FileLeg, Leg, OpenMode};
+use crate::unixsock::{group_id, user_id, Perms};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 
 /// Flags of `serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// vhost-user socket to listen on (QEMU's `-chardev socket,path=...`).
+    /// vhost-user socket to listen on (QEMU's `-chardev socket,path=...`). An
+    /// existing path is replaced only if it is a socket nobody listens on.
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
+    /// Permission bits of the vhost-user socket (e.g. 0660 with --socket-group, to
+    /// let a hypervisor running as another user connect).
+    #[arg(long, value_name = "OCTAL", default_value = "0600", value_parser = crate::unixsock::parse_mode)]
+    pub socket_mode: u32,
+    /// Owner of the vhost-user socket (user name or number), e.g. libvirt-qemu.
+    #[arg(long, value_name = "NAME")]
+    pub socket_owner: Option<String>,
+    /// Group of the vhost-user socket (group name or number), e.g. kvm.
+    #[arg(long, value_name = "NAME")]
+    pub socket_group: Option<String>,
     /// Number of virtqueues (one worker thread each).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub queues: u16,
@@ -33,7 +45,7 @@ pub struct ServeArgs {
     /// Cluster name for an array made by --create-size (clustered bitmap).
     #[arg(long, value_name = "NAME", requires = "create_size")]
     pub cluster_name: Option<String>,
-    /// Control socket (default: SOCKET.ctl).
+    /// Control socket (default: SOCKET.ctl), always 0600 and owned by this user.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     /// Use the page cache instead of direct I/O on the legs.
@@ -106,20 +118,26 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
             "--cluster-name makes a clustered array, which a local lock manager cannot serve: add --lock-manager lockd:PATH (nodes on this host) or --lock-manager dlm".into(),
         );
     }
-    if let Some(size) = args.create_size {
-        create_missing(&args.legs, size, args.cluster_name.as_deref())?;
-    } else if let Some(missing) = args.legs.iter().find(|p| !p.exists()) {
-        return Err(format!(
-            "leg {} does not exist; give --create-size to create image files",
-            missing.display()
-        ));
+    let socket_perms = Perms {
+        mode: args.socket_mode,
+        uid: args.socket_owner.as_deref().map(user_id).transpose()?,
+        gid: args.socket_group.as_deref().map(group_id).transpose()?,
+    };
+    if args.create_size.is_none() {
+        if let Some(missing) = args.legs.iter().find(|p| !p.exists()) {
+            return Err(format!(
+                "leg {} does not exist; give --create-size to create image files",
+                missing.display()
+            ));
+        }
     }
     let control = args
         .control
         .clone()
         .unwrap_or_else(|| control_path(&args.socket));
-    crate::serve::run(ServeConfig {
+    let config = ServeConfig {
         socket: args.socket,
+        socket_perms,
         control,
         queues: usize::from(args.queues),
         read_only: args.read_only,
@@ -129,7 +147,13 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         lock_manager: args.lock_manager,
         resync_max_rate: args.resync_max_rate.unwrap_or(0),
         shared_writes: args.shared_writes,
-    })
+    };
+    // The sockets first: a start refused there touches no leg.
+    let sockets = crate::serve::bind_sockets(&config)?;
+    if let Some(size) = args.create_size {
+        create_missing(&config.legs, size, args.cluster_name.as_deref())?;
+    }
+    crate::serve::run(config, sockets)
 }
 
 /// With --create-size: when every leg is missing, create the images and a new
@@ -150,18 +174,20 @@ fn create_missing(legs: &[PathBuf], size: u64, cluster: Option<&str>) -> Result<
             missing[0].display()
         ));
     }
+    let mut created = Created(Vec::new());
+    let mut opened = Vec::new();
     for p in legs {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
+        let leg = FileLeg::open_with(p, OpenMode::CreateSize(size), false, Claim::Exclusive)
+            .map_err(|e| format!("leg {}: cannot create: {e}", p.display()))?;
+        // The file itself, should the path be a symbolic link.
+        created
+            .0
+            .push(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
+        opened.push(leg);
     }
-    let opened = legs
-        .iter()
-        .map(|p| {
-            FileLeg::open_with(p, OpenMode::CreateSize(size), false, Claim::Exclusive)
-                .map_err(|e| format!("leg {}: cannot create: {e}", p.display()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let refs: Vec<&dyn Leg> = opened.iter().map(|l| l as &dyn Leg).collect();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -180,6 +206,7 @@ fn create_missing(legs: &[PathBuf], size: u64, cluster: Option<&str>) -> Result<
         },
     )
     .map_err(|e| e.to_string())?;
+    created.0.clear();
     log::info!(
         "created array {} on {} new image files: {} sectors{}",
         metas[0].sb.set_uuid,
@@ -188,6 +215,21 @@ fn create_missing(legs: &[PathBuf], size: u64, cluster: Option<&str>) -> Result<
         human_size(g.size * 512)
     );
     Ok(())
+}
+
+/// Image files made by this run; removed on drop unless forgotten (cleared) once
+/// the new array is on them.
+struct Created(Vec<PathBuf>);
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            match std::fs::remove_file(p) {
+                Ok(()) => log::info!("removed the new image file {}", p.display()),
+                Err(e) => log::warn!("cannot remove the new image file {}: {e}", p.display()),
+            }
+        }
+    }
 }
 
 /// Output format of `status`.

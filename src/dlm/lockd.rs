@@ -9,12 +9,12 @@
 
 use super::local::LocalDlm;
 use super::{DlmError, Event, LockId, LockSpace, Mode, NodeId, Status};
+use crate::unixsock::{peer_pid, Bound, Perms, SocketError};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -190,26 +190,23 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Binds `path` (replacing a stale socket) with mode 0600, or 0660 and the given
-    /// group.
-    pub fn bind(path: &Path, group: Option<u32>) -> io::Result<Daemon> {
-        let _ = std::fs::remove_file(path);
-        // SAFETY: umask only changes this process's file creation mask.
-        let old = unsafe { libc::umask(0o177) };
-        let listener = UnixListener::bind(path);
-        // SAFETY: as above.
-        unsafe { libc::umask(old) };
-        let listener = listener?;
-        if let Some(gid) = group {
-            std::os::unix::fs::chown(path, None, Some(gid))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-        } else {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        }
-        Ok(Daemon {
-            listener,
-            dlm: LocalDlm::new(),
-        })
+    /// Listens on `path` with mode 0600, or 0660 and the given group; replaces only
+    /// a stale socket, never another daemon's. The path is removed when the
+    /// returned [`Bound`] is dropped.
+    pub fn bind(path: &Path, group: Option<u32>) -> Result<(Daemon, Bound), SocketError> {
+        let perms = Perms {
+            mode: if group.is_some() { 0o660 } else { 0o600 },
+            uid: None,
+            gid: group,
+        };
+        let (listener, bound) = crate::unixsock::listen(path, perms)?;
+        Ok((
+            Daemon {
+                listener,
+                dlm: LocalDlm::new(),
+            },
+            bound,
+        ))
     }
 
     /// Serves clients until the process ends.
@@ -386,28 +383,6 @@ fn serve_client(dlm: LocalDlm, conn: UnixStream) {
     drop(member);
     let w = writer.lock().unwrap_or_else(|e| e.into_inner());
     let _ = w.shutdown(std::net::Shutdown::Both);
-}
-
-/// The process id of the peer of a unix socket.
-pub fn peer_pid(conn: &UnixStream) -> Option<i32> {
-    use std::os::fd::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, a live ucred.
-    let rc = unsafe {
-        libc::getsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(cred.pid)
 }
 
 /// A member of a lockspace on a `lockd` daemon.

@@ -235,11 +235,9 @@ pub fn status(service: &Service) -> Status {
 }
 
 impl Server {
-    /// Binds the control socket (replacing a stale one).
-    pub fn bind(path: &Path, service: Arc<Service>) -> std::io::Result<Server> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
-        Ok(Server { listener, service })
+    /// A control server answering on `listener`.
+    pub fn new(listener: UnixListener, service: Arc<Service>) -> Server {
+        Server { listener, service }
     }
 
     /// Answers requests until the process ends.

@@ -1,5 +1,8 @@
 //! `serve`: assemble the mirror, serve it over a vhost-user socket until SIGINT or
 //! SIGTERM, run the bitmap daemon and resync, answer the control socket.
+//!
+//! Both sockets are made before the legs are touched: a path that is not a socket,
+//! or a socket another process serves, stops the start with the array untouched.
 
 pub mod control;
 pub mod rejoin;
@@ -7,8 +10,10 @@ mod resync;
 
 use crate::raid1::Array;
 use crate::storage::{Claim, Faults, FaultyLeg, Fence, FencedLeg, FileLeg, Leg, OpenMode};
+use crate::unixsock::{self, Perms};
 use crate::vhost::{BlockBackend, BlockConfig};
 use log::{error, info, warn};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,6 +30,9 @@ pub use resync::ResyncProgress;
 pub struct ServeConfig {
     /// vhost-user socket path.
     pub socket: PathBuf,
+    /// Owner and mode of the vhost-user socket (the control socket is always 0600,
+    /// owned by this process's user).
+    pub socket_perms: Perms,
     /// Control socket path.
     pub control: PathBuf,
     /// Virtqueues.
@@ -86,6 +94,45 @@ pub fn control_path(socket: &Path) -> PathBuf {
     let mut s = socket.as_os_str().to_owned();
     s.push(".ctl");
     PathBuf::from(s)
+}
+
+/// The two sockets of a `serve`, listening; their paths are removed when dropped
+/// (while they still name these sockets).
+pub struct Sockets {
+    vhost: UnixListener,
+    control: UnixListener,
+    _paths: [unixsock::Bound; 2],
+    /// The vhost-user socket was handed over by this node's previous process,
+    /// which restarted to rejoin the cluster (see [`rejoin`]).
+    inherited: bool,
+}
+
+/// Makes the vhost-user socket and the control socket of `config` (and their
+/// directories): refuses a path that is not a socket or a socket in use.
+pub fn bind_sockets(config: &ServeConfig) -> Result<Sockets, String> {
+    for path in [&config.socket, &config.control] {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("socket directory {}: {e}", dir.display()))?;
+        }
+    }
+    let inherited = rejoin::inherited_listener(&config.socket);
+    let was_inherited = inherited.is_some();
+    let (vhost, vhost_path) = match inherited {
+        Some(l) => (
+            l,
+            unixsock::Bound::adopt(&config.socket).map_err(|e| e.to_string())?,
+        ),
+        None => unixsock::listen(&config.socket, config.socket_perms).map_err(|e| e.to_string())?,
+    };
+    let (control, control_path) =
+        unixsock::listen(&config.control, Perms::PRIVATE).map_err(|e| e.to_string())?;
+    Ok(Sockets {
+        vhost,
+        control,
+        _paths: [vhost_path, control_path],
+        inherited: was_inherited,
+    })
 }
 
 /// Shared state of a running `serve`.
@@ -239,17 +286,15 @@ fn find_device(
     None
 }
 
-/// Runs `serve` until a signal; returns the process exit status message on errors
-/// that prevent starting.
-pub fn run(config: ServeConfig) -> Result<(), String> {
-    for path in [&config.socket, &config.control] {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("socket directory {}: {e}", dir.display()))?;
-        }
-    }
-    // A restart to rejoin after the lock manager came back (see `rejoin`).
-    let rejoining = std::env::var_os(rejoin::LISTEN_FD_ENV).is_some();
+/// Runs `serve` on `sockets` (from [`bind_sockets`]) until a signal; returns the
+/// process exit status message on errors that prevent starting.
+pub fn run(config: ServeConfig, sockets: Sockets) -> Result<(), String> {
+    let Sockets {
+        vhost,
+        control,
+        _paths: [vhost_bound, control_bound],
+        inherited: rejoining,
+    } = sockets;
     let fence = Fence::new();
     let legs = open_legs(&config, &fence)?;
     // Set by the thread that saw the lock manager come back: restart to rejoin.
@@ -340,6 +385,15 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         .counters
         .resync_max_rate
         .store(config.resync_max_rate, Ordering::Relaxed);
+    // From here on a signal stops us through the clean shutdown below.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGUSR1,
+        signal_hook::consts::SIGUSR2,
+    ])
+    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     array
         .mark_active()
         .map_err(|e| format!("cannot mark the array active: {e}"))?;
@@ -406,30 +460,15 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     .map_err(|e| format!("cannot start the resync thread: {e}"))?;
     let daemon_thread = spawn_bitmap_daemon(array.clone(), stopping.clone())
         .map_err(|e| format!("cannot start the bitmap thread: {e}"))?;
-    let control = control::Server::bind(&config.control, service.clone())
-        .map_err(|e| format!("control socket {}: {e}", config.control.display()))?;
+    let control = control::Server::new(control, service.clone());
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || control.run())
         .map_err(|e| e.to_string())?;
 
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGUSR2,
-    ])
-    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-
-    let socket = config.socket.clone();
     let be = backend.clone();
     let stop = stopping.clone();
-    // Bind once before announcing, so a wrong path fails the start-up.
-    let listener = match rejoin::inherited_listener(&socket) {
-        Some(l) => Listener::from(l),
-        None => {
-            Listener::new(&socket, true).map_err(|e| format!("socket {}: {e}", socket.display()))?
-        }
-    };
+    let listener = Listener::from(vhost);
     let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     std::thread::Builder::new()
         .name("vhost-user".into())
@@ -448,13 +487,17 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         config.queues
     ));
 
-    let sig = loop {
-        let sig = signals.forever().next();
-        if sig == Some(signal_hook::consts::SIGUSR2) && !rejoin.load(Ordering::SeqCst) {
-            continue;
-        }
-        break sig;
-    };
+    let sig = signals.forever().find(|&s| {
+        let name = match s {
+            signal_hook::consts::SIGHUP => "SIGHUP",
+            signal_hook::consts::SIGUSR1 => "SIGUSR1",
+            // Sent by this process when it is to restart and rejoin.
+            signal_hook::consts::SIGUSR2 => return rejoin.load(Ordering::SeqCst),
+            _ => return true,
+        };
+        info!("{name} ignored (SIGINT or SIGTERM stop serve)");
+        false
+    });
     stopping.store(true, Ordering::SeqCst);
     if rejoin.load(Ordering::SeqCst) {
         // Fenced, and the lock manager is back: finish what is in flight (nothing
@@ -463,7 +506,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         backend.drain();
         let _ = resync_thread.join();
         let _ = daemon_thread.join();
-        let _ = std::fs::remove_file(&config.control);
+        drop(control_bound);
         let e = rejoin::reexec(listen_fd);
         return Err(format!("cannot restart to rejoin the cluster: {e}"));
     }
@@ -483,8 +526,8 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         m.release();
         info!("left the DLM lockspace");
     }
-    let _ = std::fs::remove_file(&config.socket);
-    let _ = std::fs::remove_file(&config.control);
+    drop(control_bound);
+    drop(vhost_bound);
     Ok(())
 }
 

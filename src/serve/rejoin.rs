@@ -16,7 +16,6 @@ use super::LockManager;
 use log::{info, warn};
 use std::ffi::OsString;
 use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -38,7 +37,7 @@ pub fn lock_manager_answers(lm: &LockManager, gone: Option<i32>) -> bool {
     match lm {
         LockManager::Lockd(path) => std::os::unix::net::UnixStream::connect(path)
             .ok()
-            .and_then(|c| crate::dlm::lockd::peer_pid(&c))
+            .and_then(|c| crate::unixsock::peer_pid(&c))
             .is_some_and(|pid| Some(pid) != gone),
         LockManager::Local | LockManager::Dlm => true,
     }
@@ -67,13 +66,13 @@ pub fn watch_for_return(
         .map(|_| ())
 }
 
-/// The listening socket a previous process of this node handed over, if it is a
-/// listening unix socket bound to `path`.
+/// The listening socket a previous process of this node handed over for `path`,
+/// if it is a listening unix socket.
 pub fn inherited_listener(path: &Path) -> Option<UnixListener> {
     let fd: RawFd = std::env::var(LISTEN_FD_ENV).ok()?.parse().ok()?;
     // Whatever happens, children of ours must not see it.
     std::env::remove_var(LISTEN_FD_ENV);
-    if !is_listening_unix_socket_at(fd, path) {
+    if !is_listening_unix_socket(fd) {
         warn!(
             "{LISTEN_FD_ENV}={fd} is not a socket listening on {}: ignored",
             path.display()
@@ -91,7 +90,7 @@ pub fn inherited_listener(path: &Path) -> Option<UnixListener> {
     Some(l)
 }
 
-fn is_listening_unix_socket_at(fd: RawFd, path: &Path) -> bool {
+fn is_listening_unix_socket(fd: RawFd) -> bool {
     // SAFETY: an all-zero sockaddr_un is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
@@ -121,24 +120,10 @@ fn is_listening_unix_socket_at(fd: RawFd, path: &Path) -> bool {
     if rc != 0 || listening == 0 {
         return false;
     }
-    let bytes: Vec<u8> = addr
-        .sun_path
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
-    // The bound name may be the path the socket was first bound to: compare inodes
-    // of what the names lead to when they differ.
-    let bound = Path::new(std::ffi::OsStr::from_bytes(&bytes));
-    bound == path || same_file(bound, path)
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
+    // Its bound name is the temporary one it was made under (see `unixsock`), so
+    // the path cannot be compared: the variable is only ever set by this program's
+    // own restart, with the socket of the same `--socket`.
+    true
 }
 
 fn set_cloexec(fd: RawFd, on: bool) -> bool {

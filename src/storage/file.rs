@@ -92,6 +92,7 @@ impl FileLeg {
                 opts.write(true);
             }
             OpenMode::CreateSize(_) => {
+                // A new image holds a guest's disk: readable by its owner only.
                 opts.write(true).create(true).truncate(false).mode(0o600);
             }
         }

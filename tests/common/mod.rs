@@ -112,13 +112,10 @@ pub struct Serve {
 }
 
 impl Serve {
-    /// Starts `serve` with `args` (legs included) on `socket`, waits for it to listen.
+    /// Starts `serve` with `args` (legs included) on `socket`, waits until it serves
+    /// (its sockets appear before the array is assembled: wait for the announcement).
     pub fn start(socket: &Path, args: &[&str]) -> Serve {
         let log = socket.with_extension("log");
-        let ctl = PathBuf::from(format!("{}.ctl", socket.display()));
-        // A killed serve leaves its sockets behind; wait for the new ones.
-        let _ = std::fs::remove_file(socket);
-        let _ = std::fs::remove_file(&ctl);
         let out = std::fs::File::create(&log).unwrap();
         let child = bin()
             .arg("serve")
@@ -136,7 +133,7 @@ impl Serve {
             log,
         };
         for _ in 0..200 {
-            if socket.exists() && ctl.exists() {
+            if s.log_text().contains("vhost-user-md: serving array") {
                 return s;
             }
             if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
