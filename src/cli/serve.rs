@@ -67,6 +67,16 @@ pub struct ServeArgs {
     /// until a file exists (`1:stall-writes-from=33554432,stall-until-file=PATH`).
     #[arg(long, value_name = "INDEX:FAULT", value_parser = parse_fault, hide = true)]
     pub inject_fault: Vec<(usize, FaultSpec)>,
+    /// Interval of the multi-host heartbeat that an array served with the local
+    /// lock manager keeps on its legs (e.g. 1s, 200ms): a start watches another
+    /// host's heartbeat for 5 of its intervals plus 1 s before taking over.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration, overrides_with = "heartbeat_interval")]
+    pub heartbeat_interval: std::time::Duration,
+    /// Start even though another host's heartbeat moves on the legs. Two hosts
+    /// writing one array destroy it: only for a host known to be down whose
+    /// heartbeat is stuck.
+    #[arg(long)]
+    pub force: bool,
     /// Legs: block devices or image files.
     #[arg(required = true, num_args = 2.., value_name = "LEG")]
     pub legs: Vec<PathBuf>,
@@ -83,6 +93,25 @@ fn parse_lock_manager(s: &str) -> Result<LockManager, String> {
             )),
         },
     }
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use e.g. 1s or 200ms"))?;
+    let d = match unit {
+        "ms" => std::time::Duration::from_millis(n),
+        "s" => std::time::Duration::from_secs(n),
+        _ => return Err(format!("{s:?} is not a duration: use e.g. 1s or 200ms")),
+    };
+    if d < std::time::Duration::from_millis(10) || d > std::time::Duration::from_secs(60) {
+        return Err(format!("{s:?}: give 10ms to 60s"));
+    }
+    Ok(d)
 }
 
 fn parse_fault(s: &str) -> Result<(usize, FaultSpec), String> {
@@ -147,6 +176,8 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         lock_manager: args.lock_manager,
         resync_max_rate: args.resync_max_rate.unwrap_or(0),
         shared_writes: args.shared_writes,
+        heartbeat_interval: args.heartbeat_interval,
+        force: args.force,
     };
     // The sockets first: a start refused there touches no leg.
     let sockets = crate::serve::bind_sockets(&config)?;

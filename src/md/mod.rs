@@ -6,6 +6,7 @@
 
 pub mod bitmap;
 pub mod bytes;
+pub mod heartbeat;
 pub mod human;
 pub mod layout;
 pub mod message;

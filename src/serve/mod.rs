@@ -5,6 +5,7 @@
 //! or a socket another process serves, stops the start with the array untouched.
 
 pub mod control;
+pub mod multihost;
 pub mod rejoin;
 mod resync;
 
@@ -51,6 +52,10 @@ pub struct ServeConfig {
     pub resync_max_rate: u64,
     /// Several nodes may write at once (writer role in CW instead of EX).
     pub shared_writes: bool,
+    /// Interval of the multi-host heartbeat (an array served alone).
+    pub heartbeat_interval: Duration,
+    /// Start even when another host's heartbeat is on the legs.
+    pub force: bool,
 }
 
 /// The lock manager `serve` uses.
@@ -299,6 +304,9 @@ pub fn run(config: ServeConfig, sockets: Sockets) -> Result<(), String> {
     let legs = open_legs(&config, &fence)?;
     // Set by the thread that saw the lock manager come back: restart to rejoin.
     let rejoin = Arc::new(AtomicBool::new(false));
+    // The multi-host heartbeat of an array served alone: marked stopped when
+    // dropped (after the array is clean, or when the start fails).
+    let mut heartbeat: Option<multihost::Running> = None;
     // Membership in our corosync group (lock manager `dlm`): kept until the lockspace
     // is released (declared before `cluster`, so dropped after it).
     let mut _our_group: Option<crate::dlm::cpg::OurGroup> = None;
@@ -306,16 +314,36 @@ pub fn run(config: ServeConfig, sockets: Sockets) -> Result<(), String> {
     let mut libdlm: Option<Arc<crate::dlm::libdlm::LibDlmMember>> = None;
     let (array, left_out, cluster) = match &config.lock_manager {
         LockManager::Local => {
-            let (array, report) = Array::assemble(legs).map_err(|e| e.to_string())?;
-            if array.clustered {
-                // Checked before anything is written: the other nodes of a
-                // clustered array cannot see this process's locks.
-                return Err(format!(
-                    "array {} is clustered ({} node slots): its other nodes cannot see a local lock manager; serve it with --lock-manager dlm (hosts sharing the legs) or --lock-manager lockd:PATH (nodes on this host)",
-                    array.uuid,
-                    array.bitmap.superblock().nodes
-                ));
+            if let Some(first) = legs.first() {
+                // Before anything is written: the other nodes of a clustered array
+                // cannot see this process's locks.
+                if let Ok(m) = crate::raid1::metadata::LegMetadata::load(&**first) {
+                    if m.bitmap().is_clustered() {
+                        return Err(format!(
+                            "array {} is clustered ({} node slots): its other nodes cannot see a local lock manager; serve it with --lock-manager dlm (hosts sharing the legs) or --lock-manager lockd:PATH (nodes on this host)",
+                            m.sb.set_uuid,
+                            m.bitmap().nodes
+                        ));
+                    }
+                    // Other hosts cannot see our locks either: a heartbeat on the
+                    // legs keeps them out (and us, while another host serves).
+                    let mut mh = multihost::Multihost::open(
+                        &config.legs,
+                        m.sb.set_uuid,
+                        &hostname(),
+                        config.heartbeat_interval,
+                        fence.clone(),
+                    )?;
+                    mh.claim(config.force)?;
+                    if !mh.is_empty() {
+                        heartbeat = Some(
+                            mh.spawn()
+                                .map_err(|e| format!("cannot start the heartbeat thread: {e}"))?,
+                        );
+                    }
+                }
             }
+            let (array, report) = Array::assemble(legs).map_err(|e| e.to_string())?;
             let array = Arc::new(array);
             // The only node: every other node slot's dirty bits are ours to resync.
             let taken = array
@@ -526,9 +554,17 @@ pub fn run(config: ServeConfig, sockets: Sockets) -> Result<(), String> {
         m.release();
         info!("left the DLM lockspace");
     }
+    drop(heartbeat);
     drop(control_bound);
     drop(vhost_bound);
     Ok(())
+}
+
+/// This host's name (for the heartbeat's messages).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Flushes, clears idle bitmap bits and marks the array clean when it is (as the

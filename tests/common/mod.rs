@@ -117,10 +117,13 @@ impl Serve {
     pub fn start(socket: &Path, args: &[&str]) -> Serve {
         let log = socket.with_extension("log");
         let out = std::fs::File::create(&log).unwrap();
+        // A short heartbeat (arrays served alone) keeps starts quick: a start
+        // checks its own heartbeat after two intervals.
         let child = bin()
             .arg("serve")
             .arg("--socket")
             .arg(socket)
+            .args(["--heartbeat-interval", "100ms"])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(out.try_clone().unwrap())

@@ -1,0 +1,248 @@
+//! Multi-host protection of an array served alone (`--lock-manager local`): a
+//! second "host" that cannot see the first one's locks (the same image files
+//! reached through two loop devices with direct I/O, as two hosts reach one LUN)
+//! is refused while the first serves, and accepted within the documented wait
+//! once the first died; a host forced in fences the first. mdadm still reads the
+//! legs with the heartbeat on them.
+
+mod common;
+
+use common::{bin, pattern, Client, Serve};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const INTERVAL_MS: u64 = 200;
+
+fn array(dir: &Path) -> Vec<PathBuf> {
+    let legs = vec![dir.join("a.img"), dir.join("b.img")];
+    let out = bin()
+        .args([
+            "create",
+            "--assume-clean",
+            "--size",
+            "64M",
+            "--bitmap-chunk",
+            "1M",
+        ])
+        .args(&legs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    legs
+}
+
+/// A loop device with direct I/O over an image file: another "host"'s path to it.
+struct Lun {
+    dev: PathBuf,
+}
+
+impl Lun {
+    fn attach(file: &Path) -> Lun {
+        let out = Command::new("losetup")
+            .args(["-f", "--show", "--direct-io=on"])
+            .arg(file)
+            .output()
+            .expect("losetup");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Lun {
+            dev: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
+        }
+    }
+}
+
+impl Drop for Lun {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+fn strs(p: &[PathBuf]) -> Vec<String> {
+    p.iter().map(|p| p.display().to_string()).collect()
+}
+
+fn host(dir: &Path, name: &str, legs: &[PathBuf], extra: &[&str]) -> Serve {
+    let iv = format!("{INTERVAL_MS}ms");
+    let mut args: Vec<String> = vec!["--heartbeat-interval".into(), iv];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(strs(legs));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    Serve::start(&dir.join(format!("{name}.sock")), &a)
+}
+
+/// Runs a `serve` that must be refused within `limit`; returns (stderr, time).
+fn refused(dir: &Path, legs: &[PathBuf], limit: Duration) -> (String, Duration) {
+    let start = Instant::now();
+    let mut child = bin()
+        .arg("serve")
+        .arg("--socket")
+        .arg(dir.join("refused.sock"))
+        .args(["--heartbeat-interval", &format!("{INTERVAL_MS}ms")])
+        .args(legs)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let err =
+                String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr).into_owned();
+            assert!(!st.success(), "{err}");
+            return (err, start.elapsed());
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("a second host was not refused within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The documented wait of a start that finds a live-looking heartbeat written
+/// with our interval: 5 intervals + 1 s, then two intervals to check its own.
+fn documented_wait() -> Duration {
+    Duration::from_millis(5 * INTERVAL_MS + 1000 + 2 * INTERVAL_MS)
+}
+
+#[test]
+fn a_second_host_is_refused_while_the_first_serves_and_accepted_after_it_died() {
+    let dir = tempfile::tempdir().unwrap();
+    let legs = array(dir.path());
+    let luns: Vec<Lun> = legs.iter().map(|p| Lun::attach(p)).collect();
+    let other: Vec<PathBuf> = luns.iter().map(|l| l.dev.clone()).collect();
+    let mut first = host(dir.path(), "first", &legs, &[]);
+    let pid = first.child.as_ref().unwrap().id();
+
+    let (err, took) = refused(dir.path(), &other, Duration::from_secs(20));
+    assert!(err.contains(&format!("pid {pid}")), "{err}");
+    assert!(err.contains("heartbeat moved"), "{err}");
+    assert!(err.contains(other[0].to_str().unwrap()), "{err}");
+    // Beside the log: one line that says what happened.
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.starts_with("vhost-user-md:"))
+            .count(),
+        1,
+        "{err}"
+    );
+    assert!(took < documented_wait(), "refused only after {took:?}");
+    eprintln!("second host refused after {took:?}");
+    // The first host still serves.
+    let mut c = Client::connect(&first.socket, 1, 4096);
+    c.buf().copy_from_slice(&pattern(1, 0, 4096));
+    assert_eq!(c.write(0, 0, 0, 4096), 0);
+    drop(c);
+
+    // mdadm reads the legs with the heartbeat on them (block devices, as it
+    // takes an image file for an external bitmap file) as the array they are.
+    let uuid = first.status()["uuid"].as_str().unwrap().to_string();
+    for dev in &other {
+        let e = common::mdadm(&["-E"], dev);
+        let kv = common::key_values(&e);
+        assert_eq!(common::value(&kv, "Raid Level"), Some("raid1"), "{e}");
+        assert_eq!(common::value(&kv, "Array UUID"), Some(uuid.as_str()), "{e}");
+        let x = common::mdadm(&["-X"], dev);
+        let kv = common::key_values(&x);
+        assert_eq!(common::value(&kv, "Magic"), Some("6d746962"), "{x}");
+        assert_eq!(common::value(&kv, "UUID"), Some(uuid.as_str()), "{x}");
+    }
+
+    // The first host dies: the second starts within the documented wait.
+    first.kill9();
+    let start = Instant::now();
+    let second = host(dir.path(), "second", &other, &[]);
+    let took = start.elapsed();
+    eprintln!(
+        "second host started {took:?} after the first died (documented wait {:?})",
+        documented_wait()
+    );
+    assert!(
+        took >= Duration::from_millis(5 * INTERVAL_MS + 1000),
+        "the heartbeat was not watched: {took:?}"
+    );
+    assert!(
+        took < documented_wait() + Duration::from_secs(5),
+        "took {took:?}"
+    );
+    let log = second.log_text();
+    assert!(log.contains("stood still"), "{log}");
+    // It serves what the first acknowledged.
+    let mut c = Client::connect(&second.socket, 1, 4096);
+    assert_eq!(c.read(0, 0, 0, 4096), 0);
+    assert_eq!(c.buf(), &pattern(1, 0, 4096)[..]);
+}
+
+#[test]
+fn after_a_clean_stop_the_next_host_starts_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let legs = array(dir.path());
+    let luns: Vec<Lun> = legs.iter().map(|p| Lun::attach(p)).collect();
+    let other: Vec<PathBuf> = luns.iter().map(|l| l.dev.clone()).collect();
+    let mut first = host(dir.path(), "first", &legs, &[]);
+    assert!(first.stop().success());
+    let start = Instant::now();
+    let second = host(dir.path(), "second", &other, &[]);
+    let took = start.elapsed();
+    let log = second.log_text();
+    assert!(!log.contains("watching it"), "{log}");
+    assert!(
+        took < Duration::from_millis(5 * INTERVAL_MS + 1000),
+        "waited {took:?} after a clean stop"
+    );
+}
+
+#[test]
+fn a_host_forced_in_fences_the_one_that_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let legs = array(dir.path());
+    let luns: Vec<Lun> = legs.iter().map(|p| Lun::attach(p)).collect();
+    let other: Vec<PathBuf> = luns.iter().map(|l| l.dev.clone()).collect();
+    let first = host(dir.path(), "first", &legs, &[]);
+    let forced = host(dir.path(), "forced", &other, &["--force"]);
+    // The forced start overwrote the heartbeat: the host that served finds it at
+    // its next beat and stops writing. (Should the forced host's write fall
+    // between the first's check and its write, the forced one is fenced instead:
+    // one of the two writes, never both.)
+    let start = Instant::now();
+    let fenced = loop {
+        let a = first.status();
+        let b = forced.status();
+        match (a["writer_role"] == "fenced", b["writer_role"] == "fenced") {
+            (true, false) => break (&first, a),
+            (false, true) => break (&forced, b),
+            (true, true) => panic!("both fenced: {a} {b}"),
+            (false, false) => {}
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "nobody fenced: {a} {b}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(std::ptr::eq(fenced.0, &first) || !first.log_text().is_empty());
+    assert!(
+        fenced.1["fenced"]
+            .as_str()
+            .unwrap_or("")
+            .contains("overwrote"),
+        "{}",
+        fenced.1
+    );
+    let mut c = Client::connect(&fenced.0.socket, 1, 4096);
+    c.buf().copy_from_slice(&pattern(2, 4096, 4096));
+    assert_ne!(
+        c.write(0, 4096, 0, 4096),
+        0,
+        "a fenced host acknowledged a write"
+    );
+}
