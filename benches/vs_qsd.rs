@@ -31,6 +31,13 @@ struct Opts {
     dir: PathBuf,
     /// Per-device limits (IOPS, MiB/s) when every image is its own loop device.
     loop_devices: Option<(u64, u64)>,
+    /// Only these workloads (names with `-` for spaces, e.g. `4k-randwrite`).
+    workloads: Option<Vec<String>>,
+    /// Leave out qemu-storage-daemon.
+    no_qsd: bool,
+    /// Other vhost-user-md binaries to measure beside this build (A/B runs):
+    /// (label, path).
+    other_bins: Vec<(String, PathBuf)>,
 }
 
 fn opts() -> Opts {
@@ -39,6 +46,9 @@ fn opts() -> Opts {
         size_mib: 1024,
         dir: PathBuf::from("/var/tmp"),
         loop_devices: None,
+        workloads: None,
+        no_qsd: false,
+        other_bins: Vec::new(),
     };
     let mut devices = String::from("files");
     let (mut iops, mut mbps) = (25_000u64, 500u64);
@@ -53,6 +63,16 @@ fn opts() -> Opts {
             "--devices" => devices = val,
             "--dev-iops" => iops = val.parse().expect("--dev-iops N"),
             "--dev-mbps" => mbps = val.parse().expect("--dev-mbps N"),
+            "--workloads" => o.workloads = Some(val.split(',').map(str::to_string).collect()),
+            "--no-qsd" => {
+                o.no_qsd = true;
+                i += 1;
+                continue;
+            }
+            "--also" => {
+                let (label, path) = val.split_once('=').expect("--also LABEL=PATH");
+                o.other_bins.push((label.to_string(), PathBuf::from(path)));
+            }
             _ => {
                 i += 1;
                 continue;
@@ -423,28 +443,34 @@ fn main() {
         },
     ];
     type Start = Box<dyn Fn(&Path) -> Child>;
-    let backends: Vec<(&str, Start)> = vec![
-        (
-            "vhost-user-md (2 legs)",
-            Box::new({
-                let (la, lb) = (la.clone(), lb.clone());
-                let throttle = throttle.clone();
-                move |s: &Path| {
-                    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-md"));
-                    if let Some(t) = &throttle {
-                        t.apply(&mut cmd);
-                    }
-                    cmd.args(["serve", "--queues", "2", "--socket"])
-                        .arg(s)
-                        .arg(&la)
-                        .arg(&lb)
-                        .env("RUST_LOG", "warn")
-                        .stdout(Stdio::null())
-                        .spawn()
-                        .unwrap()
+    let ours = |bin: PathBuf| -> Start {
+        Box::new({
+            let (la, lb) = (la.clone(), lb.clone());
+            let throttle = throttle.clone();
+            move |s: &Path| {
+                let mut cmd = Command::new(&bin);
+                if let Some(t) = &throttle {
+                    t.apply(&mut cmd);
                 }
-            }),
-        ),
+                cmd.args(["serve", "--queues", "2", "--socket"])
+                    .arg(s)
+                    .arg(&la)
+                    .arg(&lb)
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            }
+        })
+    };
+    let mut backends: Vec<(String, Start)> = vec![(
+        "vhost-user-md (2 legs)".to_string(),
+        ours(PathBuf::from(env!("CARGO_BIN_EXE_vhost-user-md"))),
+    )];
+    for (label, bin) in &o.other_bins {
+        backends.push((format!("vhost-user-md {label}"), ours(bin.clone())));
+    }
+    let peers: Vec<(&str, Start)> = vec![
         (
             "qsd file",
             Box::new({
@@ -462,9 +488,17 @@ fn main() {
             }),
         ),
     ];
+    if !o.no_qsd {
+        backends.extend(peers.into_iter().map(|(n, f)| (n.to_string(), f)));
+    }
+    let wanted = |w: &Workload| {
+        o.workloads
+            .as_ref()
+            .is_none_or(|ws| ws.iter().any(|x| *x == w.name.replace(' ', "-")))
+    };
     println!("| workload | queues | backend | IOPS | MiB/s | p50 µs | p99 µs | backend CPU% |");
     println!("|---|---:|---|---:|---:|---:|---:|---:|");
-    for w in workloads {
+    for w in workloads.into_iter().filter(wanted) {
         for queues in [1, 2] {
             for (name, start) in &backends {
                 let sock = d.join("bench.sock");

@@ -446,6 +446,20 @@ pub fn create_array(
         .collect::<io::Result<Vec<_>>>()
         .map_err(CreateError::Random)?;
     let (geometry, metas) = build_new_array(&sizes, opts, &device_uuids, set_uuid)?;
+    // The 4 KiB before the v1.2 superblock hold the multi-host heartbeat of a node
+    // serving the array alone: start them blank (a LUN's old partition table there
+    // would leave the leg without one).
+    let blank = crate::storage::AlignedBuf::zeroed(crate::md::heartbeat::LEN);
+    for leg in legs {
+        leg.write_at(blank.as_slice(), crate::md::heartbeat::OFFSET)
+            .map_err(|e| CreateError::Leg {
+                leg: leg.name().to_string(),
+                source: MetaError::Io {
+                    what: "blank the heartbeat block".into(),
+                    source: e,
+                },
+            })?;
+    }
     for (leg, meta) in legs.iter().zip(&metas) {
         write_leg_metadata(*leg, meta).map_err(|source| CreateError::Leg {
             leg: leg.name().to_string(),
@@ -490,6 +504,24 @@ mod tests {
         assert_eq!(
             find_existing_md(&a).unwrap().unwrap().uuid,
             Some(metas[0].sb.set_uuid)
+        );
+    }
+
+    #[test]
+    fn create_blanks_the_heartbeat_block() {
+        let a = MemLeg::new("a", 64 << 20);
+        let b = MemLeg::new("b", 64 << 20);
+        let mut mbr = vec![0u8; 4096];
+        mbr[446..510].fill(0x11);
+        mbr[510] = 0x55;
+        mbr[511] = 0xaa;
+        a.write_at(&mbr, 0).unwrap();
+        create_array(&[&a, &b], &opts(false)).unwrap();
+        let mut got = vec![1u8; 4096];
+        a.read_at(&mut got, 0).unwrap();
+        assert_eq!(
+            crate::md::heartbeat::decode(&got),
+            crate::md::heartbeat::Block::Empty
         );
     }
 

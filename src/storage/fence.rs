@@ -112,6 +112,9 @@ impl Leg for FencedLeg {
         self.fence.refuse()?;
         self.inner.write_zeroes(off, len)
     }
+    fn slow_writes(&self) -> bool {
+        self.inner.slow_writes()
+    }
     fn raw_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
         // Asynchronous I/O only carries guest requests, which the writer role stops
         // while the node is fenced.
