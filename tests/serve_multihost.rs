@@ -1,9 +1,10 @@
 //! Multi-host protection of an array served alone (`--lock-manager local`): a
 //! second "host" that cannot see the first one's locks (the same image files
-//! reached through two loop devices with direct I/O, as two hosts reach one LUN)
-//! is refused while the first serves, and accepted within the documented wait
-//! once the first died; a host forced in fences the first. mdadm still reads the
-//! legs with the heartbeat on them.
+//! reached through two loop devices with direct I/O, as two hosts reach one LUN,
+//! and the first host's process in a pid namespace of its own, so that the second
+//! cannot tell whether it lives) is refused while the first serves, and accepted
+//! within the documented wait once the first died; a host forced in fences the
+//! first. mdadm still reads the legs with the heartbeat on them.
 
 mod common;
 
@@ -78,6 +79,42 @@ fn host(dir: &Path, name: &str, legs: &[PathBuf], extra: &[&str]) -> Serve {
     Serve::start(&dir.join(format!("{name}.sock")), &a)
 }
 
+/// A host in a pid namespace of its own (`unshare --pid --fork`): its pid means
+/// nothing to the others, as on another host. Killing it kills its `serve`.
+fn host_in_own_pid_ns(dir: &Path, name: &str, legs: &[PathBuf]) -> Serve {
+    let socket = dir.join(format!("{name}.sock"));
+    let log = dir.join(format!("{name}.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new("unshare")
+        .args(["--pid", "--fork", "--kill-child=SIGKILL"])
+        .arg(env!("CARGO_BIN_EXE_vhost-user-md"))
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--heartbeat-interval", &format!("{INTERVAL_MS}ms")])
+        .args(legs)
+        .env("RUST_LOG", "info")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("unshare (util-linux)");
+    let s = Serve {
+        child: Some(child),
+        socket,
+        log,
+    };
+    let start = Instant::now();
+    while !s.log_text().contains("serving array") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            s.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s
+}
+
 /// Runs a `serve` that must be refused within `limit`; returns (stderr, time).
 fn refused(dir: &Path, legs: &[PathBuf], limit: Duration) -> (String, Duration) {
     let start = Instant::now();
@@ -120,11 +157,14 @@ fn a_second_host_is_refused_while_the_first_serves_and_accepted_after_it_died() 
     let legs = array(dir.path());
     let luns: Vec<Lun> = legs.iter().map(|p| Lun::attach(p)).collect();
     let other: Vec<PathBuf> = luns.iter().map(|l| l.dev.clone()).collect();
-    let mut first = host(dir.path(), "first", &legs, &[]);
-    let pid = first.child.as_ref().unwrap().id();
+    let mut first = host_in_own_pid_ns(dir.path(), "first", &legs);
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
 
     let (err, took) = refused(dir.path(), &other, Duration::from_secs(20));
-    assert!(err.contains(&format!("pid {pid}")), "{err}");
+    assert!(
+        err.contains(&format!("host {} (pid ", hostname.trim())),
+        "{err}"
+    );
     assert!(err.contains("heartbeat moved"), "{err}");
     assert!(err.contains(other[0].to_str().unwrap()), "{err}");
     // Beside the log: one line that says what happened.
@@ -176,8 +216,31 @@ fn a_second_host_is_refused_while_the_first_serves_and_accepted_after_it_died() 
     );
     let log = second.log_text();
     assert!(log.contains("stood still"), "{log}");
+    drop(second);
+
+    // A host whose dead serve ran in the same boot and pid namespace needs no
+    // watch: its pid says it is gone.
+    let third = host(dir.path(), "third", &legs, &[]);
+    let pid = third.child.as_ref().unwrap().id();
+    let mut third = third;
+    third.kill9();
+    let start = Instant::now();
+    let fourth = host(dir.path(), "fourth", &legs, &[]);
+    let took = start.elapsed();
+    let log = fourth.log_text();
+    assert!(
+        log.contains(&format!(
+            "the heartbeat is of pid {pid} of this host, which is gone"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("watching it"), "{log}");
+    assert!(
+        took < Duration::from_millis(5 * INTERVAL_MS + 1000),
+        "{took:?}"
+    );
     // It serves what the first acknowledged.
-    let mut c = Client::connect(&second.socket, 1, 4096);
+    let mut c = Client::connect(&fourth.socket, 1, 4096);
     assert_eq!(c.read(0, 0, 0, 4096), 0);
     assert_eq!(c.buf(), &pattern(1, 0, 4096)[..]);
 }

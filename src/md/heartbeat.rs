@@ -26,6 +26,8 @@
 //! | 44 | 4 | reserved (0) |
 //! | 48 | 16 | array uuid |
 //! | 64 | 64 | writer's host name, NUL padded |
+//! | 128 | 16 | writer's boot id (`/proc/sys/kernel/random/boot_id`): which host and boot |
+//! | 144 | 8 | writer's pid namespace (inode of `/proc/self/ns/pid`): whom its pid means something to |
 //! | 508 | 4 | FNV-1a 32 of bytes 0..508 |
 
 use super::Uuid;
@@ -42,6 +44,8 @@ pub const FREE_BELOW_SUPER_OFFSET: u64 = 8;
 const CSUM_AT: usize = 508;
 const HOST_AT: usize = 64;
 const HOST_LEN: usize = 64;
+const BOOT_AT: usize = 128;
+const PIDNS_AT: usize = 144;
 
 /// What the writer was doing when it last wrote the block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +95,10 @@ pub struct Heartbeat {
     pub array: Uuid,
     /// The writer's host name.
     pub host: String,
+    /// The writer's boot id: unique to one boot of one host.
+    pub boot: [u8; 16],
+    /// The writer's pid namespace (its pid means nothing in another one).
+    pub pid_ns: u64,
 }
 
 /// What the heartbeat block of a leg holds.
@@ -139,6 +147,8 @@ impl Heartbeat {
         let host = self.host.as_bytes();
         let n = host.len().min(HOST_LEN);
         b[HOST_AT..HOST_AT + n].copy_from_slice(&host[..n]);
+        b[BOOT_AT..BOOT_AT + 16].copy_from_slice(&self.boot);
+        b[PIDNS_AT..PIDNS_AT + 8].copy_from_slice(&self.pid_ns.to_le_bytes());
         let c = fnv1a(&b[..CSUM_AT]);
         b[CSUM_AT..CSUM_AT + 4].copy_from_slice(&c.to_le_bytes());
         b
@@ -167,6 +177,8 @@ pub fn decode(b: &[u8]) -> Block {
     uuid.copy_from_slice(&b[48..64]);
     let host = &b[HOST_AT..HOST_AT + HOST_LEN];
     let end = host.iter().position(|&c| c == 0).unwrap_or(HOST_LEN);
+    let mut boot = [0u8; 16];
+    boot.copy_from_slice(&b[BOOT_AT..BOOT_AT + 16]);
     Block::Heartbeat(Heartbeat {
         seq: u64_at(b, 8),
         nonce: u64_at(b, 16),
@@ -176,6 +188,8 @@ pub fn decode(b: &[u8]) -> Block {
         pid: u32_at(b, 40),
         array: Uuid(uuid),
         host: String::from_utf8_lossy(&host[..end]).into_owned(),
+        boot,
+        pid_ns: u64_at(b, PIDNS_AT),
     })
 }
 
@@ -209,6 +223,8 @@ mod tests {
             pid: 4321,
             array: Uuid([7; 16]),
             host: "host-a".into(),
+            boot: [9; 16],
+            pid_ns: 4026531836,
         }
     }
 

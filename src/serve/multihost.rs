@@ -5,7 +5,9 @@
 //! that serves an array alone also keeps a heartbeat on every leg (the block of
 //! `md::heartbeat`), as ext4's MMP and ZFS's `multihost` do:
 //!
-//! - **Start.** Read every leg's heartbeat. One that says another node serves (or
+//! - **Start.** Read every leg's heartbeat. One written during this boot of this host
+//!   and pid namespace by a process that is gone needs no watch. One that says
+//!   another node serves (or
 //!   starts) is watched for [`heartbeat::takeover_wait_ms`] of *its writer's*
 //!   interval: if it moves, the start is refused, naming that host and pid; if it
 //!   does not, its writer is gone (it would have fenced itself by then, below) and
@@ -114,6 +116,42 @@ fn usable(leg: &HbLeg) -> Result<Block, String> {
     }
 }
 
+/// This boot of this host (zero when the kernel does not tell).
+fn boot_id() -> [u8; 16] {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .and_then(|s| s.trim().parse::<Uuid>().ok())
+        .map(|u| u.0)
+        .unwrap_or([0; 16])
+}
+
+/// This process's pid namespace (0 when it cannot be told).
+fn pid_ns() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid")
+        .map(|m| m.ino())
+        .unwrap_or(0)
+}
+
+/// Whether `h` was written during this boot of this host, in this pid namespace,
+/// by a process that is gone: its writer is known dead, no need to watch it. (A
+/// pid in use again by another process only makes the start wait, as for another
+/// host; a writer in another pid namespace, e.g. another container, is watched.)
+fn written_here_by_a_dead_process(h: &Heartbeat, me: &Heartbeat) -> bool {
+    if me.boot == [0; 16]
+        || h.boot != me.boot
+        || me.pid_ns == 0
+        || h.pid_ns != me.pid_ns
+        || h.pid == 0
+        || h.pid == me.pid
+    {
+        return false;
+    }
+    // SAFETY: kill(2) with signal 0 only checks that the pid exists.
+    let rc = unsafe { libc::kill(h.pid as libc::pid_t, 0) };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -165,6 +203,8 @@ impl Multihost {
                 pid: std::process::id(),
                 array,
                 host: host.to_string(),
+                boot: boot_id(),
+                pid_ns: pid_ns(),
             },
             interval,
             fence,
@@ -191,6 +231,12 @@ impl Multihost {
         for (leg, b) in self.legs.iter().zip(&first) {
             let Some(b) = b else { continue };
             match heartbeat::decode(b) {
+                Block::Heartbeat(h) if written_here_by_a_dead_process(&h, &self.me) => {
+                    info!(
+                        "leg {}: the heartbeat is of pid {} of this host, which is gone",
+                        leg.name, h.pid
+                    );
+                }
                 Block::Heartbeat(h) if h.state != State::Stopped => {
                     info!(
                         "leg {}: heartbeat of {} says {:?} (seq {}); watching it",
