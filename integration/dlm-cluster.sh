@@ -30,6 +30,10 @@
 #           their slots, 1 and 2), kernel md assembles alone (slot 0), resyncs them all,
 #           and reads every acknowledged block back. Leg chunks are corrupted on purpose
 #           inside the dirty regions, so identical legs at the end prove they were resynced.
+#   phase 5 (one guest): a plain array served alone on the host (lock manager local, so
+#           with its multi-host heartbeat in each leg's first 4 KiB) is killed mid-write;
+#           kernel md in the guest assembles the legs ([UU]), reads every acknowledged
+#           block, and leaves the heartbeat block as it was.
 #
 # Usage: integration/dlm-cluster.sh            (root; ci/dlm-tests.sh installs the host packages)
 # Environment:
@@ -37,7 +41,7 @@
 #               (default ${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-md/dlm-cluster)
 #   DLM_WORK    work dir for images, sockets and logs (default: a new /tmp/vumd-dlm.XXXXXX;
 #               keep it short, unix socket paths are limited); removed on success
-#   DLM_PHASES  phases to run (default "1 2 3 4")
+#   DLM_PHASES  phases to run (default "1 2 3 4 5")
 #   KDIR        an unpacked, depmod'ed Debian linux-image-6.1.0-*-amd64 tree to use
 #               instead of downloading one into the cache
 #   KEEP=1      keep the work dir (logs) even on success
@@ -53,7 +57,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 H=$ROOT/integration/dlm-cluster
 CACHE=${DLM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-md/dlm-cluster}
-PHASES=${DLM_PHASES:-1 2 3 4}
+PHASES=${DLM_PHASES:-1 2 3 4 5}
 VM_TIMEOUT=${DLM_VM_TIMEOUT:-1800}
 PKGS=corosync,dlm-controld,libdlm3,mdadm,kmod,iproute2,procps,psmisc
 MODULES="virtio_pci virtio_blk virtio_net ext4 dlm md-mod raid1 md-cluster"
@@ -731,6 +735,50 @@ phase4() {
         pass "ours -> kernel: kernel md resynced the 16 chunks our two nodes left dirty (legs identical; dirty per slot $d)"
     else
         fail "ours -> kernel: dirty chunks per slot $d; $cmp"
+    fi
+}
+
+# ---------------------------------------------------------------- phase 5: heartbeat legs
+# A plain array served alone (lock manager local) on this host keeps its multi-host
+# heartbeat in the first 4 KiB of each leg; kernel md (in a guest) assembles the legs
+# of a serve that died mid-write, resyncs them and reads what it acknowledged, and
+# leaves the heartbeat block alone.
+phase5() {
+    log "phase 5: kernel md assembles legs that carry our multi-host heartbeat"
+    new_legs
+    local blk="--block-size 131072 --blocks 32" sock="$W/p5.sock" pid hb
+    "$MD_BIN" create --assume-clean --bitmap-chunk 1M "$W/leg0.img" "$W/leg1.img" >/dev/null ||
+        { fail "phase 5: create a plain array"; return; }
+    RUST_LOG=info "$MD_BIN" serve --socket "$sock" "$W/leg0.img" "$W/leg1.img" </dev/null >"$W/p5.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 200); do grep -q "serving array" "$W/p5.log" && break; sleep 0.1; done
+    if ! "$IO_BIN" write "$sock" --seed 21 --first 0 $blk >/dev/null; then
+        fail "phase 5: writes through our serve ($(tail -5 "$W/p5.log"))"
+        kill -9 "$pid" 2>/dev/null
+        return
+    fi
+    kill -9 "$pid"
+    wait "$pid" 2>/dev/null
+    hb=$(head -c 4096 "$W/leg0.img" | md5sum)
+    if [ "$(head -c 8 "$W/leg0.img")" != VUMDHB01 ] || [ "$(head -c 8 "$W/leg1.img")" != VUMDHB01 ]; then
+        fail "phase 5: no heartbeat block on the legs"
+        return
+    fi
+    start_node 1 1 hubport,id=n0,hubid=0
+    wait_ready 1 || { fail "phase 5: guest boot"; return; }
+    if on 1 "mdadm --stop --scan >/dev/null 2>&1; mdadm --assemble --run /dev/md0 /dev/vdc /dev/vdd >/dev/null 2>&1 && grep -A1 '^md0 : active raid1' /proc/mdstat | grep -q '\[UU\]'" 120 &&
+        on 1 "mdadm -E /dev/vdc | grep -q 'Raid Level : raid1' && mdadm -X /dev/vdc | grep -q 'Magic : 6d746962'" 60 &&
+        on 1 "guest_io verify /dev/md0 --seed 21 --first 0 $blk --acked 32" 300 | sed 's/^/    node1| /'; then
+        pass "kernel md assembles legs with our heartbeat in their first 4 KiB ([UU]) and reads every block our serve acknowledged"
+    else
+        fail "phase 5: kernel md on heartbeat legs ($(on 1 'cat /proc/mdstat; dmesg | tail -20' 30))"
+    fi
+    on 1 'mdadm --stop /dev/md0' 120 >/dev/null || fail "phase 5: mdadm --stop"
+    stop_nodes
+    if [ "$(head -c 4096 "$W/leg0.img" | md5sum)" = "$hb" ]; then
+        pass "kernel md left the heartbeat block as it was"
+    else
+        fail "kernel md changed the first 4 KiB of a leg"
     fi
 }
 
