@@ -5,65 +5,27 @@
 
 mod common;
 
-use common::{bin, Client, Lockd, Serve};
+use common::{bin, Client, Lockd, Loop, Serve};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// Makes an array on two new 64 MiB image files.
 fn array(dir: &Path, clustered: bool) -> Vec<PathBuf> {
-    let legs = vec![dir.join("a.img"), dir.join("b.img")];
-    let mut cmd = bin();
-    cmd.args([
-        "create",
-        "--assume-clean",
-        "--size",
+    common::create_array(
+        dir,
+        &["a.img", "b.img"],
         "64M",
-        "--bitmap-chunk",
-        "1M",
-    ]);
-    if clustered {
-        cmd.args(["--cluster-name", "claims"]);
-    }
-    let out = cmd.args(&legs).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    legs
+        clustered.then_some("claims"),
+    )
 }
 
 fn strs(p: &[PathBuf]) -> Vec<&str> {
     p.iter().map(|p| p.to_str().unwrap()).collect()
 }
 
-/// Runs `cmd`, which must exit non-zero within 20 s (a command that keeps running,
-/// e.g. a second `serve` that started, is killed and fails the test). Returns stderr.
-fn refused(mut cmd: Command, what: &str) -> String {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            let out = child.wait_with_output().unwrap();
-            let err = String::from_utf8_lossy(&out.stderr).into_owned();
-            assert!(!st.success(), "{what} succeeded: {err}");
-            return err;
-        }
-        if start.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{what} was not refused (still running after 20 s): {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn refused(cmd: Command, what: &str) -> String {
+    common::refused(cmd, Duration::from_secs(20), what)
 }
 
 fn serve_cmd(socket: &Path, args: &[&str]) -> Command {
@@ -87,7 +49,7 @@ fn names_holder(err: &str, leg: &Path, holder: &Serve) {
         err.contains(holder.socket.to_str().unwrap()),
         "holder's socket not named: {err}"
     );
-    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    common::one_error_line(err);
 }
 
 #[test]
@@ -199,7 +161,7 @@ fn cluster_nodes_share_legs_and_exclude_a_node_alone() {
 fn a_block_device_leg_has_one_owner() {
     let dir = tempfile::tempdir().unwrap();
     let legs = array(dir.path(), false);
-    let loops: Vec<LoopRw> = legs.iter().map(|p| LoopRw::attach(p)).collect();
+    let loops: Vec<Loop> = legs.iter().map(|p| Loop::attach_rw(p)).collect();
     let devs: Vec<PathBuf> = loops.iter().map(|l| l.dev.clone()).collect();
     let first = Serve::start(&dir.path().join("s1.sock"), &strs(&devs));
     let err = refused(
@@ -218,33 +180,4 @@ fn a_block_device_leg_has_one_owner() {
         err.contains(&format!("in use by pid {}", pid(&first))),
         "{err}"
     );
-}
-
-/// A read-write loop device over an image file, detached on drop.
-struct LoopRw {
-    dev: PathBuf,
-}
-
-impl LoopRw {
-    fn attach(file: &Path) -> LoopRw {
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(file)
-            .output()
-            .expect("losetup");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        LoopRw {
-            dev: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
-        }
-    }
-}
-
-impl Drop for LoopRw {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
 }

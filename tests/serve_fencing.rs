@@ -7,34 +7,14 @@ mod common;
 
 use common::{bin, pattern, Client, Serve};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: usize = 64 * 1024;
 
 fn clustered(dir: &Path) -> Vec<PathBuf> {
-    let legs = vec![dir.join("a.img"), dir.join("b.img")];
-    let out = bin()
-        .args([
-            "create",
-            "--assume-clean",
-            "--cluster-name",
-            "fence",
-            "--size",
-            "64M",
-            "--bitmap-chunk",
-            "1M",
-        ])
-        .args(&legs)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    legs
+    common::create_array(dir, &["a.img", "b.img"], "64M", Some("fence"))
 }
 
 /// A lockd on `socket`, started anew on the same path when needed.
@@ -210,31 +190,20 @@ fn a_node_that_loses_its_lock_manager_writes_nothing_and_rejoins() {
 fn a_clustered_array_refuses_the_local_lock_manager() {
     let dir = tempfile::tempdir().unwrap();
     let legs = clustered(dir.path());
-    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-md"))
-        .arg("serve")
+    let mut cmd = bin();
+    cmd.arg("serve")
         .arg("--socket")
         .arg(dir.path().join("s.sock"))
-        .args(&legs)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    let mut out = out;
-    let status = loop {
-        if let Some(st) = out.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            let _ = out.kill();
-            panic!("a clustered array was served with the local lock manager");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let err = String::from_utf8_lossy(&out.wait_with_output().unwrap().stderr).into_owned();
-    assert!(!status.success());
-    assert!(err.contains("--lock-manager dlm"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+        .args(&legs);
+    let err = common::refused(
+        cmd,
+        Duration::from_secs(10),
+        "a local serve of a clustered array",
+    );
+    assert!(
+        common::one_error_line(&err).contains("--lock-manager dlm"),
+        "{err}"
+    );
     // Nothing was written: both legs are still clean.
     for leg in &legs {
         let e = bin().args(["examine", "--json"]).arg(leg).output().unwrap();

@@ -8,62 +8,15 @@
 
 mod common;
 
-use common::{bin, pattern, Client, Serve};
+use common::{bin, pattern, Client, Loop, Serve};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const INTERVAL_MS: u64 = 200;
 
 fn array(dir: &Path) -> Vec<PathBuf> {
-    let legs = vec![dir.join("a.img"), dir.join("b.img")];
-    let out = bin()
-        .args([
-            "create",
-            "--assume-clean",
-            "--size",
-            "64M",
-            "--bitmap-chunk",
-            "1M",
-        ])
-        .args(&legs)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    legs
-}
-
-/// A loop device with direct I/O over an image file: another "host"'s path to it.
-struct Lun {
-    dev: PathBuf,
-}
-
-impl Lun {
-    fn attach(file: &Path) -> Lun {
-        let out = Command::new("losetup")
-            .args(["-f", "--show", "--direct-io=on"])
-            .arg(file)
-            .output()
-            .expect("losetup");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Lun {
-            dev: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
-        }
-    }
-}
-
-impl Drop for Lun {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
+    common::create_array(dir, &["a.img", "b.img"], "64M", None)
 }
 
 fn strs(p: &[PathBuf]) -> Vec<String> {
@@ -118,31 +71,15 @@ fn host_in_own_pid_ns(dir: &Path, name: &str, legs: &[PathBuf]) -> Serve {
 /// Runs a `serve` that must be refused within `limit`; returns (stderr, time).
 fn refused(dir: &Path, legs: &[PathBuf], limit: Duration) -> (String, Duration) {
     let start = Instant::now();
-    let mut child = bin()
-        .arg("serve")
+    let mut cmd = bin();
+    cmd.arg("serve")
         .arg("--socket")
         .arg(dir.join("refused.sock"))
         .args(["--heartbeat-interval", &format!("{INTERVAL_MS}ms")])
         .args(legs)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            let err =
-                String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr).into_owned();
-            assert!(!st.success(), "{err}");
-            return (err, start.elapsed());
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("a second host was not refused within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        .env_remove("RUST_LOG");
+    let err = common::refused(cmd, limit, "a second host");
+    (err, start.elapsed())
 }
 
 /// The documented wait of a start that finds a live-looking heartbeat written
@@ -155,7 +92,7 @@ fn documented_wait() -> Duration {
 fn a_second_host_is_refused_while_the_first_serves_and_accepted_after_it_died() {
     let dir = tempfile::tempdir().unwrap();
     let legs = array(dir.path());
-    let luns: Vec<Lun> = legs.iter().map(|p| Lun::attach(p)).collect();
+    let luns: Vec<Loop> = legs.iter().map(|p| Loop::attach_rw(p)).collect();
     let other: Vec<PathBuf> = luns.iter().map(|l| l.dev.clone()).collect();
     let mut first = host_in_own_pid_ns(dir.path(), "first", &legs);
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
@@ -167,14 +104,7 @@ fn a_second_host_is_refused_while_the_first_serves_and_accepted_after_it_died() 
     );
     assert!(err.contains("heartbeat moved"), "{err}");
     assert!(err.contains(other[0].to_str().unwrap()), "{err}");
-    // Beside the log: one line that says what happened.
-    assert_eq!(
-        err.lines()
-            .filter(|l| l.starts_with("vhost-user-md:"))
-            .count(),
-        1,
-        "{err}"
-    );
+    common::one_error_line(&err);
     assert!(took < documented_wait(), "refused only after {took:?}");
     eprintln!("second host refused after {took:?}");
     // The first host still serves.
@@ -249,7 +179,7 @@ fn a_second_host_is_refused_while_the_first_serves_and_accepted_after_it_died() 
 fn after_a_clean_stop_the_next_host_starts_without_waiting() {
     let dir = tempfile::tempdir().unwrap();
     let legs = array(dir.path());
-    let luns: Vec<Lun> = legs.iter().map(|p| Lun::attach(p)).collect();
+    let luns: Vec<Loop> = legs.iter().map(|p| Loop::attach_rw(p)).collect();
     let other: Vec<PathBuf> = luns.iter().map(|l| l.dev.clone()).collect();
     let mut first = host(dir.path(), "first", &legs, &[]);
     assert!(first.stop().success());
@@ -268,7 +198,7 @@ fn after_a_clean_stop_the_next_host_starts_without_waiting() {
 fn a_host_forced_in_fences_the_one_that_served() {
     let dir = tempfile::tempdir().unwrap();
     let legs = array(dir.path());
-    let luns: Vec<Lun> = legs.iter().map(|p| Lun::attach(p)).collect();
+    let luns: Vec<Loop> = legs.iter().map(|p| Loop::attach_rw(p)).collect();
     let other: Vec<PathBuf> = luns.iter().map(|l| l.dev.clone()).collect();
     let first = host(dir.path(), "first", &legs, &[]);
     let forced = host(dir.path(), "forced", &other, &["--force"]);

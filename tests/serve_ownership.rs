@@ -16,19 +16,8 @@ use std::time::{Duration, Instant};
 
 /// Two 16 MiB legs made with `create --assume-clean`.
 fn make_array(dir: &Path, a: &str, b: &str) -> (PathBuf, PathBuf) {
-    let (a, b) = (dir.join(a), dir.join(b));
-    let out = bin()
-        .args(["create", "--assume-clean", "--size", "16M"])
-        .arg(&a)
-        .arg(&b)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (a, b)
+    let legs = common::create_array(dir, &[a, b], "16M", None);
+    (legs[0].clone(), legs[1].clone())
 }
 
 /// The superblock state ("clean" or "active") of every leg.

@@ -52,15 +52,91 @@ pub fn assert_same_lines(mdadm: &str, ours: &str, what: &str) {
     }
 }
 
-/// A read-only loop device over an image file, detached on drop.
+/// Makes a clean array (`create --assume-clean`, 1 MiB bitmap chunks) of `size`
+/// on new image files `names` in `dir`; clustered when `cluster` names a cluster.
+pub fn create_array(dir: &Path, names: &[&str], size: &str, cluster: Option<&str>) -> Vec<PathBuf> {
+    let legs: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+    let mut cmd = bin();
+    cmd.args([
+        "create",
+        "--assume-clean",
+        "--size",
+        size,
+        "--bitmap-chunk",
+        "1M",
+    ]);
+    if let Some(c) = cluster {
+        cmd.args(["--cluster-name", c]);
+    }
+    let out = cmd.args(&legs).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    legs
+}
+
+/// Runs `cmd`, which must exit non-zero within `limit` (a command that keeps
+/// running, e.g. a second `serve` that started, is killed and fails the test).
+/// Returns its stderr.
+pub fn refused(mut cmd: Command, limit: std::time::Duration, what: &str) -> String {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(!st.success(), "{what} succeeded: {err}");
+            return err;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what} was not refused within {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The line a refused command prints beside its log: exactly one `vhost-user-md:` line.
+pub fn one_error_line(err: &str) -> &str {
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("vhost-user-md:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    lines[0]
+}
+
+/// A loop device over an image file, detached on drop.
 pub struct Loop {
     pub dev: PathBuf,
 }
 
 impl Loop {
+    /// Read-only.
     pub fn attach(file: &Path) -> Loop {
+        Loop::attach_with(file, &["-r"])
+    }
+
+    /// Read-write with direct I/O: another path to the same data, as another host
+    /// has to a shared LUN (no lock of one path reaches the other).
+    pub fn attach_rw(file: &Path) -> Loop {
+        Loop::attach_with(file, &["--direct-io=on"])
+    }
+
+    fn attach_with(file: &Path, opts: &[&str]) -> Loop {
         let out = Command::new("losetup")
-            .args(["-r", "-f", "--show"])
+            .args(opts)
+            .args(["-f", "--show"])
             .arg(file)
             .output()
             .expect("losetup (util-linux) must be installed");
