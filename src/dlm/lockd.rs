@@ -406,10 +406,8 @@ pub type OnLost = Box<dyn FnOnce(String) + Send>;
 struct Loss {
     /// We closed the connection ourselves: not a loss.
     closing: std::sync::atomic::AtomicBool,
-    /// The reason, once the connection is gone.
-    lost: Mutex<Option<String>>,
-    /// Who to tell.
-    on_lost: Mutex<Option<OnLost>>,
+    /// The reason once the connection is gone, and who to tell (until told).
+    state: Mutex<(Option<String>, Option<OnLost>)>,
 }
 
 impl Loss {
@@ -417,15 +415,28 @@ impl Loss {
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        *self.lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
-        let f = self
-            .on_lost
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let f = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.0 = Some(why.clone());
+            st.1.take()
+        };
         if let Some(f) = f {
             f(why);
         }
+    }
+
+    fn on_lost(&self, f: OnLost) {
+        let why = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            match &st.0 {
+                Some(why) => why.clone(),
+                None => {
+                    st.1 = Some(f);
+                    return;
+                }
+            }
+        };
+        f(why);
     }
 }
 
@@ -528,36 +539,7 @@ impl LockdMember {
     /// already): every lock of this member is gone then, and a node that goes on
     /// writing as if it held them may write beside a node that was granted them.
     pub fn on_lost(&self, f: OnLost) {
-        let lost = self
-            .loss
-            .lost
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        match lost {
-            Some(why) => f(why),
-            None => {
-                *self.loss.on_lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
-                // The reader may have finished between the two looks.
-                let lost = self
-                    .loss
-                    .lost
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                if let Some(why) = lost {
-                    if let Some(f) = self
-                        .loss
-                        .on_lost
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .take()
-                    {
-                        f(why);
-                    }
-                }
-            }
-        }
+        self.loss.on_lost(f);
     }
 
     fn call(&self, make: impl FnOnce(u64) -> Request) -> Result<Option<LockId>, DlmError> {
