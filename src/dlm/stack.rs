@@ -7,8 +7,10 @@
 //! ours as a dead node, and a request sent into the stopped lockspace blocks in the
 //! kernel until the lockspace runs again, which it never does. A restarted
 //! dlm_controld refuses to run beside a lockspace it did not create (it asks
-//! corosync to remove the node from the cluster), so the lockspace must be released
-//! before the stack comes back. corosync going takes dlm_controld with it.
+//! corosync to remove the node from the cluster), and the stopped lockspace cannot
+//! be released (closing its device blocks in the kernel): only a reboot of the host
+//! clears it. corosync going takes dlm_controld with it. A node can rejoin without
+//! a reboot only when the lockspace failed while dlm_controld still ran it.
 //!
 //! [`Loss`] gathers the signs of a loss from the parts that see them (the CPG
 //! connection, the lockspace device, the watch of dlm_controld's query socket) and
@@ -193,20 +195,32 @@ pub fn watch_controld(loss: Arc<Loss>) -> io::Result<()> {
         .map(|_| ())
 }
 
-/// Waits until releasing a lost lockspace cannot hang, then calls `release`.
-/// Releasing asks dlm_controld to leave the lockspace's group when it runs and
-/// waits for its answer in the kernel: while corosync is gone, dlm_controld is on
-/// its way out and may never answer, so the release waits until it is gone. With
-/// corosync up (the lockspace device failed on its own) it answers.
-pub fn release_when_safe(release: impl FnOnce(), corosync_up: impl Fn() -> bool) {
+/// What became of a lost lockspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Released {
+    /// dlm_controld still runs it: released, the node may join again.
+    Yes,
+    /// dlm_controld is gone and the kernel stopped it: it cannot be released
+    /// (closing its device blocks in the kernel until it runs again, which it never
+    /// does) and a restarted dlm_controld refuses to run beside it. Only a reboot of
+    /// the host clears it (dlm_controld's own rule for "uncontrolled lockspaces").
+    Abandoned(String),
+}
+
+/// Releases a lost lockspace when that can finish: while dlm_controld runs it
+/// (the lockspace device failed on its own). While corosync is gone, dlm_controld
+/// is on its way out: waits for it to go or for corosync to answer again.
+pub fn release_if_controlled(release: impl FnOnce(), corosync_up: impl Fn() -> bool) -> Released {
     let mut said = false;
     loop {
         match controld_probe() {
-            Probe::Gone(_) => break,
+            Probe::Gone(why) => return Released::Abandoned(why),
             Probe::Up if corosync_up() => break,
             Probe::Up => {
                 if !said {
-                    info!("corosync is gone: releasing the lockspace once dlm_controld has exited");
+                    info!(
+                        "corosync is gone: waiting for dlm_controld to exit or corosync to answer"
+                    );
                     said = true;
                 }
                 std::thread::sleep(Duration::from_millis(200));
@@ -214,6 +228,7 @@ pub fn release_when_safe(release: impl FnOnce(), corosync_up: impl Fn() -> bool)
         }
     }
     release();
+    Released::Yes
 }
 
 #[cfg(test)]

@@ -284,9 +284,11 @@ fn join_dlm(
 /// Watches the cluster stack under the DLM lockspace `m`: corosync (our CPG
 /// `group`'s connection), dlm_controld (its query socket, once a second) and the
 /// lockspace device. Losing any of them loses every lock: the node is fenced at
-/// once, releases the dead lockspace (a restarted dlm_controld would not run beside
-/// it), and once the stack answers again it asks the main thread (`rejoin`,
-/// SIGUSR2) to start over.
+/// once. When dlm_controld still runs the lockspace, the node releases it and,
+/// once the stack answers, asks the main thread (`rejoin`, SIGUSR2) to start
+/// over. When dlm_controld is gone (corosync takes it along), the kernel has
+/// stopped the lockspace for good: the node stays fenced and says that the host
+/// must be rebooted (see [`crate::dlm::stack`]).
 fn watch_dlm(
     m: &Arc<LibDlmMember>,
     group: Option<&OurGroup>,
@@ -307,10 +309,11 @@ fn watch_dlm(
         if !fence.raise(&format!("DLM lost ({why})")) {
             return;
         }
+        let reason = format!("DLM lost ({why})");
         let releasing = std::thread::Builder::new()
             .name("dlm-lost".into())
             .spawn(move || {
-                crate::dlm::stack::release_when_safe(
+                let released = crate::dlm::stack::release_if_controlled(
                     || {
                         if let Some(m) = weak.upgrade() {
                             m.release();
@@ -319,6 +322,14 @@ fn watch_dlm(
                     },
                     || !has_cpg || crate::dlm::cpg::corosync_answers(),
                 );
+                if let crate::dlm::stack::Released::Abandoned(gone) = released {
+                    fence.amend(&format!(
+                        "{reason}; {gone}: the kernel stopped this host's DLM lockspace, which \
+                         can be neither released nor run again, and a restarted dlm_controld \
+                         refuses to run beside it: reboot this host, then start this node again"
+                    ));
+                    return;
+                }
                 let never = Arc::new(AtomicBool::new(false));
                 let watching = rejoin::watch_for_return(LockManager::Dlm, None, never, move || {
                     rejoin.store(true, Ordering::SeqCst);
