@@ -18,7 +18,10 @@
 #           whole guest: each time
 #           node2 resyncs exactly node1's dirty chunks (status resync.bytes_copied), and
 #           every write node1 acknowledged (examples/guest_io's record) reads back through
-#           node2; at the end the legs are identical and node2's clean stop releases the
+#           node2; node1's cluster stack stops under a writer (corosync, and dlm_controld
+#           with it): node1 is fenced at once (writes fail) and says its host needs a
+#           reboot (the kernel keeps the stopped lockspace), node2 recovers its slot and
+#           writes, and after the reboot node1 serves in its slot again; at the end the legs are identical and node2's clean stop releases the
 #           lockspace.
 #   phase 4 (two guests, shared legs): kernel md-cluster (mdadm) creates and runs the
 #           array on both; our node refuses to join while the kernel has it, on the same
@@ -543,6 +546,91 @@ writer_role() {
     for n in 1 2; do serve_start $n || { fail "node$n: serve --shared-writes again"; return 1; }; done
 }
 
+# guest_time N: the clock of guest N (seconds since the epoch)
+guest_time() { on "$1" 'date +%s.%N' 30 | tr -d '\r' | tail -1; }
+# log_time N PATTERN: the time (seconds since the epoch) of the last line of node N's serve
+# log that matches PATTERN (a grep -E pattern), from its millisecond timestamp
+log_time() {
+    on "$1" "grep -E '$2' /tmp/serve.log | tail -1" 30 | tr -d '\r' | python3 -c '
+import sys, datetime
+line = sys.stdin.read().strip()
+ts = line[1:].split()[0] if line.startswith("[") else ""
+print(datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() if ts else "")'
+}
+# serve_threads N: where the threads of our node on guest N wait (for failure reports)
+serve_threads() {
+    on "$1" 'for t in /proc/$(cat /tmp/serve.pid)/task/*; do echo "$(cat $t/comm) $(cat $t/wchan) $(grep -v "^\[<0>\] \(__schedule\|schedule\)" $t/stack 2>/dev/null | head -3 | tr "\n" " ")"; done; pidof corosync dlm_controld; tail -15 /tmp/serve.log' 30 | sed "s/^/    node$1| /"
+}
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", a - b }'; }
+
+# stack_loss: node1's cluster stack fails under a writer: corosync stops, and dlm_controld
+# exits with it ("cluster is down"). node1 must stop writing at once (fenced: its writes
+# fail, status says so); node2 recovers node1's slot and goes on writing. The kernel stops
+# a lockspace whose dlm_controld is gone, for good: it can be neither released (closing its
+# device blocks) nor run again (a restarted dlm_controld refuses to run beside it), so
+# node1's status must say that its host needs a reboot. Both guests are then restarted
+# (node2 first stops cleanly) and node1 serves again in its slot.
+stack_loss() {
+    local w1="--seed 7 --first 240 --blocks 16 --block-size 131072" # MiB 30-31
+    local w2="--seed 8 --first 272 --blocks 8 --block-size 131072"  # MiB 34
+    local died k t_loss t_fence out rc=0
+    died=$(on 2 "grep -c 'node slot 1 died' /tmp/serve.log" 30 | tr -d '\r' | tail -1)
+    on 1 "(guest_io write $SOCK $w1 --passes 0 --acks /tmp/acks7 </dev/null >/tmp/writer.out 2>&1 & echo \$! >/tmp/writer.pid)" 30 >/dev/null
+    if ! until_ok 1 '[ $(wc -l </tmp/acks7) -ge 32 ]' 300 || ! wait_status 1 "d['writer_role'] == 'held'" 60; then
+        fail "stack loss: node1's writer ($(on 1 'cat /tmp/writer.out' 10))"
+        return 1
+    fi
+    t_loss=$(guest_time 1)
+    on 1 'kill $(pidof corosync)' 30 >/dev/null
+    log "node1: corosync stopped under a writer"
+    if wait_status 1 "d['writer_role'] == 'fenced' and d['fenced']" 60; then
+        t_fence=$(log_time 1 'fenced: DLM lost')
+        pass "stack loss: node1 fenced $(secs "$t_fence" "$t_loss") s after corosync was told to stop ($(status 1 "d['fenced']"))"
+    else
+        fail "stack loss: node1 not fenced after corosync stopped"
+        return 1
+    fi
+    until_ok 1 '! kill -0 $(cat /tmp/writer.pid) 2>/dev/null' 60 || on 1 'kill -9 $(cat /tmp/writer.pid)' 30 >/dev/null
+    k=$(on 1 'wc -l </tmp/acks7' 30 | tr -d '\r' | tail -1)
+    out=$(on 1 "timeout 60 guest_io write $SOCK --seed 10 --first 280 --blocks 1 --block-size 131072" 90) || rc=$?
+    if [ $rc != 0 ] && [ $rc != 124 ] && on 1 "grep -q failed /tmp/writer.out" 10; then
+        pass "stack loss: node1's writes fail once fenced (writer stopped after $k acknowledged writes; a new write: $(echo "$out" | tail -1 | tr -d '\r'))"
+    else
+        fail "stack loss: node1's writes do not fail at once (rc $rc; writer: $(on 1 'cat /tmp/writer.out' 10))"
+        serve_threads 1
+    fi
+    if wait_status 1 "'reboot this host' in d['fenced'] and 'dlm_controld is not running' in d['fenced']" 60; then
+        pass "stack loss: node1 says its DLM lockspace is abandoned and its host needs a reboot"
+    else
+        fail "stack loss: node1's status does not say that its host needs a reboot"
+    fi
+    # node2: not fenced, recovers node1's slot, and writes
+    if until_ok 2 "[ \$(grep -c 'node slot 1 died' /tmp/serve.log) -gt $died ]" 120 &&
+        [ "$(status 2 "d['writer_role'] != 'fenced' and not d['fenced']")" = True ] &&
+        on 2 "guest_io write $SOCK $w2" 120 >/dev/null &&
+        on 2 "guest_io verify $SOCK $w1 --acked $k" 300 >/dev/null; then
+        pass "stack loss: node2 unaffected: recovered node1's slot, writes, reads all $k writes node1 acknowledged"
+    else
+        fail "stack loss: node2 ($(on 2 'vhost-user-md status '$SOCK'; tail -5 /tmp/serve.log' 10))"
+    fi
+    # node1's host "reboots" (both guests restart: they share one point-to-point link)
+    serve_stop 2 || { fail "stack loss: node2's serve does not stop"; return 1; }
+    stop_nodes
+    : >"$W/node1.ttyS1"
+    two_guests "phase 3 (after the stack loss)" || return 1
+    serve_start 1 && serve_start 2 || { fail "stack loss: our nodes do not start after the reboot"; return 1; }
+    local s1 s2
+    s1=$(status 1 "d['node_slot']")
+    s2=$(status 2 "d['node_slot']")
+    if [ "$s1 $s2" = "1 2" ] && on 1 "guest_io write $SOCK $w2" 120 >/dev/null &&
+        on 1 "guest_io verify $SOCK $w1 --acked $k" 300 >/dev/null; then
+        pass "stack loss: after the reboot node1 serves in slot 1 again, writes, and reads what it acknowledged before the loss"
+    else
+        fail "stack loss: after the reboot node1 slot $s1, node2 slot $s2"
+        return 1
+    fi
+}
+
 phase3() {
     log "phase 3: two of our nodes share an array over the DLM (profile U32); node deaths mid-write"
     new_legs
@@ -582,6 +670,7 @@ phase3() {
     else
         fail "node2's NODE_JOINED from node1 lacks its node id ($(on 2 'grep "joined (node id" /tmp/serve.log' 10))"
     fi
+    stack_loss || return
     death_mid_write guest 3 40
 
     # node2 stops cleanly: legs identical, node1's slot clean, no lockspace left behind

@@ -10,6 +10,7 @@
 //! a member that leaves is the first sign of a node's death, before the DLM has
 //! recovered and released its locks.
 
+use super::stack::{Loss, OnLost};
 use libloading::{Library, Symbol};
 use log::{info, warn};
 use std::ffi::{c_int, c_void};
@@ -233,6 +234,8 @@ struct Shared {
     api: Api,
     handle: Handle,
     stop: AtomicBool,
+    /// Told when the connection to corosync fails.
+    loss: Arc<Loss>,
 }
 
 // SAFETY: libcpg handles may be used from any thread (the library locks internally).
@@ -259,11 +262,51 @@ impl OurGroup {
         *l = Some(Box::new(f));
         Ok(())
     }
+
+    /// Calls `f` once if the connection to corosync fails (corosync stopped or
+    /// died; dlm_controld exits with it, and the DLM's locks go).
+    pub fn on_lost(&self, f: OnLost) {
+        self.shared.loss.on_lost(f);
+    }
+}
+
+/// Whether the dispatch of a CPG connection tells that corosync is gone: poll
+/// reports the connection hung up or failed, or `cpg_dispatch` fails with anything
+/// but "try again".
+fn dispatch_lost(revents: libc::c_short, rc: Option<c_int>) -> Option<String> {
+    if revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+        return Some("the corosync connection hung up".into());
+    }
+    match rc {
+        None | Some(CS_OK) | Some(CS_ERR_TRY_AGAIN) => None,
+        Some(e) => Some(format!("cpg_dispatch failed (corosync error {e})")),
+    }
+}
+
+/// Whether corosync answers on this host: a CPG connection can be made (true
+/// when libcpg is not installed: there is nothing to ask).
+pub fn corosync_answers() -> bool {
+    let Ok(api) = load("libcpg.so.4") else {
+        return true;
+    };
+    let callbacks = Callbacks {
+        deliver: Some(deliver),
+        confchg: Some(confchg),
+    };
+    let mut handle: Handle = 0;
+    // SAFETY: valid out pointer; libcpg copies the callbacks.
+    if unsafe { (api.initialize)(&mut handle, &callbacks) } != CS_OK {
+        return false;
+    }
+    // SAFETY: a valid handle, finalized once; it never joined a group.
+    unsafe { (api.finalize)(handle) };
+    true
 }
 
 impl Drop for OurGroup {
     fn drop(&mut self) {
         *LISTENER.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.shared.loss.close();
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.dispatcher.take() {
             let _ = t.join();
@@ -367,6 +410,7 @@ pub fn join_and_check_with(
         api,
         handle,
         stop: AtomicBool::new(false),
+        loss: Loss::new(),
     });
     let ours = our_group(lockspace);
     let mut group = OurGroup {
@@ -391,11 +435,24 @@ pub fn join_and_check_with(
                         revents: 0,
                     };
                     // SAFETY: one valid pollfd.
-                    if unsafe { libc::poll(&mut p, 1, 200) } > 0 {
+                    if unsafe { libc::poll(&mut p, 1, 200) } <= 0 {
+                        continue;
+                    }
+                    let rc = if p.revents & libc::POLLIN != 0 {
                         // SAFETY: valid handle; callbacks only log.
-                        if unsafe { (s2.api.dispatch)(s2.handle, CS_DISPATCH_ALL) } != CS_OK {
-                            std::thread::sleep(Duration::from_millis(200));
+                        Some(unsafe { (s2.api.dispatch)(s2.handle, CS_DISPATCH_ALL) })
+                    } else {
+                        None
+                    };
+                    if let Some(why) = dispatch_lost(p.revents, rc) {
+                        if !s2.stop.load(Ordering::Relaxed) {
+                            warn!("CPG: {why}");
+                            s2.loss.report(&why);
                         }
+                        return;
+                    }
+                    if rc == Some(CS_ERR_TRY_AGAIN) {
+                        std::thread::sleep(Duration::from_millis(200));
                     }
                 }
             })
@@ -457,6 +514,20 @@ mod tests {
         let dlm = [(1, 400), (2, 401)];
         let ours = [(1, 10), (1, 11), (2, 12)];
         assert!(foreign_nodes(&dlm, &ours).is_empty());
+    }
+
+    #[test]
+    fn a_hung_up_or_failing_dispatch_is_a_loss_and_try_again_is_not() {
+        assert!(dispatch_lost(libc::POLLIN, Some(CS_OK)).is_none());
+        assert!(dispatch_lost(libc::POLLIN, Some(CS_ERR_TRY_AGAIN)).is_none());
+        assert!(dispatch_lost(0, None).is_none());
+        // CS_ERR_LIBRARY: the IPC connection to corosync is gone.
+        let e = dispatch_lost(libc::POLLIN, Some(2)).unwrap();
+        assert!(e.contains("corosync error 2"), "{e}");
+        assert!(dispatch_lost(libc::POLLHUP, None)
+            .unwrap()
+            .contains("hung up"));
+        assert!(dispatch_lost(libc::POLLIN | libc::POLLERR, Some(CS_OK)).is_some());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! What libdlm does not give (spec §6.5): membership events and the blocked mode
 //! of a BAST. Userspace lockspaces have 32-byte LVBs.
 
+use super::stack::{self, Loss, OnLost, Probe};
 use super::{DlmError, Event, LockId, LockSpace, Mode, NodeId, Status};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use libloading::{Library, Symbol};
@@ -106,6 +107,25 @@ extern "C" fn bast(arg: *mut c_void) {
     });
 }
 
+/// Whether the lockspace device tells that the lockspace is gone: poll reports it
+/// hung up or failed, or `dlm_dispatch` failed (`(rc, errno)`) other than for
+/// want of completions (errno EAGAIN or EINTR; 0 means end of file).
+fn device_lost(revents: libc::c_short, rc: Option<(c_int, Option<i32>)>) -> Option<String> {
+    if revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+        return Some("the lockspace device hung up".into());
+    }
+    match rc {
+        None => None,
+        Some((rc, _)) if rc >= 0 => None,
+        Some((_, Some(libc::EAGAIN) | Some(libc::EINTR))) => None,
+        Some((_, Some(0) | None)) => Some("the lockspace device reached its end".into()),
+        Some((_, Some(e))) => Some(format!(
+            "reading the lockspace device failed: {}",
+            std::io::Error::from_raw_os_error(e)
+        )),
+    }
+}
+
 struct Api {
     _lib: Library,
     create: CreateFn,
@@ -188,6 +208,8 @@ struct Shared {
     stop: AtomicBool,
     /// The lockspace was released: the handle is gone.
     released: AtomicBool,
+    /// Told when the lockspace or the stack under it fails.
+    loss: Arc<Loss>,
 }
 
 // SAFETY: the raw handle is only used under `call`'s mutex.
@@ -248,6 +270,7 @@ impl LibDlmMember {
             call: Mutex::new(HashMap::new()),
             stop: AtomicBool::new(false),
             released: AtomicBool::new(false),
+            loss: Loss::new(),
         });
         let (tx, rx) = unbounded();
         let s2 = shared.clone();
@@ -262,11 +285,28 @@ impl LibDlmMember {
                     };
                     // SAFETY: one valid pollfd.
                     let n = unsafe { libc::poll(&mut p, 1, 200) };
-                    if n > 0 {
+                    if n <= 0 {
+                        continue;
+                    }
+                    let rc = if p.revents & libc::POLLIN != 0 {
                         let _g = s2.call.lock().unwrap_or_else(|e| e.into_inner());
+                        // dlm_dispatch fails on a read error and on end of file alike,
+                        // leaving errno as it was on the latter.
+                        // SAFETY: errno is this thread's.
+                        unsafe { *libc::__errno_location() = 0 };
                         // SAFETY: the fd belongs to the open lockspace; callbacks get
                         // LockState boxes that `call` keeps alive.
-                        unsafe { (s2.api.dispatch)(fd) };
+                        let rc = unsafe { (s2.api.dispatch)(fd) };
+                        Some((rc, std::io::Error::last_os_error().raw_os_error()))
+                    } else {
+                        None
+                    };
+                    if let Some(why) = device_lost(p.revents, rc) {
+                        if !s2.stop.load(Ordering::Relaxed) {
+                            log::warn!("DLM lockspace device: {why}");
+                            s2.loss.report(&why);
+                        }
+                        return;
                     }
                 }
             })
@@ -286,6 +326,9 @@ impl LibDlmMember {
     /// join of the same array would then hang (spec §6.7).
     pub fn release(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        if self.shared.loss.lost().is_none() {
+            self.shared.loss.close();
+        }
         let t = self
             .dispatcher
             .lock()
@@ -310,9 +353,32 @@ impl LibDlmMember {
         }
     }
 
+    /// Calls `f` once if the lockspace is lost: its device fails, or a request
+    /// finds dlm_controld gone. Every lock is gone then (the other nodes recover
+    /// this one as dead), and requests fail from then on.
+    pub fn on_lost(&self, f: OnLost) {
+        self.shared.loss.on_lost(f);
+    }
+
+    /// Where a loss seen elsewhere is reported (corosync, the watch of
+    /// dlm_controld): requests fail from then on, and the listener of
+    /// [`LibDlmMember::on_lost`] is told.
+    pub fn loss(&self) -> Arc<Loss> {
+        self.shared.loss.clone()
+    }
+
     fn check_joined(&self) -> Result<(), DlmError> {
         if self.shared.released.load(Ordering::SeqCst) {
             return Err(DlmError::Rejected("the lockspace was released".into()));
+        }
+        if let Some(why) = self.shared.loss.lost() {
+            return Err(DlmError::Unavailable(why));
+        }
+        // Without dlm_controld the kernel has stopped the lockspace, and a request
+        // would block in the kernel for good: look first (a connect, no more).
+        if let Probe::Gone(why) = stack::controld_probe() {
+            self.shared.loss.report(&why);
+            return Err(DlmError::Unavailable(why));
         }
         Ok(())
     }
@@ -503,6 +569,21 @@ mod tests {
             e.contains("install libdlm3") || e.contains("dlm_controld"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_failing_or_closed_lockspace_device_is_a_loss() {
+        assert!(device_lost(libc::POLLIN, Some((0, Some(0)))).is_none());
+        assert!(device_lost(libc::POLLIN, Some((-1, Some(libc::EAGAIN)))).is_none());
+        assert!(device_lost(libc::POLLIN, Some((-1, Some(libc::EINTR)))).is_none());
+        assert!(device_lost(0, None).is_none());
+        let eof = device_lost(libc::POLLIN, Some((-1, Some(0)))).unwrap();
+        assert!(eof.contains("end"), "{eof}");
+        let e = device_lost(libc::POLLIN, Some((-1, Some(libc::ENODEV)))).unwrap();
+        assert!(e.contains("failed"), "{e}");
+        assert!(device_lost(libc::POLLHUP, None)
+            .unwrap()
+            .contains("hung up"));
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod engine;
 pub mod libdlm;
 pub mod local;
 pub mod lockd;
+pub mod stack;
 
 pub use engine::{LockId, NodeId};
 

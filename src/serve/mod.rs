@@ -9,6 +9,8 @@ pub mod multihost;
 pub mod rejoin;
 mod resync;
 
+use crate::dlm::cpg::OurGroup;
+use crate::dlm::libdlm::LibDlmMember;
 use crate::raid1::Array;
 use crate::storage::{Claim, Faults, FaultyLeg, Fence, FencedLeg, FileLeg, Leg, OpenMode};
 use crate::unixsock::{self, Perms};
@@ -241,6 +243,115 @@ fn connect_lockd(
     Ok(m)
 }
 
+/// Joins DLM lockspace `name` of array `uuid` (lock manager `dlm`): our CPG group
+/// first, refusing a kernel md-cluster node that has the array (spec §7.1), then
+/// the lockspace. A node that is `rejoining` waits for the cluster stack (5
+/// minutes at most) instead of failing, and for its previous process's lockspace
+/// to be gone from this host: joining that one would join a dead lockspace.
+fn join_dlm(
+    name: &str,
+    uuid: &str,
+    rejoining: bool,
+) -> Result<(Option<OurGroup>, Arc<LibDlmMember>), String> {
+    let attempt = || -> Result<(Option<OurGroup>, Arc<LibDlmMember>), String> {
+        if rejoining && Path::new("/sys/kernel/dlm").join(name).exists() {
+            return Err(format!(
+                "the lost lockspace {name} is still on this host (release it with `dlm_tool leave {name}`)"
+            ));
+        }
+        // Both checks come before the DLM is touched: on this host the DLM
+        // would not refuse, it would break (spec §6.7).
+        crate::dlm::libdlm::refuse_kernel_lockspace(name, uuid)?;
+        let group = crate::dlm::cpg::join_and_check(name, uuid)?;
+        let m = Arc::new(LibDlmMember::join(name).map_err(|e| e.to_string())?);
+        if let Some(g) = &group {
+            m.set_node_id(g.nodeid);
+        }
+        Ok((group, m))
+    };
+    let start = std::time::Instant::now();
+    let mut said = None;
+    loop {
+        match attempt() {
+            Ok(j) => return Ok(j),
+            Err(e) if rejoining && start.elapsed() < Duration::from_secs(300) => {
+                if said.is_none_or(|t: std::time::Instant| t.elapsed() > Duration::from_secs(10)) {
+                    warn!("rejoining: {e}; trying again");
+                    said = Some(std::time::Instant::now());
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Watches the cluster stack under the DLM lockspace `m`: corosync (our CPG
+/// `group`'s connection), dlm_controld (its query socket, once a second) and the
+/// lockspace device. Losing any of them loses every lock: the node is fenced at
+/// once. When dlm_controld still runs the lockspace, the node releases it and,
+/// once the stack answers, asks the main thread (`rejoin`, SIGUSR2) to start
+/// over. When dlm_controld is gone (corosync takes it along), the kernel has
+/// stopped the lockspace for good: the node stays fenced and says that the host
+/// must be rebooted (see [`crate::dlm::stack`]).
+fn watch_dlm(
+    m: &Arc<LibDlmMember>,
+    group: Option<&OurGroup>,
+    fence: &Arc<Fence>,
+    rejoin: &Arc<AtomicBool>,
+) -> Result<(), String> {
+    let loss = m.loss();
+    if let Some(g) = group {
+        let l = loss.clone();
+        g.on_lost(Box::new(move |why| l.report(&format!("corosync: {why}"))));
+    }
+    crate::dlm::stack::watch_controld(loss)
+        .map_err(|e| format!("cannot watch dlm_controld: {e}"))?;
+    let weak = Arc::downgrade(m);
+    let (fence, rejoin) = (fence.clone(), rejoin.clone());
+    let has_cpg = group.is_some();
+    m.on_lost(Box::new(move |why| {
+        if !fence.raise(&format!("DLM lost ({why})")) {
+            return;
+        }
+        let reason = format!("DLM lost ({why})");
+        let releasing = std::thread::Builder::new()
+            .name("dlm-lost".into())
+            .spawn(move || {
+                let released = crate::dlm::stack::release_if_controlled(
+                    || {
+                        if let Some(m) = weak.upgrade() {
+                            m.release();
+                            info!("released the lost DLM lockspace");
+                        }
+                    },
+                    || !has_cpg || crate::dlm::cpg::corosync_answers(),
+                );
+                if let crate::dlm::stack::Released::Abandoned(gone) = released {
+                    fence.amend(&format!(
+                        "{reason}; {gone}: the kernel stopped this host's DLM lockspace, which \
+                         can be neither released nor run again, and a restarted dlm_controld \
+                         refuses to run beside it: reboot this host, then start this node again"
+                    ));
+                    return;
+                }
+                let never = Arc::new(AtomicBool::new(false));
+                let watching = rejoin::watch_for_return(LockManager::Dlm, None, never, move || {
+                    rejoin.store(true, Ordering::SeqCst);
+                    // SAFETY: kill(2) of our own pid with a signal the main thread handles.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGUSR2) };
+                });
+                if let Err(e) = watching {
+                    error!("cannot watch for the cluster stack: {e}");
+                }
+            });
+        if let Err(e) = releasing {
+            error!("cannot release the lost DLM lockspace: {e}");
+        }
+    }));
+    Ok(())
+}
+
 /// Looks in `dirs` (image files, block devices) for the leg whose md superblock
 /// carries `device_uuid`, and opens it: how a node finds a leg another node adds.
 fn find_device(
@@ -309,9 +420,9 @@ pub fn run(config: ServeConfig, sockets: Sockets) -> Result<(), String> {
     let mut heartbeat: Option<multihost::Running> = None;
     // Membership in our corosync group (lock manager `dlm`): kept until the lockspace
     // is released (declared before `cluster`, so dropped after it).
-    let mut _our_group: Option<crate::dlm::cpg::OurGroup> = None;
+    let mut _our_group: Option<OurGroup> = None;
     // Our DLM lockspace (lock manager `dlm`), released explicitly at shutdown.
-    let mut libdlm: Option<Arc<crate::dlm::libdlm::LibDlmMember>> = None;
+    let mut libdlm: Option<Arc<LibDlmMember>> = None;
     let (array, left_out, cluster) = match &config.lock_manager {
         LockManager::Local => {
             if let Some(first) = legs.first() {
@@ -365,17 +476,9 @@ pub fn run(config: ServeConfig, sockets: Sockets) -> Result<(), String> {
                     Arc::new(m)
                 }
                 _ => {
-                    let uuid = sb.set_uuid.to_string();
-                    // Both checks come before the DLM is touched: on this host the DLM
-                    // would not refuse, it would break (spec §6.7).
-                    crate::dlm::libdlm::refuse_kernel_lockspace(&name, &uuid)?;
-                    _our_group = crate::dlm::cpg::join_and_check(&name, &uuid)?;
-                    let m = Arc::new(
-                        crate::dlm::libdlm::LibDlmMember::join(&name).map_err(|e| e.to_string())?,
-                    );
-                    if let Some(g) = &_our_group {
-                        m.set_node_id(g.nodeid);
-                    }
+                    let (group, m) = join_dlm(&name, &sb.set_uuid.to_string(), rejoining)?;
+                    watch_dlm(&m, group.as_ref(), &fence, &rejoin)?;
+                    _our_group = group;
                     libdlm = Some(m.clone());
                     m
                 }
@@ -534,6 +637,13 @@ pub fn run(config: ServeConfig, sockets: Sockets) -> Result<(), String> {
         backend.drain();
         let _ = resync_thread.join();
         let _ = daemon_thread.join();
+        // The new process joins afresh: no lockspace of ours may be left on this
+        // host (released when the loss was seen; this is at most a no-op), nor our
+        // membership of the CPG group, which corosync would keep for this pid.
+        if let Some(m) = &libdlm {
+            m.release();
+        }
+        drop(_our_group.take());
         drop(control_bound);
         let e = rejoin::reexec(listen_fd);
         return Err(format!("cannot restart to rejoin the cluster: {e}"));

@@ -31,15 +31,20 @@ const POLL: Duration = Duration::from_millis(200);
 
 /// Whether `lm` answers again after the daemon with pid `gone` was lost: a lockd
 /// process other than that one accepts a connection (the lost one may still be
-/// closing its listening socket). Other lock managers are not watched for loss
-/// here, so they are never waited for.
+/// closing its listening socket); for the DLM, dlm_controld takes a connection on
+/// its query socket and corosync a CPG connection (the new process waits for the
+/// rest, see `serve`). The local lock manager cannot be lost.
 pub fn lock_manager_answers(lm: &LockManager, gone: Option<i32>) -> bool {
     match lm {
         LockManager::Lockd(path) => std::os::unix::net::UnixStream::connect(path)
             .ok()
             .and_then(|c| crate::unixsock::peer_pid(&c))
             .is_some_and(|pid| Some(pid) != gone),
-        LockManager::Local | LockManager::Dlm => true,
+        LockManager::Dlm => {
+            crate::dlm::stack::controld_probe() == crate::dlm::stack::Probe::Up
+                && crate::dlm::cpg::corosync_answers()
+        }
+        LockManager::Local => true,
     }
 }
 

@@ -40,6 +40,16 @@ impl Fence {
         }
     }
 
+    /// Says more about why the fence is up (what it takes to lift it); the time
+    /// it went up is kept.
+    pub fn amend(&self, why: &str) {
+        let mut w = self.why.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((reason, _)) = w.as_mut() {
+            log::error!("fenced: {why}");
+            *reason = why.to_string();
+        }
+    }
+
     /// Whether the fence is up: nothing may be written.
     pub fn is_fenced(&self) -> bool {
         self.on.load(Ordering::SeqCst)
@@ -137,6 +147,12 @@ mod tests {
         let e = leg.write_at(&[2; 512], 0).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
         assert!(e.to_string().contains("lock manager lost"), "{e}");
+        let since = fence.reason().unwrap().1;
+        fence.amend("lock manager lost; reboot");
+        assert_eq!(
+            fence.reason().unwrap(),
+            ("lock manager lost; reboot".into(), since)
+        );
         assert!(leg.discard(0, 512).is_err());
         assert!(leg.write_zeroes(0, 512).is_err());
         assert!(leg.writev_at(&[IoSlice::new(&[3; 512])], 0).is_err());
