@@ -172,7 +172,11 @@ pub struct Array {
     pub(super) meta: Mutex<Meta>,
     /// This node's write-intent bitmap.
     pub bitmap: WriteIntent,
-    pub(super) unrecorded_failure: AtomicBool,
+    /// Leg failures seen (a leg turned faulty), counted.
+    failures_seen: AtomicU64,
+    /// `failures_seen` as it was when the last superblock update that succeeded
+    /// began: every failure up to it is on disk.
+    failures_recorded: AtomicU64,
     next_read: AtomicUsize,
     /// Reads go to the first in-sync leg only (a peer node left and its dirty bits
     /// are not merged into ours yet).
@@ -364,7 +368,8 @@ impl Array {
             members: ArcSwap::from_pointee(slots),
             meta: Mutex::new(Meta { sb, faulty }),
             bitmap,
-            unrecorded_failure: AtomicBool::new(false),
+            failures_seen: AtomicU64::new(0),
+            failures_recorded: AtomicU64::new(0),
             next_read: AtomicUsize::new(0),
             balancing_suspended: AtomicBool::new(false),
             detached: Mutex::new(Vec::new()),
@@ -472,7 +477,7 @@ impl Array {
                 "leg {}: {why}; marking it faulty, the array continues degraded",
                 m.name()
             );
-            self.unrecorded_failure.store(true, Ordering::Release);
+            self.failures_seen.fetch_add(1, Ordering::AcqRel);
             self.update_bitmap_state();
         }
     }
@@ -480,7 +485,11 @@ impl Array {
     /// Records failed legs in the superblocks of the survivors (events++). Returns an
     /// error only when no leg could record it.
     pub fn settle_failures(&self) -> io::Result<()> {
-        if !self.unrecorded_failure.load(Ordering::Acquire) {
+        // Not "is an update running": a request that saw a leg fail after another
+        // request's update began must wait for an update that includes it, or it
+        // could complete before the failure is on disk.
+        let seen = self.failures_seen.load(Ordering::Acquire);
+        if self.failures_recorded.load(Ordering::Acquire) >= seen {
             return Ok(());
         }
         self.update_superblocks(|_| {})
@@ -653,7 +662,7 @@ impl Array {
         let mut meta = lock(&self.meta);
         change(&mut meta.sb);
         loop {
-            self.unrecorded_failure.store(false, Ordering::Release);
+            let seen = self.failures_seen.load(Ordering::Acquire);
             let members = self.members();
             meta.sb.events += 1;
             meta.sb.utime = now();
@@ -709,7 +718,7 @@ impl Array {
                     Err(e) => self.fail(m, &format!("superblock write failed: {e}")),
                 }
             }
-            if !self.unrecorded_failure.load(Ordering::Acquire) {
+            if self.failures_seen.load(Ordering::Acquire) == seen {
                 if written == 0 {
                     return Err(io::Error::other("no leg accepted the superblock update"));
                 }
@@ -718,6 +727,7 @@ impl Array {
                         meta.faulty.push(m.dev_number);
                     }
                 }
+                self.failures_recorded.fetch_max(seen, Ordering::AcqRel);
                 return Ok(());
             }
         }
@@ -1212,6 +1222,102 @@ mod tests {
         )
         .unwrap();
         (a, b, metas)
+    }
+
+    /// A leg whose superblock writes wait while a gate is closed.
+    struct GatedSuperblock {
+        inner: Arc<dyn Leg>,
+        closed: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        waiting: Arc<AtomicBool>,
+    }
+
+    impl Leg for GatedSuperblock {
+        fn name(&self) -> &str {
+            self.inner.name()
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+            self.inner.read_at(buf, off)
+        }
+        fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+            if off == 8 * 512 {
+                let (m, cv) = &*self.closed;
+                let mut closed = lock(m);
+                while *closed {
+                    self.waiting.store(true, Ordering::SeqCst);
+                    closed = cv.wait(closed).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            self.inner.write_at(buf, off)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.inner.flush()
+        }
+        fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+            self.inner.discard(off, len)
+        }
+        fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+            self.inner.write_zeroes(off, len)
+        }
+    }
+
+    #[test]
+    fn no_write_completes_before_a_failed_leg_is_recorded_faulty() {
+        use crate::storage::{Faults, FaultyLeg};
+        let (a, b, _) = two_legs(None, 1);
+        let faults = Faults::none();
+        let a: Arc<dyn Leg> = Arc::new(FaultyLeg::new(a, faults.clone()));
+        let closed = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let waiting = Arc::new(AtomicBool::new(false));
+        let b: Arc<dyn Leg> = Arc::new(GatedSuperblock {
+            inner: b,
+            closed: closed.clone(),
+            waiting: waiting.clone(),
+        });
+        let (array, _) = Array::assemble(vec![a, b.clone()]).unwrap();
+        let array = Arc::new(array);
+        array.mark_active().unwrap();
+        // Leg a fails every write from now on; leg b's superblock writes stall.
+        faults.fail_writes_now();
+        *lock(&closed.0) = true;
+        let data = vec![0x5au8; 4096];
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let spawn_write = |sector: u64| {
+            let (array, data, tx) = (array.clone(), data.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let r = array.write(sector, &[IoSlice::new(&data)]);
+                let _ = tx.send((sector, r.is_ok()));
+            })
+        };
+        // Request 1 fails on leg a and records that in leg b's superblock: stalled.
+        let t1 = spawn_write(0);
+        let start = std::time::Instant::now();
+        while !waiting.load(Ordering::SeqCst) {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // Request 2 runs while leg a's failure is not on disk yet: it must not
+        // complete either (a crash now would leave leg a "in sync", and a resync
+        // from it would erase request 2's data on leg b).
+        let t2 = spawn_write(4096);
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "a write completed while a leg's failure was not yet in the superblocks"
+        );
+        *lock(&closed.0) = false;
+        closed.1.notify_all();
+        let mut done: Vec<(u64, bool)> = (0..2)
+            .map(|_| rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap())
+            .collect();
+        done.sort();
+        assert_eq!(done, vec![(0, true), (4096, true)]);
+        t1.join().unwrap();
+        t2.join().unwrap();
+        let sb = crate::raid1::metadata::read_superblock(&*b).unwrap();
+        assert_eq!(sb.dev_roles[0], role::FAULTY, "leg a recorded faulty");
     }
 
     #[test]
