@@ -190,6 +190,9 @@ pub struct Array {
     /// Devices another node is adding, found here by their uuid; the metadata
     /// update that gives one a role puts it into its slot.
     pub(super) candidates: Mutex<Vec<Arc<Member>>>,
+    /// Ranges a leg failed to read, to be rewritten from another leg while no
+    /// write runs there ([`Array::run_repairs`]).
+    repairs: Mutex<Vec<(Arc<Member>, u64, u64)>>,
     /// Counters.
     pub counters: Counters,
     /// Raised when this node may no longer write (see [`Fence`]).
@@ -376,6 +379,7 @@ impl Array {
             recovery: Mutex::new(()),
             metadata_sync: Mutex::new(None),
             candidates: Mutex::new(Vec::new()),
+            repairs: Mutex::new(Vec::new()),
             counters: Counters::default(),
             fence: std::sync::OnceLock::new(),
         };
@@ -828,8 +832,8 @@ impl Array {
         legs
     }
 
-    /// Reads guest data. A leg that fails is skipped (and the good data written back
-    /// to it; if that fails too, it is failed).
+    /// Reads guest data. A leg that fails is skipped; the range is queued to be
+    /// rewritten on it from another leg ([`Array::run_repairs`]).
     pub fn read(&self, sector: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         let bytes: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         let sectors = self.check_range(sector, bytes)?;
@@ -849,15 +853,17 @@ impl Array {
         }
         if result.is_ok() && !failed.is_empty() {
             self.counters.read_retries.fetch_add(1, Ordering::Relaxed);
-            let good: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-            for (m, e) in &failed {
+            // Not rewritten here with the data just read: a guest write to the range
+            // could land between that read and the rewrite, and the rewrite would
+            // put the old data back on this leg only. The repair reads again and
+            // writes while writes to the range wait, as md freezes the array.
+            let mut q = lock(&self.repairs);
+            for (m, e) in failed {
                 warn!(
-                    "leg {}: read error at sector {sector}: {e}; rewriting from another leg",
+                    "leg {}: read error at sector {sector}: {e}; it is rewritten from another leg",
                     m.name()
                 );
-                if let Err(e2) = m.leg.writev_at(&good, m.byte_offset(sector)) {
-                    self.fail(m, &format!("read error ({e}) and rewrite failed ({e2})"));
-                }
+                q.push((m, sector, sectors));
             }
         } else if let (Err(_), Some((_, e))) = (&result, failed.last()) {
             result = Err(io::Error::new(
@@ -867,6 +873,61 @@ impl Array {
         }
         self.settle_failures()?;
         result
+    }
+
+    /// Rewrites the ranges legs failed to read (see [`Array::read`]) from another
+    /// in-sync leg, one bitmap chunk at a time while writes to that chunk wait
+    /// (the resync exclusion); a leg whose rewrite fails is failed. Returns the
+    /// ranges repaired. Run by the resync thread, never by an I/O worker (it waits
+    /// for the writes in flight in the chunk).
+    pub fn run_repairs(&self) -> usize {
+        let todo = std::mem::take(&mut *lock(&self.repairs));
+        let n = todo.len();
+        for (m, sector, sectors) in todo {
+            if m.state() == LegState::Faulty {
+                continue;
+            }
+            let g = self.bitmap.geometry();
+            for c in self.bitmap.chunk_range(sector, sectors) {
+                let lo = sector.max(g.chunk_start(c));
+                let hi = (sector + sectors).min(g.chunk_start(c) + g.chunk_sectors());
+                if lo >= hi {
+                    continue;
+                }
+                self.bitmap.begin_resync(c);
+                let r = self.rewrite(&m, lo, hi);
+                self.bitmap.end_resync(c, false);
+                match r {
+                    Ok(true) => info!("leg {}: sectors {lo}..{hi} rewritten", m.name()),
+                    Ok(false) => {}
+                    Err(e) => self.fail(&m, &format!("rewrite after a read error failed: {e}")),
+                }
+            }
+        }
+        if let Err(e) = self.settle_failures() {
+            warn!("after read repairs: {e}");
+        }
+        n
+    }
+
+    /// Copies sectors `lo..hi` to `m` from another in-sync leg. `Ok(false)`: no
+    /// other leg could give them.
+    fn rewrite(&self, m: &Arc<Member>, lo: u64, hi: u64) -> io::Result<bool> {
+        let mut buf = crate::storage::AlignedBuf::zeroed(((hi - lo) * 512) as usize);
+        for src in self.in_sync() {
+            if Arc::ptr_eq(&src, m) {
+                continue;
+            }
+            if src
+                .leg
+                .read_at(buf.as_mut_slice(), src.byte_offset(lo))
+                .is_ok()
+            {
+                m.leg.write_at(buf.as_slice(), m.byte_offset(lo))?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Writes guest data to every non-faulty leg, after its bitmap bits are durable.
@@ -1224,14 +1285,36 @@ mod tests {
         (a, b, metas)
     }
 
-    /// A leg whose superblock writes wait while a gate is closed.
-    struct GatedSuperblock {
+    /// A leg whose writes at byte `at` wait while a gate is closed (only the first
+    /// one, with `once`).
+    struct Gated {
         inner: Arc<dyn Leg>,
+        at: u64,
+        once: bool,
+        passed: AtomicBool,
         closed: Arc<(Mutex<bool>, std::sync::Condvar)>,
         waiting: Arc<AtomicBool>,
     }
 
-    impl Leg for GatedSuperblock {
+    impl Gated {
+        fn new(inner: Arc<dyn Leg>, at: u64, once: bool) -> Gated {
+            Gated {
+                inner,
+                at,
+                once,
+                passed: AtomicBool::new(false),
+                closed: Arc::new((Mutex::new(false), std::sync::Condvar::new())),
+                waiting: Arc::new(AtomicBool::new(false)),
+            }
+        }
+
+        fn close(closed: &(Mutex<bool>, std::sync::Condvar), on: bool) {
+            *lock(&closed.0) = on;
+            closed.1.notify_all();
+        }
+    }
+
+    impl Leg for Gated {
         fn name(&self) -> &str {
             self.inner.name()
         }
@@ -1242,7 +1325,7 @@ mod tests {
             self.inner.read_at(buf, off)
         }
         fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-            if off == 8 * 512 {
+            if off == self.at && !(self.once && self.passed.swap(true, Ordering::SeqCst)) {
                 let (m, cv) = &*self.closed;
                 let mut closed = lock(m);
                 while *closed {
@@ -1269,19 +1352,15 @@ mod tests {
         let (a, b, _) = two_legs(None, 1);
         let faults = Faults::none();
         let a: Arc<dyn Leg> = Arc::new(FaultyLeg::new(a, faults.clone()));
-        let closed = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-        let waiting = Arc::new(AtomicBool::new(false));
-        let b: Arc<dyn Leg> = Arc::new(GatedSuperblock {
-            inner: b,
-            closed: closed.clone(),
-            waiting: waiting.clone(),
-        });
+        let gated = Gated::new(b, 8 * 512, false);
+        let (closed, waiting) = (gated.closed.clone(), gated.waiting.clone());
+        let b: Arc<dyn Leg> = Arc::new(gated);
         let (array, _) = Array::assemble(vec![a, b.clone()]).unwrap();
         let array = Arc::new(array);
         array.mark_active().unwrap();
         // Leg a fails every write from now on; leg b's superblock writes stall.
         faults.fail_writes_now();
-        *lock(&closed.0) = true;
+        Gated::close(&closed, true);
         let data = vec![0x5au8; 4096];
         let (tx, rx) = crossbeam_channel::unbounded();
         let spawn_write = |sector: u64| {
@@ -1307,8 +1386,7 @@ mod tests {
                 .is_err(),
             "a write completed while a leg's failure was not yet in the superblocks"
         );
-        *lock(&closed.0) = false;
-        closed.1.notify_all();
+        Gated::close(&closed, false);
         let mut done: Vec<(u64, bool)> = (0..2)
             .map(|_| rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap())
             .collect();
@@ -1318,6 +1396,63 @@ mod tests {
         t2.join().unwrap();
         let sb = crate::raid1::metadata::read_superblock(&*b).unwrap();
         assert_eq!(sb.dev_roles[0], role::FAULTY, "leg a recorded faulty");
+    }
+
+    #[test]
+    fn a_read_repair_never_puts_old_data_over_a_newer_write() {
+        use crate::storage::{Faults, FaultyLeg};
+        let (a, b, metas) = two_legs(None, 1);
+        let sector = 8192;
+        let at = metas[0].sb.data_offset * 512 + sector * 512;
+        // Leg a: its first write at the sector waits at a gate; reads fail on demand.
+        let gated = Gated::new(a.clone(), at, true);
+        let (closed, waiting) = (gated.closed.clone(), gated.waiting.clone());
+        let faults = Faults::none();
+        let fa: Arc<dyn Leg> = Arc::new(FaultyLeg::new(Arc::new(gated), faults.clone()));
+        let (array, _) = Array::assemble(vec![fa, b.clone()]).unwrap();
+        let array = Arc::new(array);
+        array.mark_active().unwrap();
+        array.suspend_read_balancing(true); // reads try leg a first
+                                            // Old data (zeroes) on both legs; leg a fails a read of it.
+        let new = vec![0x22u8; 4096];
+        Gated::close(&closed, true);
+        faults.fail_reads.store(true, Ordering::SeqCst);
+        let reader = {
+            let array = array.clone();
+            std::thread::spawn(move || {
+                let mut got = vec![0u8; 4096];
+                let r = array.read(sector, &mut [IoSliceMut::new(&mut got)]);
+                array.run_repairs();
+                (r.is_ok(), got)
+            })
+        };
+        // The rewrite of leg a is at the gate (the repair holds the range).
+        let start = std::time::Instant::now();
+        while !waiting.load(Ordering::SeqCst) {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        faults.fail_reads.store(false, Ordering::SeqCst);
+        // A guest write of new data to the same sector meanwhile.
+        let writer = {
+            let (array, new) = (array.clone(), new.clone());
+            std::thread::spawn(move || array.write(sector, &[IoSlice::new(&new)]).is_ok())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        Gated::close(&closed, false);
+        assert!(writer.join().unwrap(), "the guest write failed");
+        let (read_ok, _) = reader.join().unwrap();
+        assert!(read_ok);
+        let mut on_a = vec![0u8; 4096];
+        let mut on_b = vec![0u8; 4096];
+        a.read_at(&mut on_a, at).unwrap();
+        b.read_at(&mut on_b, metas[1].sb.data_offset * 512 + sector * 512)
+            .unwrap();
+        assert!(on_b == new, "leg b does not hold the newer write");
+        assert!(
+            on_a == new,
+            "the repair put old data back over a newer write on leg a"
+        );
     }
 
     #[test]

@@ -82,7 +82,12 @@ fn run(array: &Array, progress: &ResyncProgress, stopping: &AtomicBool) {
     let mut cursor = 0;
     let mut last_log = Instant::now();
     while !stopping.load(Ordering::SeqCst) {
-        if array.copy_targets() == 0 || array.is_fenced() {
+        if array.is_fenced() {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        array.run_repairs();
+        if array.copy_targets() == 0 {
             // Degraded to one leg: nothing to copy to until a leg is re-added.
             std::thread::sleep(Duration::from_millis(100));
             continue;
@@ -174,6 +179,7 @@ pub fn spawn_cluster(
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
+                node.array.run_repairs();
                 if let Ok(slot) = node.node.dead.recv_timeout(Duration::from_millis(100)) {
                     progress.active.store(true, Ordering::Relaxed);
                     match node.recover(slot) {
