@@ -181,6 +181,9 @@ pub struct Array {
     pub(super) detached: Mutex<Vec<Arc<Member>>>,
     /// Serialises chunk copies against legs joining a recovery.
     pub(super) recovery: Mutex<()>,
+    /// Serialises operator changes (fail, remove, re-add, add): each checks the
+    /// legs' states before it changes them.
+    pub(super) manage: Mutex<()>,
     /// How superblock updates are coordinated with other nodes (none: alone).
     pub(super) metadata_sync: Mutex<Option<Arc<dyn MetadataSync>>>,
     /// Devices another node is adding, found here by their uuid; the metadata
@@ -369,6 +372,7 @@ impl Array {
             balancing_suspended: AtomicBool::new(false),
             detached: Mutex::new(Vec::new()),
             recovery: Mutex::new(()),
+            manage: Mutex::new(()),
             metadata_sync: Mutex::new(None),
             candidates: Mutex::new(Vec::new()),
             counters: Counters::default(),
