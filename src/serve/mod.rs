@@ -5,6 +5,7 @@
 //! or a socket another process serves, stops the start with the array untouched.
 
 pub mod control;
+mod line;
 pub mod multihost;
 pub mod rejoin;
 mod resync;
