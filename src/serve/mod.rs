@@ -528,6 +528,8 @@ pub fn run(config: ServeConfig, sockets: Sockets) -> Result<(), String> {
         false
     });
     stopping.store(true, Ordering::SeqCst);
+    // A resync in progress ends after its current chunk.
+    array.halt_resync();
     if rejoin.load(Ordering::SeqCst) {
         // Fenced, and the lock manager is back: finish what is in flight (nothing
         // new is written), then start over as a new node, keeping the socket.
