@@ -801,3 +801,89 @@ fn a_survivor_finishes_the_rebuild_a_dead_node_started() {
         "the new leg is a full copy"
     );
 }
+
+/// The dirty chunks of node slot `slot` in leg `leg`'s bitmap.
+fn slot_dirty(leg: &Path, slot: u64) -> u64 {
+    let ex = bin().args(["examine", "--json"]).arg(leg).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&ex.stdout).unwrap();
+    v["legs"][0]["bitmap"]["slots"][slot as usize]["dirty"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no slot {slot} in {v}"))
+}
+
+#[test]
+fn a_node_stops_on_sigterm_in_the_middle_of_a_resync_and_leaves_the_rest_dirty() {
+    let lockd = Lockd::start();
+    let d = tempfile::tempdir().unwrap();
+    let legs: Vec<PathBuf> = ["a.img", "b.img"]
+        .iter()
+        .map(|n| d.path().join(n))
+        .collect();
+    // Not --assume-clean: the first node to assemble resyncs every chunk.
+    let out = bin()
+        .args(["create", "--cluster-name", "host1", "--nodes", "2"])
+        .args(["--size", "64M", "--bitmap-chunk", "1M"])
+        .args(&legs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 1 MiB chunks at 1 MiB/s: about a minute for the 63 chunks.
+    let mut n1 = node(d.path(), "n1", &lockd, &legs, &["--resync-max-rate", "1M"]);
+    let st = n1.wait_for("the resync to run", |s| {
+        s["resync"]["active"] == true && s["resync"]["bytes_copied"].as_u64() >= Some(MIB)
+    });
+    let slot = st["node_slot"].as_u64().unwrap();
+    let mut child = n1.child.take().unwrap();
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    let exit = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "serve did not stop within 10 s of SIGTERM during a resync: {}",
+                n1.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("stopped {:?} after SIGTERM", t.elapsed());
+    assert!(exit.success(), "{exit}: {}", n1.log_text());
+    let left = slot_dirty(&legs[0], slot);
+    assert!(
+        left > 0 && left < 63,
+        "slot {slot} keeps the chunks not resynced yet dirty: {left}"
+    );
+    assert_eq!(slot_dirty(&legs[1], slot), left, "both legs' bitmaps agree");
+    eprintln!("slot {slot} left with {left} of 63 chunks dirty");
+    assert!(
+        n1.log_text().contains("resync left off"),
+        "{}",
+        n1.log_text()
+    );
+
+    // A new node finishes the resync.
+    let mut n1 = node(d.path(), "n1b", &lockd, &legs, &[]);
+    n1.wait_for("the rest of the resync", |s| {
+        s["resync"]["active"] == false
+            && s["resync"]["remaining_chunks"] == 0
+            && s["resync"]["bytes_copied"].as_u64() >= Some(left * MIB)
+    });
+    assert!(n1.stop().success());
+    for slot in 0..2 {
+        assert_eq!(
+            slot_dirty(&legs[0], slot),
+            0,
+            "slot {slot} clean at the end"
+        );
+    }
+    assert!(data_area(&legs[0]) == data_area(&legs[1]), "legs identical");
+}

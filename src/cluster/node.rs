@@ -347,9 +347,10 @@ impl ClusterNode {
     }
 
     /// Copies every needed chunk under the cluster-wide resync lock, announcing
-    /// each window so the other nodes hold their writes there. Returns bytes copied.
+    /// each window so the other nodes hold their writes there. Returns bytes copied
+    /// (before the end once [`Array::halt_resync`] was called: the process stops).
     pub fn resync(&self) -> Result<u64, NodeError> {
-        if self.array.bitmap.next_needed(0).is_none() {
+        if self.array.resync_halted() || self.array.bitmap.next_needed(0).is_none() {
             return Ok(0);
         }
         self.node.acquire_resync()?;
@@ -367,10 +368,20 @@ impl ClusterNode {
         let mut copied = 0;
         let mut from = 0;
         while let Some(c) = self.array.bitmap.next_needed(from) {
+            if self.array.resync_halted() {
+                info!(
+                    "stopping: resync left off with {} chunks to go",
+                    self.array.bitmap.stats().needed
+                );
+                break;
+            }
             let end = (c + WINDOW_CHUNKS).min(g.chunks());
             let hi = g.chunk_start(end).min(self.array.size);
             self.node.announce_window(g.chunk_start(c), hi)?;
             for chunk in c..end {
+                if self.array.resync_halted() {
+                    break;
+                }
                 if self.array.bitmap.is_needed(g.chunk_start(chunk), 1) {
                     copied += self.array.resync_chunk(chunk)?;
                 }
@@ -631,6 +642,23 @@ mod tests {
             m.bitmaps[2].bits.get(3),
             "the survivor carries them until its daemon clears them"
         );
+    }
+
+    #[test]
+    fn a_stopping_node_leaves_its_resync_undone_and_the_lock_free() {
+        let c = Cluster::new();
+        let (_n1, id1, n2) = node_died_mid_write(&c);
+        c.dlm.kill(&c.ls_name, id1);
+        let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
+        n2.array.halt_resync();
+        assert_eq!(n2.recover(slot).unwrap(), 0, "nothing copied once halted");
+        assert_eq!(n2.array.bitmap.stats().needed, 1, "chunk 3 still needed");
+        let m = LegMetadata::load(&*c.b).unwrap();
+        assert!(m.bitmaps[2].bits.get(3), "and dirty in node 2's slot");
+        // The resync lock is free for the next node.
+        let (n3, _) = c.join();
+        n3.node.acquire_resync().unwrap();
+        n3.node.release_resync().unwrap();
     }
 
     /// Two nodes; node 1 wrote chunk 3, then "died" in the middle of a second write

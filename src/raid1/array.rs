@@ -185,6 +185,11 @@ pub struct Array {
     pub(super) detached: Mutex<Vec<Arc<Member>>>,
     /// Serialises chunk copies against legs joining a recovery.
     pub(super) recovery: Mutex<()>,
+    /// Serialises operator changes (fail, remove, re-add, add): each checks the
+    /// legs' states before it changes them.
+    pub(super) manage: Mutex<()>,
+    /// The process is stopping: resync passes end, and a throttled copy stops waiting.
+    resync_halted: AtomicBool,
     /// How superblock updates are coordinated with other nodes (none: alone).
     pub(super) metadata_sync: Mutex<Option<Arc<dyn MetadataSync>>>,
     /// Devices another node is adding, found here by their uuid; the metadata
@@ -377,6 +382,8 @@ impl Array {
             balancing_suspended: AtomicBool::new(false),
             detached: Mutex::new(Vec::new()),
             recovery: Mutex::new(()),
+            manage: Mutex::new(()),
+            resync_halted: AtomicBool::new(false),
             metadata_sync: Mutex::new(None),
             candidates: Mutex::new(Vec::new()),
             repairs: Mutex::new(Vec::new()),
@@ -1103,11 +1110,26 @@ impl Array {
         let rate = self.counters.resync_max_rate.load(Ordering::Relaxed);
         if rate > 0 {
             let due = std::time::Duration::from_secs_f64(n as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                std::thread::sleep(wait);
+            // In short naps, so that a stop does not wait for the throttle.
+            while let Some(wait) = due.checked_sub(t0.elapsed()).filter(|w| !w.is_zero()) {
+                if self.resync_halted() {
+                    break;
+                }
+                std::thread::sleep(wait.min(std::time::Duration::from_millis(100)));
             }
         }
         Ok(n)
+    }
+
+    /// The process is stopping: resync and recovery passes end after the chunk
+    /// they copy (the chunks not reached stay needed, and dirty in the bitmap).
+    pub fn halt_resync(&self) {
+        self.resync_halted.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Array::halt_resync`] was called.
+    pub fn resync_halted(&self) -> bool {
+        self.resync_halted.load(Ordering::SeqCst)
     }
 
     fn copy_range(&self, start: u64, end: u64) -> io::Result<u64> {

@@ -72,6 +72,7 @@ impl Array {
 
     /// Fails a leg on operator request (like `mdadm --fail`).
     pub fn fail_leg(&self, name: &str) -> Result<(), ManageError> {
+        let _one_at_a_time = lock(&self.manage);
         let (_, m) = self
             .find_in_slots(name)
             .ok_or_else(|| ManageError::UnknownLeg(name.into()))?;
@@ -88,6 +89,7 @@ impl Array {
 
     /// Takes a faulty leg out of its slot (like `mdadm --remove`).
     pub fn remove_leg(&self, name: &str) -> Result<(), ManageError> {
+        let _one_at_a_time = lock(&self.manage);
         let (slot, m) = self
             .find_in_slots(name)
             .ok_or_else(|| ManageError::UnknownLeg(name.into()))?;
@@ -123,6 +125,7 @@ impl Array {
     /// node wrote while the leg was out is in its bitmap by then, and this node
     /// rebuilds them all (spec §5.8).
     pub fn re_add_leg(&self, name: &str) -> Result<RecoveryKind, ManageError> {
+        let _one_at_a_time = lock(&self.manage);
         let (slot, member) = match self.find_in_slots(name) {
             Some((slot, m)) => {
                 if m.state() != LegState::Faulty {
@@ -236,6 +239,7 @@ impl Array {
     /// node must find it by its device uuid (NEWDISK, `no-new-dev`): only then do
     /// the superblocks give it its slot, and every node writes it from there on.
     pub fn add_leg(&self, leg: Arc<dyn Leg>) -> Result<usize, ManageError> {
+        let _one_at_a_time = lock(&self.manage);
         let name = leg.name().to_string();
         if self.find_in_slots(&name).is_some() {
             return Err(ManageError::InUse(name));

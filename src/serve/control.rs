@@ -1,16 +1,17 @@
 //! The control socket of a running `serve`: one JSON request per line, one JSON
 //! answer per line. Used by `vhost-user-md status` and `vhost-user-md manage`.
 
+use super::line::{self, LineError};
 use super::resync::ResyncStatus;
 use super::Service;
 use crate::raid1::{LegState, RecoveryKind};
 use crate::storage::{FencedLeg, FileLeg, Leg, OpenMode};
-use log::{info, warn};
+use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -240,32 +241,55 @@ impl Server {
         Server { listener, service }
     }
 
-    /// Answers requests until the process ends.
+    /// Answers requests until the process ends, each connection on a thread of its
+    /// own (at most [`MAX_CONNECTIONS`] at once; beyond, a connection gets an error
+    /// answer and is closed).
     pub fn run(self) {
-        for conn in self.listener.incoming() {
-            match conn {
-                Ok(c) => {
-                    if let Err(e) = self.handle(c) {
+        let server = Arc::new(self);
+        let open = Arc::new(AtomicUsize::new(0));
+        for conn in server.listener.incoming() {
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("control socket: {e}");
+                    continue;
+                }
+            };
+            let Some(slot) = ConnectionSlot::take(&open) else {
+                warn!("control socket: {MAX_CONNECTIONS} connections open, one refused");
+                refuse(&conn, "busy: too many control connections open; try again");
+                continue;
+            };
+            let s = server.clone();
+            let spawned = std::thread::Builder::new()
+                .name("control-conn".into())
+                .spawn(move || {
+                    let _slot = slot;
+                    if let Err(e) = s.handle(&conn) {
                         warn!("control connection: {e}");
                     }
-                }
-                Err(e) => warn!("control socket: {e}"),
+                });
+            if let Err(e) = spawned {
+                warn!("control socket: cannot start a connection thread: {e}");
             }
         }
     }
 
-    fn handle(&self, conn: UnixStream) -> std::io::Result<()> {
-        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut reader = BufReader::new(conn.try_clone()?);
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        let resp = match serde_json::from_str::<Request>(line.trim()) {
-            Ok(req) => self.execute(req),
-            Err(e) => Response::err(format!("bad request: {e}")),
+    fn handle(&self, conn: &UnixStream) -> std::io::Result<()> {
+        conn.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        let resp = match line::read_line(conn, MAX_LINE, REQUEST_TIMEOUT) {
+            Ok(line) => match serde_json::from_slice::<Request>(line.trim_ascii()) {
+                Ok(req) => self.execute(req),
+                Err(e) => Response::err(format!("bad request: {e}")),
+            },
+            Err(LineError::Closed) => return Ok(()),
+            Err(LineError::Io(e)) => return Err(e),
+            Err(e) => {
+                debug!("control connection: {e}");
+                Response::err(format!("bad request: {e}"))
+            }
         };
-        let mut out = serde_json::to_string(&resp).map_err(std::io::Error::other)?;
-        out.push('\n');
-        (&conn).write_all(out.as_bytes())
+        answer(conn, &resp)
     }
 
     fn execute(&self, req: Request) -> Response {
@@ -319,6 +343,51 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+/// Connections answered at once.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time a client has to send its whole request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest request line.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// One of the [`MAX_CONNECTIONS`] places, given back when dropped.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(open: &Arc<AtomicUsize>) -> Option<ConnectionSlot> {
+        open.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < MAX_CONNECTIONS).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| ConnectionSlot(open.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Writes `resp` as one line.
+fn answer(conn: &UnixStream, resp: &Response) -> std::io::Result<()> {
+    let mut out = serde_json::to_string(resp).map_err(std::io::Error::other)?;
+    out.push('\n');
+    let mut w = conn;
+    w.write_all(out.as_bytes())
+}
+
+/// Answers `why` without reading the request (the connection is then closed).
+fn refuse(conn: &UnixStream, why: &str) {
+    // The answer fits the socket buffer; the timeout only guards the accept loop.
+    let sent = conn
+        .set_write_timeout(Some(Duration::from_secs(1)))
+        .and_then(|()| answer(conn, &Response::err(why)));
+    if let Err(e) = sent {
+        debug!("control connection refused: {e}");
     }
 }
 

@@ -5,6 +5,7 @@
 //! or a socket another process serves, stops the start with the array untouched.
 
 pub mod control;
+mod line;
 pub mod multihost;
 pub mod rejoin;
 mod resync;
@@ -630,6 +631,8 @@ pub fn run(config: ServeConfig, sockets: Sockets) -> Result<(), String> {
         false
     });
     stopping.store(true, Ordering::SeqCst);
+    // A resync in progress ends after its current chunk.
+    array.halt_resync();
     if rejoin.load(Ordering::SeqCst) {
         // Fenced, and the lock manager is back: finish what is in flight (nothing
         // new is written), then start over as a new node, keeping the socket.
