@@ -1289,7 +1289,10 @@ struct PendingNode {
 impl PendingNode {
     fn join(&self) -> Result<ClusterNode, String> {
         let ls: Arc<dyn LockSpace> = self.ls.clone();
-        ClusterNode::join(ls, self.legs.clone()).map_err(|e| format!("vm {}: join: {e}", self.vm))
+        // No wait for a held slot: the driver retries (a survivor holding one lets
+        // go only when the driver has it process its reports).
+        ClusterNode::join_waiting(ls, self.legs.clone(), Duration::ZERO)
+            .map_err(|e| format!("vm {}: join: {e}", self.vm))
     }
 }
 

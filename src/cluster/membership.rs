@@ -11,6 +11,7 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use log::{info, warn};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Only one node resyncs at a time: it holds this lock in EX.
 pub const RESYNC: &[u8] = b"resync";
@@ -200,12 +201,29 @@ pub fn decode_window(lvb: &[u8]) -> (u64, u64) {
     (u64::from_le_bytes(lo), u64::from_le_bytes(hi))
 }
 
+/// How long a join waits for a slot while every slot is held: a slot may be held
+/// only for a moment, by a node that joined at the same time and merges the free
+/// slots' bits, or by a survivor that recovers a dead node's slot.
+pub const SLOT_WAIT: Duration = Duration::from_secs(10);
+
 impl Node {
-    /// Joins the lockspace of `comms`-to-be as a node of an array with `nodes` slots.
+    /// Joins the lockspace of `comms`-to-be as a node of an array with `nodes`
+    /// slots, waiting up to [`SLOT_WAIT`] for a slot.
     pub fn join(
         ls: Arc<dyn crate::dlm::LockSpace>,
         nodes: u32,
+        handler: Handler,
+    ) -> Result<Node, JoinError> {
+        Node::join_waiting(ls, nodes, handler, SLOT_WAIT)
+    }
+
+    /// Joins as [`Node::join`] does, waiting up to `slot_wait` while every slot is
+    /// held (zero: refuse at once).
+    pub fn join_waiting(
+        ls: Arc<dyn crate::dlm::LockSpace>,
+        nodes: u32,
         mut handler: Handler,
+        slot_wait: Duration,
     ) -> Result<Node, JoinError> {
         let (comms, basts) = Comms::create(ls.clone())?;
         let router = comms.router().clone();
@@ -219,52 +237,65 @@ impl Node {
                 flags::VALBLK,
             )?);
         }
-        comms.step("token NL->EX", comms.token(), Mode::Ex, 0, None)?;
-        let claimed = (|| -> Result<Option<(u32, Vec<u32>)>, CommsError> {
-            let mut occupied = Vec::new();
-            for s in claim_order(nodes) {
-                let rx = router.expect(bitmaps[s as usize]);
-                ls.convert(
-                    bitmaps[s as usize],
-                    Mode::Pw,
-                    flags::CONVERT | flags::NOQUEUE | flags::VALBLK,
-                    None,
-                )
-                .map_err(CommsError::Dlm)?;
-                match rx.recv_timeout(super::comms::STEP_TIMEOUT) {
-                    Ok((Status::Granted, _)) => return Ok(Some((s, occupied))),
-                    Ok((Status::Again, _)) => occupied.push(s),
-                    Ok((st, _)) => return Err(CommsError::Status("slot probe", st)),
-                    Err(_) => {
-                        return Err(CommsError::Timeout(
-                            "slot probe",
-                            super::comms::STEP_TIMEOUT,
-                        ))
+        let started = std::time::Instant::now();
+        let (slot, occupied) = loop {
+            comms.step("token NL->EX", comms.token(), Mode::Ex, 0, None)?;
+            let claimed = (|| -> Result<Option<(u32, Vec<u32>)>, CommsError> {
+                let mut occupied = Vec::new();
+                for s in claim_order(nodes) {
+                    let rx = router.expect(bitmaps[s as usize]);
+                    ls.convert(
+                        bitmaps[s as usize],
+                        Mode::Pw,
+                        flags::CONVERT | flags::NOQUEUE | flags::VALBLK,
+                        None,
+                    )
+                    .map_err(CommsError::Dlm)?;
+                    match rx.recv_timeout(super::comms::STEP_TIMEOUT) {
+                        Ok((Status::Granted, _)) => return Ok(Some((s, occupied))),
+                        Ok((Status::Again, _)) => occupied.push(s),
+                        Ok((st, _)) => return Err(CommsError::Status("slot probe", st)),
+                        Err(_) => {
+                            return Err(CommsError::Timeout(
+                                "slot probe",
+                                super::comms::STEP_TIMEOUT,
+                            ))
+                        }
                     }
                 }
+                Ok(None)
+            })();
+            let armed = match claimed {
+                Ok(Some((slot, occupied))) => {
+                    comms.set_slot(slot);
+                    comms
+                        .step("ack NL->CR", comms.ack(), Mode::Cr, 0, None)
+                        .and_then(|_| {
+                            comms.step("no-new-dev NL->CR", comms.no_new_dev(), Mode::Cr, 0, None)
+                        })
+                        .map(|_| (slot, occupied))
+                }
+                Ok(None) => Err(CommsError::Status("slot claim", Status::Again)),
+                Err(e) => Err(e),
+            };
+            let token_back = comms.step("token EX->NL", comms.token(), Mode::Nl, 0, None);
+            match armed {
+                Ok(x) => {
+                    token_back?;
+                    break x;
+                }
+                Err(CommsError::Status("slot claim", _)) if started.elapsed() < slot_wait => {
+                    token_back?;
+                    // Another node may hold a free slot only while it merges its bits:
+                    // ask again once it let go (with a pause of its own per node, so
+                    // that joiners do not keep meeting each other).
+                    let pause = 20 + u64::from(ls.node() % 8) * 10;
+                    std::thread::sleep(Duration::from_millis(pause));
+                }
+                Err(CommsError::Status("slot claim", _)) => return Err(JoinError::Full(nodes)),
+                Err(e) => return Err(e.into()),
             }
-            Ok(None)
-        })();
-        let armed = match claimed {
-            Ok(Some((slot, occupied))) => {
-                comms.set_slot(slot);
-                comms
-                    .step("ack NL->CR", comms.ack(), Mode::Cr, 0, None)
-                    .and_then(|_| {
-                        comms.step("no-new-dev NL->CR", comms.no_new_dev(), Mode::Cr, 0, None)
-                    })
-                    .map(|_| (slot, occupied))
-            }
-            Ok(None) => Err(CommsError::Status("slot claim", Status::Again)),
-            Err(e) => Err(e),
         };
-        let token_back = comms.step("token EX->NL", comms.token(), Mode::Nl, 0, None);
-        let (slot, occupied) = match armed {
-            Ok(x) => x,
-            Err(CommsError::Status("slot claim", _)) => return Err(JoinError::Full(nodes)),
-            Err(e) => return Err(e.into()),
-        };
-        token_back?;
         let (dead_tx, dead_rx) = unbounded();
         let watches = Arc::new(Watches {
             comms: comms.clone(),
@@ -503,8 +534,33 @@ mod tests {
         assert_eq!(d.slot, 0);
         assert!(d.free_at_join.is_empty());
         wait_watched(&d, &[1, 2, 3]);
-        let e = Node::join(Arc::new(dlm.join(LS, 32)), 4, Box::new(|_| {}));
+        let e = Node::join_waiting(
+            Arc::new(dlm.join(LS, 32)),
+            4,
+            Box::new(|_| {}),
+            Duration::ZERO,
+        );
         assert!(matches!(e, Err(JoinError::Full(4))));
+    }
+
+    #[test]
+    fn a_join_waits_for_a_slot_another_joiner_holds_while_it_merges() {
+        let dlm = LocalDlm::new();
+        // A joins and holds the free slots 2, 3 and 0 (to merge their bits).
+        let a = Node::join(Arc::new(dlm.join(LS, 32)), 4, Box::new(|_| {})).unwrap();
+        assert_eq!((a.slot, a.free_at_join.clone()), (1, vec![2, 3, 0]));
+        // B joins meanwhile: every slot is held, but only for a moment.
+        let ls: Arc<dyn LockSpace> = Arc::new(dlm.join(LS, 32));
+        let b = std::thread::spawn(move || Node::join(ls, 4, Box::new(|_| {})));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!b.is_finished(), "B gave up while A merged");
+        let a = settled(a);
+        let b = b
+            .join()
+            .unwrap()
+            .expect("B was refused a slot A held only to merge it");
+        assert_eq!(b.slot, 2);
+        drop(a);
     }
 
     #[test]

@@ -215,6 +215,16 @@ impl ClusterNode {
     /// Joins: claims a slot, assembles the legs with that slot's bitmap, installs
     /// live nodes' resync windows, and takes over the bits of free slots.
     pub fn join(ls: Arc<dyn LockSpace>, legs: Vec<Arc<dyn Leg>>) -> Result<ClusterNode, NodeError> {
+        ClusterNode::join_waiting(ls, legs, crate::cluster::membership::SLOT_WAIT)
+    }
+
+    /// Joins as [`ClusterNode::join`] does, waiting up to `slot_wait` for a slot
+    /// while every slot is held (see [`Node::join_waiting`]).
+    pub fn join_waiting(
+        ls: Arc<dyn LockSpace>,
+        legs: Vec<Arc<dyn Leg>>,
+        slot_wait: std::time::Duration,
+    ) -> Result<ClusterNode, NodeError> {
         let first = legs
             .first()
             .ok_or_else(|| NodeError::Array("no legs".into()))?;
@@ -232,7 +242,7 @@ impl ClusterNode {
         let e2 = early.clone();
         let ctx = Arc::new(Receiving::default());
         let ctx2 = ctx.clone();
-        let node = Node::join(
+        let node = Node::join_waiting(
             ls,
             nodes,
             Box::new(move |m| {
@@ -248,6 +258,7 @@ impl ClusterNode {
                 };
                 ctx2.apply(&a, &m);
             }),
+            slot_wait,
         )?;
         let _ = ctx.comms.set(node.comms.clone());
         let (array, report) =
