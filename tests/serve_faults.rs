@@ -428,3 +428,59 @@ fn guest_writes_into_chunks_under_resync_complete_and_land_on_both_legs() {
     assert!(serve.stop().success());
     assert!(data_area(&a) == data_area(&b), "legs differ");
 }
+
+#[test]
+fn both_legs_out_of_space_fail_the_write_and_keep_the_last_leg_in_service() {
+    // Both legs are sparse 64 MiB images on one 12 MiB tmpfs: once it is full,
+    // every leg fails writes with ENOSPC. Like md, the last in-sync leg is kept:
+    // the guest's write fails, the data written before stays readable.
+    let d = tempfile::tempdir().unwrap();
+    let small = d.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .expect("mount (root) is needed for this test");
+    assert!(st.success(), "mounting a tmpfs needs root");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(small.clone());
+    let (a, b) = (small.join("a.img"), small.join("b.img"));
+    create_legs(&a, &b, &["--size", "64M", "--bitmap-chunk", "1M"]);
+    let sock = d.path().join("vm.sock");
+    let mut serve = Serve::start(&sock, &[a.to_str().unwrap(), b.to_str().unwrap()]);
+    let mut c = Client::connect(&sock, 1, BLOCK);
+    let mut written = 0;
+    let mut failed = None;
+    for i in 0..(48 * MIB / BLOCK as u64) {
+        let off = i * BLOCK as u64;
+        c.buf()[..BLOCK].copy_from_slice(&pattern(9, off, BLOCK));
+        let ret = c.write(0, off, 0, BLOCK);
+        if ret != 0 {
+            failed = Some(ret);
+            break;
+        }
+        written = i + 1;
+    }
+    let ret = failed.expect("the file system never filled up");
+    assert!(ret < 0, "the guest's write fails: {ret}");
+    assert!(written > 0);
+    let s = serve.status();
+    let states = [leg_state(&s, &a), leg_state(&s, &b)];
+    assert!(
+        states.iter().any(|st| st == "in-sync"),
+        "the last leg stays in sync: {s}"
+    );
+    for i in 0..written {
+        verify_block(&mut c, i * BLOCK as u64, &[9]);
+    }
+    drop(c);
+    assert!(serve.stop().success());
+    let log = serve.log_text();
+    assert!(log.contains("last in-sync leg"), "{log}");
+}

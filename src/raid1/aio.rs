@@ -12,6 +12,10 @@ use std::sync::Arc;
 /// A request's tag, chosen by the caller.
 pub type Token = u64;
 
+/// The most bytes one request may move: what one read or write system call
+/// transfers at most (Linux `MAX_RW_COUNT`), so a leg's answer fits its `i32`.
+pub const MAX_TRANSFER: usize = i32::MAX as usize & !4095;
+
 enum Kind {
     Read {
         member: Arc<Member>,
@@ -22,11 +26,23 @@ enum Kind {
         sectors: u64,
         ok_in_sync: usize,
         failed: Vec<(Arc<Member>, io::Error)>,
+        /// A leg transferred less than asked without an error: the request
+        /// fails, the leg stays.
+        incomplete: Option<io::Error>,
     },
     Flush {
         ok_in_sync: usize,
         failed: Vec<(Arc<Member>, io::Error)>,
     },
+}
+
+/// How one leg's part of a request ended.
+enum LegOutcome {
+    Done,
+    /// The device reported an error: the leg fails.
+    Failed(io::Error),
+    /// The transfer stopped short without a device error: only the request fails.
+    Incomplete(io::Error),
 }
 
 struct Op {
@@ -40,6 +56,65 @@ struct Op {
     iovs: Box<[libc::iovec]>,
     /// Legs of the sub-operations, by index in the tag.
     legs: Vec<Arc<Member>>,
+    /// Bytes each leg transferred so far (short completions are continued).
+    done: Vec<usize>,
+    /// Per leg: the iovecs of the remainder in flight after a short completion;
+    /// boxed so their address is stable while the kernel uses them.
+    rest: Vec<Box<[libc::iovec]>>,
+}
+
+impl Op {
+    fn new(
+        token: Token,
+        kind: Kind,
+        bytes: usize,
+        iovs: Box<[libc::iovec]>,
+        legs: Vec<Arc<Member>>,
+    ) -> Op {
+        let n = legs.len();
+        Op {
+            token,
+            kind,
+            remaining: n + 1, // +1 until every leg was started
+            bytes,
+            iovs,
+            legs,
+            done: vec![0; n],
+            rest: (0..n).map(|_| Box::default()).collect(),
+        }
+    }
+}
+
+/// The iovecs of `iovs` after its first `skip` bytes.
+fn remainder(iovs: &[libc::iovec], mut skip: usize) -> Box<[libc::iovec]> {
+    let mut rest = Vec::with_capacity(iovs.len());
+    for v in iovs {
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        rest.push(libc::iovec {
+            // Stays inside the iovec: `skip < iov_len`.
+            iov_base: (v.iov_base as *mut u8).wrapping_add(skip) as *mut libc::c_void,
+            iov_len: v.iov_len - skip,
+        });
+        skip = 0;
+    }
+    rest.into_boxed_slice()
+}
+
+/// The bytes `iovs` describe, refused beyond what one request may move.
+fn transfer_len(iovs: &[libc::iovec]) -> io::Result<usize> {
+    let bytes = iovs
+        .iter()
+        .try_fold(0usize, |t, v| t.checked_add(v.iov_len))
+        .filter(|&b| b <= MAX_TRANSFER);
+    bytes.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("request larger than {MAX_TRANSFER} bytes"),
+        )
+    })
 }
 
 // SAFETY: the raw iovec pointers refer to guest memory the submitter guarantees
@@ -161,44 +236,64 @@ impl AsyncIo {
     fn complete_one(&mut self, array: &Array, c: Cqe) {
         let idx = (c.tag >> LEG_BITS) as usize;
         let leg = (c.tag & ((1 << LEG_BITS) - 1)) as usize;
-        let Some(Some(op)) = self.ops.get_mut(idx) else {
+        let Some(Some(op)) = self.ops.get(idx) else {
             log::error!("completion for an unknown request {:#x}", c.tag);
             return;
         };
-        let member = op.legs[leg].clone();
-        let expected = if matches!(op.kind, Kind::Flush { .. }) {
-            0
-        } else {
-            op.bytes
+        let Some(member) = op.legs.get(leg).cloned() else {
+            log::error!("completion for an unknown leg {:#x}", c.tag);
+            return;
         };
-        let result = if c.result < 0 {
-            Err(io::Error::from_raw_os_error(-c.result))
-        } else if c.result as usize != expected {
-            Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("short transfer: {} of {expected} bytes", c.result),
-            ))
+        let outcome = if c.result < 0 {
+            LegOutcome::Failed(io::Error::from_raw_os_error(-c.result))
         } else {
-            Ok(())
+            match self.progress(idx, leg, c.result as usize) {
+                Some(outcome) => outcome,
+                // The remainder is in flight.
+                None => return,
+            }
+        };
+        let Some(Some(op)) = self.ops.get_mut(idx) else {
+            return;
         };
         let result = match &mut op.kind {
             Kind::Read { member, .. } => {
                 member
                     .inflight
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                result
+                match outcome {
+                    LegOutcome::Done => Ok(()),
+                    LegOutcome::Failed(e) | LegOutcome::Incomplete(e) => Err(e),
+                }
             }
             Kind::Write {
-                ok_in_sync, failed, ..
-            }
-            | Kind::Flush { ok_in_sync, failed } => {
-                match result {
-                    Ok(()) => {
+                ok_in_sync,
+                failed,
+                incomplete,
+                ..
+            } => {
+                match outcome {
+                    LegOutcome::Done => {
                         if member.state() == LegState::InSync {
                             *ok_in_sync += 1;
                         }
                     }
-                    Err(e) => failed.push((member, e)),
+                    LegOutcome::Failed(e) => failed.push((member, e)),
+                    LegOutcome::Incomplete(e) => {
+                        log::warn!("leg {}: {e}; the write fails", member.name());
+                        *incomplete = Some(e);
+                    }
+                }
+                Ok(())
+            }
+            Kind::Flush { ok_in_sync, failed } => {
+                match outcome {
+                    LegOutcome::Done => {
+                        if member.state() == LegState::InSync {
+                            *ok_in_sync += 1;
+                        }
+                    }
+                    LegOutcome::Failed(e) | LegOutcome::Incomplete(e) => failed.push((member, e)),
                 }
                 Ok(())
             }
@@ -213,6 +308,72 @@ impl AsyncIo {
         self.free.push(idx);
         let outcome = finish(array, op.kind, &op.iovs, result);
         self.done.push((op.token, outcome));
+    }
+}
+
+impl AsyncIo {
+    /// Accounts `n` more bytes transferred by leg `leg` of op `idx`. A short
+    /// transfer is continued for the remainder (`None`: it is in flight); one that
+    /// cannot go on is an error of the request, not of the leg.
+    fn progress(&mut self, idx: usize, leg: usize, n: usize) -> Option<LegOutcome> {
+        let Some(Some(op)) = self.ops.get_mut(idx) else {
+            return Some(LegOutcome::Done);
+        };
+        let (write, sector) = match op.kind {
+            Kind::Flush { .. } => return Some(LegOutcome::Done),
+            Kind::Read { sector, .. } => (false, sector),
+            Kind::Write { sector, .. } => (true, sector),
+        };
+        let done = op.done[leg].saturating_add(n);
+        op.done[leg] = done;
+        if done >= op.bytes {
+            return Some(LegOutcome::Done);
+        }
+        let short = || {
+            LegOutcome::Incomplete(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("transfer stopped at {done} of {} bytes", op.bytes),
+            ))
+        };
+        if n == 0 {
+            return Some(short());
+        }
+        let m = op.legs[leg].clone();
+        let off = m.byte_offset(sector) + done as u64;
+        op.rest[leg] = remainder(&op.iovs, done);
+        let (ptr, len) = (op.rest[leg].as_ptr(), op.rest[leg].len());
+        // SAFETY: the boxed remainder lives in the op until this leg's completion
+        // is taken (it is replaced only by the next continuation, after that).
+        let rest = unsafe { std::slice::from_raw_parts(ptr, len) };
+        let tag = ((idx as u64) << LEG_BITS) | leg as u64;
+        let queued = match ring_fd(&m, rest, off) {
+            // SAFETY: as above; the guest memory is guaranteed by the submitter.
+            Some(fd) if write => unsafe { self.ring.writev(fd, rest, off, tag) },
+            // SAFETY: as above.
+            Some(fd) => unsafe { self.ring.readv(fd, rest, off, tag) },
+            None => {
+                // Not aligned for the ring any more: the leg finishes it in place.
+                let r = if write {
+                    // SAFETY: as above.
+                    m.leg.writev_at(&unsafe { as_slices(rest) }, off)
+                } else {
+                    // SAFETY: as above.
+                    m.leg.readv_at(&mut unsafe { as_mut_slices(rest) }, off)
+                };
+                return Some(match r {
+                    Ok(()) => LegOutcome::Done,
+                    Err(e) if e.raw_os_error().is_some() => LegOutcome::Failed(e),
+                    Err(_) => short(),
+                });
+            }
+        };
+        match queued.and_then(|()| self.ring.flush()) {
+            Ok(()) => None,
+            Err(e) => {
+                log::warn!("leg {}: cannot continue a short transfer: {e}", m.name());
+                Some(short())
+            }
+        }
     }
 }
 
@@ -264,11 +425,19 @@ fn finish(array: &Array, kind: Kind, iovs: &[libc::iovec], last: io::Result<()>)
             sectors,
             ok_in_sync,
             failed,
+            incomplete,
         } => {
             let last_err = record_failures(array, failed, "write error");
             let settled = array.settle_failures();
-            array.bitmap.end_write(sector, sectors, false);
+            // A leg that took only part of the write differs from the others there:
+            // the chunk stays to be resynced.
+            array
+                .bitmap
+                .end_write(sector, sectors, incomplete.is_some());
             settled?;
+            if let Some(e) = incomplete {
+                return Err(e);
+            }
             if ok_in_sync == 0 {
                 return Err(
                     last_err.unwrap_or_else(|| io::Error::other("no in-sync leg took the write"))
@@ -334,11 +503,15 @@ impl Array {
         sector: u64,
         iovs: Vec<libc::iovec>,
     ) {
-        let bytes: usize = iovs.iter().map(|v| v.iov_len).sum();
-        if let Err(e) = self.check_range(sector, bytes as u64) {
-            io.done.push((token, Err(e)));
-            return;
-        }
+        let checked = transfer_len(&iovs)
+            .and_then(|bytes| self.check_range(sector, bytes as u64).map(|_| bytes));
+        let bytes = match checked {
+            Ok(b) => b,
+            Err(e) => {
+                io.done.push((token, Err(e)));
+                return;
+            }
+        };
         let sectors = bytes as u64 / 512;
         let first = self.read_order(sector, sectors).into_iter().next();
         let async_leg = first
@@ -356,17 +529,18 @@ impl Array {
             .inflight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let iovs = iovs.into_boxed_slice();
-        let idx = io.insert(Op {
+        let mut op = Op::new(
             token,
-            kind: Kind::Read {
+            Kind::Read {
                 member: member.clone(),
                 sector,
             },
-            remaining: 1,
             bytes,
             iovs,
-            legs: vec![member],
-        });
+            vec![member],
+        );
+        op.remaining = 1;
+        let idx = io.insert(op);
         let op = io.ops[idx]
             .as_ref()
             .map(|o| (o.iovs.as_ptr(), o.iovs.len()));
@@ -402,9 +576,14 @@ impl Array {
         sector: u64,
         iovs: Vec<libc::iovec>,
     ) {
-        let bytes: usize = iovs.iter().map(|v| v.iov_len).sum();
-        let sectors = match self.check_range(sector, bytes as u64) {
-            Ok(s) => s,
+        let checked = transfer_len(&iovs).and_then(|bytes| {
+            let sectors = self.check_range(sector, bytes as u64)?;
+            // Fits: `bytes <= MAX_TRANSFER`.
+            let full = i32::try_from(bytes).map_err(io::Error::other)?;
+            Ok((bytes, sectors, full))
+        });
+        let (bytes, sectors, full) = match checked {
+            Ok(c) => c,
             Err(e) => {
                 io.done.push((token, Err(e)));
                 return;
@@ -423,20 +602,19 @@ impl Array {
             }
         }
         let legs = self.writable();
-        let n = legs.len();
-        let idx = io.insert(Op {
+        let idx = io.insert(Op::new(
             token,
-            kind: Kind::Write {
+            Kind::Write {
                 sector,
                 sectors,
                 ok_in_sync: 0,
                 failed: Vec::new(),
+                incomplete: None,
             },
-            remaining: n + 1, // +1 until every leg was started
             bytes,
-            iovs: iovs.into_boxed_slice(),
-            legs: legs.clone(),
-        });
+            iovs.into_boxed_slice(),
+            legs.clone(),
+        ));
         for (i, m) in legs.iter().enumerate() {
             let tag = ((idx as u64) << LEG_BITS) | i as u64;
             let off = m.byte_offset(sector);
@@ -467,7 +645,7 @@ impl Array {
                     // SAFETY: as above.
                     let bufs = unsafe { as_slices(iovs) };
                     match m.leg.writev_at(&bufs, off) {
-                        Ok(()) => bytes as i32,
+                        Ok(()) => full,
                         Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
                     }
                 }
@@ -480,18 +658,16 @@ impl Array {
     /// Starts a flush of every non-faulty leg.
     pub fn submit_flush(&self, io: &mut AsyncIo, token: Token) {
         let legs = self.writable();
-        let n = legs.len();
-        let idx = io.insert(Op {
+        let idx = io.insert(Op::new(
             token,
-            kind: Kind::Flush {
+            Kind::Flush {
                 ok_in_sync: 0,
                 failed: Vec::new(),
             },
-            remaining: n + 1,
-            bytes: 0,
-            iovs: Box::new([]),
-            legs: legs.clone(),
-        });
+            0,
+            Box::new([]),
+            legs.clone(),
+        ));
         for (i, m) in legs.iter().enumerate() {
             let tag = ((idx as u64) << LEG_BITS) | i as u64;
             let result = match m.leg.raw_fd() {
@@ -526,5 +702,171 @@ impl Array {
                 io.done.push((op.token, outcome));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raid1::metadata::{create_array, NewArray};
+    use crate::storage::{FileLeg, Leg, OpenMode};
+
+    /// A two-leg array on sparse image files of `size` bytes (the ring takes their I/O).
+    fn file_array(dir: &std::path::Path, size: u64) -> Array {
+        let legs: Vec<Arc<dyn Leg>> = ["a", "b"]
+            .iter()
+            .map(|n| {
+                let leg = FileLeg::open(&dir.join(n), OpenMode::CreateSize(size)).unwrap();
+                Arc::new(leg) as Arc<dyn Leg>
+            })
+            .collect();
+        let refs: Vec<&dyn Leg> = legs.iter().map(|l| &**l).collect();
+        create_array(
+            &refs,
+            &NewArray {
+                name: "t".into(),
+                cluster_name: None,
+                nodes: 1,
+                bitmap_chunk: Some(1 << 20),
+                assume_clean: true,
+                now: 0,
+                uuid: None,
+            },
+        )
+        .unwrap();
+        Array::assemble(legs).unwrap().0
+    }
+
+    /// Starts a write of `data` at `sector` whose leg operations the test completes
+    /// by hand; returns the op's index.
+    fn start_write(array: &Array, io: &mut AsyncIo, sector: u64, data: &[u8]) -> usize {
+        let iovs: Vec<libc::iovec> = data
+            .chunks(20 << 10)
+            .map(|c| libc::iovec {
+                iov_base: c.as_ptr() as *mut libc::c_void,
+                iov_len: c.len(),
+            })
+            .collect();
+        let sectors = data.len() as u64 / 512;
+        array.bitmap.start_write(sector, sectors, array).unwrap();
+        io.insert(Op::new(
+            7,
+            Kind::Write {
+                sector,
+                sectors,
+                ok_in_sync: 0,
+                failed: Vec::new(),
+                incomplete: None,
+            },
+            data.len(),
+            iovs.into_boxed_slice(),
+            array.writable(),
+        ))
+    }
+
+    #[test]
+    fn a_short_leg_write_is_continued_and_a_stopped_one_fails_the_request_not_the_leg() {
+        let d = tempfile::tempdir().unwrap();
+        let array = file_array(d.path(), 16 << 20);
+        let mut io = AsyncIo::new(8).unwrap();
+        let data: Vec<u8> = (0..64u32 << 10).map(|i| (i * 7 % 251) as u8).collect();
+        let sector = 2048;
+        let legs = array.writable();
+        let in_sync = |array: &Array| {
+            array
+                .writable()
+                .iter()
+                .all(|m| m.state() == LegState::InSync)
+        };
+
+        // Each leg took the first 24 KiB only (inside the second iovec), as the
+        // kernel may answer a large write: the rest is written, nothing fails.
+        let half = 24 << 10;
+        let idx = start_write(&array, &mut io, sector, &data);
+        for (i, m) in legs.iter().enumerate() {
+            m.leg
+                .write_at(&data[..half], m.byte_offset(sector))
+                .unwrap();
+            let tag = ((idx as u64) << LEG_BITS) | i as u64;
+            io.complete_one(
+                &array,
+                Cqe {
+                    tag,
+                    result: half as i32,
+                },
+            );
+        }
+        array.release_extra(&mut io, idx);
+        io.drain(&array).unwrap();
+        let done = io.take_done();
+        assert_eq!(done.len(), 1);
+        assert!(done[0].1.is_ok(), "{:?}", done[0].1);
+        assert!(in_sync(&array), "no leg failed");
+        for m in &legs {
+            let mut back = vec![0u8; data.len()];
+            m.leg.read_at(&mut back, m.byte_offset(sector)).unwrap();
+            assert!(back == data, "leg {} has the whole write", m.name());
+        }
+
+        // A leg answers 0 bytes without an error: the write fails, the leg stays,
+        // and the chunk is left to be resynced.
+        let sector = 4 * 2048;
+        let idx = start_write(&array, &mut io, sector, &data);
+        for (i, result) in [(0, 0), (1, data.len() as i32)] {
+            let tag = ((idx as u64) << LEG_BITS) | i as u64;
+            io.complete_one(&array, Cqe { tag, result });
+        }
+        array.release_extra(&mut io, idx);
+        let done = io.take_done();
+        assert_eq!(done.len(), 1);
+        assert!(done[0].1.is_err(), "the write fails");
+        assert!(in_sync(&array), "no leg failed");
+        assert!(array.bitmap.is_needed(sector, 8));
+
+        // A device error still fails the leg.
+        let idx = start_write(&array, &mut io, sector, &data);
+        for (i, result) in [(0, -libc::EIO), (1, data.len() as i32)] {
+            let tag = ((idx as u64) << LEG_BITS) | i as u64;
+            io.complete_one(&array, Cqe { tag, result });
+        }
+        array.release_extra(&mut io, idx);
+        let done = io.take_done();
+        assert!(done[0].1.is_ok(), "the other leg has it");
+        assert_eq!(legs[0].state(), LegState::Faulty);
+        assert_eq!(legs[1].state(), LegState::InSync);
+    }
+
+    #[test]
+    fn a_request_larger_than_one_leg_operation_is_refused_before_any_leg_io() {
+        let d = tempfile::tempdir().unwrap();
+        // Large enough for the request: only its size is wrong.
+        let array = file_array(d.path(), 4 << 30);
+        assert!(array.size >= 3 << 21);
+        let mut io = AsyncIo::new(8).unwrap();
+        let buf = vec![0u8; 4096];
+        // Three 1 GiB iovecs over the same buffer: never dereferenced.
+        let iovs = vec![
+            libc::iovec {
+                iov_base: buf.as_ptr() as *mut libc::c_void,
+                iov_len: 1 << 30,
+            };
+            3
+        ];
+        // SAFETY: the request is refused before any iovec is used.
+        unsafe { array.submit_write(&mut io, 1, 0, iovs.clone()) };
+        // SAFETY: as above.
+        unsafe { array.submit_read(&mut io, 2, 0, iovs) };
+        io.submit().unwrap();
+        io.drain(&array).unwrap();
+        let done = io.take_done();
+        assert_eq!(done.len(), 2);
+        for (t, r) in done {
+            let e = r.expect_err("refused");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "request {t}: {e}");
+        }
+        assert!(array
+            .writable()
+            .iter()
+            .all(|m| m.state() == LegState::InSync));
     }
 }

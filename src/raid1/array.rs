@@ -177,6 +177,8 @@ pub struct Array {
     /// `failures_seen` as it was when the last superblock update that succeeded
     /// began: every failure up to it is on disk.
     failures_recorded: AtomicU64,
+    /// Serialises leg failures (the last in-sync leg is never failed).
+    failing: Mutex<()>,
     next_read: AtomicUsize,
     /// Reads go to the first in-sync leg only (a peer node left and its dirty bits
     /// are not merged into ours yet).
@@ -378,6 +380,7 @@ impl Array {
             bitmap,
             failures_seen: AtomicU64::new(0),
             failures_recorded: AtomicU64::new(0),
+            failing: Mutex::new(()),
             next_read: AtomicUsize::new(0),
             balancing_suspended: AtomicBool::new(false),
             detached: Mutex::new(Vec::new()),
@@ -482,15 +485,39 @@ impl Array {
 
     /// Marks `m` faulty (no more I/O). The superblocks are updated by
     /// [`Array::settle_failures`], which every request runs before completing.
+    ///
+    /// Like md, the last in-sync leg is never failed: it stays in service (its
+    /// data is the only copy, still readable where it is intact) and the request
+    /// that failed on it fails (every caller fails a request that no in-sync leg
+    /// completed).
     pub fn fail(&self, m: &Member, why: &dyn std::fmt::Display) {
-        if m.set_state(LegState::Faulty) != LegState::Faulty {
+        let guard = lock(&self.failing);
+        if m.state() == LegState::Faulty {
+            return;
+        }
+        let last = m.state() == LegState::InSync
+            && self
+                .in_sync()
+                .iter()
+                .all(|o| std::ptr::eq::<Member>(&**o, m));
+        if last {
+            drop(guard);
             error!(
-                "leg {}: {why}; marking it faulty, the array continues degraded",
+                "leg {}: {why}; it is the last in-sync leg: kept in service, the request fails",
                 m.name()
             );
-            self.failures_seen.fetch_add(1, Ordering::AcqRel);
-            self.update_bitmap_state();
+            return;
         }
+        m.set_state(LegState::Faulty);
+        // Counted under the lock: a request that finds the leg faulty already
+        // (above) also finds the failure counted, and waits for its record.
+        self.failures_seen.fetch_add(1, Ordering::AcqRel);
+        drop(guard);
+        error!(
+            "leg {}: {why}; marking it faulty, the array continues degraded",
+            m.name()
+        );
+        self.update_bitmap_state();
     }
 
     /// Records failed legs in the superblocks of the survivors (events++). Returns an
@@ -1475,6 +1502,81 @@ mod tests {
             on_a == new,
             "the repair put old data back over a newer write on leg a"
         );
+    }
+
+    /// Two 64 MiB in-memory legs whose faults the test injects, assembled.
+    fn faulty_legs() -> (Array, Vec<Arc<crate::storage::Faults>>) {
+        use crate::storage::{Faults, FaultyLeg};
+        let (a, b, _) = two_legs(None, 1);
+        let faults = vec![Faults::none(), Faults::none()];
+        let legs: Vec<Arc<dyn Leg>> = [a, b]
+            .into_iter()
+            .zip(&faults)
+            .map(|(l, f)| Arc::new(FaultyLeg::new(l, f.clone())) as Arc<dyn Leg>)
+            .collect();
+        (Array::assemble(legs).unwrap().0, faults)
+    }
+
+    /// Both legs fail data writes with ENOSPC (metadata in place is rewritten).
+    fn no_space_in_the_data_area(array: &Array, faults: &[Arc<crate::storage::Faults>]) {
+        for (m, f) in array.writable().iter().zip(faults) {
+            f.no_space_from.store(m.byte_offset(0), Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_write_failing_on_every_leg_fails_and_the_last_in_sync_leg_stays_readable() {
+        let (array, faults) = faulty_legs();
+        let old = vec![0x42u8; 8192];
+        array.write(100, &[IoSlice::new(&old)]).unwrap();
+        no_space_in_the_data_area(&array, &faults);
+        let new = vec![0x17u8; 8192];
+        assert!(array.write(100, &[IoSlice::new(&new)]).is_err());
+        assert_eq!(
+            array.in_sync_count(),
+            1,
+            "one leg failed, the last one kept"
+        );
+        assert!(array.write(100, &[IoSlice::new(&new)]).is_err(), "again");
+        assert_eq!(array.in_sync_count(), 1);
+        // Reads are served by the last leg (its writes failed, so it holds the old
+        // data).
+        let mut back = vec![0u8; 8192];
+        array.read(100, &mut [IoSliceMut::new(&mut back)]).unwrap();
+        assert!(back == old);
+        // The failure of the first leg is recorded on the last one.
+        assert_eq!(
+            array
+                .superblock()
+                .dev_roles
+                .iter()
+                .filter(|&&r| r == role::FAULTY)
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn an_asynchronous_write_failing_on_every_leg_fails_and_keeps_one_leg_in_sync() {
+        let (array, faults) = faulty_legs();
+        let mut io = super::super::AsyncIo::new(8).unwrap();
+        no_space_in_the_data_area(&array, &faults);
+        let data = vec![0x17u8; 4096];
+        let iovs = vec![libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        }];
+        // SAFETY: `data` outlives the request, which is drained below.
+        unsafe { array.submit_write(&mut io, 1, 8, iovs) };
+        io.submit().unwrap();
+        io.drain(&array).unwrap();
+        let done = io.take_done();
+        assert_eq!(done.len(), 1);
+        assert!(done[0].1.is_err(), "the write fails");
+        assert_eq!(array.in_sync_count(), 1);
+        let mut back = vec![0u8; 4096];
+        array.read(8, &mut [IoSliceMut::new(&mut back)]).unwrap();
+        assert!(back.iter().all(|&b| b == 0), "never written");
     }
 
     #[test]

@@ -12,6 +12,9 @@ use std::time::Duration;
 pub struct Faults {
     /// Writes left before every write fails (negative: never).
     pub writes_until_failure: AtomicI64,
+    /// Writes at or beyond this byte offset of the leg fail with ENOSPC, as on a
+    /// full file system where only blocks not yet allocated fail (0: off).
+    pub no_space_from: AtomicU64,
     /// Every read fails.
     pub fail_reads: AtomicBool,
     /// Every flush fails.
@@ -63,6 +66,18 @@ impl Faults {
             std::thread::sleep(Duration::from_millis(20));
         }
         log::warn!("fault drill: write at byte {off} released");
+    }
+
+    /// Whether a write at `off` may go on (counts writes towards a failure).
+    fn check_write(&self, off: u64) -> io::Result<()> {
+        let from = self.no_space_from.load(Ordering::Relaxed);
+        if from != 0 && off >= from {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        if !self.write_allowed() {
+            return Err(injected());
+        }
+        Ok(())
     }
 
     fn write_allowed(&self) -> bool {
@@ -119,9 +134,7 @@ impl Leg for FaultyLeg {
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.faults.maybe_stall(off);
-        if !self.faults.write_allowed() {
-            return Err(injected());
-        }
+        self.faults.check_write(off)?;
         self.faults
             .bytes_written
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -141,9 +154,7 @@ impl Leg for FaultyLeg {
 
     fn writev_at(&self, bufs: &[IoSlice<'_>], off: u64) -> io::Result<()> {
         self.faults.maybe_stall(off);
-        if !self.faults.write_allowed() {
-            return Err(injected());
-        }
+        self.faults.check_write(off)?;
         let n: usize = bufs.iter().map(|b| b.len()).sum();
         self.faults
             .bytes_written

@@ -51,6 +51,45 @@ pub struct Limits {
     pub max_write_zeroes_sectors: u32,
     /// Most segments in one write-zeroes.
     pub max_write_zeroes_seg: u32,
+    /// Largest data segment of a read or write (`size_max`).
+    pub size_max: u32,
+    /// Most data segments in a read or write (`seg_max`).
+    pub seg_max: u32,
+}
+
+impl Limits {
+    /// The largest read or write: every segment at its largest, and no more than
+    /// one leg operation can move at once.
+    pub fn max_transfer(&self) -> usize {
+        let segs = (self.seg_max as usize).saturating_mul(self.size_max as usize);
+        segs.min(crate::raid1::aio::MAX_TRANSFER)
+    }
+
+    /// Refuses the data segments of a read or write beyond the advertised limits
+    /// (segments may alias one guest buffer: their sum is checked too).
+    fn check_transfer(&self, data: &[Seg]) -> Result<(), RequestError> {
+        if data.len() > self.seg_max as usize {
+            return Err(RequestError::Limits(format!(
+                "{} data segments, at most {}",
+                data.len(),
+                self.seg_max
+            )));
+        }
+        if let Some(s) = data.iter().find(|s| s.len > self.size_max as usize) {
+            return Err(RequestError::Limits(format!(
+                "a {}-byte segment, at most {}",
+                s.len, self.size_max
+            )));
+        }
+        let total = data.iter().fold(0usize, |t, s| t.saturating_add(s.len));
+        if total > self.max_transfer() {
+            return Err(RequestError::Limits(format!(
+                "{total} bytes, at most {}",
+                self.max_transfer()
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Limits {
@@ -60,6 +99,8 @@ impl Default for Limits {
             max_discard_seg: 32,
             max_write_zeroes_sectors: 1 << 22,
             max_write_zeroes_seg: 32,
+            size_max: super::backend::SIZE_MAX,
+            seg_max: super::backend::SEG_MAX,
         }
     }
 }
@@ -104,6 +145,9 @@ pub enum RequestError {
     /// The chain's shape is wrong.
     #[error("malformed request: {0}")]
     Malformed(&'static str),
+    /// A read or write beyond the advertised `size_max`/`seg_max`.
+    #[error("request beyond the device's limits: {0}")]
+    Limits(String),
     /// Guest memory could not be accessed.
     #[error("guest memory: {0}")]
     Memory(String),
@@ -179,7 +223,7 @@ where
     let Some((segs, status_addr)) = split_status(descs) else {
         return 0;
     };
-    let result = parse(mem, &segs).and_then(|p| execute(ctx, mem, p));
+    let result = parse(mem, &segs, &ctx.limits).and_then(|p| execute(ctx, mem, p));
     finish(mem, status_addr, result)
 }
 
@@ -242,7 +286,11 @@ struct Parsed {
     data: Vec<Seg>,
 }
 
-fn parse<M: GuestMemoryBackend>(mem: &M, segs: &[Seg]) -> Result<Parsed, RequestError> {
+fn parse<M: GuestMemoryBackend>(
+    mem: &M,
+    segs: &[Seg],
+    limits: &Limits,
+) -> Result<Parsed, RequestError> {
     let (hdr_segs, data) =
         take(segs, 16).ok_or(RequestError::Malformed("shorter than the header"))?;
     if hdr_segs.iter().any(|s| s.writable) {
@@ -262,6 +310,7 @@ fn parse<M: GuestMemoryBackend>(mem: &M, segs: &[Seg]) -> Result<Parsed, Request
             "read buffer is not device-writable",
         )),
         kind::OUT if !all(false) => Err(RequestError::Malformed("write buffer is device-writable")),
+        kind::IN | kind::OUT => limits.check_transfer(&p.data).map(|()| p),
         _ => Ok(p),
     }
 }
@@ -302,7 +351,7 @@ where
     let Some((segs, status_addr)) = split_status(descs) else {
         return Prepared::Done(0);
     };
-    match parse(mem, &segs) {
+    match parse(mem, &segs, &ctx.limits) {
         Ok(p) if p.ty == kind::FLUSH => Prepared::Flush {
             status: status_addr,
         },
@@ -331,7 +380,7 @@ pub fn finish<M: GuestMemoryBackend>(
     let (st, used) = match result {
         Ok(used) => (status::OK, used),
         Err(e) => {
-            if matches!(e, RequestError::Io(_)) {
+            if matches!(e, RequestError::Io(_) | RequestError::Limits(_)) {
                 warn!("request failed: {e}");
             } else {
                 debug!("request failed: {e}");
@@ -530,8 +579,13 @@ mod tests {
 
     /// Runs a chain through a real split queue; returns (used length, status byte).
     fn run(r: &Rig, descs: &[(u64, u32, u16)]) -> (u32, u8) {
+        run_q(r, 16, descs)
+    }
+
+    /// As [`run`], on a queue of `size` descriptors.
+    fn run_q(r: &Rig, size: u16, descs: &[(u64, u32, u16)]) -> (u32, u8) {
         r.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
-        let q = MockSplitQueue::new(&r.mem, 16);
+        let q = MockSplitQueue::new(&r.mem, size);
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .map(|&(a, l, f)| RawDescriptor::from(Descriptor::new(a, l, f, 0)))
@@ -595,6 +649,107 @@ mod tests {
         );
         header(&r, kind::FLUSH, 0);
         assert_eq!(run(&r, &[(HDR, 16, 0), (STATUS, 1, W)]), (1, status::OK));
+    }
+
+    /// Descriptors: (address, length, flags).
+    type Chain = Vec<(u64, u32, u16)>;
+
+    /// A chain: header, `n` data descriptors of `len` bytes all on the same guest
+    /// buffer (aliasing it), status.
+    fn aliased(n: usize, len: u32, flags: u16) -> Chain {
+        let mut d = vec![(HDR, 16, 0)];
+        d.extend(std::iter::repeat_n((DATA, len, flags), n));
+        d.push((STATUS, 1, W));
+        d
+    }
+
+    #[test]
+    fn reads_and_writes_beyond_size_max_and_seg_max_fail_without_touching_the_disk() {
+        let r = rig();
+        ok_write_read(&r); // 0x5a at sector 8
+                           // What the device advertises.
+        let size_max = crate::vhost::backend::SIZE_MAX;
+        let seg_max = crate::vhost::backend::SEG_MAX as usize;
+        r.mem
+            .write_slice(&vec![0xa5; 2 * size_max as usize], GuestAddress(DATA))
+            .unwrap();
+        let cases: Vec<(&str, u32, Chain)> = vec![
+            (
+                "write of one segment above size_max",
+                kind::OUT,
+                aliased(1, 2 * size_max, 0),
+            ),
+            (
+                "read of one segment above size_max",
+                kind::IN,
+                aliased(1, size_max + 512, W),
+            ),
+            (
+                "write of seg_max + 1 aliased segments",
+                kind::OUT,
+                aliased(seg_max + 1, 512, 0),
+            ),
+            (
+                "read of seg_max + 1 aliased segments",
+                kind::IN,
+                aliased(seg_max + 1, 512, W),
+            ),
+        ];
+        for (what, ty, descs) in cases {
+            header(&r, ty, 8);
+            assert_eq!(run_q(&r, 2048, &descs), (1, status::IOERR), "{what}");
+        }
+        // At the limits: served.
+        header(&r, kind::IN, 8);
+        let (used, st) = run_q(&r, 2048, &aliased(seg_max, 512, W));
+        assert_eq!((used, st), (seg_max as u32 * 512 + 1, status::OK));
+        header(&r, kind::IN, 8);
+        assert_eq!(
+            run(&r, &aliased(1, size_max, W)),
+            (size_max + 1, status::OK)
+        );
+        // The refused writes left the data as it was; the device still serves.
+        ok_write_read(&r);
+        assert!(!r.array.is_degraded());
+    }
+
+    #[test]
+    fn a_transfer_larger_than_one_leg_operation_is_refused_when_parsed() {
+        // Segments alias one buffer: three 1 GiB descriptors make a 3 GiB write.
+        let r = rig();
+        let limits = Limits {
+            size_max: 1 << 30,
+            seg_max: 8,
+            ..Limits::default()
+        };
+        assert_eq!(limits.max_transfer(), crate::raid1::aio::MAX_TRANSFER);
+        let seg = Seg {
+            addr: GuestAddress(DATA),
+            len: 1 << 30,
+            writable: false,
+        };
+        let segs = [
+            Seg {
+                addr: GuestAddress(HDR),
+                len: 16,
+                writable: false,
+            },
+            seg,
+            seg,
+            seg,
+        ];
+        header(&r, kind::OUT, 0);
+        assert!(matches!(
+            parse(&r.mem, &segs, &limits),
+            Err(RequestError::Limits(_))
+        ));
+        assert!(
+            parse(&r.mem, &segs[..2], &limits).is_ok(),
+            "one 1 GiB segment is fine"
+        );
+        // The default limits stay below it.
+        assert!(Limits::default().max_transfer() <= crate::raid1::aio::MAX_TRANSFER);
+        assert!(i32::try_from(Limits::default().max_transfer()).is_ok());
     }
 
     #[test]
