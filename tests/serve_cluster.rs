@@ -887,3 +887,63 @@ fn a_node_stops_on_sigterm_in_the_middle_of_a_resync_and_leaves_the_rest_dirty()
     }
     assert!(data_area(&legs[0]) == data_area(&legs[1]), "legs identical");
 }
+
+#[test]
+fn as_many_nodes_as_slots_started_at_the_same_moment_all_join() {
+    let d = tempfile::tempdir().unwrap();
+    let legs = clustered(d.path(), 2, "64M");
+    let lockd = Lockd::start();
+    let lm = format!("lockd:{}", lockd.socket.display());
+    // Four node slots (the default), four nodes started at once, three times over.
+    for round in 0..3 {
+        let mut nodes: Vec<Serve> = (0..4)
+            .map(|i| {
+                let socket = d.path().join(format!("r{round}n{i}.sock"));
+                let log = socket.with_extension("log");
+                let out = std::fs::File::create(&log).unwrap();
+                let child = bin()
+                    .arg("serve")
+                    .arg("--socket")
+                    .arg(&socket)
+                    .args(["--lock-manager", &lm, "--shared-writes"])
+                    .args(&legs)
+                    .env("RUST_LOG", "info")
+                    .stdout(out.try_clone().unwrap())
+                    .stderr(out)
+                    .spawn()
+                    .unwrap();
+                Serve {
+                    child: Some(child),
+                    socket,
+                    log,
+                }
+            })
+            .collect();
+        let start = std::time::Instant::now();
+        for n in &mut nodes {
+            while !n.log_text().contains("serving array") {
+                if let Some(st) = n.child.as_mut().unwrap().try_wait().unwrap() {
+                    panic!(
+                        "round {round}: a node did not join ({st}): {}",
+                        n.log_text()
+                    );
+                }
+                assert!(
+                    start.elapsed() < std::time::Duration::from_secs(60),
+                    "{}",
+                    n.log_text()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        let mut slots: Vec<u64> = nodes
+            .iter()
+            .map(|n| n.status()["node_slot"].as_u64().unwrap())
+            .collect();
+        slots.sort();
+        assert_eq!(slots, vec![0, 1, 2, 3], "round {round}");
+        for mut n in nodes {
+            assert!(n.stop().success());
+        }
+    }
+}
