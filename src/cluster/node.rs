@@ -15,8 +15,16 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// Chunks announced per resync window.
-pub const WINDOW_CHUNKS: u64 = 32;
+/// Bytes a resync window covers at most, as the kernel's md-cluster: writes of the
+/// other nodes into the window wait until it moves on. A window is whole bitmap
+/// chunks (resync copies a chunk at a time), so with chunks above this size it
+/// is one chunk.
+pub const WINDOW_BYTES: u64 = 32 << 20;
+
+/// Chunks per resync window for chunks of `chunk_bytes`.
+pub fn window_chunks(chunk_bytes: u64) -> u64 {
+    (WINDOW_BYTES / chunk_bytes.max(1)).max(1)
+}
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -386,7 +394,7 @@ impl ClusterNode {
                 );
                 break;
             }
-            let end = (c + WINDOW_CHUNKS).min(g.chunks());
+            let end = (c + window_chunks(u64::from(g.chunksize))).min(g.chunks());
             let hi = g.chunk_start(end).min(self.array.size);
             self.node.announce_window(g.chunk_start(c), hi)?;
             for chunk in c..end {
@@ -455,7 +463,11 @@ mod tests {
 
     impl Cluster {
         fn new() -> Cluster {
-            let (a, b, metas) = clustered_legs();
+            Cluster::with_chunk(MIB)
+        }
+
+        fn with_chunk(chunk: u64) -> Cluster {
+            let (a, b, metas) = clustered_legs(chunk);
             let ls_name = metas[0].sb.set_uuid.lockspace_name();
             Cluster {
                 a,
@@ -481,8 +493,8 @@ mod tests {
         }
     }
 
-    /// Two 64 MiB in-memory legs of a clustered array (4 slots, 1 MiB chunks).
-    fn clustered_legs() -> (Arc<MemLeg>, Arc<MemLeg>, Vec<LegMetadata>) {
+    /// Two 64 MiB in-memory legs of a clustered array (4 slots, `chunk` bytes a chunk).
+    fn clustered_legs(chunk: u64) -> (Arc<MemLeg>, Arc<MemLeg>, Vec<LegMetadata>) {
         let a: Arc<MemLeg> = Arc::new(MemLeg::new("a", 64 * MIB));
         let b: Arc<MemLeg> = Arc::new(MemLeg::new("b", 64 * MIB));
         let (_, metas) = create_array(
@@ -491,7 +503,7 @@ mod tests {
                 name: "t".into(),
                 cluster_name: Some("prod".into()),
                 nodes: 4,
-                bitmap_chunk: Some(MIB),
+                bitmap_chunk: Some(chunk),
                 assume_clean: true,
                 now: 0,
                 uuid: None,
@@ -499,6 +511,41 @@ mod tests {
         )
         .unwrap();
         (a, b, metas)
+    }
+
+    #[test]
+    fn a_resync_window_holds_at_most_32_mib_of_the_other_nodes_writes() {
+        assert_eq!(window_chunks(MIB), 32);
+        assert_eq!(window_chunks(64 * MIB), 1);
+        // 4 MiB chunks: windows of 8 chunks, not 32 (128 MiB).
+        let c = Cluster::with_chunk(4 * MIB);
+        let (n1, _) = c.join();
+        let (n2, _) = c.join();
+        n1.array.bitmap.mark_all_needed();
+        n1.array
+            .counters
+            .resync_max_rate
+            .store(64 * MIB, Ordering::Relaxed);
+        let n1 = Arc::new(n1);
+        let r = {
+            let n1 = n1.clone();
+            std::thread::spawn(move || n1.resync())
+        };
+        let mut widest = 0;
+        while !r.is_finished() {
+            if let Some((_, lo, hi)) = n2.array.bitmap.remote_window() {
+                widest = widest.max(hi - lo);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(r.join().unwrap().unwrap(), n1.array.size * 512, "copied");
+        // (The window as installed on node 2: in chunks.)
+        assert!(widest > 0, "no window seen");
+        assert!(
+            widest * 4 * MIB <= WINDOW_BYTES,
+            "a window of {} MiB",
+            widest * 4
+        );
     }
 
     #[test]
