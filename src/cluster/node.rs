@@ -136,7 +136,7 @@ impl Receiving {
             // Returns once our writes in the window finished: then ack.
             MsgType::Resyncing => a.bitmap.set_remote_window(m.slot, m.low, m.high),
             MsgType::MetadataUpdated => {
-                if let Err(e) = a.reload_superblocks() {
+                if let Err(e) = a.reload_superblocks(Some(m.slot)) {
                     log::warn!("cannot re-read the superblocks: {e}");
                 }
             }
@@ -174,7 +174,7 @@ impl Receiving {
             );
             return;
         };
-        match a.offer_candidate(leg, m.raid_slot, m.uuid) {
+        match a.offer_candidate(leg, m.raid_slot, m.uuid, m.slot) {
             Ok(()) => {
                 if let Some(Err(e)) = self.comms.get().map(|c| c.confirm_new_device()) {
                     log::warn!("cannot confirm the new device: {e}");
@@ -433,7 +433,7 @@ impl ClusterNode {
         // Its window's chunks are needed now (in its bits, merged): ours to resync.
         self.array.bitmap.clear_remote_window_of(slot);
         // It may have been rebuilding a leg: nobody else finishes that.
-        self.array.take_over_recoveries()?;
+        self.array.take_over_recoveries(slot)?;
         // Its bits are ours now (reads of its chunks go to one leg until resynced):
         // releasing the slot lets reads be balanced again.
         self.node.release_slot(slot)?;
@@ -663,6 +663,52 @@ mod tests {
         n1.array.remove_leg("c").unwrap();
         let e = n2.array.add_leg(d).unwrap_err().to_string();
         assert!(e.contains("did not find"), "{e}");
+    }
+
+    #[test]
+    fn recovering_a_dead_node_leaves_a_live_nodes_rebuild_alone() {
+        let c = Cluster::new();
+        let (n1, _) = c.join();
+        let (n2, _) = c.join();
+        let (n3, id3) = c.join();
+        let b_state = |n: &ClusterNode| {
+            n.array
+                .members()
+                .iter()
+                .flatten()
+                .find(|m| m.name() == "b")
+                .map(|m| m.state())
+        };
+        // Node 1 takes leg b out, writes while it is out, and puts it back: node 1
+        // rebuilds it (chunk 5), the others write it and wait for node 1.
+        n1.array.fail_leg("b").unwrap();
+        n1.array
+            .write(5 * 2048, &[IoSlice::new(&[9u8; 4096])])
+            .unwrap();
+        n1.array.re_add_leg("b").unwrap();
+        assert_eq!(b_state(&n2), Some(crate::raid1::LegState::Recovering));
+        // Node 3 dies; node 2 recovers its slot: node 1's rebuild is not node 2's.
+        c.dlm.kill(&c.ls_name, id3);
+        // The survivors see the death one after the other; node 1 may be first.
+        if let Ok(slot) = n1.node.dead.recv_timeout(Duration::from_millis(500)) {
+            assert_eq!(slot, n3.node.slot);
+            n1.recover(slot).unwrap();
+        }
+        let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(slot, n3.node.slot);
+        n2.recover(slot).unwrap();
+        n2.array.finish_recovery().unwrap();
+        assert_eq!(
+            b_state(&n2),
+            Some(crate::raid1::LegState::Recovering),
+            "node 2 took over (and ended) the rebuild node 1 runs"
+        );
+        // Node 1 finishes its rebuild; everybody sees leg b in sync.
+        n1.resync().unwrap();
+        n1.array.finish_recovery().unwrap();
+        assert_eq!(b_state(&n1), Some(crate::raid1::LegState::InSync));
+        assert_eq!(b_state(&n2), Some(crate::raid1::LegState::InSync));
+        drop(n3);
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub struct Member {
     pub joined_events: u64,
     /// Another node rebuilds this leg: we write it but never declare it in sync.
     pub(super) remote_recovery: AtomicBool,
+    /// The node slot that rebuilds it, when told ([`NOBODY`]: not known).
+    pub(super) rebuilt_by: std::sync::atomic::AtomicU32,
     /// Its rebuild copies only chunks dirty in the bitmaps (a re-add), recorded
     /// as RECOVERY_BITMAP; otherwise the whole array is copied.
     pub(crate) bitmap_guided: AtomicBool,
@@ -156,6 +158,9 @@ pub struct Counters {
     /// Resync and recovery copy at most this many bytes per second (0: no limit).
     pub resync_max_rate: AtomicU64,
 }
+
+/// `Member::rebuilt_by` when the rebuilding node is not known.
+pub const NOBODY: u32 = u32::MAX;
 
 /// An assembled RAID1.
 pub struct Array {
@@ -304,6 +309,7 @@ impl Array {
                     next_seq: AtomicU64::new(u64::MAX),
                     joined_events: m.sb.events,
                     remote_recovery: AtomicBool::new(false),
+                    rebuilt_by: std::sync::atomic::AtomicU32::new(NOBODY),
                     bitmap_guided: AtomicBool::new(
                         m.sb.feature_map & feature::RECOVERY_BITMAP != 0,
                     ),
@@ -572,9 +578,10 @@ impl Array {
             .map(|m| m.dev_number)
     }
 
-    /// Another node rewrote the superblocks: re-reads them and applies what
-    /// changed (legs it failed, legs it finished recovering, the events counter).
-    pub fn reload_superblocks(&self) -> io::Result<()> {
+    /// Another node (in slot `from`, when known) rewrote the superblocks: re-reads
+    /// them and applies what changed (legs it failed, legs it finished recovering,
+    /// legs it put back to rebuild, the events counter).
+    pub fn reload_superblocks(&self, from: Option<u32>) -> io::Result<()> {
         let mut meta = lock(&self.meta);
         let mut newest: Option<Superblock> = None;
         for m in self.members().iter().flatten() {
@@ -672,6 +679,8 @@ impl Array {
             detached.retain(|o| !Arc::ptr_eq(o, &m));
             meta.faulty.retain(|&d| d != m.dev_number);
             m.remote_recovery.store(true, Ordering::Release);
+            m.rebuilt_by
+                .store(from.unwrap_or(NOBODY), Ordering::Release);
             if let Ok(own) = super::metadata::read_superblock(&*m.leg) {
                 m.bitmap_guided.store(
                     own.feature_map & feature::RECOVERY_BITMAP != 0,
@@ -1230,10 +1239,15 @@ impl Array {
 
     /// Takes over the rebuild of legs another node was rebuilding (it may have
     /// died): they become ours to finish. Returns whether there were any.
-    pub fn take_over_recoveries(&self) -> io::Result<bool> {
+    pub fn take_over_recoveries(&self, dead: u32) -> io::Result<bool> {
         let mut any = false;
         let mut guided = true;
         for m in self.members().iter().flatten() {
+            let by = m.rebuilt_by.load(Ordering::Acquire);
+            // Only the dead node's rebuilds: a live node goes on with its own.
+            if by != dead && by != NOBODY {
+                continue;
+            }
             if m.state() == LegState::Recovering && m.remote_recovery.swap(false, Ordering::AcqRel)
             {
                 info!("leg {}: this node takes over its rebuild", m.name());

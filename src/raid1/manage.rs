@@ -308,6 +308,7 @@ impl Array {
             next_seq: AtomicU64::new(u64::MAX),
             joined_events: 0,
             remote_recovery: std::sync::atomic::AtomicBool::new(false),
+            rebuilt_by: std::sync::atomic::AtomicU32::new(super::array::NOBODY),
             bitmap_guided: std::sync::atomic::AtomicBool::new(false),
         });
         let activate = || {
@@ -362,6 +363,7 @@ impl Array {
         leg: Arc<dyn Leg>,
         dev_number: u32,
         device_uuid: Uuid,
+        from: u32,
     ) -> Result<(), ManageError> {
         let name = leg.name().to_string();
         let sb = read_superblock(&*leg).map_err(|e| ManageError::Unsuitable {
@@ -389,6 +391,7 @@ impl Array {
             next_seq: AtomicU64::new(u64::MAX),
             joined_events: sb.events,
             remote_recovery: std::sync::atomic::AtomicBool::new(true),
+            rebuilt_by: std::sync::atomic::AtomicU32::new(from),
             bitmap_guided: std::sync::atomic::AtomicBool::new(false),
         });
         let mut c = lock(&self.candidates);
