@@ -201,6 +201,9 @@ pub fn decode_window(lvb: &[u8]) -> (u64, u64) {
     (u64::from_le_bytes(lo), u64::from_le_bytes(hi))
 }
 
+/// The pause before a failed recovery of a dead node's slot is tried again.
+pub const RECOVERY_RETRY: Duration = Duration::from_millis(500);
+
 /// How long a join waits for a slot while every slot is held: a slot may be held
 /// only for a moment, by a node that joined at the same time and merges the free
 /// slots' bits, or by a survivor that recovers a dead node's slot.
@@ -383,6 +386,21 @@ impl Node {
             resync,
             own,
         })
+    }
+
+    /// A recovery of dead `slot` failed (it still holds the slot): report the slot
+    /// on [`Node::dead`] again, after a pause, to be recovered once more.
+    pub fn retry_recovery(&self, slot: u32) {
+        let dead = self.watches.dead.clone();
+        let spawned = std::thread::Builder::new()
+            .name("recovery-retry".into())
+            .spawn(move || {
+                std::thread::sleep(RECOVERY_RETRY);
+                let _ = dead.send(slot);
+            });
+        if let Err(e) = spawned {
+            warn!("cannot schedule another recovery of node slot {slot}: {e}");
+        }
     }
 
     /// After recovering a dead node's slot (or merging a free one): lets a new node

@@ -428,10 +428,19 @@ impl ClusterNode {
     /// Recovers the slot of a node that died: takes over and clears its bits,
     /// lifts its resync window, releases the slot, resyncs. Returns the bytes copied.
     pub fn recover(&self, slot: u32) -> Result<u64, NodeError> {
-        let n = self.array.merge_slot(slot, true)?;
-        info!("node slot {slot} died with {n} dirty chunks");
-        // Its window's chunks are needed now (in its bits, merged): ours to resync.
+        let merged = self.array.merge_slot(slot, true);
+        // Its window holds our writes no more, whatever happens next: with its bits
+        // merged its chunks are ours to resync; if the merge failed, the slot stays
+        // held (reads stay on one leg) and its recovery is tried again.
         self.array.bitmap.clear_remote_window_of(slot);
+        let n = match merged {
+            Ok(n) => n,
+            Err(e) => {
+                self.node.retry_recovery(slot);
+                return Err(e.into());
+            }
+        };
+        info!("node slot {slot} died with {n} dirty chunks");
         // It may have been rebuilding a leg: nobody else finishes that.
         self.array.take_over_recoveries(slot)?;
         // Its bits are ours now (reads of its chunks go to one leg until resynced):
@@ -866,6 +875,42 @@ mod tests {
         done.recv_timeout(Duration::from_secs(5))
             .expect("the write is not held by the window that ended")
             .unwrap();
+    }
+
+    #[test]
+    fn a_recovery_that_fails_lifts_the_window_and_is_tried_again() {
+        use crate::storage::{Faults, FaultyLeg};
+        let c = Cluster::new();
+        let (n1, id1) = c.join();
+        let faults = Faults::none();
+        let legs: Vec<Arc<dyn Leg>> = c
+            .legs()
+            .into_iter()
+            .map(|l| Arc::new(FaultyLeg::new(l, faults.clone())) as Arc<dyn Leg>)
+            .collect();
+        let n2 = Arc::new(ClusterNode::join(Arc::new(c.dlm.join(&c.ls_name, 32)), legs).unwrap());
+        n1.node.acquire_resync().unwrap();
+        n1.node.announce_window(0, 4 * 2048).unwrap();
+        c.dlm.kill(&c.ls_name, id1);
+        let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
+        // Its bitmap cannot be read now: the recovery fails...
+        faults.fail_reads.store(true, Ordering::SeqCst);
+        assert!(n2.recover(slot).is_err());
+        faults.fail_reads.store(false, Ordering::SeqCst);
+        // ...but its window no longer holds writes,
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let n2w = n2.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(n2w.array.write(2048, &[IoSlice::new(&[5u8; 4096])]));
+        });
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("a failed recovery left the dead node's window holding writes")
+            .unwrap();
+        // and the slot comes back to be recovered again, which then succeeds.
+        let again = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(again, slot);
+        n2.recover(again).unwrap();
+        assert_eq!(n2.array.bitmap.stats().needed, 0);
     }
 
     #[test]
