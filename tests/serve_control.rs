@@ -15,25 +15,8 @@ use std::time::{Duration, Instant};
 
 /// A plain two-leg array of image files, served.
 fn served(dir: &Path) -> (Serve, PathBuf, PathBuf) {
-    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
-    let out = bin()
-        .args([
-            "create",
-            "--assume-clean",
-            "--size",
-            "64M",
-            "--bitmap-chunk",
-            "1M",
-        ])
-        .arg(&a)
-        .arg(&b)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let legs = common::create_array(dir, &["a.img", "b.img"], "64M", None);
+    let (a, b) = (legs[0].clone(), legs[1].clone());
     let s = Serve::start(
         &dir.join("vm.sock"),
         &[a.to_str().unwrap(), b.to_str().unwrap()],

@@ -877,6 +877,18 @@ mod tests {
             .unwrap();
     }
 
+    /// Node `n` writes into the first window chunks; the write must complete in 5 s.
+    fn write_completes(n: &Arc<ClusterNode>, held: &str) {
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let n = n.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(n.array.write(2048, &[IoSlice::new(&[5u8; 4096])]));
+        });
+        done.recv_timeout(Duration::from_secs(5))
+            .expect(held)
+            .unwrap();
+    }
+
     #[test]
     fn a_recovery_that_fails_lifts_the_window_and_is_tried_again() {
         use crate::storage::{Faults, FaultyLeg};
@@ -898,14 +910,10 @@ mod tests {
         assert!(n2.recover(slot).is_err());
         faults.fail_reads.store(false, Ordering::SeqCst);
         // ...but its window no longer holds writes,
-        let (done_tx, done) = crossbeam_channel::bounded(1);
-        let n2w = n2.clone();
-        std::thread::spawn(move || {
-            let _ = done_tx.send(n2w.array.write(2048, &[IoSlice::new(&[5u8; 4096])]));
-        });
-        done.recv_timeout(Duration::from_secs(5))
-            .expect("a failed recovery left the dead node's window holding writes")
-            .unwrap();
+        write_completes(
+            &n2,
+            "a failed recovery left the dead node's window holding writes",
+        );
         // and the slot comes back to be recovered again, which then succeeds.
         let again = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(again, slot);
@@ -924,14 +932,7 @@ mod tests {
         c.dlm.kill(&c.ls_name, id1);
         let slot = n2.node.dead.recv_timeout(Duration::from_secs(5)).unwrap();
         n2.recover(slot).unwrap();
-        let (done_tx, done) = crossbeam_channel::bounded(1);
-        let n2w = n2.clone();
-        std::thread::spawn(move || {
-            let _ = done_tx.send(n2w.array.write(2048, &[IoSlice::new(&[5u8; 4096])]));
-        });
-        done.recv_timeout(Duration::from_secs(5))
-            .expect("the dead node's window no longer holds writes")
-            .unwrap();
+        write_completes(&n2, "the dead node's window still holds writes");
     }
 
     /// The chunks a kernel md-cluster node (Linux 6.1) resyncs when it assembles the
