@@ -550,7 +550,16 @@ pub fn run(config: ServeConfig, sockets: Sockets) -> Result<(), String> {
         },
         array.bitmap.stats().needed
     );
-    let block_size = 512;
+    // The guest's logical block: the largest of the legs' (a leg with 4 KiB
+    // logical blocks under direct I/O cannot write less; see `Limits::block_size`).
+    let block_size = array
+        .members()
+        .iter()
+        .flatten()
+        .filter_map(|m| m.leg.raw_fd().map(|(_, align)| align as u32))
+        .chain(std::iter::once(512))
+        .max()
+        .unwrap_or(512);
     let role = match &cluster {
         None => crate::cluster::writer::WriterRole::local(),
         Some(node) => {

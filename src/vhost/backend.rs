@@ -149,13 +149,17 @@ fn serial_of(array: &Array) -> [u8; ID_LEN] {
 impl BlockBackend {
     /// A device for `array`.
     pub fn new(array: Arc<Array>, config: BlockConfig) -> BlockBackend {
+        let block_size = config.block_size;
         BlockBackend {
             queues: (0..config.queues).map(|_| Mutex::new(None)).collect(),
             stopped: (0..config.queues).map(|_| AtomicBool::new(false)).collect(),
             serial: serial_of(&array),
             array,
             config,
-            limits: Limits::default(),
+            limits: Limits {
+                block_size,
+                ..Limits::default()
+            },
             event_idx: AtomicBool::new(false),
             log_all: AtomicBool::new(false),
             log_carrier: Mutex::new(LogCarrier::default()),
@@ -353,9 +357,9 @@ impl BlockBackend {
         put32(&mut c, 8, SIZE_MAX);
         put32(&mut c, 12, SEG_MAX);
         put32(&mut c, 20, self.config.block_size);
-        // topology: physical block exponent, alignment offset, min/opt io size.
-        let exp = (self.config.block_size / 512).trailing_zeros() as u8;
-        c[24] = exp;
+        // topology: physical block exponent (physical = logical blocks), alignment
+        // offset, min/opt io size (in logical blocks).
+        c[24] = 0;
         c[26..28].copy_from_slice(&1u16.to_le_bytes());
         c[32] = u8::from(!self.writethrough.load(Ordering::Relaxed));
         c[34..36].copy_from_slice(&(self.config.queues as u16).to_le_bytes());

@@ -55,6 +55,11 @@ pub struct Limits {
     pub size_max: u32,
     /// Most data segments in a read or write (`seg_max`).
     pub seg_max: u32,
+    /// The logical block size the guest is told (`blk_size`): reads and writes
+    /// start and end on it. Legs with 4 KiB logical blocks would otherwise turn a
+    /// 512-byte write into an unlocked read-modify-write of the whole block, and
+    /// two writes to different sectors of one block could lose one.
+    pub block_size: u32,
 }
 
 impl Limits {
@@ -67,7 +72,16 @@ impl Limits {
 
     /// Refuses the data segments of a read or write beyond the advertised limits
     /// (segments may alias one guest buffer: their sum is checked too).
-    fn check_transfer(&self, data: &[Seg]) -> Result<(), RequestError> {
+    fn check_transfer(&self, sector: u64, data: &[Seg]) -> Result<(), RequestError> {
+        let bs = u64::from(self.block_size.max(512));
+        let bytes = data
+            .iter()
+            .fold(0u64, |t, s| t.saturating_add(s.len as u64));
+        if sector.saturating_mul(512) % bs != 0 || bytes % bs != 0 {
+            return Err(RequestError::Limits(format!(
+                "{bytes} bytes at sector {sector}: not whole {bs}-byte logical blocks"
+            )));
+        }
         if data.len() > self.seg_max as usize {
             return Err(RequestError::Limits(format!(
                 "{} data segments, at most {}",
@@ -101,6 +115,7 @@ impl Default for Limits {
             max_write_zeroes_seg: 32,
             size_max: super::backend::SIZE_MAX,
             seg_max: super::backend::SEG_MAX,
+            block_size: 512,
         }
     }
 }
@@ -310,7 +325,7 @@ fn parse<M: GuestMemoryBackend>(
             "read buffer is not device-writable",
         )),
         kind::OUT if !all(false) => Err(RequestError::Malformed("write buffer is device-writable")),
-        kind::IN | kind::OUT => limits.check_transfer(&p.data).map(|()| p),
+        kind::IN | kind::OUT => limits.check_transfer(p.sector, &p.data).map(|()| p),
         _ => Ok(p),
     }
 }

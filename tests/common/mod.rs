@@ -133,6 +133,11 @@ impl Loop {
         Loop::attach_with(file, &["--direct-io=on"])
     }
 
+    /// Read-write with direct I/O and 4 KiB logical blocks (a "4Kn" disk).
+    pub fn attach_4k(file: &Path) -> Loop {
+        Loop::attach_with(file, &["--direct-io=on", "--sector-size", "4096"])
+    }
+
     fn attach_with(file: &Path, opts: &[&str]) -> Loop {
         let out = Command::new("losetup")
             .args(opts)
