@@ -47,7 +47,9 @@ pub enum CommsError {
 /// Routes completion events to the thread waiting for them, and BASTs on `ack` to
 /// the receive loop.
 pub(crate) struct Router {
-    waiters: Mutex<HashMap<LockId, Sender<Completion>>>,
+    /// Waiting callers; `None` once the member's events ended (killed, or its lock
+    /// manager went away): no completion can come any more.
+    waiters: Mutex<Option<HashMap<LockId, Sender<Completion>>>>,
     /// Completions nobody waited for yet (e.g. the grant of a new lock that raced
     /// ahead of its caller); the next `expect` of that lock takes it.
     early: Mutex<HashMap<LockId, Completion>>,
@@ -60,7 +62,11 @@ impl Router {
     /// A receiver for the next completion of `lock`.
     pub(crate) fn expect(&self, lock: LockId) -> Receiver<Completion> {
         let (tx, rx) = bounded(1);
-        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(waiters) = guard.as_mut() else {
+            // Closed: the receiver reports a disconnect at once.
+            return rx;
+        };
         let early = self
             .early
             .lock()
@@ -77,8 +83,17 @@ impl Router {
         rx
     }
 
+    /// The member's events ended: every waiter, and every later one, sees a
+    /// disconnect.
+    fn close(&self) {
+        *self.waiters.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     fn deliver(&self, lock: LockId, status: Status, lvb: Option<Vec<u8>>) {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(waiters) = guard.as_mut() else {
+            return;
+        };
         match waiters.remove(&lock) {
             Some(tx) => {
                 let _ = tx.send((status, lvb));
@@ -157,7 +172,7 @@ impl Comms {
     /// channel carries the BASTs on `ack`.
     pub(crate) fn create(ls: Arc<dyn LockSpace>) -> Result<(Arc<Comms>, Receiver<()>), CommsError> {
         let router = Arc::new(Router {
-            waiters: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(Some(HashMap::new())),
             early: Mutex::new(HashMap::new()),
         });
         let events = ls.events();
@@ -188,6 +203,9 @@ impl Comms {
                         Event::NodeUp(_) | Event::NodeDown(_) => {}
                     }
                 }
+                // No event can come any more: whoever waits for one (a watch on a
+                // slot, a step of the protocol) learns it now instead of never.
+                r2.close();
             })
             .map_err(|e| DlmError::Unavailable(e.to_string()))?;
         let message = new_nl_lock(&*ls, &router, MESSAGE, flags::VALBLK)?;
