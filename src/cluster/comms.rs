@@ -474,6 +474,40 @@ mod tests {
     }
 
     #[test]
+    fn a_wait_for_a_lock_ends_when_the_member_is_gone() {
+        let dlm = LocalDlm::new();
+        const LS: &str = "3578507b-e0cb-6d4f-6322-696cd7b1b10c";
+        let (a, _ra) = node(&dlm, 0);
+        let b = dlm.join(LS, 32);
+        let b_id = b.node();
+        let (cb, _rb) = {
+            let ls: Arc<dyn LockSpace> = Arc::new(b);
+            (Comms::join(ls, 1, Box::new(|_| {})).unwrap(), ())
+        };
+        // B waits for a lock A holds (as a watch on a slot does)...
+        let held = new_nl_lock(&**a.ls(), a.router(), b"slot", 0).unwrap();
+        let rx = a.router().expect(held);
+        a.ls()
+            .convert(held, Mode::Ex, flags::CONVERT, None)
+            .unwrap();
+        rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        let wanted = new_nl_lock(&**cb.ls(), cb.router(), b"slot", 0).unwrap();
+        let waiting = cb.router().expect(wanted);
+        cb.ls()
+            .convert(wanted, Mode::Ex, flags::CONVERT, None)
+            .unwrap();
+        // ...and B dies: no grant can reach it any more, and its waiter hears so
+        // (a thread waiting on it would otherwise wait forever).
+        dlm.kill(LS, b_id);
+        assert!(matches!(
+            waiting.recv_timeout(std::time::Duration::from_secs(5)),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+        ));
+        // A later wait of the dead member ends at once too.
+        assert!(cb.router().expect(wanted).recv().is_err());
+    }
+
+    #[test]
     fn a_message_reaches_every_other_member_once_before_send_returns() {
         let dlm = LocalDlm::new();
         let (a, ra) = node(&dlm, 0);
