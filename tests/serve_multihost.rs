@@ -171,7 +171,7 @@ fn a_second_host_is_refused_while_the_first_serves_and_accepted_after_it_died() 
     );
     // It serves what the first acknowledged.
     let mut c = Client::connect(&fourth.socket, 1, 4096);
-    assert_eq!(c.read(0, 0, 0, 4096), 0);
+    assert_eq!(c.read(0, 0, 0, 4096), 0, "{}", fourth.log_text());
     assert_eq!(c.buf(), &pattern(1, 0, 4096)[..]);
 }
 

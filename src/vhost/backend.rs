@@ -753,15 +753,18 @@ impl VhostUserBackend for BlockBackend {
         if self.stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let mem = self
-            .mem
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| io::Error::other("no guest memory"))?;
-        let mem = mem.memory().into_inner();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
+            // The memory table as it is now, at every pass: a front-end that added a
+            // region (ADD_MEM_REG) and then queued requests in it, while this loop
+            // ran, must not have them parsed against the table from before.
+            let mem = self
+                .mem
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .ok_or_else(|| io::Error::other("no guest memory"))?;
+            let mem = mem.memory().into_inner();
             if event_idx {
                 vring
                     .disable_notification()
