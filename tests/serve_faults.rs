@@ -317,20 +317,7 @@ fn a_real_leg_running_out_of_space_is_failed_without_guest_errors() {
     // from the kernel.
     let d = tempfile::tempdir().unwrap();
     let small = d.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .expect("mount (root) is needed for this test");
-    assert!(st.success(), "mounting a tmpfs needs root");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(small.clone());
+    let _guard = SmallFs::mount(&small, "12m");
     let a = d.path().join("a.img");
     let b = small.join("b.img");
     create_legs(&a, &b, &["--size", "64M", "--bitmap-chunk", "1M"]);
@@ -436,20 +423,7 @@ fn both_legs_out_of_space_fail_the_write_and_keep_the_last_leg_in_service() {
     // the guest's write fails, the data written before stays readable.
     let d = tempfile::tempdir().unwrap();
     let small = d.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .expect("mount (root) is needed for this test");
-    assert!(st.success(), "mounting a tmpfs needs root");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(small.clone());
+    let _guard = SmallFs::mount(&small, "12m");
     let (a, b) = (small.join("a.img"), small.join("b.img"));
     create_legs(&a, &b, &["--size", "64M", "--bitmap-chunk", "1M"]);
     let sock = d.path().join("vm.sock");
@@ -483,4 +457,27 @@ fn both_legs_out_of_space_fail_the_write_and_keep_the_last_leg_in_service() {
     assert!(serve.stop().success());
     let log = serve.log_text();
     assert!(log.contains("last in-sync leg"), "{log}");
+}
+
+/// A small tmpfs mounted at a directory (root), unmounted on drop: files on it run
+/// out of space with ENOSPC from the kernel.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, size: &str) -> SmallFs {
+        std::fs::create_dir(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount (root) is needed for this test");
+        assert!(st.success(), "mounting a tmpfs needs root");
+        SmallFs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
 }
