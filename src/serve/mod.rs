@@ -209,36 +209,15 @@ fn connect_lockd(
     rejoining: bool,
 ) -> Result<crate::dlm::lockd::LockdMember, String> {
     use crate::dlm::lockd::LockdMember;
-    let start = std::time::Instant::now();
-    let mut said = None;
-    let m = loop {
-        match LockdMember::connect(path, name, crate::dlm::libdlm::LVB_LEN) {
-            Ok(m) => break m,
-            Err(e) if rejoining && start.elapsed() < Duration::from_secs(300) => {
-                if said.is_none_or(|t: std::time::Instant| t.elapsed() > Duration::from_secs(10)) {
-                    warn!("rejoining: {e}; trying again");
-                    said = Some(std::time::Instant::now());
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-    };
+    let m = rejoin::retry_while_rejoining(rejoining, Duration::from_millis(200), || {
+        LockdMember::connect(path, name, crate::dlm::libdlm::LVB_LEN).map_err(|e| e.to_string())
+    })?;
     let (fence, rejoin) = (fence.clone(), rejoin.clone());
     let lm = LockManager::Lockd(path.to_path_buf());
     let gone = m.daemon_pid();
     m.on_lost(Box::new(move |why| {
-        if !fence.raise(&format!("lock manager lost ({why})")) {
-            return;
-        }
-        let never = Arc::new(AtomicBool::new(false));
-        let watching = rejoin::watch_for_return(lm, gone, never, move || {
-            rejoin.store(true, Ordering::SeqCst);
-            // SAFETY: kill(2) of our own pid with a signal the main thread handles.
-            unsafe { libc::kill(libc::getpid(), libc::SIGUSR2) };
-        });
-        if let Err(e) = watching {
-            error!("cannot watch for the lock manager: {e}");
+        if fence.raise(&format!("lock manager lost ({why})")) {
+            rejoin::rejoin_when_back(lm, gone, rejoin);
         }
     }));
     Ok(m)
@@ -270,21 +249,7 @@ fn join_dlm(
         }
         Ok((group, m))
     };
-    let start = std::time::Instant::now();
-    let mut said = None;
-    loop {
-        match attempt() {
-            Ok(j) => return Ok(j),
-            Err(e) if rejoining && start.elapsed() < Duration::from_secs(300) => {
-                if said.is_none_or(|t: std::time::Instant| t.elapsed() > Duration::from_secs(10)) {
-                    warn!("rejoining: {e}; trying again");
-                    said = Some(std::time::Instant::now());
-                }
-                std::thread::sleep(Duration::from_secs(1));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    rejoin::retry_while_rejoining(rejoining, Duration::from_secs(1), attempt)
 }
 
 /// Watches the cluster stack under the DLM lockspace `m`: corosync (our CPG
@@ -336,15 +301,7 @@ fn watch_dlm(
                     ));
                     return;
                 }
-                let never = Arc::new(AtomicBool::new(false));
-                let watching = rejoin::watch_for_return(LockManager::Dlm, None, never, move || {
-                    rejoin.store(true, Ordering::SeqCst);
-                    // SAFETY: kill(2) of our own pid with a signal the main thread handles.
-                    unsafe { libc::kill(libc::getpid(), libc::SIGUSR2) };
-                });
-                if let Err(e) = watching {
-                    error!("cannot watch for the cluster stack: {e}");
-                }
+                rejoin::rejoin_when_back(LockManager::Dlm, None, rejoin);
             });
         if let Err(e) = releasing {
             error!("cannot release the lost DLM lockspace: {e}");

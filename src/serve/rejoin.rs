@@ -49,26 +49,47 @@ pub fn lock_manager_answers(lm: &LockManager, gone: Option<i32>) -> bool {
 }
 
 /// Waits (on a thread) until `lm` answers again with another daemon than `gone`,
-/// then calls `rejoin` once; gives up when `stopping` is set.
-pub fn watch_for_return(
-    lm: LockManager,
-    gone: Option<i32>,
-    stopping: Arc<AtomicBool>,
-    rejoin: impl FnOnce() + Send + 'static,
-) -> std::io::Result<()> {
-    std::thread::Builder::new()
+/// then sets `rejoin` and signals the main thread (SIGUSR2), which starts over.
+pub fn rejoin_when_back(lm: LockManager, gone: Option<i32>, rejoin: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new()
         .name("rejoin".into())
-        .spawn(move || {
-            while !stopping.load(Ordering::SeqCst) {
-                if lock_manager_answers(&lm, gone) {
-                    info!("the lock manager answers again: rejoining");
-                    rejoin();
-                    return;
-                }
-                std::thread::sleep(POLL);
+        .spawn(move || loop {
+            if lock_manager_answers(&lm, gone) {
+                info!("the lock manager answers again: rejoining");
+                rejoin.store(true, Ordering::SeqCst);
+                // SAFETY: kill(2) of our own pid with a signal the main thread handles.
+                unsafe { libc::kill(libc::getpid(), libc::SIGUSR2) };
+                return;
             }
-        })
-        .map(|_| ())
+            std::thread::sleep(POLL);
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot watch for the lock manager: {e}");
+    }
+}
+
+/// Runs `attempt` until it succeeds; while `rejoining` (the lock manager may not
+/// be back yet) a failure is tried again every `pause`, for 5 minutes at most.
+pub fn retry_while_rejoining<T>(
+    rejoining: bool,
+    pause: Duration,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let start = std::time::Instant::now();
+    let mut said: Option<std::time::Instant> = None;
+    loop {
+        match attempt() {
+            Ok(x) => return Ok(x),
+            Err(e) if rejoining && start.elapsed() < Duration::from_secs(300) => {
+                if said.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    warn!("rejoining: {e}; trying again");
+                    said = Some(std::time::Instant::now());
+                }
+                std::thread::sleep(pause);
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The listening socket a previous process of this node handed over for `path`,
