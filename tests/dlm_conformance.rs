@@ -418,6 +418,48 @@ fn lockd_conforms() {
     assert_eq!(mode, 0o600, "the socket is private by default");
 }
 
+/// Dropping a member is leaving the lockspace: when the drop returns its locks are
+/// free, as they are when a process closes the kernel DLM's device. A NOQUEUE request
+/// made just after must not find the leaver still holding them.
+#[test]
+fn lockd_a_dropped_members_locks_are_free_when_drop_returns() {
+    let d = Lockd::start();
+    // Busy threads keep the CPUs contended, as a loaded host does: the daemon's
+    // thread that notices a closed connection then runs late.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hogs: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let mut late = None;
+    for i in 0..100 {
+        let a = d.member("leave");
+        let (_, st) = lock_sync(a.ls(), "r", Mode::Ex, 0);
+        assert_eq!(st, Status::Granted);
+        drop(a);
+        let b = d.member("leave");
+        let (_, st) = lock_sync(b.ls(), "r", Mode::Ex, flags::NOQUEUE);
+        if st != Status::Granted {
+            late = Some(i);
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in hogs {
+        h.join().unwrap();
+    }
+    assert_eq!(
+        late, None,
+        "the dropped member still held the lock in that round"
+    );
+}
+
 #[test]
 fn lockd_releases_the_locks_of_a_client_killed_mid_conversion() {
     let d = Lockd::start();

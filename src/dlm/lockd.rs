@@ -395,6 +395,8 @@ pub struct LockdMember {
     events: Receiver<Event>,
     loss: Arc<Loss>,
     daemon_pid: Option<i32>,
+    /// Disconnected once the reader thread has seen the connection end.
+    reader_done: Receiver<()>,
 }
 
 /// Called once when the connection to the daemon is lost (with the reason).
@@ -469,9 +471,11 @@ impl LockdMember {
         let loss = Arc::new(Loss::default());
         let loss2 = loss.clone();
         let daemon = path.display().to_string();
+        let (done_tx, reader_done) = crossbeam_channel::bounded::<()>(0);
         std::thread::Builder::new()
             .name("lockd-client".into())
             .spawn(move || {
+                let _done = done_tx;
                 let why = loop {
                     let m = match read_frame::<Message>(&mut reader) {
                         Ok(Some(m)) => m,
@@ -527,6 +531,7 @@ impl LockdMember {
             events: rx,
             loss,
             daemon_pid,
+            reader_done,
         })
     }
 
@@ -567,7 +572,8 @@ impl LockdMember {
         }
     }
 
-    /// Closes the connection now, as a dying process would.
+    /// Closes the connection now, as a dying process would: the daemon releases
+    /// the member's locks when it notices, a moment later.
     pub fn disconnect(&self) {
         self.loss
             .closing
@@ -575,11 +581,32 @@ impl LockdMember {
         let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let _ = w.shutdown(std::net::Shutdown::Both);
     }
+
+    /// Leaves the lockspace and waits (up to [`LEAVE_WAIT`]) until the daemon has
+    /// released the member's locks and closed its end, so that a lock this process
+    /// held is free when `drop` returns — as closing the kernel DLM's device is.
+    fn leave(&self) {
+        self.loss
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        {
+            let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            if w.shutdown(std::net::Shutdown::Write).is_err() {
+                return;
+            }
+        }
+        // Nothing is ever sent: the reader thread's end disconnects the channel.
+        let _ = self.reader_done.recv_timeout(LEAVE_WAIT);
+        self.disconnect();
+    }
 }
+
+/// How long dropping a member waits for the daemon to release its locks.
+pub const LEAVE_WAIT: Duration = Duration::from_secs(2);
 
 impl Drop for LockdMember {
     fn drop(&mut self) {
-        self.disconnect();
+        self.leave();
     }
 }
 
