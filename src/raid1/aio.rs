@@ -428,13 +428,24 @@ fn finish(array: &Array, kind: Kind, iovs: &[libc::iovec], last: io::Result<()>)
             incomplete,
         } => {
             let last_err = record_failures(array, failed, "write error");
-            let settled = array.settle_failures();
+            let unrecorded = array.failure_unrecorded();
             // A leg that took only part of the write differs from the others there:
             // the chunk stays to be resynced.
-            array
-                .bitmap
-                .end_write(sector, sectors, incomplete.is_some());
-            settled?;
+            if unrecorded {
+                // The write is over on the legs before the failure is recorded (that
+                // may wait for the token, held by a node whose new resync window
+                // waits for this write); it is written again below.
+                array
+                    .bitmap
+                    .end_write(sector, sectors, incomplete.is_some());
+                array.settle_failures()?;
+            } else {
+                let settled = array.settle_failures();
+                array
+                    .bitmap
+                    .end_write(sector, sectors, incomplete.is_some());
+                settled?;
+            }
             if let Some(e) = incomplete {
                 return Err(e);
             }
@@ -442,6 +453,12 @@ fn finish(array: &Array, kind: Kind, iovs: &[libc::iovec], last: io::Result<()>)
                 return Err(
                     last_err.unwrap_or_else(|| io::Error::other("no in-sync leg took the write"))
                 );
+            }
+            if unrecorded && array.is_cluster_node() {
+                // See `Array::rewrite_after_failure`.
+                // SAFETY: the submitter keeps the buffers valid until completion.
+                let bufs = unsafe { as_slices(iovs) };
+                return array.write(sector, &bufs);
             }
             Ok(())
         }

@@ -1006,32 +1006,63 @@ impl Array {
         sectors: u64,
         op: impl Fn(&Member) -> io::Result<()>,
     ) -> io::Result<()> {
-        self.bitmap.start_write(sector, sectors, self)?;
-        let mut ok_in_sync = 0;
-        let mut last_err = None;
-        for m in self.writable() {
-            m.inflight.fetch_add(1, Ordering::Relaxed);
-            let r = op(&m);
-            m.inflight.fetch_sub(1, Ordering::Relaxed);
-            match r {
-                Ok(()) => {
-                    if m.state() == LegState::InSync {
-                        ok_in_sync += 1;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            self.bitmap.start_write(sector, sectors, self)?;
+            let mut ok_in_sync = 0;
+            let mut last_err = None;
+            for m in self.writable() {
+                m.inflight.fetch_add(1, Ordering::Relaxed);
+                let r = op(&m);
+                m.inflight.fetch_sub(1, Ordering::Relaxed);
+                match r {
+                    Ok(()) => {
+                        if m.state() == LegState::InSync {
+                            ok_in_sync += 1;
+                        }
+                    }
+                    Err(e) => {
+                        self.fail(&m, &format!("write error at sector {sector}: {e}"));
+                        last_err = Some(e);
                     }
                 }
-                Err(e) => {
-                    self.fail(&m, &format!("write error at sector {sector}: {e}"));
-                    last_err = Some(e);
-                }
+            }
+            let unrecorded = self.failure_unrecorded();
+            if unrecorded {
+                // Recording the failure may wait for the token, which a node
+                // announcing a resync window over this write holds until our writes
+                // there are over: the write is over on the legs (see `rewrite_after_failure`).
+                self.bitmap.end_write(sector, sectors, false);
+                self.settle_failures()?;
+            } else {
+                let settled = self.settle_failures();
+                self.bitmap.end_write(sector, sectors, false);
+                settled?;
+            }
+            if ok_in_sync == 0 {
+                return Err(last_err.unwrap_or_else(|| io::Error::other("no in-sync leg")));
+            }
+            if !(unrecorded && self.rewrite_after_failure(attempts)) {
+                return Ok(());
             }
         }
-        let settled = self.settle_failures();
-        self.bitmap.end_write(sector, sectors, false);
-        settled?;
-        if ok_in_sync == 0 {
-            return Err(last_err.unwrap_or_else(|| io::Error::other("no in-sync leg")));
-        }
-        Ok(())
+    }
+
+    /// Whether a leg failure is not in the superblocks yet.
+    pub(crate) fn failure_unrecorded(&self) -> bool {
+        self.failures_recorded.load(Ordering::Acquire) < self.failures_seen.load(Ordering::Acquire)
+    }
+
+    /// Whether a write that finished on the legs while a failure was unrecorded is
+    /// written again (`attempts` so far) before it completes. On a cluster node, yes:
+    /// until the failure was recorded, another node resyncing the write's chunks
+    /// took the failed leg for in sync and may have copied its old data over the
+    /// write on the good legs; the second write, once the failure is on disk, puts
+    /// it back (and waits, like any write, until that node's window moved on).
+    /// Bounded: every pass follows a new failure, and legs are few.
+    fn rewrite_after_failure(&self, attempts: usize) -> bool {
+        self.is_cluster_node() && attempts <= self.members().len() + 1
     }
 
     /// Makes every completed write durable on every non-faulty leg.
