@@ -2,11 +2,11 @@
 //! dance of spec §4.3. A send completes only when every other member processed
 //! the message; receivers are woken by the BAST on `ack`.
 
-use crate::dlm::{flags, DlmError, Event, LockId, LockSpace, Mode, Status};
+use crate::dlm::{flags, DlmError, Event, LockId, LockSpace, Mode, NodeId, Status};
 use crate::md::message::{ClusterMsg, MessageError};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use log::{debug, warn};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -143,6 +143,52 @@ pub struct Comms {
     busy: Mutex<()>,
     /// Serialises this node's own senders.
     sending: Mutex<()>,
+    /// The other members, when the lock manager reports them.
+    peers: Arc<Peers>,
+}
+
+/// The other members of the lockspace, as the lock manager reports them (the
+/// embedded ones do, node up and down; libdlm does not: there corosync's group
+/// counts them).
+#[derive(Default)]
+pub struct Peers {
+    set: Mutex<HashSet<NodeId>>,
+    /// Told the count whenever it changes (under its lock: in order).
+    sink: Mutex<Option<PeerSink>>,
+}
+
+/// Receives how many other members the lockspace has.
+pub type PeerSink = Box<dyn Fn(usize) + Send + Sync>;
+
+impl Peers {
+    fn changed(&self, node: NodeId, up: bool) {
+        let n = {
+            let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = if up {
+                set.insert(node)
+            } else {
+                set.remove(&node)
+            };
+            if !changed {
+                return;
+            }
+            set.len()
+        };
+        let sink = self.sink.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = sink.as_ref() {
+            f(n);
+        }
+    }
+
+    /// Has `f` told the count at every change, and now if any member was reported.
+    pub fn on_change(&self, f: PeerSink) {
+        let mut sink = self.sink.lock().unwrap_or_else(|e| e.into_inner());
+        let n = self.set.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if n > 0 {
+            f(n);
+        }
+        *sink = Some(f);
+    }
 }
 
 /// What the receive loop calls for every message another member sent.
@@ -180,6 +226,8 @@ impl Comms {
         let r2 = router.clone();
         let ack_id = Arc::new(Mutex::new(None::<LockId>));
         let ack2 = ack_id.clone();
+        let peers = Arc::new(Peers::default());
+        let peers2 = peers.clone();
         std::thread::Builder::new()
             .name("dlm-events".into())
             .spawn(move || {
@@ -200,7 +248,8 @@ impl Comms {
                                 break;
                             }
                         }
-                        Event::NodeUp(_) | Event::NodeDown(_) => {}
+                        Event::NodeUp(n) => peers2.changed(n, true),
+                        Event::NodeDown(n) => peers2.changed(n, false),
                     }
                 }
                 // No event can come any more: whoever waits for one (a watch on a
@@ -224,6 +273,7 @@ impl Comms {
             slot: AtomicU32::new(0),
             busy: Mutex::new(()),
             sending: Mutex::new(()),
+            peers,
         });
         Ok((c, bast_rx))
     }
@@ -240,6 +290,11 @@ impl Comms {
             .spawn(move || c2.receive_loop(basts, handler))
             .map_err(|e| DlmError::Unavailable(e.to_string()))?;
         Ok(())
+    }
+
+    /// The other members of the lockspace, as the lock manager reports them.
+    pub fn peers(&self) -> &Peers {
+        &self.peers
     }
 
     /// Sets the slot our messages carry.

@@ -68,9 +68,10 @@ pub type ReadBalancingSink = Box<dyn Fn(bool) + Send + Sync>;
 
 impl Watches {
     /// Reads stay on one leg while a slot's owner is gone and its bits are not merged
-    /// (from the watch's grant to the slot's release), and, with corosync's count,
-    /// while fewer other nodes are alive than hold slots (a node died and the DLM
-    /// has not recovered it yet).
+    /// (from the watch's grant to the slot's release), and, with corosync's count
+    /// or the embedded lock managers' member reports, while fewer other nodes are
+    /// alive than hold slots (a node died and its slot is not recovered yet: the
+    /// node that recovers it holds it until the dead node's chunks are resynced).
     fn update_read_balancing(&self) {
         // Decided and applied under the sink's lock: the last update applied is
         // the one that saw the last change.
@@ -87,6 +88,12 @@ impl Watches {
 }
 
 impl Watches {
+    /// `n` other members are alive (corosync's group, or the lock manager's report).
+    fn set_live(&self, n: usize) {
+        *self.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
+        self.update_read_balancing();
+    }
+
     /// Queues a blocking NL→PW on `slot`'s lock; its grant reports the owner dead.
     fn arm(self: &Arc<Self>, slot: u32) {
         if self.reserve(slot) {
@@ -309,6 +316,14 @@ impl Node {
             read_balancing: Mutex::new(None),
             dead: dead_tx,
         });
+        // Where the lock manager reports members (the embedded ones), its count
+        // stands for corosync's: a death is known before the slot's lock is free.
+        let w_live = Arc::downgrade(&watches);
+        comms.peers().on_change(Box::new(move |n| {
+            if let Some(w) = w_live.upgrade() {
+                w.set_live(n);
+            }
+        }));
         // Live nodes' resync windows, read with CR before anything else converts
         // these locks: before the receive loop, which arms the watch on the slot
         // of every message's sender. A window announced from now on reaches us as
@@ -479,8 +494,7 @@ impl Node {
 
     /// Corosync counts `n` other members in this array's group.
     pub fn set_live_peers(&self, n: usize) {
-        *self.watches.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
-        self.watches.update_read_balancing();
+        self.watches.set_live(n);
     }
 
     /// Slots currently watched.

@@ -86,8 +86,10 @@ impl LocalDlm {
             engine: Engine::new(lvb_len),
             members: HashMap::new(),
         });
-        for other in space.members.values() {
+        for (&id, other) in &space.members {
             let _ = other.send(Event::NodeUp(node));
+            // The newcomer learns who is there already, as a CPG join shows.
+            let _ = tx.send(Event::NodeUp(id));
         }
         space.members.insert(node, tx);
         let lvb_len = space.engine.lvb_len();
