@@ -443,10 +443,16 @@ impl ClusterNode {
         info!("node slot {slot} died with {n} dirty chunks");
         // It may have been rebuilding a leg: nobody else finishes that.
         self.array.take_over_recoveries(slot)?;
-        // Its bits are ours now (reads of its chunks go to one leg until resynced):
-        // releasing the slot lets reads be balanced again.
+        // Its bits are ours now: our reads of its chunks go to one leg until they
+        // are resynced. The other survivors' reads go to one leg as long as the
+        // slot is held (their watch is not granted, or corosync counts fewer
+        // members than slots held): it is released once the chunks are resynced
+        // (or the resync stopped: then our own slot holds the bits), not before —
+        // the resync may wait long behind another node's. Meanwhile a new node
+        // cannot take this slot.
+        let resynced = self.resync();
         self.node.release_slot(slot)?;
-        self.resync()
+        resynced
     }
 }
 
@@ -833,6 +839,57 @@ mod tests {
         );
     }
 
+    /// Three survivors of node 1, which died in the middle of a write (the legs
+    /// differ in chunk 3); node 4 is resyncing, so the survivor that takes node 1's
+    /// bits over cannot resync them yet. Until it has, no survivor balances reads
+    /// there: the one without the bits must not return one leg's version and then
+    /// the other's. Without corosync: the embedded lock managers report members.
+    #[test]
+    fn no_survivor_balances_reads_over_a_dead_nodes_chunks_before_their_resync() {
+        let c = Cluster::new();
+        let (n1, id1) = c.join();
+        let n2 = Arc::new(c.join().0);
+        let n3 = Arc::new(c.join().0);
+        let (n4, _) = c.join();
+        n1.array
+            .write(3 * 2048, &[IoSlice::new(&[0x11u8; 4096])])
+            .unwrap();
+        let data_offset = c.metas[0].sb.data_offset * 512;
+        c.a.write_at(&[0x22u8; 4096], data_offset + 3 * MIB)
+            .unwrap();
+        n4.node.acquire_resync().unwrap();
+        c.dlm.kill(&c.ls_name, id1);
+        // Whichever survivor's watch fires first recovers node 1; its resync waits
+        // for node 4's. The other recovers the slot when it gets it.
+        let (slot, r, o) = crossbeam_channel::select! {
+            recv(n2.node.dead) -> s => (s.unwrap(), n2.clone(), n3.clone()),
+            recv(n3.node.dead) -> s => (s.unwrap(), n3.clone(), n2.clone()),
+            default(Duration::from_secs(5)) => panic!("no survivor saw node 1 die"),
+        };
+        let r2 = r.clone();
+        let recovered = std::thread::spawn(move || r2.recover(slot));
+        let o2 = o.clone();
+        let other = std::thread::spawn(move || {
+            let s = o2.node.dead.recv_timeout(Duration::from_secs(20)).unwrap();
+            o2.recover(s)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        for (n, who) in [(&r, "the recovering survivor"), (&o, "the other survivor")] {
+            assert_eq!(
+                versions_read(n),
+                1,
+                "{who} balanced reads over chunks not resynced yet"
+            );
+        }
+        n4.node.release_resync().unwrap();
+        recovered.join().unwrap().unwrap();
+        other.join().unwrap().unwrap();
+        assert!(!o.view().reads_from_one_leg && !r.view().reads_from_one_leg);
+        for n in [&r, &o] {
+            assert_eq!(versions_read(n), 1, "after the resync the legs agree");
+        }
+    }
+
     #[test]
     fn without_corosync_reads_stay_on_one_leg_from_the_watch_to_the_merge() {
         let c = Cluster::new();
@@ -919,6 +976,72 @@ mod tests {
         assert_eq!(again, slot);
         n2.recover(again).unwrap();
         assert_eq!(n2.array.bitmap.stats().needed, 0);
+    }
+
+    /// Node 2 has a write in flight when node 1 announces a resync window over it;
+    /// the write then fails on one leg. Recording that failure needs the token, which
+    /// node 1 holds until node 2 acknowledges the window; node 2 acknowledges once its
+    /// writes in the window are over. Neither may wait for the other: the window is
+    /// acknowledged, the failure recorded, and the write completes once the window
+    /// has moved on, on the leg still in sync.
+    #[test]
+    fn a_leg_failing_under_another_nodes_new_resync_window_does_not_deadlock() {
+        use crate::storage::{Faults, FaultyLeg};
+        let c = Cluster::new();
+        let (n1, _) = c.join();
+        let dir = std::env::temp_dir().join(format!("vumd-node-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let release = dir.join("release");
+        let _ = std::fs::remove_file(&release);
+        let faults = Faults::none();
+        // Data writes to leg a stall (the bitmap and superblocks lie before them).
+        let data_start = c.metas[0].sb.data_offset * 512;
+        faults.stall_writes_from.store(data_start, Ordering::SeqCst);
+        faults.stall_until.set(release.clone()).unwrap();
+        let legs: Vec<Arc<dyn Leg>> = vec![
+            Arc::new(FaultyLeg::new(c.a.clone(), faults.clone())),
+            c.b.clone(),
+        ];
+        let n2 = Arc::new(ClusterNode::join(Arc::new(c.dlm.join(&c.ls_name, 32)), legs).unwrap());
+        let (wrote_tx, wrote) = crossbeam_channel::bounded(1);
+        let n2w = n2.clone();
+        std::thread::spawn(move || {
+            let _ = wrote_tx.send(n2w.array.write(2048, &[IoSlice::new(&[7u8; 4096])]));
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        n1.node.acquire_resync().unwrap();
+        let (announced_tx, announced) = crossbeam_channel::bounded(1);
+        let n1 = Arc::new(n1);
+        let n1a = n1.clone();
+        std::thread::spawn(move || {
+            let _ = announced_tx.send(n1a.node.announce_window(0, 4 * 2048));
+        });
+        // Node 2 now waits for its write before acknowledging; the write fails.
+        std::thread::sleep(Duration::from_millis(300));
+        faults.fail_writes_now();
+        std::fs::write(&release, b"").unwrap();
+        announced
+            .recv_timeout(Duration::from_secs(10))
+            .expect("node 2 never acknowledged the window: its failed write waits for the token")
+            .unwrap();
+        assert!(
+            wrote.recv_timeout(Duration::from_millis(500)).is_err(),
+            "the write completed inside node 1's resync window"
+        );
+        n1.node.release_resync().unwrap();
+        wrote
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the write never completed")
+            .unwrap();
+        // The failure is on disk and node 1 knows it; the data is on leg b.
+        assert_eq!(
+            n1.array.members()[0].as_ref().unwrap().state(),
+            crate::raid1::LegState::Faulty
+        );
+        let mut got = [0u8; 4096];
+        c.b.read_at(&mut got, data_start + 2048 * 512).unwrap();
+        assert!(got.iter().all(|&x| x == 7), "leg b lacks the write");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
