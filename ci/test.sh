@@ -11,7 +11,7 @@ echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 # The seeded cluster simulator runs 10 000 seeds here (2000 by default elsewhere).
-SIM_SEEDS=${SIM_SEEDS:-10000} cargo test --locked 2>&1 | tee target/test.log
+SIM_SEEDS=${SIM_SEEDS:-10000} cargo test --locked --no-fail-fast 2>&1 | tee target/test.log
 if [ -x ci/fuzz.sh ]; then
     echo "== fuzz (${fuzz_secs}s per target)"
     ci/fuzz.sh "$fuzz_secs"
