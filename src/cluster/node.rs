@@ -986,10 +986,21 @@ mod tests {
     /// has moved on, on the leg still in sync.
     #[test]
     fn a_leg_failing_under_another_nodes_new_resync_window_does_not_deadlock() {
+        leg_failing_under_a_new_window(false);
+    }
+
+    /// The same through the asynchronous path (the write runs off the worker, as it
+    /// does on a leg that stopped answering).
+    #[test]
+    fn an_asynchronous_write_failing_under_a_new_window_does_not_deadlock() {
+        leg_failing_under_a_new_window(true);
+    }
+
+    fn leg_failing_under_a_new_window(async_io: bool) {
         use crate::storage::{Faults, FaultyLeg};
         let c = Cluster::new();
         let (n1, _) = c.join();
-        let dir = std::env::temp_dir().join(format!("vumd-node-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("vumd-node-{}-{async_io}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let release = dir.join("release");
         let _ = std::fs::remove_file(&release);
@@ -1006,7 +1017,24 @@ mod tests {
         let (wrote_tx, wrote) = crossbeam_channel::bounded(1);
         let n2w = n2.clone();
         std::thread::spawn(move || {
-            let _ = wrote_tx.send(n2w.array.write(2048, &[IoSlice::new(&[7u8; 4096])]));
+            let data = [7u8; 4096];
+            let r = if async_io {
+                let mut io = crate::raid1::AsyncIo::new(8).unwrap();
+                let iovs = vec![libc::iovec {
+                    iov_base: data.as_ptr() as *mut libc::c_void,
+                    iov_len: data.len(),
+                }];
+                // SAFETY: `data` outlives the request, which is drained below.
+                unsafe { n2w.array.submit_write(&mut io, 1, 2048, iovs) };
+                io.submit().unwrap();
+                io.drain(&n2w.array).unwrap();
+                let mut done = io.take_done();
+                assert_eq!(done.len(), 1);
+                done.remove(0).1
+            } else {
+                n2w.array.write(2048, &[IoSlice::new(&data)])
+            };
+            let _ = wrote_tx.send(r);
         });
         std::thread::sleep(Duration::from_millis(300));
         n1.node.acquire_resync().unwrap();
@@ -1024,6 +1052,11 @@ mod tests {
             .recv_timeout(Duration::from_secs(10))
             .expect("node 2 never acknowledged the window: its failed write waits for the token")
             .unwrap();
+        // Node 1 resyncs its window taking leg a for in sync, as it does until it
+        // hears of the failure: leg a's old data lands on leg b, over the write.
+        let mut old = [0u8; 4096];
+        c.a.read_at(&mut old, data_start + 2048 * 512).unwrap();
+        c.b.write_at(&old, data_start + 2048 * 512).unwrap();
         assert!(
             wrote.recv_timeout(Duration::from_millis(500)).is_err(),
             "the write completed inside node 1's resync window"
@@ -1033,7 +1066,8 @@ mod tests {
             .recv_timeout(Duration::from_secs(10))
             .expect("the write never completed")
             .unwrap();
-        // The failure is on disk and node 1 knows it; the data is on leg b.
+        // The failure is on disk and node 1 knows it; the data is on leg b: the
+        // write went there again once the failure was recorded.
         assert_eq!(
             n1.array.members()[0].as_ref().unwrap().state(),
             crate::raid1::LegState::Faulty
