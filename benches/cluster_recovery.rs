@@ -1,6 +1,6 @@
 //! Benchmark: guest writes on a surviving node while it recovers a dead node.
 //!
-//! cargo bench --bench cluster_recovery -- [--size-mib N] [--dirty-mib N] [--seconds N] [--qd N] [--dir PATH]
+//! cargo bench --bench cluster_recovery -- [--size-mib N] [--dirty-mib N] [--seconds N] [--qd N] [--dir PATH] [--three-nodes]
 //!
 //! Two `serve` nodes share a clustered mirror over `lockd`. Node 1 writes into
 //! `--dirty-mib` chunks (1 MiB each) and is killed with SIGKILL, its bits set. Node 2
@@ -9,6 +9,12 @@
 //! chunks, at queue depth `--qd`, for `--seconds` before the kill (baseline) and
 //! until the recovery ends. Prints the write latencies (p50, p99, max) of both
 //! phases, and the recovery's size, duration and rate.
+//!
+//! `--three-nodes`: a third node joins, and node 1's death is seen by two
+//! survivors; whichever takes the slot over resyncs (node 2, which watched first).
+//! A client on node 3 writes 4 KiB blocks at random offsets *inside* node 1's dirty
+//! chunks, at depth 1, in both phases: while node 2 resyncs they wait whenever they
+//! fall in node 2's announced window (at most 32 MiB).
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -26,6 +32,7 @@ struct Opts {
     seconds: u64,
     qd: usize,
     dir: PathBuf,
+    three_nodes: bool,
 }
 
 fn opts() -> Opts {
@@ -35,6 +42,7 @@ fn opts() -> Opts {
         seconds: 3,
         qd: 8,
         dir: PathBuf::from("/var/tmp"),
+        three_nodes: false,
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -46,6 +54,11 @@ fn opts() -> Opts {
             "--seconds" => o.seconds = val.parse().expect("--seconds N"),
             "--qd" => o.qd = val.parse().expect("--qd N"),
             "--dir" => o.dir = PathBuf::from(val),
+            "--three-nodes" => {
+                o.three_nodes = true;
+                i += 1;
+                continue;
+            }
             _ => {
                 i += 1;
                 continue;
@@ -260,9 +273,10 @@ fn main() {
         .spawn()
         .unwrap();
     wait_path(&lockd_sock, &mut lockd);
-    let (s1, s2) = (d.join("n1.sock"), d.join("n2.sock"));
+    let (s1, s2, s3) = (d.join("n1.sock"), d.join("n2.sock"), d.join("n3.sock"));
     let mut n1 = serve(&s1, &lockd_sock, &legs);
     let mut n2 = serve(&s2, &lockd_sock, &legs);
+    let mut n3 = o.three_nodes.then(|| serve(&s3, &lockd_sock, &legs));
 
     // Node 1 dirties the first `dirty_mib` chunks.
     let mut c1 = connect(&s1, o.qd);
@@ -271,27 +285,63 @@ fn main() {
     let mut c2 = connect(&s2, o.qd);
     let (lo, hi) = (o.dirty_mib * MIB, o.size_mib * MIB);
 
+    // With three nodes: a writer inside the dirty chunks on each survivor, one
+    // phase while node 1 lives, one while its chunks are resynced.
+    let base_done = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let inside: Vec<_> = if o.three_nodes {
+        // One front-end per socket: node 2's is the client above.
+        [s3.clone()]
+            .into_iter()
+            .map(|sock| {
+                let (base_done, done) = (base_done.clone(), done.clone());
+                let dirty = o.dirty_mib * MIB;
+                std::thread::spawn(move || {
+                    let mut c = connect(&sock, 1);
+                    let t = Instant::now();
+                    let base =
+                        write_until(&mut c, 0, dirty, 1, &|| base_done.load(Ordering::SeqCst));
+                    let base_secs = t.elapsed().as_secs_f64();
+                    let t = Instant::now();
+                    let during = write_until(&mut c, 0, dirty, 1, &|| done.load(Ordering::SeqCst));
+                    (base, base_secs, during, t.elapsed().as_secs_f64())
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+
     let t = Instant::now();
     let base = write_until(&mut c2, lo, hi, o.qd, &|| {
         t.elapsed().as_secs() >= o.seconds
     });
     let base_secs = t.elapsed().as_secs_f64();
+    base_done.store(true, Ordering::SeqCst);
 
-    let done = Arc::new(AtomicBool::new(false));
-    let (d2, s2b) = (done.clone(), s2.clone());
+    let d2 = done.clone();
+    let watched: Vec<PathBuf> = if o.three_nodes {
+        vec![s2.clone(), s3.clone()]
+    } else {
+        vec![s2.clone()]
+    };
     let want = o.dirty_mib * MIB;
     let watcher = std::thread::spawn(move || {
         let t = Instant::now();
         loop {
-            let s = status(&s2b);
-            let r = &s["resync"];
-            if r["bytes_copied"].as_u64().unwrap_or(0) >= want
-                && r["active"] == false
-                && r["remaining_chunks"] == 0
-            {
+            let all: Vec<serde_json::Value> = watched.iter().map(|s| status(s)).collect();
+            let copied: Vec<u64> = all
+                .iter()
+                .map(|s| s["resync"]["bytes_copied"].as_u64().unwrap_or(0))
+                .collect();
+            let idle = all
+                .iter()
+                .all(|s| s["resync"]["active"] == false && s["resync"]["remaining_chunks"] == 0);
+            if copied.iter().sum::<u64>() >= want && idle {
                 d2.store(true, Ordering::SeqCst);
-                return (t.elapsed(), r["bytes_copied"].as_u64().unwrap_or(0));
+                return (t.elapsed(), copied);
             }
+            let s = &all[0];
             assert!(
                 t.elapsed() < Duration::from_secs(600),
                 "recovery did not end: {s}"
@@ -305,7 +355,9 @@ fn main() {
     let t = Instant::now();
     let during = write_until(&mut c2, lo, hi, o.qd, &|| done.load(Ordering::SeqCst));
     let during_secs = t.elapsed().as_secs_f64();
-    let (took, copied) = watcher.join().unwrap();
+    let (took, copied_by) = watcher.join().unwrap();
+    let copied: u64 = copied_by.iter().sum();
+    let inside: Vec<_> = inside.into_iter().map(|h| h.join().unwrap()).collect();
 
     println!(
         "Recovery of a killed node: {} MiB dirty in 1 MiB chunks, array {} MiB, 4 KiB random writes at QD {} outside the dirty chunks on the survivor.\n",
@@ -315,6 +367,30 @@ fn main() {
     println!("|---|---:|---:|---:|---:|---:|");
     println!("{}", summary("before the kill", base, base_secs));
     println!("{}", summary("during recovery", during, during_secs));
+    if o.three_nodes {
+        let resyncing = if copied_by[0] >= copied_by[1] { 0 } else { 1 };
+        println!(
+            "\n4 KiB random writes at QD 1 inside node 1's dirty chunks, on node 3 ({} resynced them):\n",
+            ["node 2", "node 3"][resyncing]
+        );
+        println!("| node, phase | writes | IOPS | p50 ms | p99 ms | max ms |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        for (base, base_secs, during, during_secs) in inside {
+            let who = if resyncing == 1 {
+                "node 3 (resyncing)"
+            } else {
+                "node 3 (not resyncing)"
+            };
+            println!(
+                "{}",
+                summary(&format!("{who}, before the kill"), base, base_secs)
+            );
+            println!(
+                "{}",
+                summary(&format!("{who}, during recovery"), during, during_secs)
+            );
+        }
+    }
     println!(
         "\nrecovery: {} MiB copied in {:.2} s ({:.0} MiB/s), from the kill to the end of the resync",
         copied / MIB,
@@ -325,6 +401,11 @@ fn main() {
     // SAFETY: plain kill(2) on our children.
     unsafe { libc::kill(n2.id() as i32, libc::SIGTERM) };
     let _ = n2.wait();
+    if let Some(n3) = n3.as_mut() {
+        // SAFETY: plain kill(2) on our children.
+        unsafe { libc::kill(n3.id() as i32, libc::SIGTERM) };
+        let _ = n3.wait();
+    }
     let _ = lockd.kill();
     let _ = lockd.wait();
 }
