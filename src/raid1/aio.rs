@@ -428,6 +428,11 @@ fn finish(array: &Array, kind: Kind, iovs: &[libc::iovec], last: io::Result<()>)
             incomplete,
         } => {
             let last_err = record_failures(array, failed, "write error");
+            if let (Some(e), Some(fenced)) = (&last_err, array.refused_by_fence()) {
+                // No leg was failed: the write is on some legs only.
+                array.bitmap.end_write(sector, sectors, true);
+                return Err(io::Error::new(e.kind(), fenced));
+            }
             let unrecorded = array.failure_unrecorded();
             // A leg that took only part of the write differs from the others there:
             // the chunk stays to be resynced.
@@ -464,6 +469,9 @@ fn finish(array: &Array, kind: Kind, iovs: &[libc::iovec], last: io::Result<()>)
         }
         Kind::Flush { ok_in_sync, failed } => {
             let last_err = record_failures(array, failed, "flush failed");
+            if let (Some(e), Some(fenced)) = (&last_err, array.refused_by_fence()) {
+                return Err(io::Error::new(e.kind(), fenced));
+            }
             array.settle_failures()?;
             if ok_in_sync == 0 {
                 return Err(

@@ -497,6 +497,11 @@ impl Array {
     /// that failed on it fails (every caller fails a request that no in-sync leg
     /// completed).
     pub fn fail(&self, m: &Member, why: &dyn std::fmt::Display) {
+        if self.is_fenced() {
+            // The node may not write: the fence refused the I/O, not the leg.
+            warn!("leg {}: {why} (not failed: this node is fenced)", m.name());
+            return;
+        }
         let guard = lock(&self.failing);
         if m.state() == LegState::Faulty {
             return;
@@ -1028,6 +1033,11 @@ impl Array {
                     }
                 }
             }
+            if let (Some(e), Some(fenced)) = (&last_err, self.refused_by_fence()) {
+                // No leg was failed: the write is on some legs only.
+                self.bitmap.end_write(sector, sectors, true);
+                return Err(io::Error::new(e.kind(), fenced));
+            }
             let unrecorded = self.failure_unrecorded();
             if unrecorded {
                 // Recording the failure may wait for the token, which a node
@@ -1047,6 +1057,18 @@ impl Array {
                 return Ok(());
             }
         }
+    }
+
+    /// Why a request whose I/O failed on some leg fails as a whole, when that is
+    /// because this node is fenced: [`Array::fail`] fails no leg then, so the
+    /// legs that took the request differ from those that refused it.
+    pub(crate) fn refused_by_fence(&self) -> Option<String> {
+        self.is_fenced().then(|| {
+            format!(
+                "this node is fenced ({}): the request reached only some legs",
+                self.fence_reason().unwrap_or_default()
+            )
+        })
     }
 
     /// Whether a leg failure is not in the superblocks yet.
@@ -1075,7 +1097,12 @@ impl Array {
                         ok_in_sync += 1;
                     }
                 }
-                Err(e) => self.fail(&m, &format!("flush failed: {e}")),
+                Err(e) => {
+                    self.fail(&m, &format!("flush failed: {e}"));
+                    if let Some(fenced) = self.refused_by_fence() {
+                        return Err(io::Error::new(e.kind(), fenced));
+                    }
+                }
             }
         }
         self.settle_failures()?;
@@ -1643,6 +1670,66 @@ mod tests {
             .map(|&s| first(s))
             .collect();
         assert_eq!(picks.len(), 2, "{picks:?}");
+    }
+
+    /// A fenced node's writes fail because it may not write, not because a leg
+    /// broke: no leg is marked faulty (the status would tell the operator to
+    /// replace a healthy leg, and a write after the fence saw one leg "left").
+    #[test]
+    fn a_fenced_nodes_refused_writes_fail_no_leg() {
+        use crate::storage::{Fence, FencedLeg};
+        let (a, b, _) = two_legs(None, 1);
+        let fence = Fence::new();
+        let legs: Vec<Arc<dyn Leg>> = [a, b]
+            .into_iter()
+            .map(|l| Arc::new(FencedLeg::new(l, fence.clone())) as Arc<dyn Leg>)
+            .collect();
+        let (array, _) = Array::assemble(legs).unwrap();
+        array.set_fence(fence.clone());
+        array.write(0, &[IoSlice::new(&[1u8; 4096])]).unwrap();
+        fence.raise("test");
+        assert!(array
+            .write(8 * 2048, &[IoSlice::new(&[2u8; 4096])])
+            .is_err());
+        let _ = array.flush();
+        assert_eq!(array.in_sync_count(), 2, "a leg was failed for the fence");
+        let mut back = vec![0u8; 4096];
+        array.read(0, &mut [IoSliceMut::new(&mut back)]).unwrap();
+        assert!(back.iter().all(|&x| x == 1));
+    }
+
+    /// The fence went up while a write was on its way: one leg took it, the
+    /// other refused it. No leg is failed, so the write must fail: acknowledged,
+    /// it would be on one leg while both are in sync, and a resync from the other
+    /// would erase it.
+    #[test]
+    fn a_write_half_refused_by_the_fence_fails() {
+        use crate::storage::{Fence, FencedLeg};
+        let (a, b, _) = two_legs(None, 1);
+        let fence = Fence::new();
+        let legs: Vec<Arc<dyn Leg>> = vec![Arc::new(FencedLeg::new(a, fence.clone())), b];
+        let (array, _) = Array::assemble(legs).unwrap();
+        array.set_fence(fence.clone());
+        fence.raise("test");
+        assert!(array
+            .write(8 * 2048, &[IoSlice::new(&[2u8; 4096])])
+            .is_err());
+        let mut io = super::super::AsyncIo::new(8).unwrap();
+        let data = vec![3u8; 4096];
+        let iovs = vec![libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        }];
+        // SAFETY: `data` outlives the request, which is drained below.
+        unsafe { array.submit_write(&mut io, 1, 16 * 2048, iovs) };
+        io.submit().unwrap();
+        io.drain(&array).unwrap();
+        let done = io.take_done();
+        assert!(
+            done[0].1.is_err(),
+            "the asynchronous write was acknowledged"
+        );
+        assert_eq!(array.in_sync_count(), 2);
     }
 
     #[test]
