@@ -184,7 +184,15 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     if let Some(size) = args.create_size {
         create_missing(&config.legs, size, args.cluster_name.as_deref())?;
     }
-    crate::serve::run(config, sockets)
+    crate::serve::run(config, sockets, |r| {
+        super::out(&format!(
+            "vhost-user-md: serving array {} on {}\nattach a VM with (guest RAM must be shared memory of the same size as -m):\n  qemu-system-x86_64 -m 2G -object memory-backend-memfd,id=mem,size=2G,share=on -machine q35,memory-backend=mem -chardev socket,id=vumd0,path={} -device vhost-user-blk-pci,chardev=vumd0,num-queues={} ...\n",
+            r.uuid,
+            r.socket.display(),
+            r.socket.display(),
+            r.queues
+        ))
+    })
 }
 
 /// With --create-size: when every leg is missing, create the images and a new

@@ -226,9 +226,9 @@ pub fn status(service: &Service) -> Status {
         writer_role: if a.is_fenced() {
             "fenced".into()
         } else {
-            service.backend.writer_role().state().name().into()
+            service.backend.writer_gate().state_name().into()
         },
-        shared_writes: service.backend.writer_role().shared(),
+        shared_writes: service.backend.writer_gate().shared(),
         writes_refused: service.backend.writes_refused.load(Ordering::Relaxed),
         cluster: service.cluster.as_ref().map(|c| c.view()),
         fenced: a.fence_reason(),

@@ -360,9 +360,25 @@ fn find_device(
     None
 }
 
-/// Runs `serve` on `sockets` (from [`bind_sockets`]) until a signal; returns the
-/// process exit status message on errors that prevent starting.
-pub fn run(config: ServeConfig, sockets: Sockets) -> Result<(), String> {
+/// What a started `serve` tells whoever started it.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// The array's uuid (mdadm's form).
+    pub uuid: String,
+    /// The vhost-user socket.
+    pub socket: PathBuf,
+    /// Queues offered to the front-end.
+    pub queues: usize,
+}
+
+/// Runs `serve` on `sockets` (from [`bind_sockets`]) until a signal, calling
+/// `ready` once the vhost-user socket serves; returns the process exit status
+/// message on errors that prevent starting.
+pub fn run(
+    config: ServeConfig,
+    sockets: Sockets,
+    ready: impl FnOnce(&Ready),
+) -> Result<(), String> {
     let Sockets {
         vhost,
         control,
@@ -533,7 +549,7 @@ pub fn run(config: ServeConfig, sockets: Sockets) -> Result<(), String> {
                 block_size,
             },
         )
-        .with_writer_role(Arc::new(role)),
+        .with_writer_gate(Arc::new(RoleGate(role))),
     );
     if let Err(e) = backend.enable_async_io() {
         warn!("io_uring unavailable ({e}): leg I/O runs synchronously");
@@ -577,13 +593,11 @@ pub fn run(config: ServeConfig, sockets: Sockets) -> Result<(), String> {
         config.socket.display(),
         config.control.display()
     );
-    crate::cli::out(&format!(
-        "vhost-user-md: serving array {} on {}\nattach a VM with (guest RAM must be shared memory of the same size as -m):\n  qemu-system-x86_64 -m 2G -object memory-backend-memfd,id=mem,size=2G,share=on -machine q35,memory-backend=mem -chardev socket,id=vumd0,path={} -device vhost-user-blk-pci,chardev=vumd0,num-queues={} ...\n",
-        array.uuid,
-        config.socket.display(),
-        config.socket.display(),
-        config.queues
-    ));
+    ready(&Ready {
+        uuid: array.uuid.to_string(),
+        socket: config.socket.clone(),
+        queues: config.queues,
+    });
 
     let sig = signals.forever().find(|&s| {
         let name = match s {
@@ -735,4 +749,33 @@ fn spawn_bitmap_daemon(
                 }
             }
         })
+}
+
+/// The cluster's writer role is the device's writer gate.
+struct RoleGate(crate::cluster::writer::WriterRole);
+
+impl crate::vhost::gate::WriterGate for RoleGate {
+    fn take(&self) {
+        self.0.acquire(crate::cluster::writer::ACQUIRE_RETRY);
+    }
+
+    fn give_back(&self) {
+        self.0.release();
+    }
+
+    fn held(&self) -> bool {
+        self.0.state() == crate::cluster::writer::RoleState::Held
+    }
+
+    fn idle(&self) -> bool {
+        self.0.state() == crate::cluster::writer::RoleState::Idle
+    }
+
+    fn state_name(&self) -> &'static str {
+        self.0.state().name()
+    }
+
+    fn shared(&self) -> bool {
+        self.0.shared()
+    }
 }

@@ -2,9 +2,9 @@
 //! and the per-queue workers.
 
 use super::dirty::{self, DirtyLog, LogCarrier};
+use super::gate::{LocalGate, WriterGate};
 use super::inflight::{self, InflightQueue, InflightRegion};
 use super::request::{self, Context, Limits, Prepared, RequestError, ID_LEN};
-use crate::cluster::writer::{RoleState, WriterRole, ACQUIRE_RETRY};
 use crate::raid1::Array;
 use crate::raid1::AsyncIo;
 use log::{debug, info, warn};
@@ -33,12 +33,7 @@ pub type GuestMem = GuestMemoryAtomic<Mem>;
 /// A vring.
 pub type Vring = VringRwLock<GuestMem>;
 
-/// Largest queue the device accepts.
-pub const QUEUE_SIZE: usize = 1024;
-/// Data segments per request (`seg_max`), as the queue size allows.
-pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
-/// Largest segment (`size_max`).
-pub const SIZE_MAX: u32 = 1 << 20;
+pub use super::{QUEUE_SIZE, SEG_MAX, SIZE_MAX};
 
 /// How often a wait for requests in flight says it still waits.
 const STILL_WAITING_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -123,7 +118,7 @@ pub struct BlockBackend {
     /// Guest writes refused because another node holds the writer role.
     pub writes_refused: AtomicU64,
     /// Who may write the array: taken when the front-end starts the vrings.
-    role: Arc<WriterRole>,
+    role: Arc<dyn WriterGate>,
     /// Queues the front-end started (bit per queue), since their last stop.
     started: Mutex<u64>,
     /// One asynchronous I/O state per queue (`None`: synchronous I/O). A worker
@@ -169,22 +164,22 @@ impl BlockBackend {
             stopping: AtomicBool::new(false),
             completed: AtomicU64::new(0),
             writes_refused: AtomicU64::new(0),
-            role: Arc::new(WriterRole::local()),
+            role: Arc::new(LocalGate::default()),
             started: Mutex::new(0),
             inflight: RwLock::new(None),
         }
     }
 
     /// Uses `role` to decide whether this node may write (default: the array's
-    /// only node, always granted).
-    pub fn with_writer_role(mut self, role: Arc<WriterRole>) -> BlockBackend {
+    /// only node, granted whenever taken).
+    pub fn with_writer_gate(mut self, role: Arc<dyn WriterGate>) -> BlockBackend {
         self.role = role;
         self
     }
 
-    /// This node's writer role.
-    pub fn writer_role(&self) -> &WriterRole {
-        &self.role
+    /// This node's writer gate.
+    pub fn writer_gate(&self) -> &dyn WriterGate {
+        &*self.role
     }
 
     /// The front-end started queue `qi`: the first started queue takes the writer
@@ -197,8 +192,8 @@ impl BlockBackend {
             return;
         }
         *started |= bit;
-        if !self.config.read_only && self.role.state() == RoleState::Idle {
-            self.role.acquire(ACQUIRE_RETRY);
+        if !self.config.read_only && self.role.idle() {
+            self.role.take();
         }
     }
 
@@ -214,7 +209,7 @@ impl BlockBackend {
         for i in 0..self.queues.len() {
             self.wait_idle(i, "before giving the writer role back");
         }
-        self.role.release();
+        self.role.give_back();
     }
 
     /// Marks queue `qi` stopped or not. Stopping waits for the request its worker
@@ -325,7 +320,7 @@ impl BlockBackend {
         *self.inflight.write().unwrap_or_else(|e| e.into_inner()) = None;
         // Nothing of ours is in flight any more: another node may write.
         *lock(&self.started) = 0;
-        self.role.release();
+        self.role.give_back();
         // Unmap the departed front-end's memory now: when it was the last user of a
         // VM's RAM (the VM is gone), unmapping frees that RAM, which takes a while;
         // done later it would delay the next front-end's memory table (e.g. a VM
@@ -379,7 +374,7 @@ impl BlockBackend {
             read_only: self.config.read_only,
             // A fenced node (lock manager lost, another host's heartbeat on the
             // legs) writes nothing, whatever its role said.
-            not_writer: self.role.state() != RoleState::Held || self.array.is_fenced(),
+            not_writer: !self.role.held() || self.array.is_fenced(),
             refused: Some(&self.writes_refused),
             writethrough: self.writethrough.load(Ordering::Relaxed),
             serial: self.serial,

@@ -137,10 +137,10 @@ pub fn check_geometry(num_queues: u16, queue_size: u16, max_queues: usize) -> io
             "inflight buffer for {num_queues} queues (the device has {max_queues})"
         )));
     }
-    if queue_size == 0 || usize::from(queue_size) > super::backend::QUEUE_SIZE {
+    if queue_size == 0 || usize::from(queue_size) > super::QUEUE_SIZE {
         return Err(invalid(format!(
             "inflight buffer for queues of {queue_size} entries (1 to {})",
-            super::backend::QUEUE_SIZE
+            super::QUEUE_SIZE
         )));
     }
     Ok(queue_region_size(queue_size) * u64::from(num_queues))

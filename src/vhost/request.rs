@@ -113,8 +113,8 @@ impl Default for Limits {
             max_discard_seg: 32,
             max_write_zeroes_sectors: 1 << 22,
             max_write_zeroes_seg: 32,
-            size_max: super::backend::SIZE_MAX,
-            seg_max: super::backend::SEG_MAX,
+            size_max: super::SIZE_MAX,
+            seg_max: super::SEG_MAX,
             block_size: 512,
         }
     }
@@ -683,8 +683,8 @@ mod tests {
         let r = rig();
         ok_write_read(&r); // 0x5a at sector 8
                            // What the device advertises.
-        let size_max = crate::vhost::backend::SIZE_MAX;
-        let seg_max = crate::vhost::backend::SEG_MAX as usize;
+        let size_max = crate::vhost::SIZE_MAX;
+        let seg_max = crate::vhost::SEG_MAX as usize;
         r.mem
             .write_slice(&vec![0xa5; 2 * size_max as usize], GuestAddress(DATA))
             .unwrap();
