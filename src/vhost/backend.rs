@@ -345,27 +345,25 @@ impl BlockBackend {
 
     /// The `virtio_blk_config` bytes.
     pub fn config_space(&self) -> Vec<u8> {
-        let mut c = vec![0u8; 60];
-        let put32 =
-            |c: &mut Vec<u8>, off: usize, v: u32| c[off..off + 4].copy_from_slice(&v.to_le_bytes());
-        c[0..8].copy_from_slice(&self.array.size.to_le_bytes());
-        put32(&mut c, 8, SIZE_MAX);
-        put32(&mut c, 12, SEG_MAX);
-        put32(&mut c, 20, self.config.block_size);
-        // topology: physical block exponent (physical = logical blocks), alignment
-        // offset, min/opt io size (in logical blocks).
-        c[24] = 0;
-        c[26..28].copy_from_slice(&1u16.to_le_bytes());
-        c[32] = u8::from(!self.writethrough.load(Ordering::Relaxed));
-        c[34..36].copy_from_slice(&(self.config.queues as u16).to_le_bytes());
-        let sectors_per_block = self.config.block_size / 512;
-        put32(&mut c, 36, self.limits.max_discard_sectors);
-        put32(&mut c, 40, self.limits.max_discard_seg);
-        put32(&mut c, 44, sectors_per_block);
-        put32(&mut c, 48, self.limits.max_write_zeroes_sectors);
-        put32(&mut c, 52, self.limits.max_write_zeroes_seg);
-        c[56] = 1;
-        c
+        let mut c = super::wire::BlkConfig::default();
+        let v = &mut c.0;
+        v.capacity = self.array.size.to_le();
+        v.size_max = SIZE_MAX.to_le();
+        v.seg_max = SEG_MAX.to_le();
+        v.blk_size = self.config.block_size.to_le();
+        // Topology: physical block exponent 0 (physical = logical blocks), no
+        // alignment offset, minimum I/O one logical block.
+        v.physical_block_exp = 0;
+        v.min_io_size = 1u16.to_le();
+        v.wce = u8::from(!self.writethrough.load(Ordering::Relaxed));
+        v.num_queues = (self.config.queues as u16).to_le();
+        v.max_discard_sectors = self.limits.max_discard_sectors.to_le();
+        v.max_discard_seg = self.limits.max_discard_seg.to_le();
+        v.discard_sector_alignment = (self.config.block_size / 512).to_le();
+        v.max_write_zeroes_sectors = self.limits.max_write_zeroes_sectors.to_le();
+        v.max_write_zeroes_seg = self.limits.max_write_zeroes_seg.to_le();
+        v.write_zeroes_may_unmap = 1;
+        c.offered()
     }
 
     fn context(&self) -> Context<'_> {

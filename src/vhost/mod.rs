@@ -6,6 +6,7 @@ pub mod dirty;
 pub mod gate;
 pub mod inflight;
 pub mod request;
+pub mod wire;
 
 pub use backend::{BlockBackend, BlockConfig};
 

@@ -7,7 +7,7 @@ use log::{debug, warn};
 use std::io::{IoSlice, IoSliceMut};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Request types (virtio 1.2, 5.2.6).
 pub mod kind {
@@ -311,12 +311,9 @@ fn parse<M: GuestMemoryBackend>(
     if hdr_segs.iter().any(|s| s.writable) {
         return Err(RequestError::Malformed("header is device-writable"));
     }
-    let mut hdr = [0u8; 16];
-    read_bytes(mem, &hdr_segs, &mut hdr)?;
-    let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-    let sector = u64::from_le_bytes([
-        hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
-    ]);
+    let mut hdr = super::wire::OutHdr::default();
+    read_bytes(mem, &hdr_segs, hdr.as_mut_slice())?;
+    let (ty, sector) = (hdr.kind(), hdr.sector());
     let data: Vec<Seg> = data.into_iter().filter(|s| s.len > 0).collect();
     let p = Parsed { ty, sector, data };
     let all = |w: bool| p.data.iter().all(|s| s.writable == w);
@@ -501,10 +498,10 @@ fn execute<M: GuestMemoryBackend>(
             let mut raw = vec![0u8; data_len];
             read_bytes(mem, &data, &mut raw)?;
             let mut ranges = Vec::new();
-            for r in raw.chunks_exact(16) {
-                let s = u64::from_le_bytes([r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]]);
-                let n = u32::from_le_bytes([r[8], r[9], r[10], r[11]]);
-                let flags = u32::from_le_bytes([r[12], r[13], r[14], r[15]]);
+            for r in raw.chunks_exact(std::mem::size_of::<super::wire::RangeSeg>()) {
+                let seg: super::wire::RangeSeg = super::wire::copy_from(r)
+                    .ok_or(RequestError::Malformed("bad discard/write-zeroes segments"))?;
+                let (s, n, flags) = (seg.sector(), seg.num_sectors(), seg.flags());
                 let allowed = if ty == kind::DISCARD {
                     0
                 } else {
