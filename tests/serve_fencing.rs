@@ -211,3 +211,77 @@ fn a_clustered_array_refuses_the_local_lock_manager() {
         assert_eq!(v["legs"][0]["superblock"]["state"], "clean", "{v}");
     }
 }
+
+/// The front-end leaves while a rejoining node drains its requests (one write is
+/// stalled on a leg): the node still hands its listening socket to its new process,
+/// so the socket path never stops answering. (Whether the socket was closed before
+/// the new process started was a race: ten rounds.)
+#[test]
+fn a_node_keeps_its_socket_across_a_rejoin_when_the_front_end_leaves_during_the_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let legs = clustered(dir.path());
+    let lsock = dir.path().join("lockd.sock");
+    let mut ld = lockd(&lsock);
+    let release = dir.path().join("release");
+    std::fs::File::create(&release).unwrap();
+    let lm = format!("lockd:{}", lsock.display());
+    // Leg 1 bytes from 32 MiB on stall while `release` is missing.
+    let fault = format!(
+        "1:stall-writes-from={},stall-until-file={}",
+        32 * MIB,
+        release.display()
+    );
+    let mut args: Vec<&str> = vec!["--lock-manager", &lm, "--inject-fault", &fault];
+    args.extend(legs.iter().map(|p| p.to_str().unwrap()));
+    let a = Serve::start(&dir.path().join("a.sock"), &args);
+    let wait_log = |what: &str, n: usize| {
+        let start = Instant::now();
+        while a.log_text().matches(what).count() < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "not {n} times {what:?} in the log: {}",
+                a.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for round in 1..=10 {
+        let mut c = Client::connect(&a.socket, 1, BLOCK);
+        c.buf().copy_from_slice(&pattern(round, 0, BLOCK));
+        assert_eq!(c.write(0, 0, 0, BLOCK), 0, "round {round}");
+        // A write that stalls on leg 1, left in flight.
+        std::fs::remove_file(&release).unwrap();
+        let off = 40 * MIB;
+        c.buf().copy_from_slice(&pattern(round, off, BLOCK));
+        let p = c.buf().as_mut_ptr();
+        c.queues[0].write(off, p, BLOCK, 0, blkio::ReqFlags::empty());
+        let mut none: [std::mem::MaybeUninit<blkio::Completion>; 0] = [];
+        c.queues[0]
+            .do_io(&mut none, 0, Some(&mut Duration::from_millis(0)), None)
+            .unwrap();
+        wait_log("stalls until", round as usize);
+        // The lock manager goes and comes back: the node drains (the stalled write
+        // holds it), and meanwhile its front-end leaves.
+        ld.kill().unwrap();
+        ld.wait().unwrap();
+        ld = lockd(&lsock);
+        wait_log("restarting to rejoin: draining", round as usize);
+        drop(c);
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::File::create(&release).unwrap();
+        wait_log("vhost-user-md: serving array", round as usize + 1);
+        let log = a.log_text();
+        assert!(
+            log.matches("socket kept across the rejoin").count() == round as usize
+                && !log.contains("is not a socket listening"),
+            "round {round}: the listening socket was not handed over: {log}"
+        );
+    }
+    let mut c = Client::connect(&a.socket, 1, BLOCK);
+    assert_eq!(c.read(0, 0, 0, BLOCK), 0);
+    assert_eq!(c.buf(), &pattern(10, 0, BLOCK)[..]);
+    drop(c);
+    drop(a);
+    let _ = ld.kill();
+    let _ = ld.wait();
+}

@@ -582,8 +582,14 @@ pub fn run(
 
     let be = backend.clone();
     let stop = stopping.clone();
+    // The connection thread owns the listener and drops it when it ends, which a
+    // front-end leaving during the drain before a rejoin lets it do before the new
+    // process is started: this copy keeps the socket listening for that process.
+    let kept_listener = vhost
+        .try_clone()
+        .map_err(|e| format!("cannot keep the vhost-user socket: {e}"))?;
+    let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&kept_listener);
     let listener = Listener::from(vhost);
-    let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     std::thread::Builder::new()
         .name("vhost-user".into())
         .spawn(move || serve_connections(be, listener, stop))

@@ -45,11 +45,18 @@ impl Faults {
         self.writes_until_failure.store(0, Ordering::Relaxed);
     }
 
+    /// Whether a write at `off` stalls now: it is at or beyond the stall offset
+    /// and the release file, if there is one, does not exist (while it does, the
+    /// leg answers: a drill stalls a leg for a while by removing the file).
+    fn stalls(&self, off: u64) -> bool {
+        let from = self.stall_writes_from.load(Ordering::Relaxed);
+        from != 0 && off >= from && !self.stall_until.get().is_some_and(|f| f.exists())
+    }
+
     /// Blocks when a write at `off` is to stall: until the release file exists, or
     /// forever.
     fn maybe_stall(&self, off: u64) {
-        let from = self.stall_writes_from.load(Ordering::Relaxed);
-        if from == 0 || off < from {
+        if !self.stalls(off) {
             return;
         }
         let Some(until) = self.stall_until.get() else {
@@ -181,5 +188,27 @@ impl Leg for FaultyLeg {
             return Err(injected());
         }
         self.inner.write_zeroes(off, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_stall_only_from_the_offset_and_while_the_release_file_is_missing() {
+        let d = tempfile::tempdir().unwrap();
+        let release = d.path().join("release");
+        let f = Faults::none();
+        assert!(!f.stalls(1 << 20), "no stall offset: no stall");
+        f.stall_writes_from.store(4096, Ordering::Relaxed);
+        assert!(f.stalls(4096), "without a release file: stalls for good");
+        f.stall_until.set(release.clone()).unwrap();
+        assert!(!f.stalls(0), "below the offset");
+        assert!(f.stalls(4096), "release file missing");
+        std::fs::File::create(&release).unwrap();
+        assert!(!f.stalls(4096), "release file present: the leg answers");
+        std::fs::remove_file(&release).unwrap();
+        assert!(f.stalls(1 << 30), "removed again: stalls again");
     }
 }
