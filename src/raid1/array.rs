@@ -1170,11 +1170,13 @@ impl Array {
 
     fn copy_range(&self, start: u64, end: u64) -> io::Result<u64> {
         const STEP: u64 = 2048; // 1 MiB
-        let mut buf = crate::storage::AlignedBuf::zeroed((STEP * 512) as usize);
+                                // No larger than the range: a chunk of a few KiB costs no 1 MiB buffer.
+        let step = STEP.min(end.saturating_sub(start)).max(1);
+        let mut buf = crate::storage::AlignedBuf::zeroed((step * 512) as usize);
         let mut pos = start;
         let mut copied = 0;
         while pos < end {
-            let n = STEP.min(end - pos);
+            let n = step.min(end - pos);
             let data = &mut buf.as_mut_slice()[..(n * 512) as usize];
             let mut src = None;
             for m in self.in_sync() {
