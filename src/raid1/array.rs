@@ -707,7 +707,10 @@ impl Array {
         change: impl FnOnce(&mut Superblock),
     ) -> io::Result<()> {
         let mut meta = lock(&self.meta);
+        let before = meta.sb.clone();
         change(&mut meta.sb);
+        // The events of the last update some leg took, if any.
+        let mut taken = None;
         loop {
             let seen = self.failures_seen.load(Ordering::Acquire);
             let members = self.members();
@@ -765,8 +768,18 @@ impl Array {
                     Err(e) => self.fail(m, &format!("superblock write failed: {e}")),
                 }
             }
+            if written > 0 {
+                taken = Some(events);
+            }
             if self.failures_seen.load(Ordering::Acquire) == seen {
                 if written == 0 {
+                    // The superblocks on disk are as they were: so is ours. Counted
+                    // ahead of them, it would make this node ignore the next updates
+                    // of other nodes (`reload_superblocks` takes only newer ones).
+                    match taken {
+                        Some(e) => meta.sb.events = e,
+                        None => meta.sb = before,
+                    }
                     return Err(io::Error::other("no leg accepted the superblock update"));
                 }
                 for m in members.iter().flatten() {
