@@ -427,13 +427,15 @@ fn finish(array: &Array, kind: Kind, iovs: &[libc::iovec], last: io::Result<()>)
             failed,
             incomplete,
         } => {
+            let any_failed = !failed.is_empty();
             let last_err = record_failures(array, failed, "write error");
             let settled = array.settle_failures();
-            // A leg that took only part of the write differs from the others there:
-            // the chunk stays to be resynced.
+            // A leg that took only part of the write, or failed it and was kept (the
+            // last in-sync one), differs from the others there: the chunk stays to be
+            // resynced.
             array
                 .bitmap
-                .end_write(sector, sectors, incomplete.is_some());
+                .end_write(sector, sectors, incomplete.is_some() || any_failed);
             settled?;
             if let Some(e) = incomplete {
                 return Err(e);

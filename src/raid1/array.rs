@@ -1039,7 +1039,9 @@ impl Array {
             }
         }
         let settled = self.settle_failures();
-        self.bitmap.end_write(sector, sectors, false);
+        // A leg that failed the write and was kept (the last in-sync one) differs
+        // there from a leg being rebuilt that took it: the chunk stays to be resynced.
+        self.bitmap.end_write(sector, sectors, last_err.is_some());
         settled?;
         if ok_in_sync == 0 {
             return Err(last_err.unwrap_or_else(|| io::Error::other("no in-sync leg")));
