@@ -1086,26 +1086,48 @@ impl Array {
         let sb = self.superblock();
         let g = self.bitmap.geometry();
         let legs = self.in_sync();
-        let (first, others) = legs
-            .split_first()
-            .ok_or_else(|| io::Error::other("no in-sync leg to read the bitmap from"))?;
-        let mut theirs = super::metadata::read_slot(&*first.leg, &sb, g, slot)
-            .map_err(|e| io::Error::other(format!("bitmap of node slot {slot}: {e}")))?;
-        // The first leg is the resync source and must be read; the others only add bits.
-        for m in others {
+        if legs.is_empty() {
+            return Err(io::Error::other("no in-sync leg to read the bitmap from"));
+        }
+        // Every readable copy adds its bits. A leg whose copy cannot be read is
+        // left out, as a read of guest data skips it: the node set a bit on every
+        // in-sync leg before writing under it, so the other copies have it too.
+        let mut theirs: Option<super::metadata::SlotBitmap> = None;
+        let mut unread = None;
+        for m in &legs {
             match super::metadata::read_slot(&*m.leg, &sb, g, slot) {
-                Ok(b) => {
-                    theirs.bits.merge(&b.bits);
+                Ok(b) => match theirs.as_mut() {
+                    Some(t) => {
+                        t.bits.merge(&b.bits);
+                    }
+                    None => theirs = Some(b),
+                },
+                Err(e) => {
+                    warn!("leg {}: bitmap of node slot {slot}: {e}", m.name());
+                    unread = Some(e);
                 }
-                Err(e) => warn!("leg {}: bitmap of node slot {slot}: {e}", m.name()),
             }
         }
+        let theirs = match (theirs, unread.as_ref()) {
+            (Some(t), _) => t,
+            (None, e) => {
+                return Err(io::Error::other(format!(
+                    "bitmap of node slot {slot}: {}",
+                    e.map(|e| e.to_string()).unwrap_or_default()
+                )))
+            }
+        };
         let dirty = theirs.bits.count_dirty();
-        if dirty == 0 {
+        // A copy that was not read (unreadable, or on a leg being rebuilt) may still
+        // hold bits, of a bitmap write the node did not finish: cleared too.
+        let all_read = unread.is_none() && self.writable().len() == legs.len();
+        if dirty == 0 && (!clear || all_read) {
             return Ok(0);
         }
-        self.bitmap.mark_needed(&theirs.bits);
-        self.bitmap.flush(self)?;
+        if dirty > 0 {
+            self.bitmap.mark_needed(&theirs.bits);
+            self.bitmap.flush(self)?;
+        }
         if clear {
             let off = g
                 .slot_offset(sb.super_offset, sb.bitmap_offset, slot)
