@@ -1279,7 +1279,7 @@ impl Array {
     /// Takes over the rebuild of legs another node was rebuilding (it may have
     /// died): they become ours to finish. Returns whether there were any.
     pub fn take_over_recoveries(&self, dead: u32) -> io::Result<bool> {
-        let mut any = false;
+        let mut taken = Vec::new();
         let mut guided = true;
         for m in self.members().iter().flatten() {
             let by = m.rebuilt_by.load(Ordering::Acquire);
@@ -1290,18 +1290,24 @@ impl Array {
             if m.state() == LegState::Recovering && m.remote_recovery.swap(false, Ordering::AcqRel)
             {
                 info!("leg {}: this node takes over its rebuild", m.name());
-                any = true;
+                taken.push(m.clone());
                 guided &= m.bitmap_guided.load(Ordering::Relaxed);
             }
         }
-        if any {
+        if !taken.is_empty() {
             if guided {
-                self.gather_other_slots()?;
+                if let Err(e) = self.gather_other_slots() {
+                    // Not ours yet: taken over again when the recovery is retried.
+                    for m in &taken {
+                        m.remote_recovery.store(true, Ordering::Release);
+                    }
+                    return Err(e);
+                }
             } else {
                 self.bitmap.mark_all_needed();
             }
         }
-        Ok(any)
+        Ok(!taken.is_empty())
     }
 
     /// Whether any leg is recovering.
