@@ -5,26 +5,63 @@
 //! generator choose what happens: writes, reads, flushes and bitmap daemon passes
 //! by the nodes, hosts that crash (in the middle of a write, of a daemon pass, of a
 //! recovery, or idle), delays in leg I/O and lock requests, writes and restarts
-//! racing a recovery. Operations are issued from one thread in seeded order; only
-//! what the protocol makes concurrent (message receipt, watches, and the writers
-//! and joiners started on purpose during a recovery) runs elsewhere, and no
-//! outcome checked here may depend on its timing.
+//! racing a recovery, an operator failing and re-adding legs, and leg faults (below).
+//! Operations are issued from one thread in seeded order; only what the protocol
+//! makes concurrent (message receipt, watches, and the writers and joiners started
+//! on purpose during a recovery) runs elsewhere, and no outcome checked here may
+//! depend on its timing.
+//!
+//! Leg faults (in 40 % of the seeds): a leg's device (every host sees it) fails
+//! writes with EIO, or with ENOSPC from some byte of the data area on (a full thin
+//! pool: metadata written before is rewritten fine), or reads with EIO, starting
+//! after a seeded number of its I/O calls of that kind. A fault is armed at a step,
+//! while a node recovers a dead node's slot (the merge of its bitmap, the take-over
+//! of its rebuilds, the resync of its dirty chunks), or while a node joins (the
+//! merge of the free slots' bitmaps); one at a time, never while racing work is in
+//! flight. The operator repairs the device later (at a step, after a recovery or a
+//! join failed, before re-adding a leg, at the end) and re-adds the legs the
+//! product failed.
 //!
 //! Checked for every seed:
-//! - every acknowledged write reads back, through the live nodes and from every leg;
-//!   a write a crash interrupted reads back as either its old or its new data;
+//! - every acknowledged write reads back, through a live node and from every leg in
+//!   service; a write a crash interrupted, or that failed, reads back as either its
+//!   old or its new data;
 //! - after the survivors recovered a dead node, all legs' data areas are identical,
 //!   the dead node's bitmap slot is clean on every leg and no live node still needs
 //!   a resync;
+//! - between operations, every live node holds the same legs faulty, each failed by
+//!   the operator or after a fault hit it, and keeps an in-sync leg (the last one is
+//!   never failed); the superblocks of the legs in service mark exactly those faulty;
+//! - an operation fails only while every in-sync leg has a fault;
+//! - a node that holds a dead node's slot recovers it (a failed recovery is retried);
 //! - nothing hangs and nothing panics.
 //!
 //! Environment:
 //! - `SIM_SEEDS=N`: how many seeds (default 2000), starting at `SIM_SEED_START`
 //!   (default 0);
 //! - `SIM_SEED=S`: runs seed S alone and prints its trace (the replay of a failure);
+//!   `SIM_REPEAT=R` runs it R times (a failure may need the same interleaving);
+//!   `RUST_LOG=info` adds the product's log;
 //! - `SIM_THREADS=T`: seeds run on T threads (default 4; they mostly wait on each other);
 //! - `SIM_STALL_SECS=S`: a seed that makes no progress for S seconds is a hang
 //!   (default 60).
+//!
+//! Known product issues are left out of the leg faults unless asked for:
+//! - `SIM_FAULTS_KNOWN_DEADLOCK=1`: writes race another node's recovery while a
+//!   write fault is armed. A write that fails in the resync window of the other
+//!   node settles the failure under the token, which that node holds while it
+//!   waits for this node's ack, held back by the write (the receive path waits for
+//!   the writes in the window): stuck until a lock step times out (30 s), then the
+//!   recovery fails (e.g. seed 3960, in most runs).
+//! - `SIM_FAULTS_STRICT_JOIN=1`: a node must start while one leg cannot be read;
+//!   assembly refuses a leg whose metadata it cannot read, so the operator repairs
+//!   the leg and starts the node again.
+//! - `SIM_FAULTS_OPERATOR=1`: the operator also fails or re-adds a leg while
+//!   another leg has a fault: the superblock update then reaches no in-sync leg (or
+//!   only the leg being re-added), and the nodes disagree about the legs.
+//! - `SIM_FAULTS_REBUILT_READS=1`: read faults also on a leg being rebuilt: the
+//!   other nodes learn that its rebuild ended from its own superblock, which they
+//!   cannot read then, and keep it recovering.
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,6 +73,7 @@ use std::time::{Duration, Instant};
 use vhost_user_md::cluster::node::ClusterNode;
 use vhost_user_md::dlm::local::{LocalDlm, LocalMember};
 use vhost_user_md::dlm::{DlmError, Event, LockId, LockSpace, Mode, NodeId};
+use vhost_user_md::md::superblock::role;
 use vhost_user_md::md::Uuid;
 use vhost_user_md::raid1::metadata::{create_array, LegMetadata, NewArray};
 use vhost_user_md::raid1::LegState;
@@ -47,6 +85,8 @@ const MIB: u64 = 1 << 20;
 const SLOTS: u32 = 4;
 /// How long a survivor may take to see a death, or an operation to finish.
 const WAIT: Duration = Duration::from_secs(20);
+/// Percentage of the seeds that inject leg faults.
+const FAULT_SEEDS_PCT: u64 = 40;
 
 // ---------------------------------------------------------------------------
 // Randomness
@@ -214,10 +254,92 @@ impl Host {
     }
 }
 
+// ---------------------------------------------------------------------------
+// A leg's device: the faults every host sees on it
+
+/// What a faulty device does, once its fault started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FaultKind {
+    /// Every write fails with EIO (the device or the path to it died).
+    WriteEio,
+    /// Writes that reach byte `from` or beyond fail with ENOSPC (a thin pool or
+    /// an image file's file system ran full: blocks written before still are).
+    NoSpace { from: u64 },
+    /// Every read fails with EIO.
+    ReadEio,
+}
+
+impl FaultKind {
+    fn on_writes(self) -> bool {
+        !matches!(self, FaultKind::ReadEio)
+    }
+}
+
+/// A fault armed on a device.
+#[derive(Debug, Clone, Copy)]
+struct Fault {
+    kind: FaultKind,
+    /// I/O calls of the kind it hits (reads or writes) left before it starts.
+    after: u64,
+}
+
+/// One leg's device, shared by every host.
+#[derive(Default)]
+struct Device {
+    fault: Mutex<Option<Fault>>,
+    /// I/O calls the fault failed.
+    hits: AtomicU64,
+}
+
+impl Device {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Fault>> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Arms `kind` after `after` I/O calls of its kind.
+    fn arm(&self, kind: FaultKind, after: u64) {
+        *self.lock() = Some(Fault { kind, after });
+    }
+
+    /// The device is repaired (or replaced): no more faults.
+    fn repair(&self) -> Option<FaultKind> {
+        self.lock().take().map(|f| f.kind)
+    }
+
+    /// Whether a fault started (or is armed): `None`, or its kind.
+    fn armed(&self) -> Option<FaultKind> {
+        self.lock().map(|f| f.kind)
+    }
+
+    /// Counts an I/O call against the fault; the error it gets, if it started.
+    fn check(&self, write: bool, off: u64, len: u64) -> io::Result<()> {
+        let mut g = self.lock();
+        let Some(f) = g.as_mut() else {
+            return Ok(());
+        };
+        if f.kind.on_writes() != write {
+            return Ok(());
+        }
+        if f.after > 0 {
+            f.after -= 1;
+            return Ok(());
+        }
+        let errno = match f.kind {
+            FaultKind::NoSpace { from } if off + len <= from => return Ok(()),
+            FaultKind::NoSpace { .. } => libc::ENOSPC,
+            FaultKind::WriteEio | FaultKind::ReadEio => libc::EIO,
+        };
+        drop(g);
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Err(io::Error::from_raw_os_error(errno))
+    }
+}
+
 /// A leg as one host sees it.
 struct HostLeg {
     inner: Arc<MemLeg>,
     host: Arc<Host>,
+    dev: Arc<Device>,
 }
 
 impl Leg for HostLeg {
@@ -231,11 +353,13 @@ impl Leg for HostLeg {
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         self.host.before_other()?;
+        self.dev.check(false, off, buf.len() as u64)?;
         self.inner.read_at(buf, off)
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.host.before_write()?;
+        self.dev.check(true, off, buf.len() as u64)?;
         self.inner.write_at(buf, off)
     }
 
@@ -246,11 +370,13 @@ impl Leg for HostLeg {
 
     fn discard(&self, off: u64, len: u64) -> io::Result<()> {
         self.host.before_write()?;
+        self.dev.check(true, off, len)?;
         self.inner.discard(off, len)
     }
 
     fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
         self.host.before_write()?;
+        self.dev.check(true, off, len)?;
         self.inner.write_zeroes(off, len)
     }
 }
@@ -386,6 +512,11 @@ struct Stats {
     racing_writes: u64,
     legs_failed: u64,
     legs_re_added: u64,
+    faults: u64,
+    legs_failed_by_faults: u64,
+    failed_ops: u64,
+    failed_recoveries: u64,
+    joins_refused: u64,
 }
 
 impl Stats {
@@ -403,6 +534,11 @@ impl Stats {
         self.racing_writes += o.racing_writes;
         self.legs_failed += o.legs_failed;
         self.legs_re_added += o.legs_re_added;
+        self.faults += o.faults;
+        self.legs_failed_by_faults += o.legs_failed_by_faults;
+        self.failed_ops += o.failed_ops;
+        self.failed_recoveries += o.failed_recoveries;
+        self.joins_refused += o.joins_refused;
     }
 }
 
@@ -426,11 +562,21 @@ struct Vm {
 
 /// An operation run on a thread of its own (it may stop at a crash point).
 type OpResult = Result<u64, String>;
-type RacingWrites = (usize, Receiver<Result<(), String>>, Vec<(u32, u64, u64)>);
+/// Writes racing a recovery: (node, each write's result, the writes (id, sector,
+/// sectors), whether they may fail).
+type RacingWrites = (
+    usize,
+    Receiver<Vec<Result<(), String>>>,
+    Vec<(u32, u64, u64)>,
+    bool,
+);
+/// A node joining during a recovery: (result, trace line, guest, whether the
+/// join may fail).
 type RacingJoin = (
     Receiver<(PendingNode, Result<ClusterNode, String>)>,
     String,
     usize,
+    bool,
 );
 
 struct Sim {
@@ -455,11 +601,62 @@ struct Sim {
     expected: Vec<(usize, u32)>,
     /// Writes racing a recovery: (node, result, the writes (id, sector, sectors)).
     racing_writes: Vec<RacingWrites>,
-    /// Nodes joining during a recovery: (result, trace line, guest).
+    /// Nodes joining during a recovery.
     racing_joins: Vec<RacingJoin>,
-    /// A leg an operator failed and has not re-added yet.
-    out_leg: Option<usize>,
+    /// Guests whose node is joining during a recovery, or is to start again after
+    /// such a join failed.
+    joining: BTreeSet<usize>,
+    /// Each leg's device (its faults).
+    devices: Vec<Arc<Device>>,
+    /// This seed injects leg faults.
+    faults: bool,
+    /// Legs the live nodes hold faulty (failed by the operator, or by the product
+    /// after a fault), not re-added yet.
+    out: BTreeSet<usize>,
+    /// Legs the operator failed (the others in `out` were failed after a fault).
+    failed_by_operator: BTreeSet<usize>,
+    /// Legs whose device failed an I/O call since they were last re-added.
+    hit: BTreeSet<usize>,
     stats: Stats,
+}
+
+thread_local! {
+    /// Legs of this thread's previous seeds, to be blanked and used again (a new
+    /// leg costs the allocation and first touch of all of its pages).
+    static LEGS: std::cell::RefCell<Vec<Arc<MemLeg>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A zeroed leg `leg{i}` of `size` bytes: a previous seed's that nothing holds
+/// any more, or a new one.
+fn blank_leg(i: usize, size: u64) -> Arc<MemLeg> {
+    let name = format!("leg{i}");
+    let old = LEGS.with(|l| {
+        let mut l = l.borrow_mut();
+        let at = l
+            .iter()
+            .position(|m| m.name() == name && m.size() == size && Arc::strong_count(m) == 1)?;
+        Some(l.swap_remove(at))
+    });
+    match old {
+        Some(m) => {
+            m.write_zeroes(0, size).expect("blank a leg");
+            m
+        }
+        None => Arc::new(MemLeg::new(&name, size)),
+    }
+}
+
+/// Keeps a finished seed's legs for the next seeds of this thread.
+fn keep_legs(legs: &[Arc<MemLeg>]) {
+    LEGS.with(|l| {
+        let mut l = l.borrow_mut();
+        l.extend(legs.iter().cloned());
+        // Legs some straggling thread of an old seed still holds are dropped.
+        let len = l.len();
+        if len > 16 {
+            l.drain(..len - 16);
+        }
+    });
 }
 
 static PROGRESS: AtomicU64 = AtomicU64::new(0);
@@ -474,11 +671,12 @@ impl Sim {
         let nlegs = if rng.chance(25) { 3 } else { 2 };
         let nnodes = if rng.chance(40) { 3 } else { 2 };
         let chunk = rng.pick(&[16 * KIB, 32 * KIB, 64 * KIB]);
-        let leg_size = rng.pick(&[3 * MIB, 4 * MIB]);
+        // 1 MiB of metadata (superblock, bitmap slots) and a small data area: a
+        // seed's cost is mostly copying and checking the data areas.
+        let leg_size = MIB + rng.pick(&[256 * KIB, 512 * KIB, MIB]);
         let delay_pct = rng.pick(&[0, 0, 2, 10]);
-        let legs: Vec<Arc<MemLeg>> = (0..nlegs)
-            .map(|i| Arc::new(MemLeg::new(&format!("leg{i}"), leg_size)))
-            .collect();
+        let faults = rng.chance(FAULT_SEEDS_PCT);
+        let legs: Vec<Arc<MemLeg>> = (0..nlegs).map(|i| blank_leg(i, leg_size)).collect();
         let mut uuid = [0u8; 16];
         uuid[..8].copy_from_slice(&rng.next().to_le_bytes());
         uuid[8..].copy_from_slice(&rng.next().to_le_bytes());
@@ -525,17 +723,23 @@ impl Sim {
             expected: Vec::new(),
             racing_writes: Vec::new(),
             racing_joins: Vec::new(),
-            out_leg: None,
+            joining: BTreeSet::new(),
+            devices: (0..nlegs).map(|_| Arc::default()).collect(),
+            faults,
+            out: BTreeSet::new(),
+            failed_by_operator: BTreeSet::new(),
+            hit: BTreeSet::new(),
             stats: Stats {
                 seeds: 1,
                 ..Stats::default()
             },
         };
         sim.log(format!(
-            "array: {nlegs} legs of {} MiB, {} sectors, {} KiB chunks, {nnodes} nodes, delays {delay_pct}%",
-            leg_size / MIB,
+            "array: {nlegs} legs of {} KiB, {} sectors, {} KiB chunks, {nnodes} nodes, delays {delay_pct}%{}",
+            leg_size / KIB,
             size,
-            chunk / KIB
+            chunk / KIB,
+            if faults { ", leg faults" } else { "" }
         ));
         for vm in 0..nnodes {
             let n = sim.start_node(vm)?;
@@ -564,10 +768,12 @@ impl Sim {
         let legs: Vec<Arc<dyn Leg>> = self
             .legs
             .iter()
-            .map(|l| {
+            .zip(&self.devices)
+            .map(|(l, dev)| {
                 Arc::new(HostLeg {
                     inner: l.clone(),
                     host: host.clone(),
+                    dev: dev.clone(),
                 }) as Arc<dyn Leg>
             })
             .collect();
@@ -613,6 +819,170 @@ impl Sim {
             .collect()
     }
 
+    /// The state of leg `l` on node `n` (`None`: not in a mirror slot there).
+    fn leg_state(&self, n: usize, l: usize) -> Option<LegState> {
+        let name = format!("leg{l}");
+        self.nodes[n]
+            .cn
+            .array
+            .members()
+            .iter()
+            .flatten()
+            .find(|m| m.name() == name)
+            .map(|m| m.state())
+    }
+
+    /// Legs whose device has a fault armed or started.
+    fn faulted(&self) -> BTreeSet<usize> {
+        (0..self.legs.len())
+            .filter(|&l| self.devices[l].armed().is_some())
+            .collect()
+    }
+
+    /// Whether an operation may fail now: a fault hits every leg that is in
+    /// sync (no in-sync leg without a fault could take a write or serve a read;
+    /// the last in-sync leg is never failed, the request fails instead).
+    fn errors_allowed(&self) -> bool {
+        let faulted = self.faulted();
+        !faulted.is_empty()
+            && !(0..self.legs.len()).any(|l| {
+                !faulted.contains(&l)
+                    && self
+                        .live()
+                        .iter()
+                        .all(|&n| self.leg_state(n, l) == Some(LegState::InSync))
+            })
+    }
+
+    /// An operation failed: fine while [`Sim::errors_allowed`] said so (`allowed`,
+    /// asked before it started), else the seed fails.
+    fn tolerate(&mut self, allowed: bool, e: String) -> Result<(), String> {
+        if allowed {
+            self.log(format!("  {e} (every in-sync leg has a fault)"));
+            self.stats.failed_ops += 1;
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+
+    /// A join refused because a leg's metadata cannot be read: assembly wants
+    /// every leg it is given readable (see the header); a failure unless
+    /// `SIM_FAULTS_STRICT_JOIN=1`.
+    fn unreadable_leg_refused(&mut self, e: &str) -> bool {
+        let refused = !env_on("SIM_FAULTS_STRICT_JOIN")
+            && e.contains("cannot read")
+            && self
+                .faulted()
+                .iter()
+                .any(|&l| self.devices[l].armed() == Some(FaultKind::ReadEio));
+        if refused {
+            self.stats.joins_refused += 1;
+        }
+        refused
+    }
+
+    /// Arms a fault on a random leg that is in service (one fault at a time),
+    /// to start after fewer than `within` I/O calls of the kind it hits.
+    fn arm_fault(&mut self, within: u64, why: &str) {
+        // Not while racing work is in flight: its outcome must stay known.
+        let quiet = self.racing_writes.is_empty() && self.racing_joins.is_empty();
+        if !self.faults || !quiet || !self.faulted().is_empty() {
+            return;
+        }
+        let l = self.rng.below(self.legs.len() as u64) as usize;
+        if self.out.contains(&l) {
+            return;
+        }
+        let kind = match self.rng.below(10) {
+            0..=3 => FaultKind::WriteEio,
+            4..=5 => FaultKind::NoSpace {
+                from: self.data_offset[l] + self.rng.below(self.size) * 512,
+            },
+            _ => FaultKind::ReadEio,
+        };
+        let rebuilt = self
+            .live()
+            .iter()
+            .any(|&n| self.leg_state(n, l) == Some(LegState::Recovering));
+        if kind == FaultKind::ReadEio && rebuilt && !env_on("SIM_FAULTS_REBUILT_READS") {
+            // The other nodes learn that its rebuild ended from its own superblock
+            // (see the header).
+            return;
+        }
+        let after = self.rng.below(within);
+        self.log(format!(
+            "leg{l}: {kind:?} after {after} I/O calls of its kind ({why})"
+        ));
+        self.devices[l].arm(kind, after);
+        self.stats.faults += 1;
+    }
+
+    /// The operator repairs (or replaces) leg `l`'s device.
+    fn repair(&mut self, l: usize) {
+        if self.devices[l].hits.swap(0, Ordering::Relaxed) > 0 {
+            self.hit.insert(l);
+        }
+        if let Some(kind) = self.devices[l].repair() {
+            self.log(format!("leg{l}: device repaired ({kind:?} ends)"));
+        }
+    }
+
+    fn repair_all(&mut self) {
+        for l in 0..self.legs.len() {
+            self.repair(l);
+        }
+    }
+
+    /// Between operations: every live node holds the same legs faulty, each of
+    /// them failed by the operator or after a fault hit it, and keeps an in-sync
+    /// leg. Those legs are out until re-added.
+    fn note_legs(&mut self) -> Result<(), String> {
+        for l in 0..self.legs.len() {
+            if self.devices[l].hits.load(Ordering::Relaxed) > 0 {
+                self.hit.insert(l);
+            }
+        }
+        let live = self.live();
+        let mut faulty: Option<(usize, BTreeSet<usize>)> = None;
+        for &n in &live {
+            let set: BTreeSet<usize> = (0..self.legs.len())
+                .filter(|&l| {
+                    !matches!(
+                        self.leg_state(n, l),
+                        Some(LegState::InSync | LegState::Recovering)
+                    )
+                })
+                .collect();
+            if self.nodes[n].cn.array.in_sync_count() == 0 {
+                return Err(format!("node {n} has no in-sync leg left"));
+            }
+            match &faulty {
+                None => faulty = Some((n, set)),
+                Some((m, other)) if *other != set => {
+                    return Err(format!(
+                        "node {m} holds legs {other:?} faulty, node {n} legs {set:?}"
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        let Some((_, set)) = faulty else {
+            return Ok(());
+        };
+        for &l in &set {
+            if !self.failed_by_operator.contains(&l) && !self.hit.contains(&l) {
+                return Err(format!("leg{l} is faulty, yet nothing failed on it"));
+            }
+            if self.out.insert(l) {
+                self.log(format!("leg{l} is faulty now (failed after a fault)"));
+                self.stats.legs_failed_by_faults += 1;
+            }
+        }
+        self.out.retain(|l| set.contains(l));
+        Ok(())
+    }
+
     /// A random write inside `vm`'s region: (sector, sectors). Half of them land
     /// near the region's edges, in chunks the neighbouring guest writes too.
     fn pick_write(&mut self, vm: usize) -> (u64, u64) {
@@ -647,24 +1017,35 @@ impl Sim {
         let (sector, sectors) = self.pick_write(vm);
         let (id, buf) = self.data_for(sector, sectors);
         self.log(format!("node {n}: write {id} at {sector}+{sectors}"));
-        self.nodes[n]
-            .cn
-            .array
-            .write(sector, &[IoSlice::new(&buf)])
-            .map_err(|e| format!("write {id} by node {n} failed: {e}"))?;
-        self.model.acknowledge(id, sector, sectors);
-        self.stats.writes += 1;
-        Ok(())
+        let allowed = self.errors_allowed();
+        match self.nodes[n].cn.array.write(sector, &[IoSlice::new(&buf)]) {
+            Ok(()) => {
+                self.model.acknowledge(id, sector, sectors);
+                self.stats.writes += 1;
+                Ok(())
+            }
+            Err(e) => {
+                // Not acknowledged: its sectors hold the old or the new data.
+                self.model.interrupted(id, sector, sectors);
+                self.tolerate(allowed, format!("write {id} by node {n} failed: {e}"))
+            }
+        }
     }
 
     /// Reads `sectors` at `sector` through node `n` and checks them.
     fn read_check(&mut self, n: usize, sector: u64, sectors: u64) -> Result<(), String> {
         let mut buf = vec![0u8; (sectors * 512) as usize];
-        self.nodes[n]
+        let allowed = self.errors_allowed();
+        if let Err(e) = self.nodes[n]
             .cn
             .array
             .read(sector, &mut [IoSliceMut::new(&mut buf)])
-            .map_err(|e| format!("read by node {n} at {sector}+{sectors} failed: {e}"))?;
+        {
+            return self.tolerate(
+                allowed,
+                format!("read by node {n} at {sector}+{sectors} failed: {e}"),
+            );
+        }
         let mut scratch = [0u8; 512];
         for (i, s) in buf.chunks_exact(512).enumerate() {
             self.model
@@ -740,18 +1121,19 @@ impl Sim {
                     "node {n}: crashes at its {at}th write of a daemon pass"
                 ));
                 // A first pass marks idle chunks, the second clears them.
-                self.nodes[n]
-                    .cn
-                    .array
-                    .bitmap_daemon_pass()
-                    .map_err(|e| format!("daemon pass on node {n}: {e}"))?;
+                let allowed = self.errors_allowed();
+                if let Err(e) = self.nodes[n].cn.array.bitmap_daemon_pass() {
+                    self.tolerate(allowed, format!("daemon pass on node {n}: {e}"))?;
+                }
                 self.nodes[n].host.crash_after(at);
                 match self.run_op(n, |cn| {
                     cn.array.bitmap_daemon_pass().map_err(|e| e.to_string())
                 }) {
                     Ok(r) => {
                         self.nodes[n].host.cancel_crash();
-                        r.map_err(|e| format!("daemon pass on node {n}: {e}"))?;
+                        if let Err(e) = r {
+                            self.tolerate(allowed, format!("daemon pass on node {n}: {e}"))?;
+                        }
                     }
                     Err(None) => {}
                     Err(Some(e)) => return Err(e),
@@ -766,18 +1148,23 @@ impl Sim {
                     "node {n}: write {id} at {sector}+{sectors}, host crashes at its {at}th leg write"
                 ));
                 self.nodes[n].host.crash_after(at);
+                let allowed = self.errors_allowed();
                 match self.run_op(n, move |cn| {
                     cn.array
                         .write(sector, &[IoSlice::new(&buf)])
                         .map(|()| 0)
                         .map_err(|e| e.to_string())
                 }) {
-                    Ok(r) => {
+                    Ok(Ok(_)) => {
                         self.nodes[n].host.cancel_crash();
-                        r.map_err(|e| format!("write {id} by node {n} failed: {e}"))?;
                         self.log(format!("write {id} completed before the crash"));
                         self.model.acknowledge(id, sector, sectors);
                         self.stats.writes += 1;
+                    }
+                    Ok(Err(e)) => {
+                        self.nodes[n].host.cancel_crash();
+                        self.model.interrupted(id, sector, sectors);
+                        self.tolerate(allowed, format!("write {id} by node {n} failed: {e}"))?;
                     }
                     Err(None) => {
                         self.model.interrupted(id, sector, sectors);
@@ -808,10 +1195,29 @@ impl Sim {
             }
             let Some((s, slot)) = got else {
                 if self.expected.is_empty() {
-                    if self.racing_writes.is_empty() && self.racing_joins.is_empty() {
+                    if !self.racing_writes.is_empty() || !self.racing_joins.is_empty() {
+                        self.finish_racing()?;
+                        continue;
+                    }
+                    // A node that still holds a dead node's slot (its recovery failed)
+                    // reports it again.
+                    let holding: Vec<usize> = live
+                        .iter()
+                        .copied()
+                        .filter(|&n| self.nodes[n].cn.array.read_balancing_suspended())
+                        .collect();
+                    if holding.is_empty() {
                         return self.resync_all();
                     }
-                    self.finish_racing()?;
+                    let mut sel = crossbeam_channel::Select::new();
+                    for &n in &holding {
+                        sel.recv(&self.nodes[n].cn.node.dead);
+                    }
+                    if sel.ready_timeout(WAIT).is_err() {
+                        return Err(format!(
+                            "nodes {holding:?} hold the slot of a dead node and never recover it"
+                        ));
+                    }
                     continue;
                 }
                 // Wait for the next report of any live node.
@@ -837,6 +1243,9 @@ impl Sim {
     /// Node `s` recovers `slot`; a crash, a racing writer or a racing restart may
     /// be thrown in.
     fn recover(&mut self, s: usize, slot: u32) -> Result<(), String> {
+        if self.rng.chance(30) {
+            self.arm_fault(6, &format!("while node {s} recovers slot {slot}"));
+        }
         let live = self.live();
         // No crash while racing work is in flight: its outcome must stay known.
         let quiet = self.racing_writes.is_empty() && self.racing_joins.is_empty();
@@ -846,8 +1255,17 @@ impl Sim {
             .copied()
             .filter(|&n| self.racing_writes.iter().all(|r| r.0 != n))
             .collect();
-        let writer =
-            (!crash && !writers.is_empty() && self.rng.chance(30)).then(|| self.rng.pick(&writers));
+        // A write that fails on a leg while another node resyncs hangs that node
+        // (see the header): left out unless asked for.
+        let write_fault = self
+            .faulted()
+            .iter()
+            .any(|&l| self.devices[l].armed().is_some_and(FaultKind::on_writes));
+        let writer = (!crash
+            && !writers.is_empty()
+            && (!write_fault || env_on("SIM_FAULTS_KNOWN_DEADLOCK"))
+            && self.rng.chance(30))
+        .then(|| self.rng.pick(&writers));
         let restart = (!crash && self.rng.chance(20))
             .then(|| self.restartable())
             .flatten();
@@ -866,12 +1284,16 @@ impl Sim {
         if crash {
             let at = self.rng.below(6);
             self.nodes[s].host.crash_after(at);
+            let allowed = self.errors_allowed();
             match self.run_op(s, move |cn| cn.recover(slot).map_err(|e| e.to_string())) {
-                Ok(r) => {
+                Ok(Ok(bytes)) => {
                     self.nodes[s].host.cancel_crash();
-                    let bytes = r.map_err(|e| format!("recovery of slot {slot}: {e}"))?;
                     self.stats.chunks_recovered += bytes / chunk_bytes;
                     self.log(format!("recovery done before the crash: {bytes} bytes"));
+                }
+                Ok(Err(e)) => {
+                    self.nodes[s].host.cancel_crash();
+                    self.tolerate(allowed, format!("recovery of slot {slot}: {e}"))?;
                 }
                 Err(None) => {
                     // The others that have not seen `slot` die yet still wait for it
@@ -884,6 +1306,7 @@ impl Sim {
             return Ok(());
         }
         // Racing work, on threads of their own.
+        let allowed = self.errors_allowed();
         let racer = writer.map(|w| {
             let vm = self.nodes[w].vm;
             let writes: Vec<(u64, u64, u32, Vec<u8>)> = (0..1 + self.rng.below(6))
@@ -900,19 +1323,21 @@ impl Sim {
             let (tx, rx) = bounded(1);
             let ids: Vec<(u32, u64, u64)> = writes.iter().map(|w| (w.2, w.0, w.1)).collect();
             std::thread::spawn(move || {
-                let mut r = Ok(());
-                for (sector, _, id, buf) in &writes {
-                    if let Err(e) = cn.array.write(*sector, &[IoSlice::new(buf)]) {
-                        r = Err(format!("racing write {id}: {e}"));
-                        break;
-                    }
-                }
+                let r = writes
+                    .iter()
+                    .map(|(sector, _, id, buf)| {
+                        cn.array
+                            .write(*sector, &[IoSlice::new(buf)])
+                            .map_err(|e| format!("racing write {id}: {e}"))
+                    })
+                    .collect();
                 let _ = tx.send(r);
             });
             (rx, ids)
         });
         let joiner = match restart {
             Some(vm) => {
+                self.joining.insert(vm);
                 let (p, line) = self.prepare_node(vm);
                 let (tx, rx) = bounded(1);
                 std::thread::spawn(move || {
@@ -923,35 +1348,60 @@ impl Sim {
             }
             None => None,
         };
-        let r = self.nodes[s].cn.recover(slot);
-        let bytes = r.map_err(|e| format!("node {s}: recovery of slot {slot}: {e}"))?;
-        self.stats.chunks_recovered += bytes / chunk_bytes;
-        self.log(format!(
-            "node {s}: recovered slot {slot}: {bytes} bytes copied"
-        ));
         if let Some((rx, ids)) = racer {
-            self.racing_writes.push((writer.unwrap_or(s), rx, ids));
+            self.racing_writes
+                .push((writer.unwrap_or(s), rx, ids, allowed));
         }
         if let Some((rx, line)) = joiner {
-            self.racing_joins.push((rx, line, restart.unwrap_or(0)));
+            self.racing_joins
+                .push((rx, line, restart.unwrap_or(0), allowed));
         }
-        Ok(())
+        match self.nodes[s].cn.recover(slot) {
+            Ok(bytes) => {
+                self.stats.chunks_recovered += bytes / chunk_bytes;
+                self.log(format!(
+                    "node {s}: recovered slot {slot}: {bytes} bytes copied"
+                ));
+                Ok(())
+            }
+            Err(e) => {
+                // A recovery that could not take the slot's bits over reports the
+                // slot again (see `recover_all`); the operator repairs the legs.
+                self.stats.failed_recoveries += 1;
+                self.tolerate(
+                    allowed,
+                    format!("node {s}: recovery of slot {slot} failed: {e}"),
+                )?;
+                self.repair_all();
+                Ok(())
+            }
+        }
     }
 
     /// Waits for the writes and joins that raced the recoveries.
     fn finish_racing(&mut self) -> Result<(), String> {
-        for (n, rx, ids) in std::mem::take(&mut self.racing_writes) {
-            let r = rx
+        for (n, rx, ids, allowed) in std::mem::take(&mut self.racing_writes) {
+            let results = rx
                 .recv_timeout(WAIT)
                 .map_err(|_| format!("node {n}: racing writes hung"))?;
-            r?;
-            for (id, sector, sectors) in ids {
-                self.model.acknowledge(id, sector, sectors);
-                self.stats.writes += 1;
-                self.stats.racing_writes += 1;
+            for ((id, sector, sectors), r) in ids.into_iter().zip(results) {
+                match r {
+                    Ok(()) => {
+                        self.model.acknowledge(id, sector, sectors);
+                        self.stats.writes += 1;
+                        self.stats.racing_writes += 1;
+                    }
+                    Err(e) => {
+                        self.model.interrupted(id, sector, sectors);
+                        self.tolerate(allowed, e)?;
+                    }
+                }
             }
         }
-        for (rx, line, vm) in std::mem::take(&mut self.racing_joins) {
+        // Every join is waited for (and a node that joined is added, so that its
+        // reports are processed) before a failed one starts over.
+        let mut failed = Vec::new();
+        for (rx, line, vm, allowed) in std::mem::take(&mut self.racing_joins) {
             // Reports keep being processed meanwhile: they free the slots held.
             let start = Instant::now();
             let (p, r) = loop {
@@ -971,6 +1421,7 @@ impl Sim {
             match r {
                 Ok(cn) => {
                     let n = self.add_node(p, cn, line);
+                    self.joining.remove(&vm);
                     self.after_restart(n)?;
                 }
                 // Every slot may be held for a moment (see `restart`): start over
@@ -978,10 +1429,22 @@ impl Sim {
                 Err(e) if e.contains("node slots of the array are in use") => {
                     self.log(format!("vm {vm}: {e}; restarting it afresh"));
                     self.dlm.kill(&self.ls_name, p.dlm_id);
-                    self.restart(vm)?;
+                    failed.push((vm, Ok(())));
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.dlm.kill(&self.ls_name, p.dlm_id);
+                    let unreadable = self.unreadable_leg_refused(&e);
+                    failed.push((vm, Err((e, allowed || unreadable))));
+                }
             }
+        }
+        for (vm, r) in failed {
+            if let Err((e, allowed)) = r {
+                // The operator repairs the legs, and starts the guest again.
+                self.tolerate(allowed, e)?;
+                self.repair_all();
+            }
+            self.restart(vm)?;
         }
         Ok(())
     }
@@ -992,10 +1455,22 @@ impl Sim {
     /// a join that finds every slot taken meanwhile is retried once the reports
     /// were processed.
     fn restart(&mut self, vm: usize) -> Result<(), String> {
+        // No other start of it meanwhile (a recovery may start guests).
+        self.joining.insert(vm);
+        let r = self.restart_joining(vm);
+        self.joining.remove(&vm);
+        r
+    }
+
+    fn restart_joining(&mut self, vm: usize) -> Result<(), String> {
         let start = Instant::now();
         loop {
             self.recover_all()?;
+            if self.rng.chance(20) {
+                self.arm_fault(6, &format!("while vm {vm} joins"));
+            }
             let (p, line) = self.prepare_node(vm);
+            let allowed = self.errors_allowed();
             match p.join() {
                 Ok(cn) => {
                     let n = self.add_node(p, cn, line);
@@ -1009,6 +1484,13 @@ impl Sim {
                     self.dlm.kill(&self.ls_name, p.dlm_id);
                     std::thread::sleep(Duration::from_millis(5));
                 }
+                Err(e) if start.elapsed() < WAIT => {
+                    // The operator repairs the legs, and starts the guest again.
+                    self.dlm.kill(&self.ls_name, p.dlm_id);
+                    let unreadable = self.unreadable_leg_refused(&e);
+                    self.tolerate(allowed || unreadable, e)?;
+                    self.repair_all();
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -1018,7 +1500,7 @@ impl Sim {
     fn restartable(&self) -> Option<usize> {
         (0..self.vms.len()).find(|&v| {
             self.vms[v].node.is_none()
-                && self.racing_joins.iter().all(|j| j.2 != v)
+                && !self.joining.contains(&v)
                 && !self.nodes.iter().any(|n| {
                     !n.alive && n.vm == v && self.expected.iter().any(|e| e.1 == n.cn.node.slot)
                 })
@@ -1027,32 +1509,31 @@ impl Sim {
 
     fn after_restart(&mut self, n: usize) -> Result<(), String> {
         self.stats.restarts += 1;
-        self.nodes[n]
-            .cn
-            .array
-            .mark_active()
-            .map_err(|e| format!("node {n}: mark active: {e}"))?;
+        let allowed = self.errors_allowed();
+        if let Err(e) = self.nodes[n].cn.array.mark_active() {
+            self.tolerate(allowed, format!("node {n}: mark active: {e}"))?;
+        }
         self.resync_all()
     }
 
-    /// What each node's resync thread does: copies the chunks it needs.
+    /// What each node's resync thread does: rewrites what a leg failed to read,
+    /// copies the chunks it needs.
     fn resync_all(&mut self) -> Result<(), String> {
         for n in self.live() {
-            let bytes = self.nodes[n]
-                .cn
-                .resync()
-                .map_err(|e| format!("node {n}: resync: {e}"))?;
-            if bytes > 0 {
-                self.log(format!("node {n}: resynced {bytes} bytes"));
+            let allowed = self.errors_allowed();
+            self.nodes[n].cn.array.run_repairs();
+            match self.nodes[n].cn.resync() {
+                Ok(0) => {}
+                Ok(bytes) => self.log(format!("node {n}: resynced {bytes} bytes")),
+                Err(e) => self.tolerate(allowed, format!("node {n}: resync: {e}"))?,
             }
         }
         // A rebuilt leg is declared in sync by the node that rebuilt it.
         for n in self.live() {
-            self.nodes[n]
-                .cn
-                .array
-                .finish_recovery()
-                .map_err(|e| format!("node {n}: finish recovery: {e}"))?;
+            let allowed = self.errors_allowed();
+            if let Err(e) = self.nodes[n].cn.array.finish_recovery() {
+                self.tolerate(allowed, format!("node {n}: finish recovery: {e}"))?;
+            }
         }
         Ok(())
     }
@@ -1060,6 +1541,7 @@ impl Sim {
     /// After every death was recovered: legs identical, bitmap slots of no live
     /// node clean, every acknowledged write on every leg.
     fn check_converged(&mut self, why: &str) -> Result<(), String> {
+        self.note_legs()?;
         let live = self.live();
         for &n in &live {
             let a = &self.nodes[n].cn.array;
@@ -1070,12 +1552,12 @@ impl Sim {
                 .map(|m| (m.name().to_string(), m.state()))
                 .collect();
             for (name, st) in &states {
-                let out = self.out_leg.is_some_and(|l| *name == format!("leg{l}"));
+                let out = self.out.iter().any(|l| *name == format!("leg{l}"));
                 if !out && *st != LegState::InSync {
                     return Err(format!("{why}: node {n}: {name} is {st:?}, not in sync"));
                 }
             }
-            if self.out_leg.is_some() {
+            if !self.out.is_empty() {
                 // Writes while a leg is out stay needed for its re-add.
                 continue;
             }
@@ -1087,28 +1569,35 @@ impl Sim {
             }
         }
         let data_len = (self.size * 512) as usize;
-        let areas: Vec<Vec<u8>> = self
+        let areas: Vec<(usize, Vec<u8>)> = self
             .legs
             .iter()
             .zip(&self.data_offset)
             .enumerate()
-            .filter(|&(i, _)| self.out_leg != Some(i))
-            .map(|(_, (l, &off))| l.contents()[off as usize..off as usize + data_len].to_vec())
-            .collect();
-        for (i, a) in areas.iter().enumerate().skip(1) {
-            if *a != areas[0] {
+            .filter(|&(i, _)| !self.out.contains(&i))
+            .map(|(i, (l, &off))| {
+                let mut area = vec![0u8; data_len];
+                l.read_at(&mut area, off)
+                    .map_err(|e| format!("leg {i}: {e}"))?;
+                Ok((i, area))
+            })
+            .collect::<Result<_, String>>()?;
+        let (first_leg, first_area) = &areas[0];
+        for (i, a) in areas.iter().skip(1) {
+            if a != first_area {
                 let first = a
                     .chunks_exact(512)
-                    .zip(areas[0].chunks_exact(512))
+                    .zip(first_area.chunks_exact(512))
                     .position(|(x, y)| x != y)
                     .unwrap_or(0);
                 return Err(format!(
-                    "{why}: legs 0 and {i} differ, first at sector {first} (write {} vs {})",
-                    sector_id(&areas[0][first * 512..]),
+                    "{why}: legs {first_leg} and {i} differ, first at sector {first} (write {} vs {})",
+                    sector_id(&first_area[first * 512..]),
                     sector_id(&a[first * 512..])
                 ));
             }
         }
+        let areas: Vec<Vec<u8>> = areas.into_iter().map(|(_, a)| a).collect();
         let mut scratch = [0u8; 512];
         for (s, data) in areas[0].chunks_exact(512).enumerate() {
             let id = self
@@ -1121,11 +1610,31 @@ impl Sim {
             }
         }
         let owned: BTreeSet<u32> = live.iter().map(|&n| self.nodes[n].cn.node.slot).collect();
-        for (i, leg) in self.legs.iter().enumerate() {
-            if self.out_leg == Some(i) {
+        let metas: Vec<LegMetadata> = self
+            .legs
+            .iter()
+            .enumerate()
+            .map(|(i, leg)| LegMetadata::load(&**leg).map_err(|e| format!("leg {i}: {e}")))
+            .collect::<Result<_, _>>()?;
+        for (i, m) in metas.iter().enumerate() {
+            if self.out.contains(&i) {
                 continue; // not written while it is out
             }
-            let m = LegMetadata::load(&**leg).map_err(|e| format!("leg {i}: {e}"))?;
+            // The superblocks say which legs are faulty.
+            for (l, other) in metas.iter().enumerate() {
+                let r = m.sb.dev_roles[other.sb.dev_number as usize];
+                let faulty = r == role::FAULTY;
+                if faulty != self.out.contains(&l) || (!faulty && r >= role::MAX) {
+                    return Err(format!(
+                        "{why}: leg {i}'s superblock gives leg{l} role {r:#x}, yet it is {}",
+                        if self.out.contains(&l) {
+                            "faulty"
+                        } else {
+                            "in service"
+                        }
+                    ));
+                }
+            }
             for (slot, b) in m.bitmaps.iter().enumerate() {
                 let dirty = b.bits.count_dirty();
                 if !owned.contains(&(slot as u32)) && dirty > 0 {
@@ -1156,31 +1665,34 @@ impl Sim {
         let live = self.live();
         let n = self.rng.pick(&live);
         match self.rng.below(100) {
-            0..=44 => self.write(n),
-            45..=59 => self.read(n),
-            60..=64 => {
+            0..=42 => self.write(n),
+            43..=57 => self.read(n),
+            58..=62 => {
                 self.log(format!("node {n}: flush"));
-                self.nodes[n]
-                    .cn
-                    .array
-                    .flush()
-                    .map_err(|e| format!("flush: {e}"))
+                let allowed = self.errors_allowed();
+                match self.nodes[n].cn.array.flush() {
+                    Ok(()) => Ok(()),
+                    Err(e) => self.tolerate(allowed, format!("flush: {e}")),
+                }
             }
-            65..=79 => {
+            63..=76 => {
                 self.log(format!("node {n}: bitmap daemon pass"));
                 self.stats.daemon_passes += 1;
-                self.nodes[n]
-                    .cn
-                    .array
-                    .bitmap_daemon_pass()
-                    .map(|_| ())
-                    .map_err(|e| format!("daemon pass: {e}"))
+                let allowed = self.errors_allowed();
+                match self.nodes[n].cn.array.bitmap_daemon_pass() {
+                    Ok(_) => Ok(()),
+                    Err(e) => self.tolerate(allowed, format!("daemon pass: {e}")),
+                }
             }
-            80..=89 if live.len() > 1 => {
+            77..=86 if live.len() > 1 => {
                 self.crash(n)?;
                 // Survivors notice at once, or after some more work.
                 if self.rng.chance(60) {
                     self.recover_all()?;
+                    if !self.faulted().is_empty() {
+                        // Legs may differ until the fault is repaired.
+                        return self.note_legs();
+                    }
                     self.check_converged("after recovery")?;
                     let r = self.rng.pick(&self.live());
                     self.read_all(r)
@@ -1188,11 +1700,21 @@ impl Sim {
                     Ok(())
                 }
             }
-            90..=94 => match self.restartable() {
+            87..=91 => match self.restartable() {
                 Some(vm) if self.expected.is_empty() => self.restart(vm),
                 _ => Ok(()),
             },
-            95..=96 => self.leg_maintenance(n),
+            92..=93 => self.leg_maintenance(n),
+            94..=95 => {
+                self.arm_fault(16, "at a step");
+                Ok(())
+            }
+            96 => {
+                if let Some(&l) = self.faulted().iter().next() {
+                    self.repair(l);
+                }
+                Ok(())
+            }
             _ => {
                 self.recover_all()?;
                 let r = self.rng.pick(&self.live());
@@ -1205,50 +1727,81 @@ impl Sim {
     /// through it: every node stops (starts) writing it, and `n` rebuilds it.
     fn leg_maintenance(&mut self, n: usize) -> Result<(), String> {
         let a = self.nodes[n].cn.array.clone();
-        match self.out_leg {
+        // Unless asked for, the operator acts only on healthy devices: failing the
+        // one healthy leg, or re-adding one while the other has a fault, leaves
+        // the nodes disagreeing (see the header).
+        let careful = !env_on("SIM_FAULTS_OPERATOR");
+        match self.out.iter().next().copied() {
+            None if careful && !self.faulted().is_empty() => Ok(()),
             None if !a.is_degraded() => {
                 let l = self.rng.below(self.legs.len() as u64) as usize;
                 self.log(format!("node {n}: operator fails leg{l}"));
-                a.fail_leg(&format!("leg{l}"))
-                    .map_err(|e| format!("fail leg{l} through node {n}: {e}"))?;
-                self.out_leg = Some(l);
-                self.stats.legs_failed += 1;
-                Ok(())
+                let allowed = self.errors_allowed();
+                self.failed_by_operator.insert(l);
+                match a.fail_leg(&format!("leg{l}")) {
+                    Ok(()) => {
+                        self.out.insert(l);
+                        self.stats.legs_failed += 1;
+                        Ok(())
+                    }
+                    Err(e) => self.tolerate(allowed, format!("fail leg{l} through node {n}: {e}")),
+                }
             }
             Some(l) => self.re_add(n, l),
             None => Ok(()),
         }
     }
 
+    /// The operator repairs leg `l`'s device and re-adds the leg through node `n`.
     fn re_add(&mut self, n: usize, l: usize) -> Result<(), String> {
+        if env_on("SIM_FAULTS_OPERATOR") {
+            self.repair(l);
+        } else {
+            self.repair_all();
+        }
         self.log(format!("node {n}: operator re-adds leg{l}"));
-        let kind = self.nodes[n]
-            .cn
-            .array
-            .re_add_leg(&format!("leg{l}"))
-            .map_err(|e| format!("re-add leg{l} through node {n}: {e}"))?;
-        self.log(format!("node {n}: leg{l} re-added, {kind:?} rebuild"));
-        self.out_leg = None;
-        self.stats.legs_re_added += 1;
-        Ok(())
+        let allowed = self.errors_allowed();
+        match self.nodes[n].cn.array.re_add_leg(&format!("leg{l}")) {
+            Ok(kind) => {
+                self.log(format!("node {n}: leg{l} re-added, {kind:?} rebuild"));
+                self.out.remove(&l);
+                self.failed_by_operator.remove(&l);
+                self.hit.remove(&l);
+                self.stats.legs_re_added += 1;
+                Ok(())
+            }
+            Err(e) => self.tolerate(allowed, format!("re-add leg{l} through node {n}: {e}")),
+        }
     }
 
     fn run(&mut self) -> Result<(), String> {
         let ops = 10 + self.rng.below(30);
         for _ in 0..ops {
             self.step()?;
+            self.note_legs()?;
         }
         self.recover_all()?;
-        if let Some(l) = self.out_leg {
+        // The operator repairs every device and re-adds the legs that are out.
+        if !self.faulted().is_empty() {
+            self.repair_all();
+            self.recover_all()?;
+        }
+        self.note_legs()?;
+        let mut tries = 0;
+        while let Some(&l) = self.out.iter().next() {
+            tries += 1;
+            if tries > 4 {
+                return Err(format!("leg{l} cannot be re-added"));
+            }
             let n = self.rng.pick(&self.live());
             self.re_add(n, l)?;
             self.recover_all()?;
+            self.note_legs()?;
         }
         self.check_converged("at the end")?;
-        for n in self.live() {
-            self.read_all(n)?;
-        }
-        Ok(())
+        // The legs are identical now: one node's reads check the read path.
+        let n = self.rng.pick(&self.live());
+        self.read_all(n)
     }
 
     /// Ends the simulation: stopped threads return, every node leaves.
@@ -1315,6 +1868,7 @@ fn run_seed(seed: u64) -> Result<(Stats, Vec<String>), (String, Vec<String>)> {
         let mut sim = Sim::new(seed).map_err(|e| (e, Vec::new()))?;
         let r = sim.run();
         let t = sim.teardown();
+        keep_legs(&sim.legs);
         let trace = std::mem::take(&mut *sim.trace.lock().unwrap());
         match r.and(t) {
             Ok(()) => Ok((sim.stats, trace)),
@@ -1343,6 +1897,11 @@ fn run_seed(seed: u64) -> Result<(Stats, Vec<String>), (String, Vec<String>)> {
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// Whether the environment variable `name` is 1.
+fn env_on(name: &str) -> bool {
+    env_u64(name) == Some(1)
 }
 
 /// Reports a seed that stops making progress, then ends the process.
@@ -1383,6 +1942,8 @@ fn start_watchdog(stall: Duration) {
 fn cluster_simulation() {
     start_watchdog(Duration::from_secs(env_u64("SIM_STALL_SECS").unwrap_or(60)));
     if let Some(seed) = env_u64("SIM_SEED") {
+        // The product's log with RUST_LOG (e.g. RUST_LOG=info), as the trace goes.
+        let _ = env_logger::builder().is_test(true).try_init();
         // SIM_REPEAT: run it again and again (outcomes must not depend on timing).
         for _ in 0..env_u64("SIM_REPEAT").unwrap_or(1) {
             match run_seed(seed) {
@@ -1431,7 +1992,7 @@ fn cluster_simulation() {
     });
     let total = *total.lock().unwrap();
     println!(
-        "cluster simulation: {} seeds in {:.1?}: {} writes ({} racing a recovery, {} interrupted by a crash), {} reads, {} daemon passes, {} crashes ({} during a recovery), {} recoveries, {} chunks recovered, {} restarts, {} legs failed, {} re-added",
+        "cluster simulation: {} seeds in {:.1?}: {} writes ({} racing a recovery, {} interrupted by a crash), {} reads, {} daemon passes, {} crashes ({} during a recovery), {} recoveries, {} chunks recovered, {} restarts, {} legs failed, {} re-added, {} leg faults ({} legs failed after one, {} operations and {} recoveries failed, {} joins refused by an unreadable leg)",
         total.seeds,
         t0.elapsed(),
         total.writes,
@@ -1445,7 +2006,12 @@ fn cluster_simulation() {
         total.chunks_recovered,
         total.restarts,
         total.legs_failed,
-        total.legs_re_added
+        total.legs_re_added,
+        total.faults,
+        total.legs_failed_by_faults,
+        total.failed_ops,
+        total.failed_recoveries,
+        total.joins_refused
     );
     let failures = failures.lock().unwrap();
     if !failures.is_empty() {

@@ -433,16 +433,17 @@ impl ClusterNode {
         // merged its chunks are ours to resync; if the merge failed, the slot stays
         // held (reads stay on one leg) and its recovery is tried again.
         self.array.bitmap.clear_remote_window_of(slot);
-        let n = match merged {
-            Ok(n) => n,
-            Err(e) => {
-                self.node.retry_recovery(slot);
-                return Err(e.into());
-            }
-        };
-        info!("node slot {slot} died with {n} dirty chunks");
-        // It may have been rebuilding a leg: nobody else finishes that.
-        self.array.take_over_recoveries(slot)?;
+        let taken = merged.map_err(NodeError::from).and_then(|n| {
+            info!("node slot {slot} died with {n} dirty chunks");
+            // It may have been rebuilding a leg: nobody else finishes that.
+            self.array.take_over_recoveries(slot)?;
+            Ok(())
+        });
+        if let Err(e) = taken {
+            // The slot is still held: nobody else recovers it, so we try again.
+            self.node.retry_recovery(slot);
+            return Err(e);
+        }
         // Its bits are ours now: our reads of its chunks go to one leg until they
         // are resynced. The other survivors' reads go to one leg as long as the
         // slot is held (their watch is not granted, or corosync counts fewer

@@ -427,6 +427,7 @@ fn finish(array: &Array, kind: Kind, iovs: &[libc::iovec], last: io::Result<()>)
             failed,
             incomplete,
         } => {
+            let any_failed = !failed.is_empty();
             let last_err = record_failures(array, failed, "write error");
             if let (Some(e), Some(fenced)) = (&last_err, array.refused_by_fence()) {
                 // No leg was failed: the write is on some legs only.
@@ -434,21 +435,22 @@ fn finish(array: &Array, kind: Kind, iovs: &[libc::iovec], last: io::Result<()>)
                 return Err(io::Error::new(e.kind(), fenced));
             }
             let unrecorded = array.failure_unrecorded();
-            // A leg that took only part of the write differs from the others there:
-            // the chunk stays to be resynced.
+            // A leg that took only part of the write, or failed it and was kept (the
+            // last in-sync one), differs from the others there: the chunk stays to be
+            // resynced.
             if unrecorded {
                 // The write is over on the legs before the failure is recorded (that
                 // may wait for the token, held by a node whose new resync window
                 // waits for this write); it is written again below.
                 array
                     .bitmap
-                    .end_write(sector, sectors, incomplete.is_some());
+                    .end_write(sector, sectors, incomplete.is_some() || any_failed);
                 array.settle_failures()?;
             } else {
                 let settled = array.settle_failures();
                 array
                     .bitmap
-                    .end_write(sector, sectors, incomplete.is_some());
+                    .end_write(sector, sectors, incomplete.is_some() || any_failed);
                 settled?;
             }
             if let Some(e) = incomplete {

@@ -712,7 +712,10 @@ impl Array {
         change: impl FnOnce(&mut Superblock),
     ) -> io::Result<()> {
         let mut meta = lock(&self.meta);
+        let before = meta.sb.clone();
         change(&mut meta.sb);
+        // The events of the last update some leg took, if any.
+        let mut taken = None;
         loop {
             let seen = self.failures_seen.load(Ordering::Acquire);
             let members = self.members();
@@ -770,8 +773,18 @@ impl Array {
                     Err(e) => self.fail(m, &format!("superblock write failed: {e}")),
                 }
             }
+            if written > 0 {
+                taken = Some(events);
+            }
             if self.failures_seen.load(Ordering::Acquire) == seen {
                 if written == 0 {
+                    // The superblocks on disk are as they were: so is ours. Counted
+                    // ahead of them, it would make this node ignore the next updates
+                    // of other nodes (`reload_superblocks` takes only newer ones).
+                    match taken {
+                        Some(e) => meta.sb.events = e,
+                        None => meta.sb = before,
+                    }
                     return Err(io::Error::other("no leg accepted the superblock update"));
                 }
                 for m in members.iter().flatten() {
@@ -1052,11 +1065,14 @@ impl Array {
                 // Recording the failure may wait for the token, which a node
                 // announcing a resync window over this write holds until our writes
                 // there are over: the write is over on the legs (see `rewrite_after_failure`).
-                self.bitmap.end_write(sector, sectors, false);
+                // A leg that failed the write and was kept (the last in-sync one)
+                // differs there from a leg being rebuilt that took it: the chunk stays
+                // to be resynced.
+                self.bitmap.end_write(sector, sectors, last_err.is_some());
                 self.settle_failures()?;
             } else {
                 let settled = self.settle_failures();
-                self.bitmap.end_write(sector, sectors, false);
+                self.bitmap.end_write(sector, sectors, last_err.is_some());
                 settled?;
             }
             if ok_in_sync == 0 {
@@ -1138,26 +1154,48 @@ impl Array {
         let sb = self.superblock();
         let g = self.bitmap.geometry();
         let legs = self.in_sync();
-        let (first, others) = legs
-            .split_first()
-            .ok_or_else(|| io::Error::other("no in-sync leg to read the bitmap from"))?;
-        let mut theirs = super::metadata::read_slot(&*first.leg, &sb, g, slot)
-            .map_err(|e| io::Error::other(format!("bitmap of node slot {slot}: {e}")))?;
-        // The first leg is the resync source and must be read; the others only add bits.
-        for m in others {
+        if legs.is_empty() {
+            return Err(io::Error::other("no in-sync leg to read the bitmap from"));
+        }
+        // Every readable copy adds its bits. A leg whose copy cannot be read is
+        // left out, as a read of guest data skips it: the node set a bit on every
+        // in-sync leg before writing under it, so the other copies have it too.
+        let mut theirs: Option<super::metadata::SlotBitmap> = None;
+        let mut unread = None;
+        for m in &legs {
             match super::metadata::read_slot(&*m.leg, &sb, g, slot) {
-                Ok(b) => {
-                    theirs.bits.merge(&b.bits);
+                Ok(b) => match theirs.as_mut() {
+                    Some(t) => {
+                        t.bits.merge(&b.bits);
+                    }
+                    None => theirs = Some(b),
+                },
+                Err(e) => {
+                    warn!("leg {}: bitmap of node slot {slot}: {e}", m.name());
+                    unread = Some(e);
                 }
-                Err(e) => warn!("leg {}: bitmap of node slot {slot}: {e}", m.name()),
             }
         }
+        let theirs = match (theirs, unread.as_ref()) {
+            (Some(t), _) => t,
+            (None, e) => {
+                return Err(io::Error::other(format!(
+                    "bitmap of node slot {slot}: {}",
+                    e.map(|e| e.to_string()).unwrap_or_default()
+                )))
+            }
+        };
         let dirty = theirs.bits.count_dirty();
-        if dirty == 0 {
+        // A copy that was not read (unreadable, or on a leg being rebuilt) may still
+        // hold bits, of a bitmap write the node did not finish: cleared too.
+        let all_read = unread.is_none() && self.writable().len() == legs.len();
+        if dirty == 0 && (!clear || all_read) {
             return Ok(0);
         }
-        self.bitmap.mark_needed(&theirs.bits);
-        self.bitmap.flush(self)?;
+        if dirty > 0 {
+            self.bitmap.mark_needed(&theirs.bits);
+            self.bitmap.flush(self)?;
+        }
         if clear {
             let off = g
                 .slot_offset(sb.super_offset, sb.bitmap_offset, slot)
@@ -1237,11 +1275,13 @@ impl Array {
 
     fn copy_range(&self, start: u64, end: u64) -> io::Result<u64> {
         const STEP: u64 = 2048; // 1 MiB
-        let mut buf = crate::storage::AlignedBuf::zeroed((STEP * 512) as usize);
+                                // No larger than the range: a chunk of a few KiB costs no 1 MiB buffer.
+        let step = STEP.min(end.saturating_sub(start)).max(1);
+        let mut buf = crate::storage::AlignedBuf::zeroed((step * 512) as usize);
         let mut pos = start;
         let mut copied = 0;
         while pos < end {
-            let n = STEP.min(end - pos);
+            let n = step.min(end - pos);
             let data = &mut buf.as_mut_slice()[..(n * 512) as usize];
             let mut src = None;
             for m in self.in_sync() {
@@ -1307,7 +1347,7 @@ impl Array {
     /// Takes over the rebuild of legs another node was rebuilding (it may have
     /// died): they become ours to finish. Returns whether there were any.
     pub fn take_over_recoveries(&self, dead: u32) -> io::Result<bool> {
-        let mut any = false;
+        let mut taken = Vec::new();
         let mut guided = true;
         for m in self.members().iter().flatten() {
             let by = m.rebuilt_by.load(Ordering::Acquire);
@@ -1318,18 +1358,24 @@ impl Array {
             if m.state() == LegState::Recovering && m.remote_recovery.swap(false, Ordering::AcqRel)
             {
                 info!("leg {}: this node takes over its rebuild", m.name());
-                any = true;
+                taken.push(m.clone());
                 guided &= m.bitmap_guided.load(Ordering::Relaxed);
             }
         }
-        if any {
+        if !taken.is_empty() {
             if guided {
-                self.gather_other_slots()?;
+                if let Err(e) = self.gather_other_slots() {
+                    // Not ours yet: taken over again when the recovery is retried.
+                    for m in &taken {
+                        m.remote_recovery.store(true, Ordering::Release);
+                    }
+                    return Err(e);
+                }
             } else {
                 self.bitmap.mark_all_needed();
             }
         }
-        Ok(any)
+        Ok(!taken.is_empty())
     }
 
     /// Whether any leg is recovering.
