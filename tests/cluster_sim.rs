@@ -1209,8 +1209,11 @@ impl Sim {
                     if holding.is_empty() {
                         return self.resync_all();
                     }
+                    // A node can hold a slot before it reads balanced reads off: the
+                    // survivor just granted a slot another one released has not yet
+                    // marked it gone. Whoever reports next is handled.
                     let mut sel = crossbeam_channel::Select::new();
-                    for &n in &holding {
+                    for &n in &live {
                         sel.recv(&self.nodes[n].cn.node.dead);
                     }
                     if sel.ready_timeout(WAIT).is_err() {
