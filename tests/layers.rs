@@ -190,16 +190,6 @@ const NOT_YET: &[(&str, &str, &str)] = &[
         "raid1",
         "the receive path applies messages to the Array directly, until the cluster sends typed events to an owner in serve",
     ),
-    (
-        "cluster::node",
-        "raid1::array",
-        "MetadataSync is implemented on the Array's trait, until it moves to raid1::port",
-    ),
-    (
-        "cluster::node",
-        "raid1::metadata",
-        "joining assembles the legs with raid1's metadata reader",
-    ),
 ];
 
 #[test]

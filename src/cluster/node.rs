@@ -6,8 +6,7 @@ use super::comms::CommsError;
 use super::membership::{JoinError, Node};
 use crate::dlm::LockSpace;
 use crate::md::message::{ClusterMsg, MsgType};
-use crate::raid1::array::MetadataSync;
-use crate::raid1::metadata::LegMetadata;
+use crate::raid1::port::MetadataSync;
 use crate::raid1::Array;
 use crate::storage::Leg;
 use log::info;
@@ -236,14 +235,8 @@ impl ClusterNode {
         let first = legs
             .first()
             .ok_or_else(|| NodeError::Array("no legs".into()))?;
-        let meta = LegMetadata::load(&**first)
-            .map_err(|e| NodeError::Array(format!("leg {}: {e}", first.name())))?;
-        if !meta.bitmap().is_clustered() {
-            return Err(NodeError::Array(
-                "the array's bitmap is not clustered (create it with --cluster-name)".into(),
-            ));
-        }
-        let nodes = meta.bitmap().slots();
+        let nodes = crate::raid1::port::node_slots(&**first)
+            .map_err(|e| NodeError::Array(e.to_string()))?;
         // Messages that arrive before the array exists are kept and applied once
         // it does: a window announced or ended meanwhile must not be lost.
         let early: Arc<Mutex<Early>> = Arc::new(Mutex::new(Early::default()));
@@ -461,7 +454,7 @@ impl ClusterNode {
 mod tests {
     use super::*;
     use crate::dlm::local::{HoldingMember, LocalDlm};
-    use crate::raid1::metadata::{create_array, NewArray};
+    use crate::raid1::metadata::{create_array, LegMetadata, NewArray};
     use crate::storage::MemLeg;
     use std::io::IoSlice;
     use std::time::Duration;

@@ -13,24 +13,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Coordinates superblock updates with other nodes: runs `write` while no other
-/// node can write superblocks, then tells the others to re-read them.
-pub trait MetadataSync: Send + Sync {
-    /// Runs `write` (which writes the superblocks) under the cluster's token.
-    fn update(&self, write: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()>;
-    /// Tells the other nodes that leg `dev_number` is being re-added here.
-    fn re_adding(&self, dev_number: u32) -> io::Result<()>;
-    /// Tells the other nodes that faulty leg `dev_number` is being removed here.
-    fn removing(&self, dev_number: u32) -> io::Result<()>;
-    /// Announces new device `dev_number` (`device_uuid`) and, once every other
-    /// node found it, runs `write` (the superblocks giving it its role).
-    fn add_device(
-        &self,
-        dev_number: u32,
-        device_uuid: Uuid,
-        write: &mut dyn FnMut() -> io::Result<()>,
-    ) -> io::Result<()>;
-}
+pub use super::port::MetadataSync;
 
 /// State of one member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -6,6 +6,7 @@ pub mod array;
 pub mod manage;
 pub mod metadata;
 mod offload;
+pub mod port;
 
 pub use aio::AsyncIo;
 pub use array::{Array, AssembleError, AssembleReport, LegState, Member};
