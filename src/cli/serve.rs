@@ -193,6 +193,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
             r.queues
         ))
     })
+    .map_err(|e| e.to_string())
 }
 
 /// With --create-size: when every leg is missing, create the images and a new

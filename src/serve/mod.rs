@@ -3,19 +3,22 @@
 //!
 //! Both sockets are made before the legs are touched: a path that is not a socket,
 //! or a socket another process serves, stops the start with the array untouched.
+//! The phases of a run are in `root`; this module has the configuration, the
+//! sockets, the legs, the lock managers' set-up and the threads they start.
 
 pub mod control;
 mod line;
 pub mod multihost;
 pub mod rejoin;
 mod resync;
+mod root;
 
 use crate::dlm::cpg::OurGroup;
 use crate::dlm::libdlm::LibDlmMember;
 use crate::raid1::Array;
 use crate::storage::{Claim, Faults, FaultyLeg, Fence, FencedLeg, FileLeg, Leg, OpenMode};
 use crate::unixsock::{self, Perms};
-use crate::vhost::{BlockBackend, BlockConfig};
+use crate::vhost::BlockBackend;
 use log::{error, info, warn};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -28,6 +31,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 pub use resync::ResyncProgress;
+pub use root::{run, ServeError};
 
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
@@ -369,294 +373,6 @@ pub struct Ready {
     pub socket: PathBuf,
     /// Queues offered to the front-end.
     pub queues: usize,
-}
-
-/// Runs `serve` on `sockets` (from [`bind_sockets`]) until a signal, calling
-/// `ready` once the vhost-user socket serves; returns the process exit status
-/// message on errors that prevent starting.
-pub fn run(
-    config: ServeConfig,
-    sockets: Sockets,
-    ready: impl FnOnce(&Ready),
-) -> Result<(), String> {
-    let Sockets {
-        vhost,
-        control,
-        _paths: [vhost_bound, control_bound],
-        inherited: rejoining,
-    } = sockets;
-    let fence = Fence::new();
-    let legs = open_legs(&config, &fence)?;
-    // Set by the thread that saw the lock manager come back: restart to rejoin.
-    let rejoin = Arc::new(AtomicBool::new(false));
-    // The multi-host heartbeat of an array served alone: marked stopped when
-    // dropped (after the array is clean, or when the start fails).
-    let mut heartbeat: Option<multihost::Running> = None;
-    // Membership in our corosync group (lock manager `dlm`): kept until the lockspace
-    // is released (declared before `cluster`, so dropped after it).
-    let mut _our_group: Option<OurGroup> = None;
-    // Our DLM lockspace (lock manager `dlm`), released explicitly at shutdown.
-    let mut libdlm: Option<Arc<LibDlmMember>> = None;
-    let (array, left_out, cluster) = match &config.lock_manager {
-        LockManager::Local => {
-            if let Some(first) = legs.first() {
-                // Before anything is written: the other nodes of a clustered array
-                // cannot see this process's locks.
-                if let Ok(m) = crate::raid1::metadata::LegMetadata::load(&**first) {
-                    if m.bitmap().is_clustered() {
-                        return Err(format!(
-                            "array {} is clustered ({} node slots): its other nodes cannot see a local lock manager; serve it with --lock-manager dlm (hosts sharing the legs) or --lock-manager lockd:PATH (nodes on this host)",
-                            m.sb.set_uuid,
-                            m.bitmap().nodes
-                        ));
-                    }
-                    // Other hosts cannot see our locks either: a heartbeat on the
-                    // legs keeps them out (and us, while another host serves).
-                    let mut mh = multihost::Multihost::open(
-                        &config.legs,
-                        m.sb.set_uuid,
-                        &hostname(),
-                        config.heartbeat_interval,
-                        fence.clone(),
-                    )?;
-                    mh.claim(config.force)?;
-                    if !mh.is_empty() {
-                        heartbeat = Some(
-                            mh.spawn()
-                                .map_err(|e| format!("cannot start the heartbeat thread: {e}"))?,
-                        );
-                    }
-                }
-            }
-            let (array, report) = Array::assemble(legs).map_err(|e| e.to_string())?;
-            let array = Arc::new(array);
-            // The only node: every other node slot's dirty bits are ours to resync.
-            let taken = array
-                .merge_other_slots()
-                .map_err(|e| format!("cannot take over the other node slots' bitmaps: {e}"))?;
-            if taken > 0 {
-                info!("took over {taken} dirty chunks from other node slots");
-            }
-            (array, report.left_out_legs, None)
-        }
-        LockManager::Lockd(_) | LockManager::Dlm => {
-            let first = legs.first().ok_or("no legs")?;
-            let sb = crate::raid1::metadata::read_superblock(&**first)
-                .map_err(|e| format!("leg {}: {e}", first.name()))?;
-            let name = sb.set_uuid.lockspace_name();
-            let ls: Arc<dyn crate::dlm::LockSpace> = match &config.lock_manager {
-                LockManager::Lockd(path) => {
-                    let m = connect_lockd(path, &name, &fence, &rejoin, rejoining)?;
-                    Arc::new(m)
-                }
-                _ => {
-                    let (group, m) = join_dlm(&name, &sb.set_uuid.to_string(), rejoining)?;
-                    watch_dlm(&m, group.as_ref(), &fence, &rejoin)?;
-                    _our_group = group;
-                    libdlm = Some(m.clone());
-                    m
-                }
-            };
-            let node = crate::cluster::node::ClusterNode::join(ls, legs)
-                .map_err(|e| format!("cannot join the cluster: {e}"))?;
-            info!(
-                "joined array {} as node slot {}",
-                sb.set_uuid, node.node.slot
-            );
-            let dirs: Vec<PathBuf> = config
-                .legs
-                .iter()
-                .filter(|p| p.is_file())
-                .filter_map(|p| p.parent().map(Path::to_path_buf))
-                .chain(std::iter::once(PathBuf::from("/dev/disk/by-id")))
-                .collect();
-            let direct = !config.buffered;
-            let f = fence.clone();
-            node.set_device_finder(Box::new(move |uuid| find_device(&dirs, uuid, direct, &f)));
-            let node = Arc::new(node);
-            if let Some(g) = &_our_group {
-                let weak = Arc::downgrade(&node);
-                g.on_members(move |n| {
-                    if let Some(node) = weak.upgrade() {
-                        node.peers_alive(n);
-                    }
-                })?;
-            }
-            (node.array.clone(), Vec::new(), Some(node))
-        }
-    };
-    array.set_fence(fence.clone());
-    array
-        .counters
-        .resync_max_rate
-        .store(config.resync_max_rate, Ordering::Relaxed);
-    // From here on a signal stops us through the clean shutdown below.
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-        signal_hook::consts::SIGUSR1,
-        signal_hook::consts::SIGUSR2,
-    ])
-    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    array
-        .mark_active()
-        .map_err(|e| format!("cannot mark the array active: {e}"))?;
-    info!(
-        "array {} assembled: {} sectors, {} of {} legs in sync{}, {} chunks to resync",
-        array.uuid,
-        array.size,
-        array
-            .members()
-            .iter()
-            .flatten()
-            .filter(|m| m.state() == crate::raid1::LegState::InSync)
-            .count(),
-        array.members().len(),
-        if array.clustered {
-            format!(
-                " (clustered bitmap, this node writes slot {})",
-                array.own_slot
-            )
-        } else {
-            String::new()
-        },
-        array.bitmap.stats().needed
-    );
-    // The guest's logical block: the largest of the legs' (a leg with 4 KiB
-    // logical blocks under direct I/O cannot write less; see `Limits::block_size`).
-    let block_size = array
-        .members()
-        .iter()
-        .flatten()
-        .filter_map(|m| m.leg.raw_fd().map(|(_, align)| align as u32))
-        .chain(std::iter::once(512))
-        .max()
-        .unwrap_or(512);
-    let role = match &cluster {
-        None => crate::cluster::writer::WriterRole::local(),
-        Some(node) => {
-            crate::cluster::writer::WriterRole::cluster(&node.node.comms, config.shared_writes)
-                .map_err(|e| format!("cannot create the writer role lock: {e}"))?
-        }
-    };
-    let backend = Arc::new(
-        BlockBackend::new(
-            array.clone(),
-            BlockConfig {
-                queues: config.queues,
-                read_only: config.read_only,
-                block_size,
-            },
-        )
-        .with_writer_gate(Arc::new(RoleGate(role))),
-    );
-    if let Err(e) = backend.enable_async_io() {
-        warn!("io_uring unavailable ({e}): leg I/O runs synchronously");
-    }
-    let stopping = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(ResyncProgress::default());
-    let service = Arc::new(Service {
-        array: array.clone(),
-        backend: backend.clone(),
-        progress: progress.clone(),
-        stopping: stopping.clone(),
-        config: config.clone(),
-        cluster: cluster.clone(),
-        fence: fence.clone(),
-    });
-    array.set_detached(left_out);
-
-    let resync_thread = match &cluster {
-        None => resync::spawn(array.clone(), progress, stopping.clone()),
-        Some(node) => resync::spawn_cluster(node.clone(), progress, stopping.clone()),
-    }
-    .map_err(|e| format!("cannot start the resync thread: {e}"))?;
-    let daemon_thread = spawn_bitmap_daemon(array.clone(), stopping.clone())
-        .map_err(|e| format!("cannot start the bitmap thread: {e}"))?;
-    let control = control::Server::new(control, service.clone());
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || control.run())
-        .map_err(|e| e.to_string())?;
-
-    let be = backend.clone();
-    let stop = stopping.clone();
-    // The connection thread owns the listener and drops it when it ends, which a
-    // front-end leaving during the drain before a rejoin lets it do before the new
-    // process is started: this copy keeps the socket listening for that process.
-    let kept_listener = vhost
-        .try_clone()
-        .map_err(|e| format!("cannot keep the vhost-user socket: {e}"))?;
-    let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&kept_listener);
-    let listener = Listener::from(vhost);
-    std::thread::Builder::new()
-        .name("vhost-user".into())
-        .spawn(move || serve_connections(be, listener, stop))
-        .map_err(|e| e.to_string())?;
-    info!(
-        "serving on {} (control {})",
-        config.socket.display(),
-        config.control.display()
-    );
-    ready(&Ready {
-        uuid: array.uuid.to_string(),
-        socket: config.socket.clone(),
-        queues: config.queues,
-    });
-
-    let sig = signals.forever().find(|&s| {
-        let name = match s {
-            signal_hook::consts::SIGHUP => "SIGHUP",
-            signal_hook::consts::SIGUSR1 => "SIGUSR1",
-            // Sent by this process when it is to restart and rejoin.
-            signal_hook::consts::SIGUSR2 => return rejoin.load(Ordering::SeqCst),
-            _ => return true,
-        };
-        info!("{name} ignored (SIGINT or SIGTERM stop serve)");
-        false
-    });
-    stopping.store(true, Ordering::SeqCst);
-    // A resync in progress ends after its current chunk.
-    array.halt_resync();
-    if rejoin.load(Ordering::SeqCst) {
-        // Fenced, and the lock manager is back: finish what is in flight (nothing
-        // new is written), then start over as a new node, keeping the socket.
-        info!("restarting to rejoin: draining the requests in flight");
-        backend.drain();
-        let _ = resync_thread.join();
-        let _ = daemon_thread.join();
-        // The new process joins afresh: no lockspace of ours may be left on this
-        // host (released when the loss was seen; this is at most a no-op), nor our
-        // membership of the CPG group, which corosync would keep for this pid.
-        if let Some(m) = &libdlm {
-            m.release();
-        }
-        drop(_our_group.take());
-        drop(control_bound);
-        let e = rejoin::reexec(listen_fd);
-        return Err(format!("cannot restart to rejoin the cluster: {e}"));
-    }
-    info!("signal {sig:?}: shutting down");
-    backend.drain();
-    let _ = resync_thread.join();
-    let _ = daemon_thread.join();
-    shutdown_array(&array, cluster.is_some());
-    if let Some(node) = &cluster {
-        if let Err(e) = node.leave() {
-            warn!("cannot tell the other nodes we leave: {e}");
-        }
-    }
-    // Threads of the cluster node (watches) keep the member alive: leave explicitly, so
-    // that no lockspace stays joined on this host once we are gone.
-    if let Some(m) = libdlm {
-        m.release();
-        info!("left the DLM lockspace");
-    }
-    drop(heartbeat);
-    drop(control_bound);
-    drop(vhost_bound);
-    Ok(())
 }
 
 /// This host's name (for the heartbeat's messages).
