@@ -313,13 +313,12 @@ impl Conn {
 // A client: load and journal.
 
 /// Whether a read made while the lock manager was away pins what later reads may
-/// return (`NEMESIS_STRICT_FENCED_READS=1`). Not by default: a fenced node counts
-/// the leg writes its fence refuses as leg failures (in memory: it cannot record
-/// them), so a write under way when the fence went up can land on one leg only
-/// and the fenced node then reads that leg; once it has rejoined, the resync of
-/// its old slot's dirty chunks copies the other (first) leg over it, and a later
-/// read returns the older data again. Such a write failed, so either value is
-/// allowed; only the return to the older one after a read saw the newer is not.
+/// return (`NEMESIS_STRICT_FENCED_READS=1`). Not by default: a write under way when
+/// the fence went up can land on one leg only (it fails), the fenced node goes on
+/// reading and may read that leg, and once it has rejoined, the resync of its old
+/// slot's dirty chunks copies the first leg over the other: a later read returns
+/// the older data again. Either value is allowed for a failed write; only the
+/// return to the older one after a read saw the newer is not.
 fn strict_fenced_reads() -> bool {
     std::env::var_os("NEMESIS_STRICT_FENCED_READS").is_some()
 }
