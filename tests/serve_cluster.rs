@@ -947,3 +947,58 @@ fn as_many_nodes_as_slots_started_at_the_same_moment_all_join() {
         }
     }
 }
+
+/// A node that wrote nothing re-adds a failed leg while another node wrote chunks
+/// the leg lacks: those chunks, known only once the other slots are gathered
+/// (after the metadata update, which a stalled in-sync leg holds up here), are
+/// copied to the re-added leg before it counts as in sync, never from it.
+#[test]
+fn a_leg_re_added_is_not_in_sync_before_the_other_nodes_chunks_are_known() {
+    let lockd = Lockd::start();
+    let d = tempfile::tempdir().unwrap();
+    let legs = clustered(d.path(), 2, "64M");
+    let release = d.path().join("release");
+    std::fs::File::create(&release).unwrap();
+    // Node 2's writes to leg 1 (superblocks included) stall while `release` is missing.
+    let fault = format!(
+        "1:stall-writes-from=4096,stall-until-file={}",
+        release.display()
+    );
+    let n1 = node(d.path(), "n1", &lockd, &legs, &[]);
+    let n2 = node(d.path(), "n2", &lockd, &legs, &["--inject-fault", &fault]);
+    let (ok, out) = n1.manage("fail", &legs[0]);
+    assert!(ok, "{out}");
+    let mut c1 = Client::connect(&n1.socket, 1, BLOCK);
+    write_pattern(&mut c1, 31, 0, 4 * MIB);
+
+    std::fs::remove_file(&release).unwrap();
+    let r = release.clone();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        std::fs::File::create(&r).unwrap();
+    });
+    let (ok, out) = n2.manage("re-add", &legs[0]);
+    assert!(ok, "{out}");
+    releaser.join().unwrap();
+    for n in [&n1, &n2] {
+        n.wait_for("leg 0 back in sync", |s| {
+            leg_state(s, &legs[0]) == "in-sync"
+                && s["degraded"] == false
+                && s["resync"]["active"] == false
+                && s["resync"]["remaining_chunks"] == 0
+        });
+    }
+    let mut c2 = Client::connect(&n2.socket, 1, BLOCK);
+    check_pattern(&mut c2, 31, 0, 4 * MIB, "node 2");
+    check_pattern(&mut c1, 31, 0, 4 * MIB, "node 1");
+    drop((c1, c2));
+    for mut n in [n1, n2] {
+        assert!(n.stop().success());
+    }
+    let a = data_area(&legs[0]);
+    assert!(a == data_area(&legs[1]), "legs identical");
+    assert!(
+        a[..4 * MIB as usize] == pattern(31, 0, 4 * MIB as usize)[..],
+        "node 1's writes are on both legs"
+    );
+}

@@ -221,7 +221,7 @@ fn a_node_keeps_its_socket_across_a_rejoin_when_the_front_end_leaves_during_the_
     let dir = tempfile::tempdir().unwrap();
     let legs = clustered(dir.path());
     let lsock = dir.path().join("lockd.sock");
-    let mut ld = lockd(&lsock);
+    let mut ld = Reaped(lockd(&lsock));
     let release = dir.path().join("release");
     std::fs::File::create(&release).unwrap();
     let lm = format!("lockd:{}", lsock.display());
@@ -262,9 +262,9 @@ fn a_node_keeps_its_socket_across_a_rejoin_when_the_front_end_leaves_during_the_
         wait_log("stalls until", round as usize);
         // The lock manager goes and comes back: the node drains (the stalled write
         // holds it), and meanwhile its front-end leaves.
-        ld.kill().unwrap();
-        ld.wait().unwrap();
-        ld = lockd(&lsock);
+        ld.0.kill().unwrap();
+        ld.0.wait().unwrap();
+        ld = Reaped(lockd(&lsock));
         wait_log("restarting to rejoin: draining", round as usize);
         drop(c);
         std::thread::sleep(Duration::from_millis(100));
@@ -282,6 +282,15 @@ fn a_node_keeps_its_socket_across_a_rejoin_when_the_front_end_leaves_during_the_
     assert_eq!(c.buf(), &pattern(10, 0, BLOCK)[..]);
     drop(c);
     drop(a);
-    let _ = ld.kill();
-    let _ = ld.wait();
+    drop(ld);
+}
+
+/// A child process killed when dropped (also when a test fails).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

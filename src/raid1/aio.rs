@@ -616,6 +616,19 @@ impl Array {
                 return;
             }
         };
+        if let Some(why) = self.fence_reason() {
+            // A fenced node writes nothing. A write that waited for another node's
+            // resync window ends here: with the lock manager gone, that window
+            // may never be lifted (its node's death cannot be seen any more).
+            io.done.push((
+                token,
+                Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("this node is fenced ({why}): nothing is written"),
+                )),
+            ));
+            return;
+        }
         match self.bitmap.try_start_write(sector, sectors, self) {
             Ok(true) => {}
             Ok(false) => {
@@ -789,6 +802,40 @@ mod tests {
             iovs.into_boxed_slice(),
             array.writable(),
         ))
+    }
+
+    #[test]
+    fn a_write_held_by_another_nodes_window_fails_once_the_node_is_fenced() {
+        let d = tempfile::tempdir().unwrap();
+        let array = file_array(d.path(), 16 << 20);
+        let fence = crate::storage::Fence::new();
+        array.set_fence(fence.clone());
+        let mut io = AsyncIo::new(8).unwrap();
+        // Another node resyncs the first chunk: a write there waits for it.
+        array.bitmap.set_remote_window(1, 0, 2048);
+        let data = vec![0x5au8; 4096];
+        let iovs = vec![libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        }];
+        // SAFETY: `data` outlives the request, which ends below.
+        unsafe { array.submit_write(&mut io, 1, 8, iovs) };
+        io.submit().unwrap();
+        io.reap(&array);
+        assert_eq!(io.in_flight(), 1, "held by the window");
+        assert!(io.take_done().is_empty());
+        // The lock manager goes: that node's death can no longer be seen, so its
+        // window is never lifted. The write, on no leg yet, fails instead of
+        // holding up the drain before the rejoin for ever.
+        fence.raise("lock manager lost");
+        io.reap(&array);
+        assert_eq!(io.in_flight(), 0, "the write still waits");
+        let done = io.take_done();
+        assert_eq!(done.len(), 1);
+        assert!(done[0].1.is_err(), "a fenced node's write succeeded");
+        let mut back = vec![0u8; 4096];
+        array.read(8, &mut [IoSliceMut::new(&mut back)]).unwrap();
+        assert!(back.iter().all(|&b| b == 0), "nothing was written");
     }
 
     #[test]

@@ -62,6 +62,9 @@ pub struct Member {
     /// Its rebuild copies only chunks dirty in the bitmaps (a re-add), recorded
     /// as RECOVERY_BITMAP; otherwise the whole array is copied.
     pub(crate) bitmap_guided: AtomicBool,
+    /// A re-add has not yet marked every chunk the leg lacks (the other nodes'
+    /// are gathered after the metadata update): it is not declared in sync.
+    pub(super) gathering: AtomicBool,
 }
 
 impl Member {
@@ -296,6 +299,7 @@ impl Array {
                     bitmap_guided: AtomicBool::new(
                         m.sb.feature_map & feature::RECOVERY_BITMAP != 0,
                     ),
+                    gathering: AtomicBool::new(false),
                 })
             };
             let why = if r == role::FAULTY {
@@ -1306,7 +1310,10 @@ impl Array {
         }
         let mut promoted = false;
         for m in self.members().iter().flatten() {
-            if m.state() == LegState::Recovering && !m.remote_recovery.load(Ordering::Acquire) {
+            if m.state() == LegState::Recovering
+                && !m.remote_recovery.load(Ordering::Acquire)
+                && !m.gathering.load(Ordering::Acquire)
+            {
                 m.state
                     .compare_exchange(
                         LegState::Recovering as u8,

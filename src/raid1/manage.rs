@@ -178,6 +178,14 @@ impl Array {
             member
                 .remote_recovery
                 .store(false, std::sync::atomic::Ordering::Relaxed);
+            // Until the other nodes' chunks are marked below, the chunks needed so
+            // far are not all the leg lacks: it must not be declared in sync (it
+            // would then be read, and copied from, where it is stale). Left set if
+            // the re-add fails: the leg stays recovering until it is re-added again.
+            member.gathering.store(
+                sync.is_some() && kind == RecoveryKind::Bitmap,
+                std::sync::atomic::Ordering::Release,
+            );
             self.set_slot(slot, Some(member.clone()));
             lock(&self.detached).retain(|m| !Arc::ptr_eq(m, &member));
             lock(&self.meta).faulty.retain(|&d| d != member.dev_number);
@@ -196,6 +204,9 @@ impl Array {
             if n > 0 {
                 info!("leg {name}: the other nodes wrote {n} chunks while it was out");
             }
+            member
+                .gathering
+                .store(false, std::sync::atomic::Ordering::Release);
         }
         info!(
             "leg {name}: re-added to slot {slot}; {} recovery of {} chunks",
@@ -310,6 +321,7 @@ impl Array {
             remote_recovery: std::sync::atomic::AtomicBool::new(false),
             rebuilt_by: std::sync::atomic::AtomicU32::new(super::array::NOBODY),
             bitmap_guided: std::sync::atomic::AtomicBool::new(false),
+            gathering: std::sync::atomic::AtomicBool::new(false),
         });
         let activate = || {
             let _joining = lock(&self.recovery);
@@ -393,6 +405,7 @@ impl Array {
             remote_recovery: std::sync::atomic::AtomicBool::new(true),
             rebuilt_by: std::sync::atomic::AtomicU32::new(from),
             bitmap_guided: std::sync::atomic::AtomicBool::new(false),
+            gathering: std::sync::atomic::AtomicBool::new(false),
         });
         let mut c = lock(&self.candidates);
         c.retain(|m| m.dev_number != dev_number);

@@ -338,6 +338,14 @@ impl BlockBackend {
     pub fn drain(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         drop(self.io_gate.write().unwrap_or_else(|e| e.into_inner()));
+        // Each worker looks at its deferred writes once more: on a fenced node they
+        // fail (see `Array::submit_write`) rather than wait for a resync window
+        // nobody will lift.
+        for q in &self.queues {
+            if let Some(waker) = lock(q).as_ref().and_then(|s| s.io.waker().ok()) {
+                let _ = waker.write(1);
+            }
+        }
         for i in 0..self.queues.len() {
             self.wait_idle(i, "shutting down");
         }
