@@ -13,14 +13,22 @@
 //!
 //! Leg faults (in 40 % of the seeds): a leg's device (every host sees it) fails
 //! writes with EIO, or with ENOSPC from some byte of the data area on (a full thin
-//! pool: metadata written before is rewritten fine), or reads with EIO, starting
-//! after a seeded number of its I/O calls of that kind. A fault is armed at a step,
-//! while a node recovers a dead node's slot (the merge of its bitmap, the take-over
-//! of its rebuilds, the resync of its dirty chunks), or while a node joins (the
-//! merge of the free slots' bitmaps); one at a time, never while racing work is in
-//! flight. The operator repairs the device later (at a step, after a recovery or a
-//! join failed, before re-adding a leg, at the end) and re-adds the legs the
-//! product failed.
+//! pool: metadata written before is rewritten fine), or reads with EIO; or its
+//! transfers are short: continued (a write or read done in two transfers at a
+//! sector boundary, as `FileLeg` and the io_uring path continue a short one; the
+//! host may crash between the two, tearing the write), or stopped (a part, then
+//! nothing: the error without an errno that `FileLeg` returns). A leg's I/O calls
+//! only see complete transfers or errors, so this is where a short transfer can be
+//! put under the product; the continuation loops themselves work on file
+//! descriptors (`FileLeg`'s around preadv/pwritev, the ring completions of
+//! `raid1::aio`, which a unit test feeds short completions).
+//! A fault starts after a seeded number of the device's I/O calls of its kind. It
+//! is armed at a step, while a node recovers a dead node's slot (the merge of its
+//! bitmap, the take-over of its rebuilds, the resync of its dirty chunks), or while
+//! a node joins (the merge of the free slots' bitmaps); one at a time, never while
+//! racing work is in flight. The operator repairs the device later (at a step,
+//! after a recovery or a join failed, before re-adding a leg, at the end) and
+//! re-adds the legs the product failed.
 //!
 //! Checked for every seed:
 //! - every acknowledged write reads back, through a live node and from every leg in
@@ -32,7 +40,8 @@
 //! - between operations, every live node holds the same legs faulty, each failed by
 //!   the operator or after a fault hit it, and keeps an in-sync leg (the last one is
 //!   never failed); the superblocks of the legs in service mark exactly those faulty;
-//! - an operation fails only while every in-sync leg has a fault;
+//! - an operation fails only while every in-sync leg has a fault that fails I/O
+//!   (a continued short transfer fails nothing);
 //! - a node that holds a dead node's slot recovers it (a failed recovery is retried);
 //! - nothing hangs and nothing panics.
 //!
@@ -267,12 +276,52 @@ enum FaultKind {
     NoSpace { from: u64 },
     /// Every read fails with EIO.
     ReadEio,
+    /// Writes stop short: the device takes a part and then nothing more, which
+    /// the storage layer reports as an error without an errno (as `FileLeg` does
+    /// when a write transfers 0 bytes).
+    StoppedWrite,
+    /// Reads stop short the same way (`FileLeg`: a read that transfers 0 bytes).
+    StoppedRead,
+    /// Writes are short: the device takes them in two transfers, the storage
+    /// layer continues the first (as `FileLeg` and the io_uring path do), and the
+    /// host may crash between the two (a write torn at a sector boundary).
+    SplitWrite,
+    /// Reads are short and continued the same way.
+    SplitRead,
 }
 
 impl FaultKind {
     fn on_writes(self) -> bool {
-        !matches!(self, FaultKind::ReadEio)
+        matches!(
+            self,
+            FaultKind::WriteEio
+                | FaultKind::NoSpace { .. }
+                | FaultKind::StoppedWrite
+                | FaultKind::SplitWrite
+        )
     }
+
+    /// Whether I/O calls it hits fail (a split transfer completes).
+    fn fails(self) -> bool {
+        !matches!(self, FaultKind::SplitWrite | FaultKind::SplitRead)
+    }
+
+    /// Whether reads it hits fail.
+    fn fails_reads(self) -> bool {
+        matches!(self, FaultKind::ReadEio | FaultKind::StoppedRead)
+    }
+}
+
+/// What the device does with one I/O call.
+enum Transfer {
+    /// All of it.
+    Whole,
+    /// Nothing: the call fails.
+    Fails(io::Error),
+    /// The first `n` bytes, then the rest in a second transfer.
+    Split(usize),
+    /// The first `n` bytes, then nothing: the call fails without an errno.
+    Stops(usize),
 }
 
 /// A fault armed on a device.
@@ -289,6 +338,8 @@ struct Device {
     fault: Mutex<Option<Fault>>,
     /// I/O calls the fault failed.
     hits: AtomicU64,
+    /// I/O calls the fault split in two transfers.
+    splits: AtomicU64,
 }
 
 impl Device {
@@ -311,27 +362,61 @@ impl Device {
         self.lock().map(|f| f.kind)
     }
 
-    /// Counts an I/O call against the fault; the error it gets, if it started.
-    fn check(&self, write: bool, off: u64, len: u64) -> io::Result<()> {
+    /// Counts an I/O call against the fault: what the device does with it.
+    fn transfer(&self, write: bool, off: u64, len: u64) -> Transfer {
         let mut g = self.lock();
         let Some(f) = g.as_mut() else {
-            return Ok(());
+            return Transfer::Whole;
         };
         if f.kind.on_writes() != write {
-            return Ok(());
+            return Transfer::Whole;
         }
         if f.after > 0 {
             f.after -= 1;
-            return Ok(());
+            return Transfer::Whole;
         }
-        let errno = match f.kind {
-            FaultKind::NoSpace { from } if off + len <= from => return Ok(()),
-            FaultKind::NoSpace { .. } => libc::ENOSPC,
-            FaultKind::WriteEio | FaultKind::ReadEio => libc::EIO,
+        // Transfers end at sector boundaries (a sector is written whole or not).
+        let cut = (len / 512 / 2 * 512) as usize;
+        let t = match f.kind {
+            FaultKind::NoSpace { from } if off + len <= from => Transfer::Whole,
+            FaultKind::NoSpace { .. } => {
+                Transfer::Fails(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+            FaultKind::WriteEio | FaultKind::ReadEio => {
+                Transfer::Fails(io::Error::from_raw_os_error(libc::EIO))
+            }
+            FaultKind::StoppedWrite | FaultKind::StoppedRead => Transfer::Stops(cut),
+            FaultKind::SplitWrite | FaultKind::SplitRead if cut > 0 => Transfer::Split(cut),
+            FaultKind::SplitWrite | FaultKind::SplitRead => Transfer::Whole,
         };
         drop(g);
-        self.hits.fetch_add(1, Ordering::Relaxed);
-        Err(io::Error::from_raw_os_error(errno))
+        match t {
+            Transfer::Fails(_) | Transfer::Stops(_) => self.hits.fetch_add(1, Ordering::Relaxed),
+            Transfer::Split(_) => self.splits.fetch_add(1, Ordering::Relaxed),
+            Transfer::Whole => 0,
+        };
+        t
+    }
+
+    /// A write-like call that moves no data (discard, write zeroes): fails or not.
+    fn check_write(&self, off: u64, len: u64) -> io::Result<()> {
+        match self.transfer(true, off, len) {
+            Transfer::Fails(e) => Err(e),
+            Transfer::Stops(_) => Err(stopped(true)),
+            Transfer::Whole | Transfer::Split(_) => Ok(()),
+        }
+    }
+}
+
+/// The error of a transfer that stopped short, as `FileLeg` reports it.
+fn stopped(write: bool) -> io::Error {
+    if write {
+        io::Error::new(io::ErrorKind::WriteZero, "wrote nothing")
+    } else {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "short read at the end of the leg",
+        )
     }
 }
 
@@ -353,14 +438,38 @@ impl Leg for HostLeg {
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         self.host.before_other()?;
-        self.dev.check(false, off, buf.len() as u64)?;
-        self.inner.read_at(buf, off)
+        match self.dev.transfer(false, off, buf.len() as u64) {
+            Transfer::Whole => self.inner.read_at(buf, off),
+            Transfer::Fails(e) => Err(e),
+            Transfer::Split(n) => {
+                let (first, rest) = buf.split_at_mut(n);
+                self.inner.read_at(first, off)?;
+                self.host.before_other()?;
+                self.inner.read_at(rest, off + n as u64)
+            }
+            Transfer::Stops(n) => {
+                self.inner.read_at(&mut buf[..n], off)?;
+                Err(stopped(false))
+            }
+        }
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.host.before_write()?;
-        self.dev.check(true, off, buf.len() as u64)?;
-        self.inner.write_at(buf, off)
+        match self.dev.transfer(true, off, buf.len() as u64) {
+            Transfer::Whole => self.inner.write_at(buf, off),
+            Transfer::Fails(e) => Err(e),
+            Transfer::Split(n) => {
+                self.inner.write_at(&buf[..n], off)?;
+                // The host may crash before the rest: the write is torn.
+                self.host.before_write()?;
+                self.inner.write_at(&buf[n..], off + n as u64)
+            }
+            Transfer::Stops(n) => {
+                self.inner.write_at(&buf[..n], off)?;
+                Err(stopped(true))
+            }
+        }
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -370,13 +479,13 @@ impl Leg for HostLeg {
 
     fn discard(&self, off: u64, len: u64) -> io::Result<()> {
         self.host.before_write()?;
-        self.dev.check(true, off, len)?;
+        self.dev.check_write(off, len)?;
         self.inner.discard(off, len)
     }
 
     fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
         self.host.before_write()?;
-        self.dev.check(true, off, len)?;
+        self.dev.check_write(off, len)?;
         self.inner.write_zeroes(off, len)
     }
 }
@@ -517,6 +626,7 @@ struct Stats {
     failed_ops: u64,
     failed_recoveries: u64,
     joins_refused: u64,
+    split_transfers: u64,
 }
 
 impl Stats {
@@ -539,6 +649,7 @@ impl Stats {
         self.failed_ops += o.failed_ops;
         self.failed_recoveries += o.failed_recoveries;
         self.joins_refused += o.joins_refused;
+        self.split_transfers += o.split_transfers;
     }
 }
 
@@ -839,11 +950,18 @@ impl Sim {
             .collect()
     }
 
+    /// Legs whose device has a fault armed or started that fails I/O calls.
+    fn failing(&self) -> BTreeSet<usize> {
+        (0..self.legs.len())
+            .filter(|&l| self.devices[l].armed().is_some_and(FaultKind::fails))
+            .collect()
+    }
+
     /// Whether an operation may fail now: a fault hits every leg that is in
     /// sync (no in-sync leg without a fault could take a write or serve a read;
     /// the last in-sync leg is never failed, the request fails instead).
     fn errors_allowed(&self) -> bool {
-        let faulted = self.faulted();
+        let faulted = self.failing();
         !faulted.is_empty()
             && !(0..self.legs.len()).any(|l| {
                 !faulted.contains(&l)
@@ -875,7 +993,7 @@ impl Sim {
             && self
                 .faulted()
                 .iter()
-                .any(|&l| self.devices[l].armed() == Some(FaultKind::ReadEio));
+                .any(|&l| self.devices[l].armed().is_some_and(FaultKind::fails_reads));
         if refused {
             self.stats.joins_refused += 1;
         }
@@ -894,18 +1012,22 @@ impl Sim {
         if self.out.contains(&l) {
             return;
         }
-        let kind = match self.rng.below(10) {
-            0..=3 => FaultKind::WriteEio,
-            4..=5 => FaultKind::NoSpace {
+        let kind = match self.rng.below(20) {
+            0..=4 => FaultKind::WriteEio,
+            5..=7 => FaultKind::NoSpace {
                 from: self.data_offset[l] + self.rng.below(self.size) * 512,
             },
-            _ => FaultKind::ReadEio,
+            8..=11 => FaultKind::ReadEio,
+            12..=13 => FaultKind::StoppedWrite,
+            14 => FaultKind::StoppedRead,
+            15..=17 => FaultKind::SplitWrite,
+            _ => FaultKind::SplitRead,
         };
         let rebuilt = self
             .live()
             .iter()
             .any(|&n| self.leg_state(n, l) == Some(LegState::Recovering));
-        if kind == FaultKind::ReadEio && rebuilt && !env_on("SIM_FAULTS_REBUILT_READS") {
+        if kind.fails_reads() && rebuilt && !env_on("SIM_FAULTS_REBUILT_READS") {
             // The other nodes learn that its rebuild ended from its own superblock
             // (see the header).
             return;
@@ -923,6 +1045,7 @@ impl Sim {
         if self.devices[l].hits.swap(0, Ordering::Relaxed) > 0 {
             self.hit.insert(l);
         }
+        self.stats.split_transfers += self.devices[l].splits.swap(0, Ordering::Relaxed);
         if let Some(kind) = self.devices[l].repair() {
             self.log(format!("leg{l}: device repaired ({kind:?} ends)"));
         }
@@ -1257,10 +1380,11 @@ impl Sim {
             .collect();
         // A write that fails on a leg while another node resyncs hangs that node
         // (see the header): left out unless asked for.
-        let write_fault = self
-            .faulted()
-            .iter()
-            .any(|&l| self.devices[l].armed().is_some_and(FaultKind::on_writes));
+        let write_fault = self.faulted().iter().any(|&l| {
+            self.devices[l]
+                .armed()
+                .is_some_and(|k| k.fails() && k.on_writes())
+        });
         let writer = (!crash
             && !writers.is_empty()
             && (!write_fault || env_on("SIM_FAULTS_KNOWN_DEADLOCK"))
@@ -1992,7 +2116,7 @@ fn cluster_simulation() {
     });
     let total = *total.lock().unwrap();
     println!(
-        "cluster simulation: {} seeds in {:.1?}: {} writes ({} racing a recovery, {} interrupted by a crash), {} reads, {} daemon passes, {} crashes ({} during a recovery), {} recoveries, {} chunks recovered, {} restarts, {} legs failed, {} re-added, {} leg faults ({} legs failed after one, {} operations and {} recoveries failed, {} joins refused by an unreadable leg)",
+        "cluster simulation: {} seeds in {:.1?}: {} writes ({} racing a recovery, {} interrupted by a crash), {} reads, {} daemon passes, {} crashes ({} during a recovery), {} recoveries, {} chunks recovered, {} restarts, {} legs failed, {} re-added, {} leg faults ({} legs failed after one, {} operations and {} recoveries failed, {} joins refused by an unreadable leg), {} transfers split",
         total.seeds,
         t0.elapsed(),
         total.writes,
@@ -2011,7 +2135,8 @@ fn cluster_simulation() {
         total.legs_failed_by_faults,
         total.failed_ops,
         total.failed_recoveries,
-        total.joins_refused
+        total.joins_refused,
+        total.split_transfers
     );
     let failures = failures.lock().unwrap();
     if !failures.is_empty() {
