@@ -5,7 +5,9 @@
 //! generator choose what happens: writes, reads, flushes and bitmap daemon passes
 //! by the nodes, hosts that crash (in the middle of a write, of a daemon pass, of a
 //! recovery, or idle), delays in leg I/O and lock requests, writes and restarts
-//! racing a recovery, an operator failing and re-adding legs, and leg faults (below).
+//! racing a recovery, nodes starting at the same moment (on the fresh array, or
+//! guests restarting together; each waits for a slot as a starting node does), an
+//! operator failing and re-adding legs, and leg faults (below).
 //! Operations are issued from one thread in seeded order; only what the protocol
 //! makes concurrent (message receipt, watches, and the writers and joiners started
 //! on purpose during a recovery) runs elsewhere, and no outcome checked here may
@@ -43,6 +45,8 @@
 //! - an operation fails only while every in-sync leg has a fault that fails I/O
 //!   (a continued short transfer fails nothing);
 //! - a node that holds a dead node's slot recovers it (a failed recovery is retried);
+//! - nodes starting at the same moment all join while slots are free, each in a
+//!   slot of its own;
 //! - nothing hangs and nothing panics.
 //!
 //! Environment:
@@ -627,6 +631,7 @@ struct Stats {
     failed_recoveries: u64,
     joins_refused: u64,
     split_transfers: u64,
+    joins_together: u64,
 }
 
 impl Stats {
@@ -650,6 +655,7 @@ impl Stats {
         self.failed_recoveries += o.failed_recoveries;
         self.joins_refused += o.joins_refused;
         self.split_transfers += o.split_transfers;
+        self.joins_together += o.joins_together;
     }
 }
 
@@ -717,6 +723,8 @@ struct Sim {
     /// Guests whose node is joining during a recovery, or is to start again after
     /// such a join failed.
     joining: BTreeSet<usize>,
+    /// Nodes are joining at the same moment (see `join_together`).
+    joins_in_flight: bool,
     /// Each leg's device (its faults).
     devices: Vec<Arc<Device>>,
     /// This seed injects leg faults.
@@ -835,6 +843,7 @@ impl Sim {
             racing_writes: Vec::new(),
             racing_joins: Vec::new(),
             joining: BTreeSet::new(),
+            joins_in_flight: false,
             devices: (0..nlegs).map(|_| Arc::default()).collect(),
             faults,
             out: BTreeSet::new(),
@@ -852,8 +861,15 @@ impl Sim {
             chunk / KIB,
             if faults { ", leg faults" } else { "" }
         ));
-        for vm in 0..nnodes {
-            let n = sim.start_node(vm)?;
+        let vms: Vec<usize> = (0..nnodes).collect();
+        let nodes = if sim.rng.chance(15) {
+            sim.join_together(&vms)?
+        } else {
+            vms.iter()
+                .map(|&vm| sim.start_node(vm))
+                .collect::<Result<_, _>>()?
+        };
+        for n in nodes {
             sim.nodes[n]
                 .cn
                 .array
@@ -1004,7 +1020,8 @@ impl Sim {
     /// to start after fewer than `within` I/O calls of the kind it hits.
     fn arm_fault(&mut self, within: u64, why: &str) {
         // Not while racing work is in flight: its outcome must stay known.
-        let quiet = self.racing_writes.is_empty() && self.racing_joins.is_empty();
+        let quiet =
+            self.racing_writes.is_empty() && self.racing_joins.is_empty() && !self.joins_in_flight;
         if !self.faults || !quiet || !self.faulted().is_empty() {
             return;
         }
@@ -1067,6 +1084,15 @@ impl Sim {
             }
         }
         let live = self.live();
+        let mut slots = BTreeMap::new();
+        for &n in &live {
+            if let Some(m) = slots.insert(self.nodes[n].cn.node.slot, n) {
+                return Err(format!(
+                    "nodes {m} and {n} both hold slot {}",
+                    self.nodes[n].cn.node.slot
+                ));
+            }
+        }
         let mut faulty: Option<(usize, BTreeSet<usize>)> = None;
         for &n in &live {
             let set: BTreeSet<usize> = (0..self.legs.len())
@@ -1622,13 +1648,106 @@ impl Sim {
 
     /// A guest without a node (its node died and the death was seen by all).
     fn restartable(&self) -> Option<usize> {
-        (0..self.vms.len()).find(|&v| {
-            self.vms[v].node.is_none()
-                && !self.joining.contains(&v)
-                && !self.nodes.iter().any(|n| {
-                    !n.alive && n.vm == v && self.expected.iter().any(|e| e.1 == n.cn.node.slot)
-                })
-        })
+        self.all_restartable().into_iter().next()
+    }
+
+    fn all_restartable(&self) -> Vec<usize> {
+        (0..self.vms.len())
+            .filter(|&v| {
+                self.vms[v].node.is_none()
+                    && !self.joining.contains(&v)
+                    && !self.nodes.iter().any(|n| {
+                        !n.alive && n.vm == v && self.expected.iter().any(|e| e.1 == n.cn.node.slot)
+                    })
+            })
+            .collect()
+    }
+
+    /// Starts nodes for guests `vms` at the same moment, each waiting for a slot
+    /// as a starting node does (a node that joins holds the free slots after its
+    /// own until it merged their bitmaps, and a survivor holds a dead node's slot
+    /// until it recovered it): every one must join, in a slot of its own. Returns
+    /// the nodes that joined (a join a fault made fail starts again later).
+    fn join_together(&mut self, vms: &[usize]) -> Result<Vec<usize>, String> {
+        self.log(format!("vms {vms:?} start at the same moment"));
+        self.stats.joins_together += 1;
+        for &vm in vms {
+            self.joining.insert(vm);
+        }
+        let allowed = self.errors_allowed();
+        self.joins_in_flight = true;
+        let (tx, rx) = unbounded();
+        for &vm in vms {
+            let (p, line) = self.prepare_node(vm);
+            let tx = tx.clone();
+            let (dlm, name) = (self.dlm.clone(), self.ls_name.clone());
+            std::thread::spawn(move || {
+                let r = p.join_waiting(vhost_user_md::cluster::membership::SLOT_WAIT);
+                if r.is_err() {
+                    // Its process would end: the slots it claimed are free again.
+                    dlm.kill(&name, p.dlm_id);
+                }
+                let _ = tx.send((p, line, r));
+            });
+        }
+        drop(tx);
+        let mut done = Vec::new();
+        let start = Instant::now();
+        while done.len() < vms.len() {
+            match rx.recv_timeout(Duration::from_millis(5)) {
+                Ok(x) => done.push(x),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) if start.elapsed() < WAIT => {
+                    // Survivors keep processing their reports: they free the slots.
+                    for s in self.live() {
+                        while let Ok(slot) = self.nodes[s].cn.node.dead.try_recv() {
+                            self.expected.retain(|&e| e != (s, slot));
+                            self.recover(s, slot)?;
+                        }
+                    }
+                    // So do the nodes that joined already, as their resync threads
+                    // would: a slot a joiner merged and let go of is granted to
+                    // the watch another joiner put on it, which holds it until
+                    // that report is processed.
+                    for (p, _, r) in &done {
+                        let Ok(cn) = r else { continue };
+                        while let Ok(slot) = cn.node.dead.try_recv() {
+                            let line = format!("vm {}: its new node recovers slot {slot}", p.vm);
+                            let r = cn.recover(slot);
+                            self.log(line);
+                            if let Err(e) = r {
+                                self.tolerate(allowed, format!("recovery of slot {slot}: {e}"))?;
+                            }
+                        }
+                    }
+                }
+                Err(_) => return Err(format!("vms {vms:?} starting together hung")),
+            }
+        }
+        self.joins_in_flight = false;
+        // In the order of the guests, as the trace is replayed.
+        done.sort_by_key(|(p, _, _)| p.vm);
+        let mut nodes = Vec::new();
+        let mut again = Vec::new();
+        for (p, line, r) in done {
+            let vm = p.vm;
+            match r {
+                Ok(cn) => nodes.push(self.add_node(p, cn, line)),
+                Err(e) => {
+                    self.dlm.kill(&self.ls_name, p.dlm_id);
+                    let unreadable = self.unreadable_leg_refused(&e);
+                    again.push((vm, e, allowed || unreadable));
+                }
+            }
+        }
+        for &vm in vms {
+            self.joining.remove(&vm);
+        }
+        for (vm, e, allowed) in again {
+            self.tolerate(allowed, e)?;
+            self.repair_all();
+            self.restart(vm)?;
+        }
+        Ok(nodes)
     }
 
     fn after_restart(&mut self, n: usize) -> Result<(), String> {
@@ -1824,10 +1943,25 @@ impl Sim {
                     Ok(())
                 }
             }
-            87..=91 => match self.restartable() {
-                Some(vm) if self.expected.is_empty() => self.restart(vm),
-                _ => Ok(()),
-            },
+            87..=91 => {
+                let vms = self.all_restartable();
+                if !self.expected.is_empty() || vms.is_empty() {
+                    return Ok(());
+                }
+                if vms.len() > 1 && self.rng.chance(30) {
+                    self.recover_all()?;
+                    let vms = self.all_restartable();
+                    if vms.len() < 2 {
+                        return vms.first().map_or(Ok(()), |&vm| self.restart(vm));
+                    }
+                    for n in self.join_together(&vms)? {
+                        self.after_restart(n)?;
+                    }
+                    Ok(())
+                } else {
+                    self.restart(vms[0])
+                }
+            }
             92..=93 => self.leg_maintenance(n),
             94..=95 => {
                 self.arm_fault(16, "at a step");
@@ -1965,10 +2099,15 @@ struct PendingNode {
 
 impl PendingNode {
     fn join(&self) -> Result<ClusterNode, String> {
-        let ls: Arc<dyn LockSpace> = self.ls.clone();
         // No wait for a held slot: the driver retries (a survivor holding one lets
         // go only when the driver has it process its reports).
-        ClusterNode::join_waiting(ls, self.legs.clone(), Duration::ZERO)
+        self.join_waiting(Duration::ZERO)
+    }
+
+    /// Joins, waiting up to `wait` while every slot is held.
+    fn join_waiting(&self, wait: Duration) -> Result<ClusterNode, String> {
+        let ls: Arc<dyn LockSpace> = self.ls.clone();
+        ClusterNode::join_waiting(ls, self.legs.clone(), wait)
             .map_err(|e| format!("vm {}: join: {e}", self.vm))
     }
 }
@@ -2116,7 +2255,7 @@ fn cluster_simulation() {
     });
     let total = *total.lock().unwrap();
     println!(
-        "cluster simulation: {} seeds in {:.1?}: {} writes ({} racing a recovery, {} interrupted by a crash), {} reads, {} daemon passes, {} crashes ({} during a recovery), {} recoveries, {} chunks recovered, {} restarts, {} legs failed, {} re-added, {} leg faults ({} legs failed after one, {} operations and {} recoveries failed, {} joins refused by an unreadable leg), {} transfers split",
+        "cluster simulation: {} seeds in {:.1?}: {} writes ({} racing a recovery, {} interrupted by a crash), {} reads, {} daemon passes, {} crashes ({} during a recovery), {} recoveries, {} chunks recovered, {} restarts ({} times several at once), {} legs failed, {} re-added, {} leg faults ({} legs failed after one, {} operations and {} recoveries failed, {} joins refused by an unreadable leg), {} transfers split",
         total.seeds,
         t0.elapsed(),
         total.writes,
@@ -2129,6 +2268,7 @@ fn cluster_simulation() {
         total.recoveries,
         total.chunks_recovered,
         total.restarts,
+        total.joins_together,
         total.legs_failed,
         total.legs_re_added,
         total.faults,
