@@ -927,7 +927,12 @@ impl Array {
                 format!("read failed on every leg: {e}"),
             ));
         }
-        self.settle_failures()?;
+        // A fenced node records nothing (that takes the lock manager it lost) and
+        // still serves reads: a write in flight when the fence went up failed the
+        // legs that refused it here, and settling that would fail every read.
+        if !self.is_fenced() {
+            self.settle_failures()?;
+        }
         result
     }
 
