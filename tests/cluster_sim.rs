@@ -7,7 +7,11 @@
 //! recovery, or idle), delays in leg I/O and lock requests, writes and restarts
 //! racing a recovery, nodes starting at the same moment (on the fresh array, or
 //! guests restarting together; each waits for a slot as a starting node does), an
-//! operator failing and re-adding legs, and leg faults (below).
+//! operator failing and re-adding legs, the lock manager dying (between operations
+//! or at a leg write of a write: every lock is gone at once; each node fences
+//! itself, as a served node does, and once the lock manager is back every guest's
+//! node starts over, as a served node executes itself anew), and leg faults
+//! (below).
 //! Operations are issued from one thread in seeded order; only what the protocol
 //! makes concurrent (message receipt, watches, and the writers and joiners started
 //! on purpose during a recovery) runs elsewhere, and no outcome checked here may
@@ -47,6 +51,9 @@
 //! - a node that holds a dead node's slot recovers it (a failed recovery is retried);
 //! - nodes starting at the same moment all join while slots are free, each in a
 //!   slot of its own;
+//! - while the lock manager is gone, the fenced nodes write nothing (the legs do not
+//!   change) and still serve reads; the nodes that start over take every slot's
+//!   dirty bits over;
 //! - nothing hangs and nothing panics.
 //!
 //! Environment:
@@ -86,11 +93,11 @@ use std::time::{Duration, Instant};
 use vhost_user_md::cluster::node::ClusterNode;
 use vhost_user_md::dlm::local::{LocalDlm, LocalMember};
 use vhost_user_md::dlm::{DlmError, Event, LockId, LockSpace, Mode, NodeId};
-use vhost_user_md::md::superblock::role;
+use vhost_user_md::md::superblock::{feature, role};
 use vhost_user_md::md::Uuid;
 use vhost_user_md::raid1::metadata::{create_array, LegMetadata, NewArray};
 use vhost_user_md::raid1::LegState;
-use vhost_user_md::storage::{Leg, MemLeg};
+use vhost_user_md::storage::{Fence, FencedLeg, Leg, MemLeg};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
@@ -155,7 +162,12 @@ struct HostState {
     dead: bool,
     /// Threads stopped at the crash point may return (with an error).
     released: bool,
+    /// Leg writes left before the lock manager dies, and its death.
+    lm_dies: Option<(u64, LmDeath)>,
 }
+
+/// What happens when the lock manager dies.
+type LmDeath = Box<dyn FnOnce() + Send>;
 
 /// One simulated host: the crash point and delays of its I/O.
 /// Pauses a thread now and then (`pct` percent of the calls), to shake up the
@@ -220,6 +232,16 @@ impl Host {
         if st.dead {
             return Err(host_is_dead());
         }
+        match st.lm_dies.take() {
+            Some((0, die)) => {
+                // The write goes on: it was issued before the fence went up.
+                drop(st);
+                die();
+                st = self.lock();
+            }
+            Some((n, die)) => st.lm_dies = Some((n - 1, die)),
+            None => {}
+        }
         match st.crash_after {
             Some(0) => {
                 st.dead = true;
@@ -258,6 +280,16 @@ impl Host {
     /// The host dies now, between operations.
     fn crash_now(&self) {
         self.lock().dead = true;
+    }
+
+    /// The lock manager dies (`die`) at this host's `n`-th leg write from now.
+    fn lm_dies_after(&self, n: u64, die: LmDeath) {
+        self.lock().lm_dies = Some((n, die));
+    }
+
+    /// The lock manager's death if it did not come yet.
+    fn lm_death_pending(&self) -> Option<LmDeath> {
+        self.lock().lm_dies.take().map(|(_, die)| die)
     }
 
     /// At the end of the simulation: threads stopped at the crash point return.
@@ -632,6 +664,7 @@ struct Stats {
     joins_refused: u64,
     split_transfers: u64,
     joins_together: u64,
+    lm_deaths: u64,
 }
 
 impl Stats {
@@ -656,12 +689,15 @@ impl Stats {
         self.joins_refused += o.joins_refused;
         self.split_transfers += o.split_transfers;
         self.joins_together += o.joins_together;
+        self.lm_deaths += o.lm_deaths;
     }
 }
 
 struct SimNode {
     cn: Arc<ClusterNode>,
     host: Arc<Host>,
+    /// Raised when the node loses its lock manager: its legs take no writes.
+    fence: Arc<Fence>,
     crashed: Receiver<()>,
     dlm_id: NodeId,
     /// The guest whose disk region this node writes.
@@ -892,16 +928,19 @@ impl Sim {
 
     fn prepare_node(&mut self, vm: usize) -> (PendingNode, String) {
         let (host, crashed) = Host::new(self.rng.next(), self.delay_pct);
+        let fence = Fence::new();
+        // As a served node's legs: fenced, then the host's path to the device.
         let legs: Vec<Arc<dyn Leg>> = self
             .legs
             .iter()
             .zip(&self.devices)
             .map(|(l, dev)| {
-                Arc::new(HostLeg {
+                let leg = Arc::new(HostLeg {
                     inner: l.clone(),
                     host: host.clone(),
                     dev: dev.clone(),
-                }) as Arc<dyn Leg>
+                });
+                Arc::new(FencedLeg::new(leg, fence.clone())) as Arc<dyn Leg>
             })
             .collect();
         let member = self.dlm.join(&self.ls_name, 32);
@@ -916,6 +955,7 @@ impl Sim {
                 ls: Arc::new(ls),
                 legs,
                 host,
+                fence,
                 crashed,
                 dlm_id,
                 vm,
@@ -928,9 +968,11 @@ impl Sim {
         let slot = cn.node.slot;
         self.log(format!("{line} as slot {slot}"));
         let idx = self.nodes.len();
+        cn.array.set_fence(p.fence.clone());
         self.nodes.push(SimNode {
             cn: Arc::new(cn),
             host: p.host,
+            fence: p.fence,
             crashed: p.crashed,
             dlm_id: p.dlm_id,
             vm: p.vm,
@@ -978,14 +1020,40 @@ impl Sim {
     /// the last in-sync leg is never failed, the request fails instead).
     fn errors_allowed(&self) -> bool {
         let faulted = self.failing();
-        !faulted.is_empty()
-            && !(0..self.legs.len()).any(|l| {
-                !faulted.contains(&l)
-                    && self
-                        .live()
-                        .iter()
-                        .all(|&n| self.leg_state(n, l) == Some(LegState::InSync))
+        if faulted.is_empty() {
+            return false;
+        }
+        let live = self.live();
+        if live.is_empty() {
+            // Every node starts over: the superblocks say which legs are in sync.
+            return self.in_sync_on_disk().is_subset(&faulted);
+        }
+        !(0..self.legs.len()).any(|l| {
+            !faulted.contains(&l)
+                && live
+                    .iter()
+                    .all(|&n| self.leg_state(n, l) == Some(LegState::InSync))
+        })
+    }
+
+    /// The legs the newest superblock gives a role and that are not being rebuilt.
+    fn in_sync_on_disk(&self) -> BTreeSet<usize> {
+        let metas: Vec<Option<LegMetadata>> = self
+            .legs
+            .iter()
+            .map(|l| LegMetadata::load(&**l).ok())
+            .collect();
+        let Some(newest) = metas.iter().flatten().max_by_key(|m| m.sb.events) else {
+            return BTreeSet::new();
+        };
+        (0..self.legs.len())
+            .filter(|&l| {
+                metas[l].as_ref().is_some_and(|m| {
+                    newest.sb.dev_roles[m.sb.dev_number as usize] < role::MAX
+                        && m.sb.feature_map & feature::RECOVERY_OFFSET == 0
+                })
             })
+            .collect()
     }
 
     /// An operation failed: fine while [`Sim::errors_allowed`] said so (`allowed`,
@@ -1973,12 +2041,102 @@ impl Sim {
                 }
                 Ok(())
             }
+            97 => self.lock_manager_dies(n),
             _ => {
                 self.recover_all()?;
                 let r = self.rng.pick(&self.live());
                 self.read_all(r)
             }
         }
+    }
+
+    /// The lock manager dies, between operations or at a leg write of a write by
+    /// node `n`: every lock is gone at once. Each node fences itself (as a served
+    /// node does when it loses its lock manager) and writes nothing from then on,
+    /// while it still serves reads; once the lock manager is back, every guest's
+    /// node starts over (a served node executes itself anew) and takes over the
+    /// dirty bits of every slot.
+    fn lock_manager_dies(&mut self, n: usize) -> Result<(), String> {
+        let live = self.live();
+        let fences: Vec<Arc<Fence>> = live.iter().map(|&m| self.nodes[m].fence.clone()).collect();
+        let (dlm, name) = (self.dlm.clone(), self.ls_name.clone());
+        let die: LmDeath = Box::new(move || {
+            dlm.stop(&name);
+            for f in &fences {
+                f.raise("lock manager lost");
+            }
+        });
+        self.stats.lm_deaths += 1;
+        if self.rng.chance(50) {
+            self.log("the lock manager dies".to_string());
+            die();
+        } else {
+            let vm = self.nodes[n].vm;
+            let (sector, sectors) = self.pick_write(vm);
+            let (id, buf) = self.data_for(sector, sectors);
+            let at = self.rng.below(2 * self.legs.len() as u64 + 1);
+            self.log(format!(
+                "node {n}: write {id} at {sector}+{sectors}, the lock manager dies at its {at}th leg write"
+            ));
+            self.nodes[n].host.lm_dies_after(at, die);
+            let r = self.run_op(n, move |cn| {
+                cn.array
+                    .write(sector, &[IoSlice::new(&buf)])
+                    .map(|()| 0)
+                    .map_err(|e| e.to_string())
+            });
+            if let Some(die) = self.nodes[n].host.lm_death_pending() {
+                self.log(format!(
+                    "write {id} completed before; the lock manager dies"
+                ));
+                die();
+            }
+            match r {
+                Ok(Ok(_)) => {
+                    self.model.acknowledge(id, sector, sectors);
+                    self.stats.writes += 1;
+                }
+                Ok(Err(e)) => {
+                    self.log(format!("  write {id} failed: {e}"));
+                    self.model.interrupted(id, sector, sectors);
+                }
+                Err(e) => return Err(e.unwrap_or_else(|| "the host crashed".into())),
+            }
+        }
+        // Fenced: the nodes read (a guest's writes are refused before the array)
+        // and write nothing.
+        let before: Vec<Vec<u8>> = self.legs.iter().map(|l| l.contents()).collect();
+        for _ in 0..self.rng.below(4) {
+            let r = self.rng.pick(&live);
+            self.read(r)?;
+        }
+        for (i, (l, b)) in self.legs.iter().zip(&before).enumerate() {
+            if l.contents() != *b {
+                return Err(format!("leg{i} was written while every node was fenced"));
+            }
+        }
+        // The lock manager is back: every guest's node starts over.
+        self.log("the lock manager is back: the nodes start over".to_string());
+        for &m in &live {
+            self.nodes[m].alive = false;
+            self.nodes[m].host.crash_now();
+            let vm = self.nodes[m].vm;
+            self.vms[vm].node = None;
+        }
+        // The slots of nodes that died before are taken over by the first node
+        // to join, with all the others.
+        self.expected.clear();
+        let vms: Vec<usize> = live.iter().map(|&m| self.nodes[m].vm).collect();
+        if vms.len() > 1 && self.rng.chance(30) {
+            for m in self.join_together(&vms)? {
+                self.after_restart(m)?;
+            }
+        } else {
+            for vm in vms {
+                self.restart(vm)?;
+            }
+        }
+        Ok(())
     }
 
     /// An operator fails a leg through node `n`, or re-adds the failed one
@@ -2092,6 +2250,7 @@ struct PendingNode {
     ls: Arc<HostLs>,
     legs: Vec<Arc<dyn Leg>>,
     host: Arc<Host>,
+    fence: Arc<Fence>,
     crashed: Receiver<()>,
     dlm_id: NodeId,
     vm: usize,
@@ -2255,7 +2414,7 @@ fn cluster_simulation() {
     });
     let total = *total.lock().unwrap();
     println!(
-        "cluster simulation: {} seeds in {:.1?}: {} writes ({} racing a recovery, {} interrupted by a crash), {} reads, {} daemon passes, {} crashes ({} during a recovery), {} recoveries, {} chunks recovered, {} restarts ({} times several at once), {} legs failed, {} re-added, {} leg faults ({} legs failed after one, {} operations and {} recoveries failed, {} joins refused by an unreadable leg), {} transfers split",
+        "cluster simulation: {} seeds in {:.1?}: {} writes ({} racing a recovery, {} interrupted by a crash), {} reads, {} daemon passes, {} crashes ({} during a recovery), {} recoveries, {} chunks recovered, {} restarts ({} times several at once), {} lock manager deaths, {} legs failed, {} re-added, {} leg faults ({} legs failed after one, {} operations and {} recoveries failed, {} joins refused by an unreadable leg), {} transfers split",
         total.seeds,
         t0.elapsed(),
         total.writes,
@@ -2269,6 +2428,7 @@ fn cluster_simulation() {
         total.chunks_recovered,
         total.restarts,
         total.joins_together,
+        total.lm_deaths,
         total.legs_failed,
         total.legs_re_added,
         total.faults,
