@@ -108,6 +108,14 @@ impl LocalDlm {
         self.leave(space, node)
     }
 
+    /// Lockspace `space` dies with its lock manager: every lock in it is gone at
+    /// once (no member is granted what another held), every member's events end
+    /// and its requests fail from then on. A member joining afterwards starts the
+    /// lockspace afresh, as on a restarted lock manager.
+    pub fn stop(&self, space: &str) {
+        self.lock().spaces.remove(space);
+    }
+
     fn leave(&self, space_name: &str, node: NodeId) {
         let mut g = self.lock();
         let Some(space) = g.spaces.get_mut(space_name) else {
@@ -302,5 +310,49 @@ impl LockSpace for HoldingMember {
 
     fn events(&self) -> Receiver<Event> {
         self.inner.events()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dlm::{flags, Event, Status};
+
+    const LS: &str = "ls";
+
+    /// The next completion of `lock` among `m`'s events.
+    fn completion(m: &LocalMember, lock: LockId) -> Option<Status> {
+        m.events().iter().find_map(|e| match e {
+            Event::Ast {
+                lock: l, status, ..
+            } if l == lock => Some(status),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_stopped_lockspace_loses_every_lock_at_once_and_starts_afresh() {
+        let dlm = LocalDlm::new();
+        let a = dlm.join(LS, 32);
+        let b = dlm.join(LS, 32);
+        let held = a.lock(b"r", Mode::Ex, 0, None).unwrap();
+        assert_eq!(completion(&a, held), Some(Status::Granted));
+        // b waits for the lock a holds.
+        let waiting = b.lock(b"r", Mode::Ex, 0, None).unwrap();
+        dlm.stop(LS);
+        // Nobody is granted anything: every member's events end.
+        assert_eq!(completion(&b, waiting), None);
+        assert_eq!(completion(&a, held), None);
+        assert!(a.lock(b"s", Mode::Ex, 0, None).is_err());
+        assert!(b.unlock(waiting, 0, None).is_err());
+        // A new member finds the lock free.
+        let c = dlm.join(LS, 32);
+        let l = c.lock(b"r", Mode::Ex, flags::NOQUEUE, None).unwrap();
+        assert_eq!(completion(&c, l), Some(Status::Granted));
+        // The old members leave without touching the new lockspace.
+        drop((a, b));
+        let d = dlm.join(LS, 32);
+        let l = d.lock(b"r", Mode::Ex, flags::NOQUEUE, None).unwrap();
+        assert_eq!(completion(&d, l), Some(Status::Again));
     }
 }

@@ -920,9 +920,12 @@ impl Array {
             ));
         }
         // A leg failure (this read's or another request's) is recorded before the
-        // read completes; when it cannot be (a fenced node: the token went with
-        // its lock manager), data read from an in-sync leg is still good: reads
-        // go on.
+        // read completes. A fenced node records nothing (that takes the lock
+        // manager it lost) and still serves reads; and when a failure cannot be
+        // recorded, data read from an in-sync leg is still good: the read goes on.
+        if self.is_fenced() {
+            return result;
+        }
         match self.settle_failures() {
             Err(e) if result.is_ok() => {
                 log::debug!("a leg failure is not recorded ({e}); the read completes");
