@@ -66,8 +66,11 @@ impl MetadataSync for ClusterMetadata {
         self.comms
             .under_token(|| {
                 let r = write();
-                let msg = r.is_ok().then(|| Self::metadata_updated(&array));
-                (r, msg)
+                // Also when the update failed: a leg may hold it all the same (a
+                // write that failed after its first sectors), and a node that did
+                // not re-read it would count its next update from behind the disk,
+                // giving two different superblocks the same events.
+                (r, Some(Self::metadata_updated(&array)))
             })
             .map_err(|e| io::Error::other(format!("cluster metadata update: {e}")))?
     }
