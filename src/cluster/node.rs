@@ -783,13 +783,18 @@ mod tests {
     fn node_died_mid_write(c: &Cluster) -> (ClusterNode, crate::dlm::NodeId, ClusterNode) {
         let (n1, id1) = c.join();
         let (n2, _) = c.join();
-        n1.array
+        write_torn_by_death(c, &n1);
+        (n1, id1, n2)
+    }
+
+    /// Node `n` writes chunk 3, then a second write there reaches leg a only.
+    fn write_torn_by_death(c: &Cluster, n: &ClusterNode) {
+        n.array
             .write(3 * 2048, &[IoSlice::new(&[0x11u8; 4096])])
             .unwrap();
         let data_offset = c.metas[0].sb.data_offset * 512;
         c.a.write_at(&[0x22u8; 4096], data_offset + 3 * MIB)
             .unwrap();
-        (n1, id1, n2)
     }
 
     /// How many different versions of chunk 3 eight reads through `n` return.
@@ -848,12 +853,7 @@ mod tests {
         let n2 = Arc::new(c.join().0);
         let n3 = Arc::new(c.join().0);
         let (n4, _) = c.join();
-        n1.array
-            .write(3 * 2048, &[IoSlice::new(&[0x11u8; 4096])])
-            .unwrap();
-        let data_offset = c.metas[0].sb.data_offset * 512;
-        c.a.write_at(&[0x22u8; 4096], data_offset + 3 * MIB)
-            .unwrap();
+        write_torn_by_death(&c, &n1);
         n4.node.acquire_resync().unwrap();
         c.dlm.kill(&c.ls_name, id1);
         // Whichever survivor's watch fires first recovers node 1; its resync waits

@@ -1701,15 +1701,7 @@ mod tests {
 
     #[test]
     fn a_fenced_node_reads_what_its_legs_hold_although_a_leg_failure_cannot_be_recorded() {
-        use crate::storage::FencedLeg;
-        let (a, b, _) = two_legs(None, 1);
-        let fence = Fence::new();
-        let legs: Vec<Arc<dyn Leg>> = [a, b]
-            .into_iter()
-            .map(|l| Arc::new(FencedLeg::new(l, fence.clone())) as Arc<dyn Leg>)
-            .collect();
-        let (array, _) = Array::assemble(legs).unwrap();
-        array.set_fence(fence.clone());
+        let (array, fence) = fenced_array();
         let old = vec![0x42u8; 8192];
         array.write(100, &[IoSlice::new(&old)]).unwrap();
         // The lock manager goes: a write still under way is refused by the legs;
@@ -1747,11 +1739,8 @@ mod tests {
         assert_eq!(picks.len(), 2, "{picks:?}");
     }
 
-    /// A fenced node's writes fail because it may not write, not because a leg
-    /// broke: no leg is marked faulty (the status would tell the operator to
-    /// replace a healthy leg, and a write after the fence saw one leg "left").
-    #[test]
-    fn a_fenced_nodes_refused_writes_fail_no_leg() {
+    /// An array on two legs that write nothing once the returned fence is up.
+    fn fenced_array() -> (Array, Arc<crate::storage::Fence>) {
         use crate::storage::{Fence, FencedLeg};
         let (a, b, _) = two_legs(None, 1);
         let fence = Fence::new();
@@ -1761,6 +1750,15 @@ mod tests {
             .collect();
         let (array, _) = Array::assemble(legs).unwrap();
         array.set_fence(fence.clone());
+        (array, fence)
+    }
+
+    /// A fenced node's writes fail because it may not write, not because a leg
+    /// broke: no leg is marked faulty (the status would tell the operator to
+    /// replace a healthy leg, and a write after the fence saw one leg "left").
+    #[test]
+    fn a_fenced_nodes_refused_writes_fail_no_leg() {
+        let (array, fence) = fenced_array();
         array.write(0, &[IoSlice::new(&[1u8; 4096])]).unwrap();
         fence.raise("test");
         assert!(array
