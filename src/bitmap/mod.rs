@@ -277,6 +277,12 @@ impl WriteIntent {
         self.wake();
     }
 
+    /// Wakes the workers (their completion eventfds registered with
+    /// [`WriteIntent::add_waker`]).
+    pub fn wake_workers(&self) {
+        self.wake();
+    }
+
     fn wake(&self) {
         for w in self.wakers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = w.write(1);

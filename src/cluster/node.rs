@@ -276,6 +276,9 @@ impl ClusterNode {
             comms: node.comms.clone(),
             array: Arc::downgrade(&array),
         }));
+        array
+            .settle_in_background()
+            .map_err(|e| NodeError::Array(format!("cannot start the settler thread: {e}")))?;
         {
             // The windows read at join, then what was announced since, in order.
             let mut g = early.lock().unwrap_or_else(|e| e.into_inner());
@@ -1072,6 +1075,105 @@ mod tests {
         let mut got = [0u8; 4096];
         c.b.read_at(&mut got, data_start + 2048 * 512).unwrap();
         assert!(got.iter().all(|&x| x == 7), "leg b lacks the write");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An operator's `fail` on node 2 while node 1 announces a resync window over
+    /// one of node 2's writes: node 2's receive thread waits for that write, and
+    /// node 1 holds the token until it acknowledges. A second write on the same
+    /// worker finishes while the failure is not on disk yet: recording it waits for
+    /// the token, and the worker must go on completing the write in the window
+    /// meanwhile, or no node can send a message again.
+    #[test]
+    fn a_write_waiting_for_a_failure_record_does_not_stop_its_worker() {
+        use crate::storage::{Faults, FaultyLeg};
+        let c = Cluster::new();
+        let (n1, _) = c.join();
+        let dir = std::env::temp_dir().join(format!("vumd-node-park-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let release = dir.join("release");
+        let _ = std::fs::remove_file(&release);
+        let faults = Faults::none();
+        let data_start = c.metas[0].sb.data_offset * 512;
+        let win = 8 * 2048u64;
+        // Leg a's data writes from the window on stall.
+        faults
+            .stall_writes_from
+            .store(data_start + win * 512, Ordering::SeqCst);
+        faults.stall_until.set(release.clone()).unwrap();
+        let legs: Vec<Arc<dyn Leg>> = vec![
+            Arc::new(FaultyLeg::new(c.a.clone(), faults.clone())),
+            c.b.clone(),
+        ];
+        let n2 = Arc::new(ClusterNode::join(Arc::new(c.dlm.join(&c.ls_name, 32)), legs).unwrap());
+        let (go_tx, go) = crossbeam_channel::bounded::<()>(1);
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let n2w = n2.clone();
+        std::thread::spawn(move || {
+            let in_window = [2u8; 4096];
+            let outside = [1u8; 4096];
+            let iov = |d: &[u8; 4096]| {
+                vec![libc::iovec {
+                    iov_base: d.as_ptr() as *mut libc::c_void,
+                    iov_len: d.len(),
+                }]
+            };
+            let mut io = crate::raid1::AsyncIo::new(8).unwrap();
+            // SAFETY: both buffers outlive the requests, which are drained below.
+            unsafe { n2w.array.submit_write(&mut io, 2, win, iov(&in_window)) };
+            io.submit().unwrap();
+            let _ = go.recv();
+            // SAFETY: as above.
+            unsafe { n2w.array.submit_write(&mut io, 1, 0, iov(&outside)) };
+            io.submit().unwrap();
+            io.drain(&n2w.array).unwrap();
+            let _ = done_tx.send(io.take_done());
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        n1.node.acquire_resync().unwrap();
+        let (announced_tx, announced) = crossbeam_channel::bounded(1);
+        let n1 = Arc::new(n1);
+        let n1a = n1.clone();
+        std::thread::spawn(move || {
+            let _ = announced_tx.send(n1a.node.announce_window(win, win + 2048));
+        });
+        // Node 2's receive thread now waits for the write in the window.
+        std::thread::sleep(Duration::from_millis(300));
+        let (failed_tx, failed) = crossbeam_channel::bounded(1);
+        let n2f = n2.clone();
+        std::thread::spawn(move || {
+            let _ = failed_tx.send(n2f.array.fail_leg("b"));
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // The second write ends on leg a while the failure of b is not recorded.
+        go_tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(&release, b"").unwrap();
+        announced
+            .recv_timeout(Duration::from_secs(10))
+            .expect("node 2 never acknowledged the window: its worker waits for the token")
+            .unwrap();
+        n1.node.release_resync().unwrap();
+        failed
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the operator's fail never returned")
+            .unwrap();
+        let mut results = done
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the writes never completed");
+        results.sort_by_key(|r| r.0);
+        assert_eq!(results.len(), 2);
+        for (token, r) in results {
+            assert!(r.is_ok(), "write {token}: {r:?}");
+        }
+        for (sector, byte) in [(0u64, 1u8), (win, 2)] {
+            let mut got = [0u8; 4096];
+            c.a.read_at(&mut got, data_start + sector * 512).unwrap();
+            assert!(
+                got.iter().all(|&x| x == byte),
+                "leg a lacks the write at {sector}"
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

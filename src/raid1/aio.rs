@@ -29,11 +29,41 @@ enum Kind {
         /// A leg transferred less than asked without an error: the request
         /// fails, the leg stays.
         incomplete: Option<io::Error>,
+        /// Times this write was started (see [`Array::rewrite_after_failure`]).
+        attempts: usize,
     },
     Flush {
         ok_in_sync: usize,
         failed: Vec<(Arc<Member>, io::Error)>,
     },
+}
+
+/// What a request still needs once every leg answered: the record of the leg
+/// failures seen meanwhile, then this.
+enum Rest {
+    Read(io::Result<()>),
+    Write {
+        sector: u64,
+        ok_in_sync: usize,
+        last_err: Option<io::Error>,
+        incomplete: Option<io::Error>,
+        /// Written again once the failures are recorded.
+        rewrite: bool,
+        attempts: usize,
+        iovs: Box<[libc::iovec]>,
+    },
+    Flush {
+        ok_in_sync: usize,
+        last_err: Option<io::Error>,
+    },
+}
+
+/// A request waiting for the settler thread to record leg failures.
+struct Parked {
+    token: Token,
+    /// Failures seen when it parked: it goes on once that many are recorded.
+    seen: u64,
+    rest: Rest,
 }
 
 /// How one leg's part of a request ended.
@@ -128,11 +158,15 @@ pub struct AsyncIo {
     free: Vec<usize>,
     done: Vec<(Token, io::Result<()>)>,
     cqes: Vec<Cqe>,
-    /// Writes waiting for a chunk's resync to end.
-    deferred: Vec<(Token, u64, Vec<libc::iovec>)>,
+    /// Writes waiting for a chunk's resync to end (with their attempt count).
+    deferred: Vec<(Token, u64, Vec<libc::iovec>, usize)>,
+    /// Requests waiting for a leg failure to be recorded.
+    parked: Vec<Parked>,
     /// Leg writes running on threads of their own (slow legs), and their results.
     offloaded: Arc<Offloaded>,
     offloaded_running: usize,
+    /// Whole requests running on threads of their own.
+    jobs_running: usize,
 }
 
 // SAFETY: the deferred iovecs point to guest memory the submitter keeps valid until
@@ -153,8 +187,10 @@ impl AsyncIo {
             done: Vec::new(),
             cqes: Vec::new(),
             deferred: Vec::new(),
+            parked: Vec::new(),
             offloaded,
             offloaded_running: 0,
+            jobs_running: 0,
         })
     }
 
@@ -168,9 +204,26 @@ impl AsyncIo {
         self.ring.eventfd()
     }
 
-    /// Requests in flight (including deferred writes).
+    /// Requests in flight (including deferred and parked ones).
     pub fn in_flight(&self) -> usize {
-        self.ops.len() - self.free.len() + self.deferred.len()
+        self.ops.len() - self.free.len()
+            + self.deferred.len()
+            + self.parked.len()
+            + self.jobs_running
+    }
+
+    /// Runs request `token` on a thread of its own (a request without an
+    /// asynchronous path that may wait for other nodes); its result comes from
+    /// [`AsyncIo::take_done`] like any other.
+    pub fn run_detached(
+        &mut self,
+        token: Token,
+        job: impl FnOnce() -> io::Result<()> + Send + 'static,
+    ) {
+        match self.offloaded.run(token, Box::new(job)) {
+            Ok(()) => self.jobs_running += 1,
+            Err(e) => self.done.push((token, Err(e))),
+        }
     }
 
     fn insert(&mut self, op: Op) -> usize {
@@ -198,6 +251,7 @@ impl AsyncIo {
 
     /// Processes completions from the kernel; finished requests go to the done list.
     pub fn reap(&mut self, array: &Array) {
+        self.resume_parked(array);
         self.retry_deferred(array);
         let mut cqes = std::mem::take(&mut self.cqes);
         self.ring.reap(&mut cqes);
@@ -208,13 +262,16 @@ impl AsyncIo {
             self.complete_one(array, c);
         }
         self.cqes = cqes;
+        let jobs = self.offloaded.take_requests();
+        self.jobs_running = self.jobs_running.saturating_sub(jobs.len());
+        self.done.extend(jobs);
     }
 
     /// Resubmits writes that waited for a resync.
     pub fn retry_deferred(&mut self, array: &Array) {
-        for (token, sector, iovs) in std::mem::take(&mut self.deferred) {
+        for (token, sector, iovs, attempts) in std::mem::take(&mut self.deferred) {
             // SAFETY: the submitter of the deferred write guaranteed its buffers.
-            unsafe { array.submit_write(self, token, sector, iovs) };
+            unsafe { array.start_write(self, token, sector, iovs, attempts) };
         }
         let _ = self.ring.flush();
     }
@@ -222,8 +279,13 @@ impl AsyncIo {
     /// Waits for and processes completions until nothing is in flight.
     pub fn drain(&mut self, array: &Array) -> io::Result<()> {
         while self.in_flight() > 0 {
-            // Offloaded writes do not complete through the kernel: poll for them.
-            if self.ops.len() > self.free.len() && self.offloaded_running == 0 {
+            // Offloaded writes and parked requests do not complete through the
+            // kernel: poll for them.
+            if self.ops.len() > self.free.len()
+                && self.offloaded_running == 0
+                && self.parked.is_empty()
+                && self.jobs_running == 0
+            {
                 self.ring.wait()?;
             } else {
                 std::thread::sleep(std::time::Duration::from_millis(1));
@@ -306,8 +368,154 @@ impl AsyncIo {
             return;
         };
         self.free.push(idx);
-        let outcome = finish(array, op.kind, &op.iovs, result);
-        self.done.push((op.token, outcome));
+        self.finish(array, op, result);
+    }
+
+    /// The end of a request once every leg answered.
+    fn finish(&mut self, array: &Array, op: Op, last: io::Result<()>) {
+        let token = op.token;
+        let rest = match op.kind {
+            Kind::Read { member, sector } => match last {
+                Ok(()) => {
+                    self.done.push((token, Ok(())));
+                    return;
+                }
+                Err(e) => {
+                    // Retry synchronously over every in-sync leg; the range is
+                    // rewritten on the failed leg later.
+                    log::warn!(
+                        "leg {}: read error at sector {sector}: {e}; retrying",
+                        member.name()
+                    );
+                    // SAFETY: the submitter keeps the buffers valid until completion.
+                    let mut bufs = unsafe { as_mut_slices(&op.iovs) };
+                    Rest::Read(array.read_legs(sector, &mut bufs))
+                }
+            },
+            Kind::Write {
+                sector,
+                sectors,
+                ok_in_sync,
+                failed,
+                incomplete,
+                attempts,
+            } => {
+                let any_failed = !failed.is_empty();
+                let last_err = record_failures(array, failed, "write error");
+                if let (Some(e), Some(fenced)) = (&last_err, array.refused_by_fence()) {
+                    // No leg was failed: the write is on some legs only.
+                    array.bitmap.end_write(sector, sectors, true);
+                    self.done
+                        .push((token, Err(io::Error::new(e.kind(), fenced))));
+                    return;
+                }
+                // The write is over on the legs before a failure is recorded: the
+                // record may wait for the token, held by a node whose new resync
+                // window waits for this write. It is written again then (see
+                // `Array::rewrite_after_failure`). A leg that took only part of the
+                // write, or failed it and was kept (the last in-sync one), differs
+                // from the others there: the chunk stays to be resynced.
+                let rewrite = array.failure_unrecorded() && array.rewrite_after_failure(attempts);
+                array
+                    .bitmap
+                    .end_write(sector, sectors, incomplete.is_some() || any_failed);
+                Rest::Write {
+                    sector,
+                    ok_in_sync,
+                    last_err,
+                    incomplete,
+                    rewrite,
+                    attempts,
+                    iovs: op.iovs,
+                }
+            }
+            Kind::Flush { ok_in_sync, failed } => {
+                let last_err = record_failures(array, failed, "flush failed");
+                if let (Some(e), Some(fenced)) = (&last_err, array.refused_by_fence()) {
+                    self.done
+                        .push((token, Err(io::Error::new(e.kind(), fenced))));
+                    return;
+                }
+                Rest::Flush {
+                    ok_in_sync,
+                    last_err,
+                }
+            }
+        };
+        self.settle(array, token, rest);
+    }
+
+    /// Completes `rest` once the leg failures seen so far are recorded: at once
+    /// when they are, parked for the settler thread when it runs, else after
+    /// recording them here.
+    fn settle(&mut self, array: &Array, token: Token, rest: Rest) {
+        let waits = match rest {
+            Rest::Read(_) => array.read_waits_for_record(),
+            _ => array.failure_unrecorded(),
+        };
+        if !waits {
+            self.complete(array, token, rest, Ok(()));
+        } else if array.settler().in_background() {
+            let seen = array.failures_seen();
+            array.settler().request();
+            self.parked.push(Parked { token, seen, rest });
+        } else {
+            let settled = array.settle_failures();
+            self.complete(array, token, rest, settled);
+        }
+    }
+
+    /// Completes the parked requests whose failure record ended.
+    fn resume_parked(&mut self, array: &Array) {
+        if self.parked.is_empty() {
+            return;
+        }
+        for p in std::mem::take(&mut self.parked) {
+            match array.settle_outcome(p.seen) {
+                Some(settled) => self.complete(array, p.token, p.rest, settled),
+                None => self.parked.push(p),
+            }
+        }
+    }
+
+    fn complete(&mut self, array: &Array, token: Token, rest: Rest, settled: io::Result<()>) {
+        let result = match rest {
+            Rest::Read(result) => Array::read_settled(result, settled),
+            Rest::Flush {
+                ok_in_sync,
+                last_err,
+            } => settled.and_then(|()| {
+                if ok_in_sync == 0 {
+                    Err(last_err.unwrap_or_else(|| io::Error::other("no in-sync leg could flush")))
+                } else {
+                    Ok(())
+                }
+            }),
+            Rest::Write {
+                sector,
+                ok_in_sync,
+                last_err,
+                incomplete,
+                rewrite,
+                attempts,
+                iovs,
+            } => {
+                match (settled, incomplete) {
+                    (Err(e), _) | (Ok(()), Some(e)) => Err(e),
+                    (Ok(()), None) if ok_in_sync == 0 => Err(last_err
+                        .unwrap_or_else(|| io::Error::other("no in-sync leg took the write"))),
+                    (Ok(()), None) if rewrite => {
+                        // SAFETY: the submitter keeps the buffers valid until completion.
+                        unsafe {
+                            array.start_write(self, token, sector, iovs.into_vec(), attempts + 1)
+                        };
+                        return;
+                    }
+                    (Ok(()), None) => Ok(()),
+                }
+            }
+        };
+        self.done.push((token, result));
     }
 }
 
@@ -403,88 +611,6 @@ unsafe fn as_slices<'a>(iovs: &[libc::iovec]) -> Vec<IoSlice<'a>> {
         .collect()
 }
 
-/// The end of a request once every leg answered.
-fn finish(array: &Array, kind: Kind, iovs: &[libc::iovec], last: io::Result<()>) -> io::Result<()> {
-    match kind {
-        Kind::Read { member, sector } => match last {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // Retry synchronously over every in-sync leg; the failed leg gets the
-                // good data written back, or is failed.
-                log::warn!(
-                    "leg {}: read error at sector {sector}: {e}; retrying",
-                    member.name()
-                );
-                // SAFETY: the submitter keeps the buffers valid until completion.
-                let mut bufs = unsafe { as_mut_slices(iovs) };
-                array.read(sector, &mut bufs)
-            }
-        },
-        Kind::Write {
-            sector,
-            sectors,
-            ok_in_sync,
-            failed,
-            incomplete,
-        } => {
-            let any_failed = !failed.is_empty();
-            let last_err = record_failures(array, failed, "write error");
-            if let (Some(e), Some(fenced)) = (&last_err, array.refused_by_fence()) {
-                // No leg was failed: the write is on some legs only.
-                array.bitmap.end_write(sector, sectors, true);
-                return Err(io::Error::new(e.kind(), fenced));
-            }
-            let unrecorded = array.failure_unrecorded();
-            // A leg that took only part of the write, or failed it and was kept (the
-            // last in-sync one), differs from the others there: the chunk stays to be
-            // resynced.
-            if unrecorded {
-                // The write is over on the legs before the failure is recorded (that
-                // may wait for the token, held by a node whose new resync window
-                // waits for this write); it is written again below.
-                array
-                    .bitmap
-                    .end_write(sector, sectors, incomplete.is_some() || any_failed);
-                array.settle_failures()?;
-            } else {
-                let settled = array.settle_failures();
-                array
-                    .bitmap
-                    .end_write(sector, sectors, incomplete.is_some() || any_failed);
-                settled?;
-            }
-            if let Some(e) = incomplete {
-                return Err(e);
-            }
-            if ok_in_sync == 0 {
-                return Err(
-                    last_err.unwrap_or_else(|| io::Error::other("no in-sync leg took the write"))
-                );
-            }
-            if unrecorded && array.is_cluster_node() {
-                // See `Array::rewrite_after_failure`.
-                // SAFETY: the submitter keeps the buffers valid until completion.
-                let bufs = unsafe { as_slices(iovs) };
-                return array.write(sector, &bufs);
-            }
-            Ok(())
-        }
-        Kind::Flush { ok_in_sync, failed } => {
-            let last_err = record_failures(array, failed, "flush failed");
-            if let (Some(e), Some(fenced)) = (&last_err, array.refused_by_fence()) {
-                return Err(io::Error::new(e.kind(), fenced));
-            }
-            array.settle_failures()?;
-            if ok_in_sync == 0 {
-                return Err(
-                    last_err.unwrap_or_else(|| io::Error::other("no in-sync leg could flush"))
-                );
-            }
-            Ok(())
-        }
-    }
-}
-
 fn record_failures(
     array: &Array,
     failed: Vec<(Arc<Member>, io::Error)>,
@@ -518,6 +644,41 @@ fn ring_fd(m: &Member, iovs: &[libc::iovec], off: u64) -> Option<std::os::fd::Ra
 }
 
 impl Array {
+    /// Has a thread of its own record leg failures for the I/O workers, which
+    /// then park requests waiting for a record instead of writing it (see
+    /// `raid1::settle`). Cluster nodes need it: the record waits for the token.
+    /// The thread ends once the array is dropped.
+    pub fn settle_in_background(self: &Arc<Self>) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        let settler = self.settler().clone();
+        if settler.running.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("settle".into())
+            .spawn(move || loop {
+                let requested = settler.wait_request(std::time::Duration::from_millis(500));
+                let Some(array) = weak.upgrade() else {
+                    return;
+                };
+                if !requested {
+                    continue;
+                }
+                let seen = array.failures_seen();
+                if let Err(e) = array.settle_failures() {
+                    log::warn!("{e}");
+                    settler.failed(seen, &e);
+                }
+                array.bitmap.wake_workers();
+            });
+        if let Err(e) = spawned {
+            self.settler().running.store(false, Ordering::Release);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Starts a read of `iovs` at `sector`; the result comes from [`AsyncIo::take_done`].
     ///
     /// # Safety
@@ -547,8 +708,8 @@ impl Array {
         let Some((member, fd)) = async_leg else {
             // SAFETY: guaranteed by the caller.
             let mut bufs = unsafe { as_mut_slices(&iovs) };
-            let r = self.read(sector, &mut bufs);
-            io.done.push((token, r));
+            let r = self.read_legs(sector, &mut bufs);
+            io.settle(self, token, Rest::Read(r));
             return;
         };
         let off = member.byte_offset(sector);
@@ -603,6 +764,22 @@ impl Array {
         sector: u64,
         iovs: Vec<libc::iovec>,
     ) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.start_write(io, token, sector, iovs, 1) }
+    }
+
+    /// Attempt `attempts` of [`Array::submit_write`].
+    ///
+    /// # Safety
+    /// As for [`Array::submit_read`].
+    unsafe fn start_write(
+        &self,
+        io: &mut AsyncIo,
+        token: Token,
+        sector: u64,
+        iovs: Vec<libc::iovec>,
+        attempts: usize,
+    ) {
         let checked = transfer_len(&iovs).and_then(|bytes| {
             let sectors = self.check_range(sector, bytes as u64)?;
             // Fits: `bytes <= MAX_TRANSFER`.
@@ -633,7 +810,7 @@ impl Array {
             Ok(true) => {}
             Ok(false) => {
                 // The chunk is being resynced: retried when the resync of it ends.
-                io.deferred.push((token, sector, iovs));
+                io.deferred.push((token, sector, iovs, attempts));
                 return;
             }
             Err(e) => {
@@ -650,6 +827,7 @@ impl Array {
                 ok_in_sync: 0,
                 failed: Vec::new(),
                 incomplete: None,
+                attempts,
             },
             bytes,
             iovs.into_boxed_slice(),
@@ -738,8 +916,7 @@ impl Array {
         if finished {
             if let Some(op) = io.ops[idx].take() {
                 io.free.push(idx);
-                let outcome = finish(self, op.kind, &op.iovs, Ok(()));
-                io.done.push((op.token, outcome));
+                io.finish(self, op, Ok(()));
             }
         }
     }
@@ -797,6 +974,7 @@ mod tests {
                 ok_in_sync: 0,
                 failed: Vec::new(),
                 incomplete: None,
+                attempts: 1,
             },
             data.len(),
             iovs.into_boxed_slice(),

@@ -195,6 +195,8 @@ pub struct Array {
     pub counters: Counters,
     /// Raised when this node may no longer write (see [`Fence`]).
     fence: std::sync::OnceLock<Arc<Fence>>,
+    /// Records leg failures for the I/O workers (cluster nodes).
+    settler: Arc<super::settle::Settler>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -373,6 +375,7 @@ impl Array {
             bitmap,
             failures_seen: AtomicU64::new(0),
             failures_recorded: AtomicU64::new(0),
+            settler: Arc::default(),
             failing: Mutex::new(()),
             next_read: AtomicUsize::new(0),
             balancing_suspended: AtomicBool::new(false),
@@ -883,6 +886,34 @@ impl Array {
     /// Reads guest data. A leg that fails is skipped; the range is queued to be
     /// rewritten on it from another leg ([`Array::run_repairs`]).
     pub fn read(&self, sector: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let result = self.read_legs(sector, bufs);
+        // A leg failure (another request's) is recorded before the read completes.
+        if !self.read_waits_for_record() {
+            return result;
+        }
+        Self::read_settled(result, self.settle_failures())
+    }
+
+    /// Whether a read that finished waits for a failure record: a fenced node
+    /// records nothing (that takes the lock manager it lost) and still serves reads.
+    pub(crate) fn read_waits_for_record(&self) -> bool {
+        !self.is_fenced() && self.failure_unrecorded()
+    }
+
+    /// A read's result once the record it waited for ended: when a failure cannot
+    /// be recorded, data read from an in-sync leg is still good: the read goes on.
+    pub(crate) fn read_settled(result: io::Result<()>, settled: io::Result<()>) -> io::Result<()> {
+        match settled {
+            Err(e) if result.is_ok() => {
+                log::debug!("a leg failure is not recorded ({e}); the read completes");
+                result
+            }
+            settled => settled.and(result),
+        }
+    }
+
+    /// The legs' part of [`Array::read`], without waiting for failure records.
+    pub(crate) fn read_legs(&self, sector: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         let bytes: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         let sectors = self.check_range(sector, bytes)?;
         let mut failed: Vec<(Arc<Member>, io::Error)> = Vec::new();
@@ -919,20 +950,7 @@ impl Array {
                 format!("read failed on every leg: {e}"),
             ));
         }
-        // A leg failure (this read's or another request's) is recorded before the
-        // read completes. A fenced node records nothing (that takes the lock
-        // manager it lost) and still serves reads; and when a failure cannot be
-        // recorded, data read from an in-sync leg is still good: the read goes on.
-        if self.is_fenced() {
-            return result;
-        }
-        match self.settle_failures() {
-            Err(e) if result.is_ok() => {
-                log::debug!("a leg failure is not recorded ({e}); the read completes");
-                result
-            }
-            settled => settled.and(result),
-        }
+        result
     }
 
     /// Rewrites the ranges legs failed to read (see [`Array::read`]) from another
@@ -1091,6 +1109,22 @@ impl Array {
         self.failures_recorded.load(Ordering::Acquire) < self.failures_seen.load(Ordering::Acquire)
     }
 
+    /// Leg failures seen so far (a request that saw one waits until this many
+    /// are recorded).
+    pub(crate) fn failures_seen(&self) -> u64 {
+        self.failures_seen.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn settler(&self) -> &Arc<super::settle::Settler> {
+        &self.settler
+    }
+
+    /// How the record of the first `seen` leg failures ended (`None`: not yet).
+    pub(crate) fn settle_outcome(&self, seen: u64) -> Option<io::Result<()>> {
+        self.settler
+            .outcome(seen, self.failures_recorded.load(Ordering::Acquire))
+    }
+
     /// Whether a write that finished on the legs while a failure was unrecorded is
     /// written again (`attempts` so far) before it completes. On a cluster node, yes:
     /// until the failure was recorded, another node resyncing the write's chunks
@@ -1098,7 +1132,7 @@ impl Array {
     /// write on the good legs; the second write, once the failure is on disk, puts
     /// it back (and waits, like any write, until that node's window moved on).
     /// Bounded: every pass follows a new failure, and legs are few.
-    fn rewrite_after_failure(&self, attempts: usize) -> bool {
+    pub(crate) fn rewrite_after_failure(&self, attempts: usize) -> bool {
         self.is_cluster_node() && attempts <= self.members().len() + 1
     }
 

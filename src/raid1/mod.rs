@@ -7,6 +7,7 @@ pub mod manage;
 pub mod metadata;
 mod offload;
 pub mod port;
+mod settle;
 
 pub use aio::AsyncIo;
 pub use array::{Array, AssembleError, AssembleReport, LegState, Member};

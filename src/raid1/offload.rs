@@ -1,7 +1,9 @@
 //! Leg writes that may block for long (a leg without a file descriptor that says
 //! so, e.g. a fault drill's stalled leg) run on a thread of their own; their
 //! results come back to the worker as ring completions would, through the
-//! completion eventfd.
+//! completion eventfd. So do whole requests that may wait for other nodes and
+//! have no asynchronous path (discard, write-zeroes): a worker never blocks on
+//! the cluster while it has completions to reap.
 
 use crate::storage::uring::Cqe;
 use crate::storage::Leg;
@@ -9,11 +11,16 @@ use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
-/// Completions of offloaded writes, waiting for the worker.
+/// Completions of offloaded writes and requests, waiting for the worker.
 pub struct Offloaded {
     done: Mutex<Vec<Cqe>>,
+    /// Whole requests run off the worker, by their token.
+    requests: Mutex<Vec<(u64, io::Result<()>)>>,
     waker: EventFd,
 }
+
+/// A whole request run off the worker.
+pub type Job = Box<dyn FnOnce() -> io::Result<()> + Send>;
 
 /// The buffers of one offloaded write.
 struct Buffers {
@@ -30,8 +37,34 @@ impl Offloaded {
     pub fn new(waker: EventFd) -> Offloaded {
         Offloaded {
             done: Mutex::new(Vec::new()),
+            requests: Mutex::new(Vec::new()),
             waker,
         }
+    }
+
+    /// Takes the results of the requests run by [`Offloaded::run`] that ended.
+    pub fn take_requests(&self) -> Vec<(u64, io::Result<()>)> {
+        std::mem::take(&mut *self.requests.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Runs request `token` (`job`, which owns what it uses) on a new thread; its
+    /// result comes from [`Offloaded::take_requests`]. Fails when no thread could
+    /// be started (nothing ran then).
+    pub fn run(self: &Arc<Self>, token: u64, job: Job) -> io::Result<()> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("request".into())
+            .spawn(move || {
+                let result = job();
+                me.requests
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((token, result));
+                if let Err(e) = me.waker.write(1) {
+                    log::error!("cannot wake the worker after a request: {e}");
+                }
+            })
+            .map(|_| ())
     }
 
     /// Takes the completions of the writes that ended.

@@ -464,6 +464,24 @@ impl BlockBackend {
                     });
                     self.array.submit_flush(&mut qs.io, token);
                 }
+                Prepared::Ranges {
+                    zeroes,
+                    ranges,
+                    status,
+                } => {
+                    let token = qs.insert(Pending {
+                        head,
+                        status,
+                        used: 0,
+                        mem: mem.clone(),
+                        read_segs: Vec::new(),
+                        write: false,
+                    });
+                    let array = self.array.clone();
+                    qs.io.run_detached(token, move || {
+                        request::apply_ranges(&array, zeroes, &ranges)
+                    });
+                }
                 Prepared::Transfer(t) => {
                     let mut iovs = Vec::with_capacity(t.segs.len());
                     let mut bad = None;
@@ -522,31 +540,40 @@ impl BlockBackend {
         state: &mut VringState<GuestMem>,
         iq: Option<&InflightQueue<'_>>,
     ) -> io::Result<bool> {
-        let done = qs.io.take_done();
-        let any = !done.is_empty();
-        for (token, result) in done {
-            let Some(p) = qs.take(token) else {
-                warn!("completion for an unknown request {token}");
-                continue;
-            };
-            // The read data went into guest memory behind vm-memory's back: log it
-            // before the used entry tells the guest it is there.
-            for &(addr, len) in &p.read_segs {
-                for v in GuestMemoryBackend::get_slices(&*p.mem, addr, len).flatten() {
-                    v.bitmap().mark_dirty(0, v.len());
+        let mut any = false;
+        loop {
+            let mut flushing = false;
+            for (token, result) in qs.io.take_done() {
+                let Some(p) = qs.take(token) else {
+                    warn!("completion for an unknown request {token}");
+                    continue;
+                };
+                // The read data went into guest memory behind vm-memory's back: log
+                // it before the used entry tells the guest it is there.
+                for &(addr, len) in &p.read_segs {
+                    for v in GuestMemoryBackend::get_slices(&*p.mem, addr, len).flatten() {
+                        v.bitmap().mark_dirty(0, v.len());
+                    }
                 }
-            }
-            let mut result = result.map(|()| p.used).map_err(RequestError::Io);
-            if result.is_ok() && p.write && self.writethrough.load(Ordering::Relaxed) {
-                if let Err(e) = self.array.flush() {
-                    result = Err(RequestError::Io(e));
+                if result.is_ok() && p.write && self.writethrough.load(Ordering::Relaxed) {
+                    // Write-through: the write completes once a flush after it did.
+                    let token = qs.insert(Pending { write: false, ..p });
+                    self.array.submit_flush(&mut qs.io, token);
+                    flushing = true;
+                    continue;
                 }
+                let result = result.map(|()| p.used).map_err(RequestError::Io);
+                let used = request::finish(&*p.mem, p.status, result);
+                inflight::add_used(state, iq, p.head, used)?;
+                self.completed.fetch_add(1, Ordering::Relaxed);
+                any = true;
             }
-            let used = request::finish(&*p.mem, p.status, result);
-            inflight::add_used(state, iq, p.head, used)?;
-            self.completed.fetch_add(1, Ordering::Relaxed);
+            if !flushing {
+                return Ok(any);
+            }
+            // A flush of legs without a ring may have finished already.
+            qs.io.submit()?;
         }
-        Ok(any)
     }
 
     /// Handles the completion eventfd of queue `qi`.

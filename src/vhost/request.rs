@@ -338,6 +338,16 @@ pub enum Prepared {
         /// Where the status byte goes.
         status: GuestAddress,
     },
+    /// Discards (or zeroes) validated sector ranges: run off the worker, as
+    /// they have no asynchronous path and may wait for other nodes.
+    Ranges {
+        /// Zero the ranges (write-zeroes) rather than discard them.
+        zeroes: bool,
+        /// (first sector, sectors).
+        ranges: Vec<(u64, u64)>,
+        /// Where the status byte goes.
+        status: GuestAddress,
+    },
 }
 
 /// A validated read (`write == false`) or write of guest memory.
@@ -377,9 +387,78 @@ where
                 status: status_addr,
             })
         }
+        Ok(p) if p.ty == kind::DISCARD || p.ty == kind::WRITE_ZEROES => {
+            match ctx.may_write().and_then(|()| ranges(ctx, mem, &p)) {
+                Ok(ranges) => Prepared::Ranges {
+                    zeroes: p.ty == kind::WRITE_ZEROES,
+                    ranges,
+                    status: status_addr,
+                },
+                Err(e) => Prepared::Done(finish(mem, status_addr, Err(e))),
+            }
+        }
         Ok(p) => Prepared::Done(finish(mem, status_addr, execute(ctx, mem, p))),
         Err(e) => Prepared::Done(finish(mem, status_addr, Err(e))),
     }
+}
+
+/// The sector ranges of a discard or write-zeroes request, checked against the
+/// advertised limits.
+fn ranges<M: GuestMemoryBackend>(
+    ctx: &Context<'_>,
+    mem: &M,
+    p: &Parsed,
+) -> Result<Vec<(u64, u64)>, RequestError> {
+    let Parsed { ty, data, .. } = p;
+    let ty = *ty;
+    let data_len: usize = data.iter().map(|s| s.len).sum();
+    if !data.iter().all(|s| !s.writable) || data_len == 0 || data_len % 16 != 0 {
+        return Err(RequestError::Malformed("bad discard/write-zeroes segments"));
+    }
+    let (max_seg, max_sectors) = if ty == kind::DISCARD {
+        (ctx.limits.max_discard_seg, ctx.limits.max_discard_sectors)
+    } else {
+        (
+            ctx.limits.max_write_zeroes_seg,
+            ctx.limits.max_write_zeroes_sectors,
+        )
+    };
+    if data_len / 16 > max_seg as usize {
+        return Err(RequestError::Malformed("too many segments"));
+    }
+    let mut raw = vec![0u8; data_len];
+    read_bytes(mem, data, &mut raw)?;
+    let mut ranges = Vec::new();
+    for r in raw.chunks_exact(std::mem::size_of::<super::wire::RangeSeg>()) {
+        let seg: super::wire::RangeSeg = super::wire::copy_from(r)
+            .ok_or(RequestError::Malformed("bad discard/write-zeroes segments"))?;
+        let (s, n, flags) = (seg.sector(), seg.num_sectors(), seg.flags());
+        let allowed = if ty == kind::DISCARD {
+            0
+        } else {
+            WZ_FLAG_UNMAP
+        };
+        if flags & !allowed != 0 {
+            return Err(RequestError::Flags(flags));
+        }
+        if n > max_sectors {
+            return Err(RequestError::Malformed("segment larger than the limit"));
+        }
+        ranges.push((s, u64::from(n)));
+    }
+    Ok(ranges)
+}
+
+/// Runs the ranges of a discard (or, with `zeroes`, write-zeroes) request.
+pub fn apply_ranges(array: &Array, zeroes: bool, ranges: &[(u64, u64)]) -> std::io::Result<()> {
+    for &(s, n) in ranges {
+        if zeroes {
+            array.write_zeroes(s, n)?;
+        } else {
+            array.discard(s, n)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes the status for `result`; returns the used length (0 if the status byte
@@ -412,12 +491,16 @@ fn execute<M: GuestMemoryBackend>(
     mem: &M,
     p: Parsed,
 ) -> Result<UsedLen, RequestError> {
-    let Parsed { ty, sector, data } = p;
+    let Parsed {
+        ty,
+        sector,
+        ref data,
+    } = p;
     let data_len: usize = data.iter().map(|s| s.len).sum();
     let all = |w: bool| data.iter().all(|s| s.writable == w);
     match ty {
         kind::IN => {
-            let slices = guest_slices!(mem, &data);
+            let slices = guest_slices!(mem, data);
             {
                 let mut bufs: Vec<IoSliceMut<'_>> = slices
                     .iter()
@@ -443,7 +526,7 @@ fn execute<M: GuestMemoryBackend>(
         }
         kind::OUT => {
             ctx.may_write()?;
-            let slices = guest_slices!(mem, &data);
+            let slices = guest_slices!(mem, data);
             {
                 let bufs: Vec<IoSlice<'_>> = slices
                     .iter()
@@ -470,7 +553,7 @@ fn execute<M: GuestMemoryBackend>(
                 return Err(RequestError::Malformed("id buffer is not device-writable"));
             }
             let n = data_len.min(ID_LEN);
-            let (dst, _) = take(&data, n).ok_or(RequestError::Malformed("id buffer"))?;
+            let (dst, _) = take(data, n).ok_or(RequestError::Malformed("id buffer"))?;
             let mut off = 0;
             for s in dst {
                 mem.write_slice(&ctx.serial[off..off + s.len], s.addr)
@@ -481,47 +564,8 @@ fn execute<M: GuestMemoryBackend>(
         }
         kind::DISCARD | kind::WRITE_ZEROES => {
             ctx.may_write()?;
-            if !all(false) || data_len == 0 || data_len % 16 != 0 {
-                return Err(RequestError::Malformed("bad discard/write-zeroes segments"));
-            }
-            let (max_seg, max_sectors) = if ty == kind::DISCARD {
-                (ctx.limits.max_discard_seg, ctx.limits.max_discard_sectors)
-            } else {
-                (
-                    ctx.limits.max_write_zeroes_seg,
-                    ctx.limits.max_write_zeroes_sectors,
-                )
-            };
-            if data_len / 16 > max_seg as usize {
-                return Err(RequestError::Malformed("too many segments"));
-            }
-            let mut raw = vec![0u8; data_len];
-            read_bytes(mem, &data, &mut raw)?;
-            let mut ranges = Vec::new();
-            for r in raw.chunks_exact(std::mem::size_of::<super::wire::RangeSeg>()) {
-                let seg: super::wire::RangeSeg = super::wire::copy_from(r)
-                    .ok_or(RequestError::Malformed("bad discard/write-zeroes segments"))?;
-                let (s, n, flags) = (seg.sector(), seg.num_sectors(), seg.flags());
-                let allowed = if ty == kind::DISCARD {
-                    0
-                } else {
-                    WZ_FLAG_UNMAP
-                };
-                if flags & !allowed != 0 {
-                    return Err(RequestError::Flags(flags));
-                }
-                if n > max_sectors {
-                    return Err(RequestError::Malformed("segment larger than the limit"));
-                }
-                ranges.push((s, u64::from(n)));
-            }
-            for (s, n) in ranges {
-                if ty == kind::DISCARD {
-                    ctx.array.discard(s, n)?;
-                } else {
-                    ctx.array.write_zeroes(s, n)?;
-                }
-            }
+            let ranges = ranges(ctx, mem, &p)?;
+            apply_ranges(ctx.array, ty == kind::WRITE_ZEROES, &ranges)?;
             Ok(0)
         }
         other => Err(RequestError::Unsupported(other)),
@@ -606,6 +650,49 @@ mod tests {
         let descs: Vec<Descriptor> = chain.collect();
         let used = process(&ctx(r), &r.mem, &descs);
         (used, r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap())
+    }
+
+    /// A discard (or write-zeroes) has no asynchronous path and may wait for
+    /// another node's resync window: the worker never runs it itself (while it
+    /// waited, the worker's other writes in that node's next window would never
+    /// end, and that node never move on).
+    #[test]
+    fn a_discard_is_left_to_run_off_the_worker() {
+        let r = rig();
+        // Another node resyncs chunk 0.
+        r.array.bitmap.set_remote_window(1, 0, 2048);
+        let mut seg = [0u8; 16];
+        seg[8..12].copy_from_slice(&8u32.to_le_bytes());
+        r.mem.write_slice(&seg, GuestAddress(DATA)).unwrap();
+        let q = MockSplitQueue::new(&r.mem, 16);
+        let raw: Vec<RawDescriptor> = [(HDR, 16, 0), (DATA, 16, 0), (STATUS, 1, W)]
+            .iter()
+            .map(|&(a, l, f)| RawDescriptor::from(Descriptor::new(a, l, f, 0)))
+            .collect();
+        for ty in [kind::DISCARD, kind::WRITE_ZEROES] {
+            header(&r, ty, 0);
+            let descs: Vec<Descriptor> = q.build_desc_chain(&raw).unwrap().collect();
+            std::thread::scope(|sc| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (r, descs) = (&r, &descs);
+                sc.spawn(move || {
+                    let p = prepare(&ctx(r), &r.mem, descs);
+                    let _ = tx.send(match p {
+                        Prepared::Ranges { zeroes, ranges, .. } => Some((zeroes, ranges)),
+                        _ => None,
+                    });
+                });
+                let got = rx.recv_timeout(std::time::Duration::from_secs(2));
+                if got.is_err() {
+                    // Lets the blocked request end, so that the test can.
+                    r.array.bitmap.set_remote_window(1, 0, 0);
+                }
+                assert_eq!(
+                    got.expect("the worker ran the request itself: it waited for the window"),
+                    Some((ty == kind::WRITE_ZEROES, vec![(0, 8)]))
+                );
+            });
+        }
     }
 
     fn ok_write_read(r: &Rig) {
