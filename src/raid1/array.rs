@@ -370,7 +370,20 @@ impl Array {
             .geometry()
             .slot_offset(sb.super_offset, sb.bitmap_offset, own_slot)
             .unwrap_or(8192);
-        let bitmap = WriteIntent::new(own.sb.clone(), own.bits.clone(), slot_offset);
+        // Our slot's bits on every leg in service together, as for another node's
+        // slot (`merge_slot`): our previous run may have stopped while a bitmap
+        // write had reached some legs only, and the writes under those bits may
+        // have reached some legs too.
+        let mut bits = own.bits.clone();
+        for (leg, m) in &loaded {
+            let in_slot = slots.iter().flatten().any(|s| Arc::ptr_eq(&s.leg, leg));
+            if let Some(b) = m.bitmaps.get(own_slot as usize).filter(|_| in_slot) {
+                if b.bits.chunks() == bits.chunks() {
+                    bits.merge(&b.bits);
+                }
+            }
+        }
+        let bitmap = WriteIntent::new(own.sb.clone(), bits, slot_offset);
         if own.sb.state & crate::md::bitmap::state::STALE != 0 {
             warn!("bitmap is marked stale: the whole array will be resynced");
             bitmap.mark_all_needed();
