@@ -786,12 +786,25 @@ impl Array {
             }
             if self.failures_seen.load(Ordering::Acquire) == seen {
                 if written == 0 {
-                    // The superblocks on disk are as they were: so is ours. Counted
-                    // ahead of them, it would make this node ignore the next updates
-                    // of other nodes (`reload_superblocks` takes only newer ones).
+                    // Our superblock counts from what the disk holds: counted ahead
+                    // of it, this node would ignore the next updates of other nodes
+                    // (`reload_superblocks` takes only newer ones); behind it (a
+                    // write that failed after its first sectors landed all the
+                    // same), its next update would give another superblock the
+                    // same events.
                     match taken {
                         Some(e) => meta.sb.events = e,
                         None => meta.sb = before,
+                    }
+                    let on_disk = members
+                        .iter()
+                        .flatten()
+                        .filter_map(|m| super::metadata::read_superblock(&*m.leg).ok())
+                        .filter(|sb| sb.set_uuid == self.uuid)
+                        .map(|sb| sb.events)
+                        .max();
+                    if let Some(e) = on_disk.filter(|&e| e > meta.sb.events) {
+                        meta.sb.events = e;
                     }
                     return Err(io::Error::other("no leg accepted the superblock update"));
                 }
