@@ -265,8 +265,13 @@ impl ClusterNode {
             slot_wait,
         )?;
         let _ = ctx.comms.set(node.comms.clone());
-        let (array, report) =
-            Array::assemble_as(legs, node.slot).map_err(|e| NodeError::Array(e.to_string()))?;
+        // Under the token: another node's superblock update (also under it) writes
+        // the legs one after the other, and read in between they would disagree (a
+        // leg would look stale, be left out, and be recorded faulty by us).
+        let (array, report) = node
+            .comms
+            .under_token(|| (Array::assemble_as(legs, node.slot), None))?
+            .map_err(|e| NodeError::Array(e.to_string()))?;
         array.set_detached(report.left_out_legs);
         for l in &report.left_out {
             log::warn!("{l}");

@@ -359,7 +359,20 @@ impl Array {
             .geometry()
             .slot_offset(sb.super_offset, sb.bitmap_offset, own_slot)
             .unwrap_or(8192);
-        let bitmap = WriteIntent::new(own.sb.clone(), own.bits.clone(), slot_offset);
+        // Our slot's bits on every leg in service together, as for another node's
+        // slot (`merge_slot`): our previous run may have stopped while a bitmap
+        // write had reached some legs only, and the writes under those bits may
+        // have reached some legs too.
+        let mut bits = own.bits.clone();
+        for (leg, m) in &loaded {
+            let in_slot = slots.iter().flatten().any(|s| Arc::ptr_eq(&s.leg, leg));
+            if let Some(b) = m.bitmaps.get(own_slot as usize).filter(|_| in_slot) {
+                if b.bits.chunks() == bits.chunks() {
+                    bits.merge(&b.bits);
+                }
+            }
+        }
+        let bitmap = WriteIntent::new(own.sb.clone(), bits, slot_offset);
         if own.sb.state & crate::md::bitmap::state::STALE != 0 {
             warn!("bitmap is marked stale: the whole array will be resynced");
             bitmap.mark_all_needed();
@@ -768,12 +781,25 @@ impl Array {
             }
             if self.failures_seen.load(Ordering::Acquire) == seen {
                 if written == 0 {
-                    // The superblocks on disk are as they were: so is ours. Counted
-                    // ahead of them, it would make this node ignore the next updates
-                    // of other nodes (`reload_superblocks` takes only newer ones).
+                    // Our superblock counts from what the disk holds: counted ahead
+                    // of it, this node would ignore the next updates of other nodes
+                    // (`reload_superblocks` takes only newer ones); behind it (a
+                    // write that failed after its first sectors landed all the
+                    // same), its next update would give another superblock the
+                    // same events.
                     match taken {
                         Some(e) => meta.sb.events = e,
                         None => meta.sb = before,
+                    }
+                    let on_disk = members
+                        .iter()
+                        .flatten()
+                        .filter_map(|m| super::metadata::read_superblock(&*m.leg).ok())
+                        .filter(|sb| sb.set_uuid == self.uuid)
+                        .map(|sb| sb.events)
+                        .max();
+                    if let Some(e) = on_disk.filter(|&e| e > meta.sb.events) {
+                        meta.sb.events = e;
                     }
                     return Err(io::Error::other("no leg accepted the superblock update"));
                 }
