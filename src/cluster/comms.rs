@@ -180,6 +180,11 @@ impl Peers {
         }
     }
 
+    /// The other members reported alive now.
+    pub fn count(&self) -> usize {
+        self.set.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Has `f` told the count at every change, and now if any member was reported.
     pub fn on_change(&self, f: PeerSink) {
         let mut sink = self.sink.lock().unwrap_or_else(|e| e.into_inner());
