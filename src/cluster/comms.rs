@@ -155,7 +155,12 @@ pub struct Peers {
     set: Mutex<HashSet<NodeId>>,
     /// Told the count whenever it changes (under its lock: in order).
     sink: Mutex<Option<PeerSink>>,
+    /// Told every member that goes down, after the count.
+    down: Mutex<Option<DownSink>>,
 }
+
+/// Receives the node id of a member that went down.
+pub type DownSink = Box<dyn Fn(NodeId) + Send + Sync>;
 
 /// Receives how many other members the lockspace has.
 pub type PeerSink = Box<dyn Fn(usize) + Send + Sync>;
@@ -178,6 +183,16 @@ impl Peers {
         if let Some(f) = sink.as_ref() {
             f(n);
         }
+        if !up {
+            if let Some(f) = self.down.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                f(node);
+            }
+        }
+    }
+
+    /// Has `f` told every member that goes down from now on.
+    pub fn on_down(&self, f: DownSink) {
+        *self.down.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
 
     /// The other members reported alive now.

@@ -5,11 +5,11 @@
 //! when the owner's PW is gone — that grant is how a peer's death is seen.
 
 use super::comms::{new_nl_lock, Comms, CommsError, Handler};
-use crate::dlm::{flags, LockId, Mode, Status};
+use crate::dlm::{flags, LockId, Mode, NodeId, Status};
 use crate::md::message::{ClusterMsg, MsgType};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use log::{info, warn};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +58,14 @@ struct Watches {
     gone: Mutex<HashSet<u32>>,
     /// How many other nodes corosync counts, when it is asked.
     live: Mutex<Option<usize>>,
+    /// Who holds a slot (lock manager node id), where known: from the slot's
+    /// value block at our join, or from the node's NODE_JOINED.
+    owners: Mutex<HashMap<u32, NodeId>>,
+    /// Slots whose known owner the lock manager or corosync reported down, until
+    /// we recovered them (a survivor holds such a slot until the dead node's
+    /// chunks are resynced: counting members cannot see that while another member
+    /// has no slot yet).
+    down: Mutex<HashSet<u32>>,
     /// Told whether reads must stay on one leg, whenever that may have changed.
     read_balancing: Mutex<Option<ReadBalancingSink>>,
     dead: Sender<u32>,
@@ -83,11 +91,57 @@ impl Watches {
         let gone = self.gone.lock().unwrap_or_else(|e| e.into_inner()).len();
         let armed = self.armed.lock().unwrap_or_else(|e| e.into_inner()).len();
         let live = *self.live.lock().unwrap_or_else(|e| e.into_inner());
-        f(gone > 0 || live.is_some_and(|n| armed + gone > n));
+        let down = !self
+            .down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        f(gone > 0 || down || live.is_some_and(|n| armed + gone > n));
     }
 }
 
 impl Watches {
+    /// Node `id` holds `slot` (0: not known).
+    fn set_owner(&self, slot: u32, id: NodeId) {
+        if id != 0 && slot != self.comms.slot() {
+            self.owners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(slot, id);
+        }
+    }
+
+    /// Node `id` is down: the slot it held stays suspect until we recovered it.
+    fn node_down(&self, id: NodeId) {
+        let slots: Vec<u32> = {
+            let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+            let slots = owners
+                .iter()
+                .filter(|&(_, &o)| o == id)
+                .map(|(&s, _)| s)
+                .collect::<Vec<_>>();
+            for s in &slots {
+                owners.remove(s);
+            }
+            slots
+        };
+        if slots.is_empty() {
+            return;
+        }
+        {
+            let armed = self.armed.lock().unwrap_or_else(|e| e.into_inner());
+            let gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+            let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+            for s in slots {
+                if armed.contains(&s) || gone.contains(&s) {
+                    info!("node {id} (slot {s}) is down: reads stay on one leg until its slot is recovered");
+                    down.insert(s);
+                }
+            }
+        }
+        self.update_read_balancing();
+    }
+
     /// `n` other members are alive (corosync's group, or the lock manager's report).
     fn set_live(&self, n: usize) {
         *self.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
@@ -188,12 +242,23 @@ pub struct Node {
     own: LockId,
 }
 
-/// The resync window kept in a slot lock's LVB (`struct resync_info`, spec §3.4).
-pub fn encode_window(lo: u64, hi: u64, lvb_len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; lvb_len.max(16)];
+/// The resync window kept in a slot lock's LVB (`struct resync_info`, spec §3.4),
+/// and after it the lock manager node id of the slot's owner (0: none), which
+/// tells a node that joins later whose death frees the slot. (The kernel reads
+/// the first 16 bytes only; its nodes never share a lockspace with ours.)
+pub fn encode_window(lo: u64, hi: u64, owner: NodeId, lvb_len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; lvb_len.max(20)];
     v[..8].copy_from_slice(&lo.to_le_bytes());
     v[8..16].copy_from_slice(&hi.to_le_bytes());
+    v[16..20].copy_from_slice(&owner.to_le_bytes());
     v
+}
+
+/// The slot owner's node id in a slot lock's LVB (0: not known).
+pub fn decode_owner(lvb: &[u8]) -> NodeId {
+    lvb.get(16..20)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, NodeId::from_le_bytes)
 }
 
 /// Reads a window from an LVB; an invalid or short LVB means no window.
@@ -313,15 +378,32 @@ impl Node {
             armed: Mutex::new(HashSet::new()),
             gone: Mutex::new(HashSet::new()),
             live: Mutex::new(None),
+            owners: Mutex::new(HashMap::new()),
+            down: Mutex::new(HashSet::new()),
             read_balancing: Mutex::new(None),
             dead: dead_tx,
         });
+        // Our slot's value block names us, for the nodes that join later.
+        let own_lvb = encode_window(0, 0, ls.node(), ls.lvb_len());
+        comms.step(
+            "own slot PW->PW",
+            watches.bitmaps[slot as usize],
+            Mode::Pw,
+            flags::VALBLK,
+            Some(&own_lvb),
+        )?;
         // Where the lock manager reports members (the embedded ones), its count
         // stands for corosync's: a death is known before the slot's lock is free.
         let w_live = Arc::downgrade(&watches);
         comms.peers().on_change(Box::new(move |n| {
             if let Some(w) = w_live.upgrade() {
                 w.set_live(n);
+            }
+        }));
+        let w_down = Arc::downgrade(&watches);
+        comms.peers().on_down(Box::new(move |id| {
+            if let Some(w) = w_down.upgrade() {
+                w.node_down(id);
             }
         }));
         // Live nodes' resync windows, read with CR before anything else converts
@@ -333,10 +415,12 @@ impl Node {
             let lock = watches.bitmaps[s as usize];
             let lvb = comms.step("slot NL->CR", lock, Mode::Cr, flags::VALBLK, None)?;
             comms.step("slot CR->NL", lock, Mode::Nl, 0, None)?;
-            let (lo, hi) = decode_window(lvb.as_deref().unwrap_or(&[]));
+            let lvb = lvb.as_deref().unwrap_or(&[]);
+            let (lo, hi) = decode_window(lvb);
             if hi > 0 {
                 windows_at_join.push((s, lo, hi));
             }
+            watches.set_owner(s, decode_owner(lvb));
         }
         let w2 = watches.clone();
         comms.start_receiving(
@@ -344,6 +428,9 @@ impl Node {
             Box::new(move |m: ClusterMsg| {
                 // Watch a (re)joined slot before this message is acknowledged.
                 w2.arm(m.slot);
+                if m.kind == MsgType::NodeJoined {
+                    w2.set_owner(m.slot, NodeId::try_from(m.low).unwrap_or(0));
+                }
                 handler(m)
             }),
         )?;
@@ -380,7 +467,13 @@ impl Node {
                     watches.unreserve(s);
                     free_at_join.push(s);
                 }
-                Ok((Status::Again, _)) => watches.arm_reserved(s),
+                Ok((Status::Again, _)) => {
+                    // Taken: who holds it is in its value block.
+                    let lvb = comms.step("slot NL->CR", lock, Mode::Cr, flags::VALBLK, None)?;
+                    comms.step("slot CR->NL", lock, Mode::Nl, 0, None)?;
+                    watches.set_owner(s, decode_owner(lvb.as_deref().unwrap_or(&[])));
+                    watches.arm_reserved(s)
+                }
                 Ok((st, _)) => return Err(CommsError::Status("slot probe", st).into()),
                 Err(_) => {
                     return Err(
@@ -424,7 +517,7 @@ impl Node {
     /// not be written back as valid for the slot's next owner.
     pub fn release_slot(&self, slot: u32) -> Result<(), CommsError> {
         let lock = self.watches.bitmaps[slot as usize];
-        let none = encode_window(0, 0, self.comms.ls().lvb_len());
+        let none = encode_window(0, 0, 0, self.comms.ls().lvb_len());
         self.comms.step(
             "recovered slot PW->NL",
             lock,
@@ -434,6 +527,11 @@ impl Node {
         )?;
         self.watches
             .gone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&slot);
+        self.watches
+            .down
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&slot);
@@ -460,7 +558,7 @@ impl Node {
     /// LVB and tells every node, which hold writes there before acknowledging.
     /// `hi == 0` announces that our resync finished.
     pub fn announce_window(&self, lo: u64, hi: u64) -> Result<(), CommsError> {
-        let lvb = encode_window(lo, hi, self.comms.ls().lvb_len());
+        let lvb = encode_window(lo, hi, self.comms.ls().node(), self.comms.ls().lvb_len());
         self.comms.step(
             "own slot PW->PW",
             self.own,
@@ -495,6 +593,12 @@ impl Node {
     /// Corosync counts `n` other members in this array's group.
     pub fn set_live_peers(&self, n: usize) {
         self.watches.set_live(n);
+    }
+
+    /// Corosync reports node `id` left: the slot it held, when we know it, keeps
+    /// reads on one leg until we recovered it.
+    pub fn peer_left(&self, id: NodeId) {
+        self.watches.node_down(id);
     }
 
     /// Slots currently watched.

@@ -362,11 +362,18 @@ impl ClusterNode {
     /// differ where it was writing, and reads go to one leg (the kernel's
     /// `recover_prep`, which suspends read balancing on a DLM "node down"). Without
     /// corosync, reads stay on one leg from the watch's grant to the merge only. A
-    /// member that has joined the group but not yet claimed a slot counts as alive,
-    /// so a death during another node's join can lift the suspension before the
-    /// watch fires.
+    /// member that has joined the group but not yet claimed a slot counts as alive
+    /// and would hide a death from the count: [`ClusterNode::peer_left`] covers that
+    /// for the nodes whose slot is known.
     pub fn peers_alive(&self, n: usize) {
         self.node.set_live_peers(n);
+    }
+
+    /// Corosync reports that node `id` left this array's group: the slot it
+    /// held, when known, keeps reads on one leg until this node recovered it
+    /// (also while another member has no slot yet, which the count cannot see).
+    pub fn peer_left(&self, id: crate::dlm::NodeId) {
+        self.node.peer_left(id);
     }
 
     /// Copies every needed chunk under the cluster-wide resync lock, announcing
@@ -856,6 +863,17 @@ mod tests {
     /// the other's. Without corosync: the embedded lock managers report members.
     #[test]
     fn no_survivor_balances_reads_over_a_dead_nodes_chunks_before_their_resync() {
+        survivors_read_one_leg_until_the_resync(false);
+    }
+
+    /// The same while a fifth node starts: a member of the lockspace without a
+    /// slot yet must not hide the dead node's slot, which a survivor holds.
+    #[test]
+    fn a_starting_node_does_not_let_survivors_balance_reads_before_the_resync() {
+        survivors_read_one_leg_until_the_resync(true);
+    }
+
+    fn survivors_read_one_leg_until_the_resync(starting_member: bool) {
         let c = Cluster::new();
         let (n1, id1) = c.join();
         let n2 = Arc::new(c.join().0);
@@ -864,6 +882,7 @@ mod tests {
         write_torn_by_death(&c, &n1);
         n4.node.acquire_resync().unwrap();
         c.dlm.kill(&c.ls_name, id1);
+        let starting = starting_member.then(|| c.dlm.join(&c.ls_name, 32));
         // Whichever survivor's watch fires first recovers node 1; its resync waits
         // for node 4's. The other recovers the slot when it gets it.
         let (slot, r, o) = crossbeam_channel::select! {
@@ -886,6 +905,8 @@ mod tests {
                 "{who} balanced reads over chunks not resynced yet"
             );
         }
+        // The starting node gives up (a node that gets a slot is watched).
+        drop(starting);
         n4.node.release_resync().unwrap();
         recovered.join().unwrap().unwrap();
         other.join().unwrap().unwrap();

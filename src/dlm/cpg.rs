@@ -18,8 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Told how many other members our group has, at every membership change.
-type MembersListener = Box<dyn Fn(usize) + Send>;
+/// Told how many other members our group has, and the corosync node ids of the
+/// members that left, at every membership change.
+type MembersListener = Box<dyn Fn(usize, &[u32]) + Send>;
 
 /// The listener of the one group a process joins.
 static LISTENER: Mutex<Option<MembersListener>> = Mutex::new(None);
@@ -132,7 +133,8 @@ extern "C" fn confchg(
     }
     // The member list includes this process.
     if let Some(f) = LISTENER.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        f(n_members.saturating_sub(1));
+        let gone: Vec<u32> = left.iter().map(|a| a.nodeid).collect();
+        f(n_members.saturating_sub(1), &gone);
     }
 }
 
@@ -254,11 +256,12 @@ pub struct OurGroup {
 
 impl OurGroup {
     /// Calls `f` with the number of other members of the group now and at every
-    /// membership change, until the group is left.
-    pub fn on_members(&self, f: impl Fn(usize) + Send + 'static) -> Result<(), String> {
+    /// membership change (with the node ids of the members that left), until the
+    /// group is left.
+    pub fn on_members(&self, f: impl Fn(usize, &[u32]) + Send + 'static) -> Result<(), String> {
         let mut l = LISTENER.lock().unwrap_or_else(|e| e.into_inner());
         let now = members(&self.shared.api, self.shared.handle, &self.name)?;
-        f(now.len().saturating_sub(1));
+        f(now.len().saturating_sub(1), &[]);
         *l = Some(Box::new(f));
         Ok(())
     }

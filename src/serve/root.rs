@@ -241,9 +241,12 @@ fn join_cluster(
     let node = Arc::new(node);
     if let Some(g) = &held.group {
         let weak = Arc::downgrade(&node);
-        g.on_members(move |n| {
+        g.on_members(move |n, left| {
             if let Some(node) = weak.upgrade() {
                 node.peers_alive(n);
+                for &id in left {
+                    node.peer_left(id);
+                }
             }
         })?;
     }
