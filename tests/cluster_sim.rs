@@ -1928,6 +1928,11 @@ impl Sim {
     }
 
     fn after_restart(&mut self, n: usize) -> Result<(), String> {
+        if !self.nodes[n].alive {
+            // It died since it joined (nodes started together are followed up
+            // after the restarts of those whose join failed, which may crash it).
+            return Ok(());
+        }
         self.stats.restarts += 1;
         let allowed = self.errors_allowed();
         if let Err(e) = self.nodes[n].cn.array.mark_active() {
