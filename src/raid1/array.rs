@@ -686,17 +686,34 @@ impl Array {
             }
             detached.retain(|o| !Arc::ptr_eq(o, &m));
             meta.faulty.retain(|&d| d != m.dev_number);
+            let own = super::metadata::read_superblock(&*m.leg).ok();
+            // The rebuild may be over already (this update is read late): the
+            // leg's own superblock, written by that update, says so.
+            let rebuilt = own.as_ref().is_some_and(|o| {
+                o.set_uuid == self.uuid
+                    && o.events >= sb.events
+                    && o.feature_map & feature::RECOVERY_OFFSET == 0
+            });
+            slots[r] = Some(m.clone());
+            if rebuilt {
+                m.remote_recovery.store(false, Ordering::Release);
+                m.set_state(LegState::InSync);
+                info!(
+                    "leg {}: in mirror slot {r}, rebuilt by another node: in sync",
+                    m.name()
+                );
+                continue;
+            }
             m.remote_recovery.store(true, Ordering::Release);
             m.rebuilt_by
                 .store(from.unwrap_or(NOBODY), Ordering::Release);
-            if let Ok(own) = super::metadata::read_superblock(&*m.leg) {
+            if let Some(own) = &own {
                 m.bitmap_guided.store(
                     own.feature_map & feature::RECOVERY_BITMAP != 0,
                     Ordering::Relaxed,
                 );
             }
             m.set_state(LegState::Recovering);
-            slots[r] = Some(m.clone());
             info!(
                 "leg {}: in mirror slot {r}; another node rebuilds it, this node writes it meanwhile",
                 m.name()
