@@ -1022,23 +1022,43 @@ mod tests {
         leg_failing_under_a_new_window(true);
     }
 
-    fn leg_failing_under_a_new_window(async_io: bool) {
+    /// Legs a (whose writes from array sector `from` on stall until the returned
+    /// release file exists) and b of `c`; the directory of the release file.
+    fn legs_stalling_a(
+        c: &Cluster,
+        tag: &str,
+        from: u64,
+    ) -> (
+        Vec<Arc<dyn Leg>>,
+        Arc<crate::storage::Faults>,
+        std::path::PathBuf,
+        std::path::PathBuf,
+    ) {
         use crate::storage::{Faults, FaultyLeg};
-        let c = Cluster::new();
-        let (n1, _) = c.join();
-        let dir = std::env::temp_dir().join(format!("vumd-node-{}-{async_io}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("vumd-node-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let release = dir.join("release");
         let _ = std::fs::remove_file(&release);
         let faults = Faults::none();
-        // Data writes to leg a stall (the bitmap and superblocks lie before them).
+        // The bitmap and superblocks lie before the data.
         let data_start = c.metas[0].sb.data_offset * 512;
-        faults.stall_writes_from.store(data_start, Ordering::SeqCst);
+        faults
+            .stall_writes_from
+            .store(data_start + from * 512, Ordering::SeqCst);
         faults.stall_until.set(release.clone()).unwrap();
         let legs: Vec<Arc<dyn Leg>> = vec![
             Arc::new(FaultyLeg::new(c.a.clone(), faults.clone())),
             c.b.clone(),
         ];
+        (legs, faults, release, dir)
+    }
+
+    fn leg_failing_under_a_new_window(async_io: bool) {
+        let c = Cluster::new();
+        let (n1, _) = c.join();
+        // Data writes to leg a stall.
+        let (legs, faults, release, dir) = legs_stalling_a(&c, &format!("{async_io}"), 0);
+        let data_start = c.metas[0].sb.data_offset * 512;
         let n2 = Arc::new(ClusterNode::join(Arc::new(c.dlm.join(&c.ls_name, 32)), legs).unwrap());
         let (wrote_tx, wrote) = crossbeam_channel::bounded(1);
         let n2w = n2.clone();
@@ -1112,25 +1132,12 @@ mod tests {
     /// meanwhile, or no node can send a message again.
     #[test]
     fn a_write_waiting_for_a_failure_record_does_not_stop_its_worker() {
-        use crate::storage::{Faults, FaultyLeg};
         let c = Cluster::new();
         let (n1, _) = c.join();
-        let dir = std::env::temp_dir().join(format!("vumd-node-park-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let release = dir.join("release");
-        let _ = std::fs::remove_file(&release);
-        let faults = Faults::none();
-        let data_start = c.metas[0].sb.data_offset * 512;
         let win = 8 * 2048u64;
         // Leg a's data writes from the window on stall.
-        faults
-            .stall_writes_from
-            .store(data_start + win * 512, Ordering::SeqCst);
-        faults.stall_until.set(release.clone()).unwrap();
-        let legs: Vec<Arc<dyn Leg>> = vec![
-            Arc::new(FaultyLeg::new(c.a.clone(), faults.clone())),
-            c.b.clone(),
-        ];
+        let (legs, _faults, release, dir) = legs_stalling_a(&c, "park", win);
+        let data_start = c.metas[0].sb.data_offset * 512;
         let n2 = Arc::new(ClusterNode::join(Arc::new(c.dlm.join(&c.ls_name, 32)), legs).unwrap());
         let (go_tx, go) = crossbeam_channel::bounded::<()>(1);
         let (done_tx, done) = crossbeam_channel::bounded(1);

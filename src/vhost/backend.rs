@@ -63,6 +63,20 @@ struct Pending {
     write: bool,
 }
 
+impl Pending {
+    /// A request whose only answer is its status (flush, discard, write-zeroes).
+    fn status_only(head: u16, status: GuestAddress, mem: Arc<Mem>) -> Pending {
+        Pending {
+            head,
+            status,
+            used: 0,
+            mem,
+            read_segs: Vec::new(),
+            write: false,
+        }
+    }
+}
+
 /// Per-queue asynchronous state, used by that queue's worker.
 struct QueueState {
     io: AsyncIo,
@@ -454,14 +468,7 @@ impl BlockBackend {
                     used_any = true;
                 }
                 Prepared::Flush { status } => {
-                    let token = qs.insert(Pending {
-                        head,
-                        status,
-                        used: 0,
-                        mem: mem.clone(),
-                        read_segs: Vec::new(),
-                        write: false,
-                    });
+                    let token = qs.insert(Pending::status_only(head, status, mem.clone()));
                     self.array.submit_flush(&mut qs.io, token);
                 }
                 Prepared::Ranges {
@@ -469,14 +476,7 @@ impl BlockBackend {
                     ranges,
                     status,
                 } => {
-                    let token = qs.insert(Pending {
-                        head,
-                        status,
-                        used: 0,
-                        mem: mem.clone(),
-                        read_segs: Vec::new(),
-                        write: false,
-                    });
+                    let token = qs.insert(Pending::status_only(head, status, mem.clone()));
                     let array = self.array.clone();
                     qs.io.run_detached(token, move || {
                         request::apply_ranges(&array, zeroes, &ranges)
