@@ -79,14 +79,6 @@
 //! cluster_sim` (see `Cargo.toml`).
 //!
 //! Known product issues are left out of the leg faults unless asked for:
-//! - `SIM_FAULTS_KNOWN_DEADLOCK=1`: writes also race another node's recovery while
-//!   a write fault is armed. The deadlock this once found (a write failing in the
-//!   other node's resync window recorded its failure under the token that node
-//!   held while waiting for our ack; seed 3960) is fixed: 10 000 seeds pass with
-//!   it on the code before and after the I/O workers stopped recording failures
-//!   themselves. Left out still because in about one seed of 10 000 (7973, 13612)
-//!   a node's host is found crashed in a recovery that was not to crash, and no
-//!   replay of those seeds alone (hundreds of runs) has shown it yet.
 //! - `SIM_FAULTS_STRICT_JOIN=1`: a node must start while one leg cannot be read;
 //!   assembly refuses a leg whose metadata it cannot read, so the operator repairs
 //!   the leg and starts the node again.
@@ -1566,6 +1558,19 @@ impl Sim {
         }
     }
 
+    /// Node `s` recovers the slots it reported dead, while it lives (a recovery
+    /// may crash it).
+    fn recover_reported(&mut self, s: usize) -> Result<(), String> {
+        while self.nodes[s].alive {
+            let Ok(slot) = self.nodes[s].cn.node.dead.try_recv() else {
+                break;
+            };
+            self.expected.retain(|&e| e != (s, slot));
+            self.recover(s, slot)?;
+        }
+        Ok(())
+    }
+
     /// Node `s` recovers `slot`; a crash, a racing writer or a racing restart may
     /// be thrown in.
     fn recover(&mut self, s: usize, slot: u32) -> Result<(), String> {
@@ -1581,18 +1586,8 @@ impl Sim {
             .copied()
             .filter(|&n| self.racing_writes.iter().all(|r| r.0 != n))
             .collect();
-        // A write that fails on a leg while another node resyncs hangs that node
-        // (see the header): left out unless asked for.
-        let write_fault = self.faulted().iter().any(|&l| {
-            self.devices[l]
-                .armed()
-                .is_some_and(|k| k.fails() && k.on_writes())
-        });
-        let writer = (!crash
-            && !writers.is_empty()
-            && (!write_fault || env_on("SIM_FAULTS_KNOWN_DEADLOCK"))
-            && self.rng.chance(30))
-        .then(|| self.rng.pick(&writers));
+        let writer =
+            (!crash && !writers.is_empty() && self.rng.chance(30)).then(|| self.rng.pick(&writers));
         let restart = (!crash && self.rng.chance(20))
             .then(|| self.restartable())
             .flatten();
@@ -1739,10 +1734,7 @@ impl Sim {
                     return Err("a node joining during a recovery hung".to_string());
                 }
                 for s in self.live() {
-                    while let Ok(slot) = self.nodes[s].cn.node.dead.try_recv() {
-                        self.expected.retain(|&e| e != (s, slot));
-                        self.recover(s, slot)?;
-                    }
+                    self.recover_reported(s)?;
                 }
             };
             match r {
@@ -1876,10 +1868,7 @@ impl Sim {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) if start.elapsed() < WAIT => {
                     // Survivors keep processing their reports: they free the slots.
                     for s in self.live() {
-                        while let Ok(slot) = self.nodes[s].cn.node.dead.try_recv() {
-                            self.expected.retain(|&e| e != (s, slot));
-                            self.recover(s, slot)?;
-                        }
+                        self.recover_reported(s)?;
                     }
                     // So do the nodes that joined already, as their resync threads
                     // would: a slot a joiner merged and let go of is granted to
