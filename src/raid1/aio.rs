@@ -262,9 +262,11 @@ impl AsyncIo {
             self.complete_one(array, c);
         }
         self.cqes = cqes;
-        let jobs = self.offloaded.take_requests();
-        self.jobs_running = self.jobs_running.saturating_sub(jobs.len());
-        self.done.extend(jobs);
+        if self.jobs_running > 0 {
+            let jobs = self.offloaded.take_requests();
+            self.jobs_running = self.jobs_running.saturating_sub(jobs.len());
+            self.done.extend(jobs);
+        }
     }
 
     /// Resubmits writes that waited for a resync.
