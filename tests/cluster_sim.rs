@@ -88,6 +88,9 @@
 //! - `SIM_FAULTS_REBUILT_READS=1`: read faults also on a leg being rebuilt: the
 //!   other nodes learn that its rebuild ended from its own superblock, which they
 //!   cannot read then, and keep it recovering.
+//!
+//! Long file: the simulator is one state machine (nodes, legs, lock manager, faults
+//! and the checks of every step), seeded as a whole.
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 use std::collections::{BTreeMap, BTreeSet};

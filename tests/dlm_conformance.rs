@@ -1,5 +1,8 @@
 //! One conformance suite for every lock manager backend: the DLM semantics the
 //! md-cluster protocol depends on (spec §3, §8).
+//!
+//! Long file: one suite run against every backend; splitting it would split the
+//! semantics it states from the backends that must meet them.
 
 use crossbeam_channel::Receiver;
 use std::time::Duration;

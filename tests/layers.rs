@@ -30,7 +30,8 @@ fn modules() -> BTreeMap<String, String> {
                 parts.pop();
             }
             let name = parts.join("::");
-            if name == "lib" || name == "main" {
+            // A unit-test module kept in a file of its own (`tests.rs`) is no layer's code.
+            if name == "lib" || name == "main" || parts.last().is_some_and(|l| l == "tests") {
                 continue;
             }
             let text = std::fs::read_to_string(&p).unwrap();
@@ -324,4 +325,62 @@ fn the_checker_sees_uses_and_cycles() {
     );
     assert!(flat.contains(&"raid1::offload".to_string()), "{flat:?}");
     assert!(flat.contains(&"md::Uuid::nil".to_string()), "{flat:?}");
+}
+
+/// Longest a source file may be without saying why at its top.
+const LONG_FILE: usize = 650;
+
+/// Every `.rs` file under `dir` (recursively).
+fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            if p.file_name().is_some_and(|n| n != "target") {
+                rust_files(&p, out);
+            }
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// Whether a file of `text` is short, or says at its top why it is long.
+fn length_explained(text: &str) -> bool {
+    text.lines().count() <= LONG_FILE
+        || text
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .any(|l| l.contains("Long file:"))
+}
+
+#[test]
+fn no_long_file_without_a_reason_at_its_top() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for d in ["src", "tests", "benches", "fuzz/fuzz_targets"] {
+        rust_files(&root.join(d), &mut files);
+    }
+    assert!(files.len() > 20, "found only {} files", files.len());
+    let long: Vec<String> = files
+        .iter()
+        .filter(|p| !length_explained(&std::fs::read_to_string(p).unwrap()))
+        .map(|p| p.strip_prefix(root).unwrap().display().to_string())
+        .collect();
+    assert!(
+        long.is_empty(),
+        "over {LONG_FILE} lines with no `//! Long file: <why>` at the top (split it by concern): {long:?}"
+    );
+}
+
+#[test]
+fn the_length_check_sees_a_long_file() {
+    let long = "fn f() {}\n".repeat(LONG_FILE + 1);
+    assert!(!length_explained(&long));
+    assert!(length_explained(&format!(
+        "//! A module.\n//! Long file: one state machine.\n{long}"
+    )));
+    assert!(length_explained("fn f() {}\n"));
 }

@@ -30,6 +30,9 @@
 //! `NEMESIS_SECS=N` sets how long faults are injected (default 60), and
 //! `NEMESIS_KEEP=1` keeps the logs and legs of a run that passed (a failed run's
 //! are always kept), `NEMESIS_RUST_LOG` sets the nodes' `RUST_LOG` (info).
+//!
+//! Long file: one driver, its clients and its final checks belong together; the
+//! parts only make sense with the journal they share.
 
 mod common;
 

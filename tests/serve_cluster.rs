@@ -2,6 +2,9 @@
 //! nodes over `lockd`: each writes its own bitmap slot, data written through one
 //! reads back through the other, and when one is killed the other recovers its
 //! slot, resyncing exactly the chunks it left dirty.
+//!
+//! Long file: the process scenarios of one setup (two nodes over one lockd) share
+//! its helpers; each test is short.
 
 mod common;
 

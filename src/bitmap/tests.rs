@@ -1,0 +1,159 @@
+use super::*;
+use crate::md::Uuid;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+#[derive(Default)]
+struct Recorder {
+    writes: Mutex<Vec<Vec<u8>>>,
+    flushes: AtomicUsize,
+}
+
+impl BitmapStore for Recorder {
+    fn write_bitmap(&self, _off: u64, data: &[u8]) -> io::Result<()> {
+        self.writes.lock().unwrap().push(data.to_vec());
+        Ok(())
+    }
+    fn flush_data(&self) -> io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn bitmap() -> WriteIntent {
+    let sb = BitmapSuper {
+        version: 4,
+        uuid: Uuid([1; 16]),
+        events: 3,
+        events_cleared: 3,
+        sync_size: 1024 * 1024, // 512 MiB
+        state: 0,
+        chunksize: 1 << 20,
+        daemon_sleep: 5,
+        write_behind: 0,
+        sectors_reserved: 0,
+        nodes: 0,
+        cluster_name: [0; 64],
+    };
+    let bits = BitmapBits::new(sb.geometry().chunks());
+    WriteIntent::new(sb, bits, 8192)
+}
+
+fn on_disk_bits(rec: &Recorder) -> BitmapBits {
+    let w = rec.writes.lock().unwrap();
+    let last = w.last().expect("a bitmap write");
+    BitmapBits::from_bytes(&last[256..], 512).unwrap()
+}
+
+#[test]
+fn bit_is_on_disk_before_start_write_returns() {
+    let b = bitmap();
+    let rec = Recorder::default();
+    b.start_write(2048 * 3 + 5, 8, &rec).unwrap();
+    assert!(on_disk_bits(&rec).get(3));
+    // A second write to the same chunk needs no bitmap write.
+    b.start_write(2048 * 3 + 100, 8, &rec).unwrap();
+    assert_eq!(rec.writes.lock().unwrap().len(), 1);
+    // A write spanning chunks 4 and 5 sets both.
+    b.start_write(2048 * 5 - 4, 8, &rec).unwrap();
+    let bits = on_disk_bits(&rec);
+    assert!(bits.get(4) && bits.get(5));
+    assert_eq!(b.writes_in_flight(), 4);
+}
+
+#[test]
+fn bits_clear_only_after_two_idle_passes_and_a_data_flush() {
+    let b = bitmap();
+    let rec = Recorder::default();
+    b.start_write(0, 8, &rec).unwrap();
+    assert_eq!(b.daemon_pass(4, &rec).unwrap(), 0, "write still in flight");
+    b.end_write(0, 8, false);
+    assert_eq!(
+        b.daemon_pass(4, &rec).unwrap(),
+        0,
+        "first idle pass only marks"
+    );
+    assert_eq!(rec.flushes.load(Ordering::SeqCst), 0);
+    assert_eq!(b.daemon_pass(4, &rec).unwrap(), 1);
+    assert_eq!(
+        rec.flushes.load(Ordering::SeqCst),
+        1,
+        "data flushed before clearing"
+    );
+    assert!(!on_disk_bits(&rec).get(0));
+    assert_eq!(b.superblock().events_cleared, 4);
+}
+
+#[test]
+fn degraded_writes_stay_needed() {
+    let b = bitmap();
+    let rec = Recorder::default();
+    b.set_state(true, true);
+    b.start_write(0, 8, &rec).unwrap();
+    b.end_write(0, 8, false);
+    for _ in 0..3 {
+        assert_eq!(b.daemon_pass(4, &rec).unwrap(), 0);
+    }
+    assert!(b.is_needed(0, 8));
+    b.set_state(false, false);
+    assert_eq!(
+        b.daemon_pass(5, &rec).unwrap(),
+        0,
+        "needed chunks are not cleared"
+    );
+    b.begin_resync(0);
+    b.end_resync(0, true);
+    b.daemon_pass(5, &rec).unwrap();
+    assert_eq!(b.daemon_pass(5, &rec).unwrap(), 1);
+}
+
+#[test]
+fn a_remote_resync_window_holds_writes_and_redirects_reads() {
+    let b = std::sync::Arc::new(bitmap());
+    let rec = std::sync::Arc::new(Recorder::default());
+    // A write in chunk 3 is in flight when the window [2, 6) arrives.
+    b.start_write(2048 * 3, 8, &*rec).unwrap();
+    let (b2, done) = (
+        b.clone(),
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let d2 = done.clone();
+    let t = std::thread::spawn(move || {
+        b2.set_remote_window(1, 2048 * 2, 2048 * 6);
+        d2.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(
+        !done.load(std::sync::atomic::Ordering::SeqCst),
+        "waits for the write in flight"
+    );
+    b.end_write(2048 * 3, 8, false);
+    t.join().unwrap();
+    assert!(
+        !b.try_start_write(2048 * 5, 8, &*rec).unwrap(),
+        "writes inside wait"
+    );
+    assert!(
+        b.try_start_write(2048 * 6, 8, &*rec).unwrap(),
+        "writes outside go"
+    );
+    assert!(b.is_needed(2048 * 4, 8), "reads inside use the first leg");
+    assert!(b.is_needed(2048 * 7, 8), "and above: not resynced yet");
+    assert!(!b.is_needed(2048, 8), "below: resynced");
+    b.set_remote_window(1, 0, 0);
+    assert!(b.try_start_write(2048 * 5, 8, &*rec).unwrap());
+    assert!(!b.is_needed(2048 * 4, 8));
+}
+
+#[test]
+fn writes_wait_for_a_chunk_under_resync() {
+    let b = std::sync::Arc::new(bitmap());
+    let rec = std::sync::Arc::new(Recorder::default());
+    b.begin_resync(7);
+    let (b2, r2) = (b.clone(), rec.clone());
+    let t = std::thread::spawn(move || b2.start_write(2048 * 7, 8, &*r2).unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(b.writes_in_flight(), 0, "write must wait for the resync");
+    b.end_resync(7, true);
+    t.join().unwrap();
+    assert_eq!(b.writes_in_flight(), 1);
+}

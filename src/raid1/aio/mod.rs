@@ -1,0 +1,350 @@
+//! The asynchronous I/O path of the mirror: one [`AsyncIo`] per worker thread turns
+//! guest reads, writes and flushes into io_uring operations on the legs and reports
+//! each request once every leg answered. Legs without a file descriptor, or buffers
+//! that direct I/O cannot take, go through the synchronous path instead.
+
+mod complete;
+mod submit;
+
+use super::array::{Array, Member};
+use super::offload::Offloaded;
+use crate::storage::uring::{Cqe, Ring};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+/// A request's tag, chosen by the caller.
+pub type Token = u64;
+
+/// The most bytes one request may move: what one read or write system call
+/// transfers at most (Linux `MAX_RW_COUNT`), so a leg's answer fits its `i32`.
+pub const MAX_TRANSFER: usize = i32::MAX as usize & !4095;
+
+enum Kind {
+    Read {
+        member: Arc<Member>,
+        sector: u64,
+    },
+    Write {
+        sector: u64,
+        sectors: u64,
+        ok_in_sync: usize,
+        failed: Vec<(Arc<Member>, io::Error)>,
+        /// A leg transferred less than asked without an error: the request
+        /// fails, the leg stays.
+        incomplete: Option<io::Error>,
+        /// Times this write was started (see [`Array::rewrite_after_failure`]).
+        attempts: usize,
+    },
+    Flush {
+        ok_in_sync: usize,
+        failed: Vec<(Arc<Member>, io::Error)>,
+    },
+}
+
+/// What a request still needs once every leg answered: the record of the leg
+/// failures seen meanwhile, then this.
+enum Rest {
+    Read(io::Result<()>),
+    Write {
+        sector: u64,
+        ok_in_sync: usize,
+        last_err: Option<io::Error>,
+        incomplete: Option<io::Error>,
+        /// Written again once the failures are recorded.
+        rewrite: bool,
+        attempts: usize,
+        iovs: Box<[libc::iovec]>,
+    },
+    Flush {
+        ok_in_sync: usize,
+        last_err: Option<io::Error>,
+    },
+}
+
+/// A request waiting for the settler thread to record leg failures.
+struct Parked {
+    token: Token,
+    /// Failures seen when it parked: it goes on once that many are recorded.
+    seen: u64,
+    rest: Rest,
+}
+
+/// How one leg's part of a request ended.
+enum LegOutcome {
+    Done,
+    /// The device reported an error: the leg fails.
+    Failed(io::Error),
+    /// The transfer stopped short without a device error: only the request fails.
+    Incomplete(io::Error),
+}
+
+struct Op {
+    token: Token,
+    kind: Kind,
+    /// Sub-operations (one per leg) still in flight.
+    remaining: usize,
+    /// Expected bytes per leg operation.
+    bytes: usize,
+    /// The buffers; boxed so their address is stable while the kernel uses them.
+    iovs: Box<[libc::iovec]>,
+    /// Legs of the sub-operations, by index in the tag.
+    legs: Vec<Arc<Member>>,
+    /// Bytes each leg transferred so far (short completions are continued).
+    done: Vec<usize>,
+    /// Per leg: the iovecs of the remainder in flight after a short completion;
+    /// boxed so their address is stable while the kernel uses them.
+    rest: Vec<Box<[libc::iovec]>>,
+}
+
+impl Op {
+    fn new(
+        token: Token,
+        kind: Kind,
+        bytes: usize,
+        iovs: Box<[libc::iovec]>,
+        legs: Vec<Arc<Member>>,
+    ) -> Op {
+        let n = legs.len();
+        Op {
+            token,
+            kind,
+            remaining: n + 1, // +1 until every leg was started
+            bytes,
+            iovs,
+            legs,
+            done: vec![0; n],
+            rest: (0..n).map(|_| Box::default()).collect(),
+        }
+    }
+}
+
+/// The iovecs of `iovs` after its first `skip` bytes.
+fn remainder(iovs: &[libc::iovec], mut skip: usize) -> Box<[libc::iovec]> {
+    let mut rest = Vec::with_capacity(iovs.len());
+    for v in iovs {
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        rest.push(libc::iovec {
+            // Stays inside the iovec: `skip < iov_len`.
+            iov_base: (v.iov_base as *mut u8).wrapping_add(skip) as *mut libc::c_void,
+            iov_len: v.iov_len - skip,
+        });
+        skip = 0;
+    }
+    rest.into_boxed_slice()
+}
+
+/// The bytes `iovs` describe, refused beyond what one request may move.
+fn transfer_len(iovs: &[libc::iovec]) -> io::Result<usize> {
+    let bytes = iovs
+        .iter()
+        .try_fold(0usize, |t, v| t.checked_add(v.iov_len))
+        .filter(|&b| b <= MAX_TRANSFER);
+    bytes.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("request larger than {MAX_TRANSFER} bytes"),
+        )
+    })
+}
+
+// SAFETY: the raw iovec pointers refer to guest memory the submitter guarantees
+// valid until completion; the op is only moved between threads as a whole.
+unsafe impl Send for Op {}
+
+/// Per-worker asynchronous I/O state.
+pub struct AsyncIo {
+    ring: Ring,
+    ops: Vec<Option<Op>>,
+    free: Vec<usize>,
+    done: Vec<(Token, io::Result<()>)>,
+    cqes: Vec<Cqe>,
+    /// Writes waiting for a chunk's resync to end (with their attempt count).
+    deferred: Vec<(Token, u64, Vec<libc::iovec>, usize)>,
+    /// Requests waiting for a leg failure to be recorded.
+    parked: Vec<Parked>,
+    /// Leg writes running on threads of their own (slow legs), and their results.
+    offloaded: Arc<Offloaded>,
+    offloaded_running: usize,
+    /// Whole requests running on threads of their own.
+    jobs_running: usize,
+}
+
+// SAFETY: the deferred iovecs point to guest memory the submitter keeps valid until
+// completion; the state is only used by one thread at a time (behind a mutex).
+unsafe impl Send for AsyncIo {}
+
+const LEG_BITS: u32 = 8;
+
+impl AsyncIo {
+    /// A ring with `entries` slots.
+    pub fn new(entries: u32) -> io::Result<AsyncIo> {
+        let ring = Ring::new(entries)?;
+        let offloaded = Arc::new(Offloaded::new(ring.waker()?));
+        Ok(AsyncIo {
+            ring,
+            ops: Vec::new(),
+            free: Vec::new(),
+            done: Vec::new(),
+            cqes: Vec::new(),
+            deferred: Vec::new(),
+            parked: Vec::new(),
+            offloaded,
+            offloaded_running: 0,
+            jobs_running: 0,
+        })
+    }
+
+    /// A second handle on the completion eventfd (to wake this worker).
+    pub fn waker(&self) -> io::Result<vmm_sys_util::eventfd::EventFd> {
+        self.ring.waker()
+    }
+
+    /// The eventfd that becomes readable when completions are ready to reap.
+    pub fn eventfd(&self) -> std::os::fd::RawFd {
+        self.ring.eventfd()
+    }
+
+    /// Requests in flight (including deferred and parked ones).
+    pub fn in_flight(&self) -> usize {
+        self.ops.len() - self.free.len()
+            + self.deferred.len()
+            + self.parked.len()
+            + self.jobs_running
+    }
+
+    /// Runs request `token` on a thread of its own (a request without an
+    /// asynchronous path that may wait for other nodes); its result comes from
+    /// [`AsyncIo::take_done`] like any other.
+    pub fn run_detached(
+        &mut self,
+        token: Token,
+        job: impl FnOnce() -> io::Result<()> + Send + 'static,
+    ) {
+        match self.offloaded.run(token, Box::new(job)) {
+            Ok(()) => self.jobs_running += 1,
+            Err(e) => self.done.push((token, Err(e))),
+        }
+    }
+
+    fn insert(&mut self, op: Op) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.ops[i] = Some(op);
+                i
+            }
+            None => {
+                self.ops.push(Some(op));
+                self.ops.len() - 1
+            }
+        }
+    }
+
+    /// Hands queued operations to the kernel.
+    pub fn submit(&mut self) -> io::Result<()> {
+        self.ring.flush()
+    }
+
+    /// Takes the requests that finished.
+    pub fn take_done(&mut self) -> Vec<(Token, io::Result<()>)> {
+        std::mem::take(&mut self.done)
+    }
+
+    /// Processes completions from the kernel; finished requests go to the done list.
+    pub fn reap(&mut self, array: &Array) {
+        self.resume_parked(array);
+        self.retry_deferred(array);
+        let mut cqes = std::mem::take(&mut self.cqes);
+        self.ring.reap(&mut cqes);
+        let slow = self.offloaded.take();
+        self.offloaded_running = self.offloaded_running.saturating_sub(slow.len());
+        cqes.extend(slow);
+        for c in cqes.drain(..) {
+            self.complete_one(array, c);
+        }
+        self.cqes = cqes;
+        if self.jobs_running > 0 {
+            let jobs = self.offloaded.take_requests();
+            self.jobs_running = self.jobs_running.saturating_sub(jobs.len());
+            self.done.extend(jobs);
+        }
+    }
+
+    /// Resubmits writes that waited for a resync.
+    pub fn retry_deferred(&mut self, array: &Array) {
+        for (token, sector, iovs, attempts) in std::mem::take(&mut self.deferred) {
+            // SAFETY: the submitter of the deferred write guaranteed its buffers.
+            unsafe { array.start_write(self, token, sector, iovs, attempts) };
+        }
+        let _ = self.ring.flush();
+    }
+
+    /// Waits for and processes completions until nothing is in flight.
+    pub fn drain(&mut self, array: &Array) -> io::Result<()> {
+        while self.in_flight() > 0 {
+            // Offloaded writes and parked requests do not complete through the
+            // kernel: poll for them.
+            if self.ops.len() > self.free.len()
+                && self.offloaded_running == 0
+                && self.parked.is_empty()
+                && self.jobs_running == 0
+            {
+                self.ring.wait()?;
+            } else {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            self.reap(array);
+        }
+        Ok(())
+    }
+}
+
+/// Slices over raw iovecs.
+///
+/// # Safety
+/// Every iovec must describe valid memory for the returned lifetime.
+unsafe fn as_mut_slices<'a>(iovs: &[libc::iovec]) -> Vec<IoSliceMut<'a>> {
+    iovs.iter()
+        .map(|v| {
+            // SAFETY: guaranteed by the caller.
+            IoSliceMut::new(unsafe {
+                std::slice::from_raw_parts_mut(v.iov_base as *mut u8, v.iov_len)
+            })
+        })
+        .collect()
+}
+
+/// # Safety
+/// As for [`as_mut_slices`].
+unsafe fn as_slices<'a>(iovs: &[libc::iovec]) -> Vec<IoSlice<'a>> {
+    iovs.iter()
+        .map(|v| {
+            // SAFETY: guaranteed by the caller.
+            IoSlice::new(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) })
+        })
+        .collect()
+}
+
+/// Whether a leg can take `iovs` at byte `off` through the ring.
+fn ring_fd(m: &Member, iovs: &[libc::iovec], off: u64) -> Option<std::os::fd::RawFd> {
+    let (fd, align) = m.leg.raw_fd()?;
+    if align > 1 {
+        let a = align as u64;
+        if off % a != 0
+            || iovs
+                .iter()
+                .any(|v| v.iov_base as u64 % a != 0 || v.iov_len as u64 % a != 0)
+        {
+            return None;
+        }
+    }
+    if iovs.len() > 1024 {
+        return None;
+    }
+    Some(fd)
+}
+
+#[cfg(test)]
+mod tests;

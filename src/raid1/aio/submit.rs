@@ -1,0 +1,287 @@
+//! Submission: a guest read, write or flush turned into operations on the legs'
+//! rings (or the synchronous path where a ring cannot take them).
+
+use super::*;
+use crate::raid1::array::Array;
+use crate::storage::uring::Cqe;
+use std::io::{self};
+use std::sync::Arc;
+
+impl Array {
+    /// Has a thread of its own record leg failures for the I/O workers, which
+    /// then park requests waiting for a record instead of writing it (see
+    /// `raid1::settle`). Cluster nodes need it: the record waits for the token.
+    /// The thread ends once the array is dropped.
+    pub fn settle_in_background(self: &Arc<Self>) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        let settler = self.settler().clone();
+        if settler.running.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("settle".into())
+            .spawn(move || loop {
+                let requested = settler.wait_request(std::time::Duration::from_millis(500));
+                let Some(array) = weak.upgrade() else {
+                    return;
+                };
+                if !requested {
+                    continue;
+                }
+                let seen = array.failures_seen();
+                if let Err(e) = array.settle_failures() {
+                    log::warn!("{e}");
+                    settler.failed(seen, &e);
+                }
+                array.bitmap.wake_workers();
+            });
+        if let Err(e) = spawned {
+            self.settler().running.store(false, Ordering::Release);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Starts a read of `iovs` at `sector`; the result comes from [`AsyncIo::take_done`].
+    ///
+    /// # Safety
+    /// The memory `iovs` describes must stay valid and unused by others until the
+    /// request's completion has been taken.
+    pub unsafe fn submit_read(
+        &self,
+        io: &mut AsyncIo,
+        token: Token,
+        sector: u64,
+        iovs: Vec<libc::iovec>,
+    ) {
+        let checked = transfer_len(&iovs)
+            .and_then(|bytes| self.check_range(sector, bytes as u64).map(|_| bytes));
+        let bytes = match checked {
+            Ok(b) => b,
+            Err(e) => {
+                io.done.push((token, Err(e)));
+                return;
+            }
+        };
+        let sectors = bytes as u64 / 512;
+        let first = self.read_order(sector, sectors).into_iter().next();
+        let async_leg = first
+            .as_ref()
+            .and_then(|m| ring_fd(m, &iovs, m.byte_offset(sector)).map(|fd| (m.clone(), fd)));
+        let Some((member, fd)) = async_leg else {
+            // SAFETY: guaranteed by the caller.
+            let mut bufs = unsafe { as_mut_slices(&iovs) };
+            let r = self.read_legs(sector, &mut bufs);
+            io.settle(self, token, Rest::Read(r));
+            return;
+        };
+        let off = member.byte_offset(sector);
+        member
+            .inflight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let iovs = iovs.into_boxed_slice();
+        let mut op = Op::new(
+            token,
+            Kind::Read {
+                member: member.clone(),
+                sector,
+            },
+            bytes,
+            iovs,
+            vec![member],
+        );
+        op.remaining = 1;
+        let idx = io.insert(op);
+        let op = io.ops[idx]
+            .as_ref()
+            .map(|o| (o.iovs.as_ptr(), o.iovs.len()));
+        let Some((ptr, len)) = op else { return };
+        // SAFETY: the iovecs live in the boxed slice owned by the op until completion;
+        // the memory they describe is guaranteed by the caller.
+        let r = unsafe {
+            io.ring.readv(
+                fd,
+                std::slice::from_raw_parts(ptr, len),
+                off,
+                (idx as u64) << LEG_BITS,
+            )
+        };
+        if let Err(e) = r {
+            let c = Cqe {
+                tag: (idx as u64) << LEG_BITS,
+                result: -e.raw_os_error().unwrap_or(libc::EIO),
+            };
+            io.complete_one(self, c);
+        }
+    }
+
+    /// Starts a write of `iovs` at `sector` to every non-faulty leg, after the
+    /// bitmap bits covering it are durable.
+    ///
+    /// # Safety
+    /// As for [`Array::submit_read`].
+    pub unsafe fn submit_write(
+        &self,
+        io: &mut AsyncIo,
+        token: Token,
+        sector: u64,
+        iovs: Vec<libc::iovec>,
+    ) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.start_write(io, token, sector, iovs, 1) }
+    }
+
+    /// Attempt `attempts` of [`Array::submit_write`].
+    ///
+    /// # Safety
+    /// As for [`Array::submit_read`].
+    pub(super) unsafe fn start_write(
+        &self,
+        io: &mut AsyncIo,
+        token: Token,
+        sector: u64,
+        iovs: Vec<libc::iovec>,
+        attempts: usize,
+    ) {
+        let checked = transfer_len(&iovs).and_then(|bytes| {
+            let sectors = self.check_range(sector, bytes as u64)?;
+            // Fits: `bytes <= MAX_TRANSFER`.
+            let full = i32::try_from(bytes).map_err(io::Error::other)?;
+            Ok((bytes, sectors, full))
+        });
+        let (bytes, sectors, full) = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                io.done.push((token, Err(e)));
+                return;
+            }
+        };
+        if let Some(why) = self.fence_reason() {
+            // A fenced node writes nothing. A write that waited for another node's
+            // resync window ends here: with the lock manager gone, that window
+            // may never be lifted (its node's death cannot be seen any more).
+            io.done.push((
+                token,
+                Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("this node is fenced ({why}): nothing is written"),
+                )),
+            ));
+            return;
+        }
+        match self.bitmap.try_start_write(sector, sectors, self) {
+            Ok(true) => {}
+            Ok(false) => {
+                // The chunk is being resynced: retried when the resync of it ends.
+                io.deferred.push((token, sector, iovs, attempts));
+                return;
+            }
+            Err(e) => {
+                io.done.push((token, Err(e)));
+                return;
+            }
+        }
+        let legs = self.writable();
+        let idx = io.insert(Op::new(
+            token,
+            Kind::Write {
+                sector,
+                sectors,
+                ok_in_sync: 0,
+                failed: Vec::new(),
+                incomplete: None,
+                attempts,
+            },
+            bytes,
+            iovs.into_boxed_slice(),
+            legs.clone(),
+        ));
+        for (i, m) in legs.iter().enumerate() {
+            let tag = ((idx as u64) << LEG_BITS) | i as u64;
+            let off = m.byte_offset(sector);
+            let Some(Some(op)) = io.ops.get(idx) else {
+                return;
+            };
+            let (ptr, len) = (op.iovs.as_ptr(), op.iovs.len());
+            // SAFETY: the boxed iovecs live until the op completes.
+            let iovs = unsafe { std::slice::from_raw_parts(ptr, len) };
+            let result = match ring_fd(m, iovs, off) {
+                // SAFETY: as above; guest memory is guaranteed by the caller.
+                Some(fd) => match unsafe { io.ring.writev(fd, iovs, off, tag) } {
+                    Ok(()) => continue,
+                    Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                },
+                None if m.leg.slow_writes() => {
+                    // SAFETY: as above: the op keeps the iovecs until this leg's
+                    // completion is taken.
+                    match unsafe { io.offloaded.write(m.leg.clone(), iovs, off, tag) } {
+                        Ok(()) => {
+                            io.offloaded_running += 1;
+                            continue;
+                        }
+                        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                    }
+                }
+                None => {
+                    // SAFETY: as above.
+                    let bufs = unsafe { as_slices(iovs) };
+                    match m.leg.writev_at(&bufs, off) {
+                        Ok(()) => full,
+                        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                    }
+                }
+            };
+            io.complete_one(self, Cqe { tag, result });
+        }
+        self.release_extra(io, idx);
+    }
+
+    /// Starts a flush of every non-faulty leg.
+    pub fn submit_flush(&self, io: &mut AsyncIo, token: Token) {
+        let legs = self.writable();
+        let idx = io.insert(Op::new(
+            token,
+            Kind::Flush {
+                ok_in_sync: 0,
+                failed: Vec::new(),
+            },
+            0,
+            Box::new([]),
+            legs.clone(),
+        ));
+        for (i, m) in legs.iter().enumerate() {
+            let tag = ((idx as u64) << LEG_BITS) | i as u64;
+            let result = match m.leg.raw_fd() {
+                Some((fd, _)) => match io.ring.fdatasync(fd, tag) {
+                    Ok(()) => continue,
+                    Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                },
+                None => match m.leg.flush() {
+                    Ok(()) => 0,
+                    Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                },
+            };
+            io.complete_one(self, Cqe { tag, result });
+        }
+        self.release_extra(io, idx);
+    }
+
+    /// Drops the "still starting" reference of op `idx`, finishing it if every leg
+    /// already answered.
+    pub(super) fn release_extra(&self, io: &mut AsyncIo, idx: usize) {
+        let finished = match io.ops.get_mut(idx) {
+            Some(Some(op)) => {
+                op.remaining -= 1;
+                op.remaining == 0
+            }
+            _ => false,
+        };
+        if finished {
+            if let Some(op) = io.ops[idx].take() {
+                io.free.push(idx);
+                io.finish(self, op, Ok(()));
+            }
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Other nodes' bitmaps merged into ours, resync of needed chunks and recovery
+//! of legs being rebuilt.
+
+use super::*;
+
+impl Array {
+    /// Merges node `slot`'s on-disk bitmap into ours (its dirty chunks become
+    /// needed and dirty in our bitmap, which is flushed first); with `clear`, the
+    /// slot's bits are then cleared on every leg (recovery of a departed node, whose
+    /// slot lock we hold). The slot's bits are those of every in-sync leg together:
+    /// a node that died while writing its bitmap left it updated on some legs only.
+    /// Returns how many chunks were dirty there.
+    pub fn merge_slot(&self, slot: u32, clear: bool) -> io::Result<u64> {
+        let sb = self.superblock();
+        let g = self.bitmap.geometry();
+        let legs = self.in_sync();
+        if legs.is_empty() {
+            return Err(io::Error::other("no in-sync leg to read the bitmap from"));
+        }
+        // Every readable copy adds its bits. A leg whose copy cannot be read is
+        // left out, as a read of guest data skips it: the node set a bit on every
+        // in-sync leg before writing under it, so the other copies have it too.
+        let mut theirs: Option<crate::raid1::metadata::SlotBitmap> = None;
+        let mut unread = None;
+        for m in &legs {
+            match crate::raid1::metadata::read_slot(&*m.leg, &sb, g, slot) {
+                Ok(b) => match theirs.as_mut() {
+                    Some(t) => {
+                        t.bits.merge(&b.bits);
+                    }
+                    None => theirs = Some(b),
+                },
+                Err(e) => {
+                    warn!("leg {}: bitmap of node slot {slot}: {e}", m.name());
+                    unread = Some(e);
+                }
+            }
+        }
+        let theirs = match (theirs, unread.as_ref()) {
+            (Some(t), _) => t,
+            (None, e) => {
+                return Err(io::Error::other(format!(
+                    "bitmap of node slot {slot}: {}",
+                    e.map(|e| e.to_string()).unwrap_or_default()
+                )))
+            }
+        };
+        let dirty = theirs.bits.count_dirty();
+        // A copy that was not read (unreadable, or on a leg being rebuilt) may still
+        // hold bits, of a bitmap write the node did not finish: cleared too.
+        let all_read = unread.is_none() && self.writable().len() == legs.len();
+        if dirty == 0 && (!clear || all_read) {
+            return Ok(0);
+        }
+        if dirty > 0 {
+            self.bitmap.mark_needed(&theirs.bits);
+            self.bitmap.flush(self)?;
+        }
+        if clear {
+            let off = g
+                .slot_offset(sb.super_offset, sb.bitmap_offset, slot)
+                .ok_or_else(|| io::Error::other("bitmap slot outside the leg"))?;
+            let mut data = vec![0u8; g.slot_len() as usize];
+            let mut their_sb = theirs.sb.clone();
+            their_sb.events_cleared = sb.events;
+            data[..crate::md::bitmap::BITMAP_SB_LEN].copy_from_slice(&their_sb.encode());
+            self.write_bitmap(off, &data)?;
+        }
+        self.settle_failures()?;
+        Ok(dirty)
+    }
+
+    /// Marks every chunk dirty in any other node slot as needed here, without
+    /// clearing them there (a bitmap-guided rebuild covers all nodes' writes).
+    pub fn gather_other_slots(&self) -> io::Result<u64> {
+        let own = self.own_slot;
+        let mut n = 0;
+        for s in (0..self.bitmap.superblock().slots()).filter(|&s| s != own) {
+            n += self.merge_slot(s, false)?;
+        }
+        Ok(n)
+    }
+
+    /// As the only node of the array: takes over every other slot's dirty bits
+    /// (they become ours to resync) and clears them. Returns the chunks taken over.
+    pub fn merge_other_slots(&self) -> io::Result<u64> {
+        let slots = self.bitmap.superblock().slots();
+        let own = self.own_slot;
+        let mut n = 0;
+        for s in (0..slots).filter(|&s| s != own) {
+            n += self.merge_slot(s, true)?;
+        }
+        Ok(n)
+    }
+
+    /// Copies chunk `c` from the first in-sync leg to every other non-faulty leg.
+    /// Returns the bytes copied per target.
+    pub fn resync_chunk(&self, c: u64) -> io::Result<u64> {
+        let g = self.bitmap.geometry();
+        let start = g.chunk_start(c);
+        let end = (start + g.chunk_sectors()).min(self.size);
+        let t0 = std::time::Instant::now();
+        let joining = lock(&self.recovery);
+        self.bitmap.begin_resync(c);
+        let r = self.copy_range(start, end);
+        self.bitmap.end_resync(c, r.is_ok());
+        drop(joining);
+        let settled = self.settle_failures();
+        let n = r?;
+        settled?;
+        let rate = self.counters.resync_max_rate.load(Ordering::Relaxed);
+        if rate > 0 {
+            let due = std::time::Duration::from_secs_f64(n as f64 / rate as f64);
+            // In short naps, so that a stop does not wait for the throttle.
+            while let Some(wait) = due.checked_sub(t0.elapsed()).filter(|w| !w.is_zero()) {
+                if self.resync_halted() {
+                    break;
+                }
+                std::thread::sleep(wait.min(std::time::Duration::from_millis(100)));
+            }
+        }
+        Ok(n)
+    }
+
+    /// The process is stopping: resync and recovery passes end after the chunk
+    /// they copy (the chunks not reached stay needed, and dirty in the bitmap).
+    pub fn halt_resync(&self) {
+        self.resync_halted.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Array::halt_resync`] was called.
+    pub fn resync_halted(&self) -> bool {
+        self.resync_halted.load(Ordering::SeqCst)
+    }
+
+    fn copy_range(&self, start: u64, end: u64) -> io::Result<u64> {
+        const STEP: u64 = 2048; // 1 MiB
+                                // No larger than the range: a chunk of a few KiB costs no 1 MiB buffer.
+        let step = STEP.min(end.saturating_sub(start)).max(1);
+        let mut buf = crate::storage::AlignedBuf::zeroed((step * 512) as usize);
+        let mut pos = start;
+        let mut copied = 0;
+        while pos < end {
+            let n = step.min(end - pos);
+            let data = &mut buf.as_mut_slice()[..(n * 512) as usize];
+            let mut src = None;
+            for m in self.in_sync() {
+                match m.leg.read_at(data, m.byte_offset(pos)) {
+                    Ok(()) => {
+                        src = Some(m);
+                        break;
+                    }
+                    Err(e) => self.fail(&m, &format!("read error during resync: {e}")),
+                }
+            }
+            let Some(src) = src else {
+                return Err(io::Error::other("no in-sync leg to resync from"));
+            };
+            let data = &buf.as_slice()[..(n * 512) as usize];
+            for m in self.writable() {
+                if Arc::ptr_eq(&m, &src) {
+                    continue;
+                }
+                if let Err(e) = m.leg.write_at(data, m.byte_offset(pos)) {
+                    self.fail(&m, &format!("write error during resync: {e}"));
+                } else {
+                    copied += n * 512;
+                    self.counters
+                        .resync_bytes
+                        .fetch_add(n * 512, Ordering::Relaxed);
+                }
+            }
+            pos += n;
+        }
+        Ok(copied)
+    }
+
+    /// After every needed chunk was copied: recovering legs become in sync.
+    pub fn finish_recovery(&self) -> io::Result<()> {
+        let guard = lock(&self.recovery);
+        if self.bitmap.next_needed(0).is_some() {
+            return Ok(());
+        }
+        let mut promoted = false;
+        for m in self.members().iter().flatten() {
+            if m.state() == LegState::Recovering
+                && !m.remote_recovery.load(Ordering::Acquire)
+                && !m.gathering.load(Ordering::Acquire)
+            {
+                m.state
+                    .compare_exchange(
+                        LegState::Recovering as u8,
+                        LegState::InSync as u8,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                    .ok();
+                info!("leg {}: recovery complete, in sync", m.name());
+                promoted = true;
+            }
+        }
+        drop(guard);
+        self.update_bitmap_state();
+        if promoted {
+            self.update_superblocks(|_| {})?;
+        }
+        Ok(())
+    }
+
+    /// Takes over the rebuild of legs another node was rebuilding (it may have
+    /// died): they become ours to finish. Returns whether there were any.
+    pub fn take_over_recoveries(&self, dead: u32) -> io::Result<bool> {
+        let mut taken = Vec::new();
+        let mut guided = true;
+        for m in self.members().iter().flatten() {
+            let by = m.rebuilt_by.load(Ordering::Acquire);
+            // Only the dead node's rebuilds: a live node goes on with its own.
+            if by != dead && by != NOBODY {
+                continue;
+            }
+            if m.state() == LegState::Recovering && m.remote_recovery.swap(false, Ordering::AcqRel)
+            {
+                info!("leg {}: this node takes over its rebuild", m.name());
+                taken.push(m.clone());
+                guided &= m.bitmap_guided.load(Ordering::Relaxed);
+            }
+        }
+        if !taken.is_empty() {
+            if guided {
+                if let Err(e) = self.gather_other_slots() {
+                    // Not ours yet: taken over again when the recovery is retried.
+                    for m in &taken {
+                        m.remote_recovery.store(true, Ordering::Release);
+                    }
+                    return Err(e);
+                }
+            } else {
+                self.bitmap.mark_all_needed();
+            }
+        }
+        Ok(!taken.is_empty())
+    }
+
+    /// Whether any leg is recovering.
+    pub fn recovering(&self) -> bool {
+        self.members()
+            .iter()
+            .flatten()
+            .any(|m| m.state() == LegState::Recovering)
+    }
+}
