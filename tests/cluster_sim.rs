@@ -99,7 +99,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use vhost_user_md::cluster::node::ClusterNode;
+/// A cluster node serving the array.
+type ClusterNode = vhost_user_md::cluster::node::ClusterNode<vhost_user_md::raid1::Array>;
 use vhost_user_md::dlm::local::{LocalDlm, LocalMember};
 use vhost_user_md::dlm::{DlmError, Event, LockId, LockSpace, Mode, NodeId};
 use vhost_user_md::md::superblock::{feature, role};

@@ -6,8 +6,7 @@ use super::comms::CommsError;
 use super::membership::{JoinError, Node};
 use crate::dlm::LockSpace;
 use crate::md::message::{ClusterMsg, MsgType};
-use crate::raid1::port::MetadataSync;
-use crate::raid1::Array;
+use crate::raid1::port::{ClusterEvent, ClusterMirror, MetadataSync};
 use crate::storage::Leg;
 use log::info;
 use std::io;
@@ -43,14 +42,14 @@ pub enum NodeError {
 }
 
 /// Superblock updates under the token, announced with METADATA_UPDATED.
-struct ClusterMetadata {
+struct ClusterMetadata<M> {
     comms: Arc<super::comms::Comms>,
-    array: std::sync::Weak<Array>,
+    array: std::sync::Weak<M>,
 }
 
-impl ClusterMetadata {
+impl<M: ClusterMirror> ClusterMetadata<M> {
     /// METADATA_UPDATED naming the first good leg, whose superblock receivers read.
-    fn metadata_updated(array: &std::sync::Weak<Array>) -> ClusterMsg {
+    fn metadata_updated(array: &std::sync::Weak<M>) -> ClusterMsg {
         let mut m = ClusterMsg::new(MsgType::MetadataUpdated, 0);
         m.raid_slot = array
             .upgrade()
@@ -60,7 +59,7 @@ impl ClusterMetadata {
     }
 }
 
-impl MetadataSync for ClusterMetadata {
+impl<M: ClusterMirror> MetadataSync for ClusterMetadata<M> {
     fn update(&self, write: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()> {
         let array = self.array.clone();
         self.comms
@@ -112,10 +111,18 @@ impl MetadataSync for ClusterMetadata {
 }
 
 /// What the receive loop of a joining node has before its array exists.
-#[derive(Default)]
-struct Early {
-    array: Option<Arc<Array>>,
+struct Early<M> {
+    array: Option<Arc<M>>,
     queued: Vec<ClusterMsg>,
+}
+
+impl<M> Default for Early<M> {
+    fn default() -> Self {
+        Early {
+            array: None,
+            queued: Vec::new(),
+        }
+    }
 }
 
 /// What the receive path needs besides the array.
@@ -127,7 +134,7 @@ struct Receiving {
 
 impl Receiving {
     /// Applies another node's message to our array.
-    fn apply(&self, a: &Array, m: &ClusterMsg) {
+    fn apply<M: ClusterMirror>(&self, a: &M, m: &ClusterMsg) {
         if m.kind != MsgType::NewDisk {
             // Whatever add we confirmed is over: back to refusing new devices.
             if let Some(Err(e)) = self.comms.get().map(|c| c.rearm_new_device()) {
@@ -136,9 +143,18 @@ impl Receiving {
         }
         match m.kind {
             // Returns once our writes in the window finished: then ack.
-            MsgType::Resyncing => a.bitmap.set_remote_window(m.slot, m.low, m.high),
+            MsgType::Resyncing => {
+                let window = ClusterEvent::WindowSet {
+                    slot: m.slot,
+                    lo: m.low,
+                    hi: m.high,
+                };
+                if let Err(e) = a.apply(window) {
+                    log::warn!("cannot take node slot {}'s resync window: {e}", m.slot);
+                }
+            }
             MsgType::MetadataUpdated => {
-                if let Err(e) = a.reload_superblocks(Some(m.slot)) {
+                if let Err(e) = a.apply(ClusterEvent::MetadataUpdated { from: m.slot }) {
                     log::warn!("cannot re-read the superblocks: {e}");
                 }
             }
@@ -162,7 +178,7 @@ impl Receiving {
     }
 
     /// NEWDISK: confirms (releases `no-new-dev`) only when the device is found here.
-    fn new_disk(&self, a: &Array, m: &ClusterMsg) {
+    fn new_disk<M: ClusterMirror>(&self, a: &M, m: &ClusterMsg) {
         let found = self
             .finder
             .lock()
@@ -176,7 +192,13 @@ impl Receiving {
             );
             return;
         };
-        match a.offer_candidate(leg, m.raid_slot, m.uuid, m.slot) {
+        let event = ClusterEvent::NewDisk {
+            slot: m.slot,
+            dev_number: m.raid_slot,
+            uuid: m.uuid,
+            leg,
+        };
+        match a.apply(event) {
             Ok(()) => {
                 if let Some(Err(e)) = self.comms.get().map(|c| c.confirm_new_device()) {
                     log::warn!("cannot confirm the new device: {e}");
@@ -191,12 +213,12 @@ impl Receiving {
     }
 }
 
-/// A node of a clustered mirror.
-pub struct ClusterNode {
+/// A node of a clustered mirror `M` (the array; tests may use another).
+pub struct ClusterNode<M: ClusterMirror> {
     /// Membership and messaging.
     pub node: Node,
     /// The mirror, writing this node's bitmap slot.
-    pub array: Arc<Array>,
+    pub array: Arc<M>,
     /// The receive path's state (device finder).
     receiving: Arc<Receiving>,
     resyncing: AtomicBool,
@@ -221,10 +243,10 @@ pub struct ClusterView {
     pub reads_from_one_leg: bool,
 }
 
-impl ClusterNode {
+impl<M: ClusterMirror> ClusterNode<M> {
     /// Joins: claims a slot, assembles the legs with that slot's bitmap, installs
     /// live nodes' resync windows, and takes over the bits of free slots.
-    pub fn join(ls: Arc<dyn LockSpace>, legs: Vec<Arc<dyn Leg>>) -> Result<ClusterNode, NodeError> {
+    pub fn join(ls: Arc<dyn LockSpace>, legs: Vec<Arc<dyn Leg>>) -> Result<Self, NodeError> {
         ClusterNode::join_waiting(ls, legs, crate::cluster::membership::SLOT_WAIT)
     }
 
@@ -234,7 +256,7 @@ impl ClusterNode {
         ls: Arc<dyn LockSpace>,
         legs: Vec<Arc<dyn Leg>>,
         slot_wait: std::time::Duration,
-    ) -> Result<ClusterNode, NodeError> {
+    ) -> Result<Self, NodeError> {
         let first = legs
             .first()
             .ok_or_else(|| NodeError::Array("no legs".into()))?;
@@ -242,7 +264,7 @@ impl ClusterNode {
             .map_err(|e| NodeError::Array(e.to_string()))?;
         // Messages that arrive before the array exists are kept and applied once
         // it does: a window announced or ended meanwhile must not be lost.
-        let early: Arc<Mutex<Early>> = Arc::new(Mutex::new(Early::default()));
+        let early: Arc<Mutex<Early<M>>> = Arc::new(Mutex::new(Early::default()));
         let e2 = early.clone();
         let ctx = Arc::new(Receiving::default());
         let ctx2 = ctx.clone();
@@ -260,7 +282,7 @@ impl ClusterNode {
                         }
                     }
                 };
-                ctx2.apply(&a, &m);
+                ctx2.apply(&*a, &m);
             }),
             slot_wait,
         )?;
@@ -268,43 +290,33 @@ impl ClusterNode {
         // Under the token: another node's superblock update (also under it) writes
         // the legs one after the other, and read in between they would disagree (a
         // leg would look stale, be left out, and be recorded faulty by us).
-        let (array, report) = node
+        let array = node
             .comms
-            .under_token(|| (Array::assemble_as(legs, node.slot), None))?
-            .map_err(|e| NodeError::Array(e.to_string()))?;
-        array.set_detached(report.left_out_legs);
-        for l in &report.left_out {
-            log::warn!("{l}");
-        }
+            .under_token(|| (M::assemble_as_node(legs, node.slot), None))?
+            .map_err(NodeError::Array)?;
         let array = Arc::new(array);
-        array.set_metadata_sync(Arc::new(ClusterMetadata {
-            comms: node.comms.clone(),
-            array: Arc::downgrade(&array),
-        }));
         array
-            .settle_in_background()
-            .map_err(|e| NodeError::Array(format!("cannot start the settler thread: {e}")))?;
+            .attach(Arc::new(ClusterMetadata {
+                comms: node.comms.clone(),
+                array: Arc::downgrade(&array),
+            }))
+            .map_err(|e| NodeError::Array(e.to_string()))?;
         {
             // The windows read at join, then what was announced since, in order.
             let mut g = early.lock().unwrap_or_else(|e| e.into_inner());
             for &(slot, lo, hi) in &node.windows_at_join {
                 info!("node slot {slot} is resyncing sectors {lo}..{hi}");
-                array.bitmap.set_remote_window(slot, lo, hi);
+                array.apply(ClusterEvent::WindowSet { slot, lo, hi })?;
             }
             for m in std::mem::take(&mut g.queued) {
-                ctx.apply(&array, &m);
+                ctx.apply(&*array, &m);
             }
             g.array = Some(array.clone());
         }
         // A bitmap-guided rebuild in progress covers every node's bits.
-        if array.members().iter().flatten().any(|m| {
-            m.state() == crate::raid1::LegState::Recovering
-                && m.bitmap_guided.load(Ordering::Relaxed)
-        }) {
-            array.gather_other_slots()?;
-        }
+        array.gather_for_rebuild()?;
         for &s in &node.free_at_join {
-            let n = array.merge_slot(s, true)?;
+            let n = array.take_over_slot(s)?;
             if n > 0 {
                 info!("took over {n} dirty chunks of free node slot {s}");
             }
@@ -313,7 +325,8 @@ impl ClusterNode {
         let weak = Arc::downgrade(&array);
         node.set_read_balancing_sink(Box::new(move |on| {
             if let Some(a) = weak.upgrade() {
-                a.suspend_read_balancing(on);
+                // Cannot fail: it changes what reads do, nothing on disk.
+                let _ = a.apply(ClusterEvent::ReadsFromOneLeg(on));
             }
         }));
         Ok(ClusterNode {
@@ -335,12 +348,12 @@ impl ClusterNode {
 
     /// The cluster as this node sees it.
     pub fn view(&self) -> ClusterView {
-        let g = self.array.bitmap.geometry();
-        let remote = self.array.bitmap.remote_window().map(|(slot, lo, hi)| {
+        let g = self.array.bitmap().geometry();
+        let remote = self.array.bitmap().remote_window().map(|(slot, lo, hi)| {
             (
                 slot,
                 g.chunk_start(lo),
-                g.chunk_start(hi).min(self.array.size),
+                g.chunk_start(hi).min(self.array.sectors()),
             )
         });
         ClusterView {
@@ -352,7 +365,7 @@ impl ClusterNode {
                 remote.map(|(s, _, _)| s)
             },
             suspended: remote.map(|(_, lo, hi)| vec![[lo, hi]]).unwrap_or_default(),
-            reads_from_one_leg: self.array.read_balancing_suspended(),
+            reads_from_one_leg: self.array.reads_from_one_leg(),
         }
     }
 
@@ -378,9 +391,9 @@ impl ClusterNode {
 
     /// Copies every needed chunk under the cluster-wide resync lock, announcing
     /// each window so the other nodes hold their writes there. Returns bytes copied
-    /// (before the end once [`Array::halt_resync`] was called: the process stops).
+    /// (before the end once the mirror's resync was halted: the process stops).
     pub fn resync(&self) -> Result<u64, NodeError> {
-        if self.array.resync_halted() || self.array.bitmap.next_needed(0).is_none() {
+        if self.array.resync_halted() || self.array.bitmap().next_needed(0).is_none() {
             return Ok(0);
         }
         self.node.acquire_resync()?;
@@ -394,25 +407,26 @@ impl ClusterNode {
     }
 
     fn resync_locked(&self) -> Result<u64, NodeError> {
-        let g = self.array.bitmap.geometry();
+        let bitmap = self.array.bitmap();
+        let g = bitmap.geometry();
         let mut copied = 0;
         let mut from = 0;
-        while let Some(c) = self.array.bitmap.next_needed(from) {
+        while let Some(c) = bitmap.next_needed(from) {
             if self.array.resync_halted() {
                 info!(
                     "stopping: resync left off with {} chunks to go",
-                    self.array.bitmap.stats().needed
+                    bitmap.stats().needed
                 );
                 break;
             }
             let end = (c + window_chunks(u64::from(g.chunksize))).min(g.chunks());
-            let hi = g.chunk_start(end).min(self.array.size);
+            let hi = g.chunk_start(end).min(self.array.sectors());
             self.node.announce_window(g.chunk_start(c), hi)?;
             for chunk in c..end {
                 if self.array.resync_halted() {
                     break;
                 }
-                if self.array.bitmap.is_needed(g.chunk_start(chunk), 1) {
+                if bitmap.is_needed(g.chunk_start(chunk), 1) {
                     copied += self.array.resync_chunk(chunk)?;
                 }
             }
@@ -425,7 +439,7 @@ impl ClusterNode {
     /// (BITMAP_NEEDS_SYNC), before the process releases its locks.
     pub fn leave(&self) -> Result<(), NodeError> {
         let slot = self.node.slot;
-        if self.array.bitmap.stats().dirty > 0 {
+        if self.array.bitmap().stats().dirty > 0 {
             self.node
                 .comms
                 .send(ClusterMsg::new(MsgType::BitmapNeedsSync, slot))?;
@@ -439,11 +453,12 @@ impl ClusterNode {
     /// Recovers the slot of a node that died: takes over and clears its bits,
     /// lifts its resync window, releases the slot, resyncs. Returns the bytes copied.
     pub fn recover(&self, slot: u32) -> Result<u64, NodeError> {
-        let merged = self.array.merge_slot(slot, true);
+        let merged = self.array.take_over_slot(slot);
         // Its window holds our writes no more, whatever happens next: with its bits
         // merged its chunks are ours to resync; if the merge failed, the slot stays
         // held (reads stay on one leg) and its recovery is tried again.
-        self.array.bitmap.clear_remote_window_of(slot);
+        let cleared = self.array.apply(ClusterEvent::WindowCleared { slot });
+        let merged = merged.and_then(|n| cleared.map(|()| n));
         let taken = merged.map_err(NodeError::from).and_then(|n| {
             info!("node slot {slot} died with {n} dirty chunks");
             // It may have been rebuilding a leg: nobody else finishes that.

@@ -160,7 +160,7 @@ pub struct Service {
     /// How the service was started.
     pub config: ServeConfig,
     /// This node of the cluster, unless the array is served alone.
-    pub cluster: Option<Arc<crate::cluster::node::ClusterNode>>,
+    pub cluster: Option<Arc<crate::cluster::node::ClusterNode<crate::raid1::Array>>>,
     /// Raised when this node may no longer write.
     pub fence: Arc<Fence>,
 }

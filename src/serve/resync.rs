@@ -166,7 +166,7 @@ fn run(array: &Array, progress: &ResyncProgress, stopping: &AtomicBool) {
 /// Starts the resync thread of a cluster node: resyncs under the cluster's resync
 /// lock and recovers the slots of nodes that die.
 pub fn spawn_cluster(
-    node: Arc<crate::cluster::node::ClusterNode>,
+    node: Arc<crate::cluster::node::ClusterNode<crate::raid1::Array>>,
     progress: Arc<ResyncProgress>,
     stopping: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {

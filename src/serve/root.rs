@@ -89,14 +89,14 @@ struct Assembled {
     /// Legs left out at assembly (kept for `manage re-add`).
     left_out: Vec<Arc<crate::raid1::Member>>,
     /// This node of the cluster, unless the array is served alone.
-    cluster: Option<Arc<crate::cluster::node::ClusterNode>>,
+    cluster: Option<Arc<crate::cluster::node::ClusterNode<crate::raid1::Array>>>,
 }
 
 /// A serving node: what stopping it needs.
 struct Running {
     array: Arc<Array>,
     backend: Arc<BlockBackend>,
-    cluster: Option<Arc<crate::cluster::node::ClusterNode>>,
+    cluster: Option<Arc<crate::cluster::node::ClusterNode<crate::raid1::Array>>>,
     stopping: Arc<AtomicBool>,
     resync_thread: std::thread::JoinHandle<()>,
     daemon_thread: std::thread::JoinHandle<()>,
@@ -223,7 +223,7 @@ fn join_cluster(
             m
         }
     };
-    let node = crate::cluster::node::ClusterNode::join(ls, legs)?;
+    let node = crate::cluster::node::ClusterNode::<crate::raid1::Array>::join(ls, legs)?;
     info!(
         "joined array {} as node slot {}",
         sb.set_uuid, node.node.slot

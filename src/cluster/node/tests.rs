@@ -6,9 +6,13 @@
 use super::*;
 use crate::dlm::local::{HoldingMember, LocalDlm};
 use crate::raid1::metadata::{create_array, LegMetadata, NewArray};
+use crate::raid1::Array;
 use crate::storage::MemLeg;
 use std::io::IoSlice;
 use std::time::Duration;
+
+/// The node the product runs: serving the array.
+type ClusterNode = super::ClusterNode<Array>;
 
 const MIB: u64 = 1 << 20;
 

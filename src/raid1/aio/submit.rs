@@ -4,45 +4,9 @@
 use super::*;
 use crate::raid1::array::Array;
 use crate::storage::uring::Cqe;
-use std::io::{self};
-use std::sync::Arc;
+use std::io;
 
 impl Array {
-    /// Has a thread of its own record leg failures for the I/O workers, which
-    /// then park requests waiting for a record instead of writing it (see
-    /// `raid1::settle`). Cluster nodes need it: the record waits for the token.
-    /// The thread ends once the array is dropped.
-    pub fn settle_in_background(self: &Arc<Self>) -> io::Result<()> {
-        use std::sync::atomic::Ordering;
-        let settler = self.settler().clone();
-        if settler.running.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        let weak = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("settle".into())
-            .spawn(move || loop {
-                let requested = settler.wait_request(std::time::Duration::from_millis(500));
-                let Some(array) = weak.upgrade() else {
-                    return;
-                };
-                if !requested {
-                    continue;
-                }
-                let seen = array.failures_seen();
-                if let Err(e) = array.settle_failures() {
-                    log::warn!("{e}");
-                    settler.failed(seen, &e);
-                }
-                array.bitmap.wake_workers();
-            });
-        if let Err(e) = spawned {
-            self.settler().running.store(false, Ordering::Release);
-            return Err(e);
-        }
-        Ok(())
-    }
-
     /// Starts a read of `iovs` at `sector`; the result comes from [`AsyncIo::take_done`].
     ///
     /// # Safety

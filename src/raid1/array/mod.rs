@@ -7,6 +7,7 @@
 mod assemble;
 mod paths;
 mod recovery;
+mod seam;
 mod superblocks;
 
 use super::metadata::{LegMetadata, MetaError};
