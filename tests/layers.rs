@@ -378,3 +378,33 @@ fn the_length_check_sees_a_long_file() {
     )));
     assert!(length_explained("fn f() {}\n"));
 }
+
+/// Public items of a layer's source that are `unsafe` to use.
+fn public_unsafe(code: &str) -> Vec<String> {
+    code.lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with("pub unsafe ") || l.starts_with("pub unsafe("))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_mirror_has_no_unsafe_public_api() {
+    let found: Vec<String> = modules()
+        .iter()
+        .filter(|(m, _)| top(m) == "raid1")
+        .flat_map(|(m, code)| {
+            public_unsafe(code)
+                .into_iter()
+                .map(move |l| format!("{m}: {l}"))
+        })
+        .collect();
+    assert!(
+        found.is_empty(),
+        "raid1 takes guest memory as `Buffers`, not raw pointers its callers vouch for: {found:?}"
+    );
+    assert_eq!(
+        public_unsafe("pub unsafe fn f() {}\npub(crate) unsafe fn g() {}\n").len(),
+        1
+    );
+}

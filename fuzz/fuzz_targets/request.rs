@@ -1,5 +1,5 @@
 //! A virtio-blk request chain from arbitrary bytes, run through the synchronous
-//! request path (`vhost::request::process`) on a mirror of two in-memory legs.
+//! request path (`vhost::engine::process`) on a mirror of two in-memory legs.
 //!
 //! The input's first byte holds flags (read-only, not the writer, write-through) and
 //! the descriptor count (low 4 bits, up to 15); then come the descriptors, 11 bytes
@@ -18,14 +18,15 @@ use std::sync::{Arc, OnceLock};
 use vhost_user_md::raid1::metadata::{create_array, NewArray};
 use vhost_user_md::raid1::Array;
 use vhost_user_md::storage::{Leg, MemLeg};
-use vhost_user_md::vhost::request::{process, Context, Limits};
+use vhost_user_md::vhost::engine::process;
+use vhost_user_md::vhost::request::{Context, Limits};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const GUEST: u64 = 64 << 10;
 
-fn array() -> &'static Array {
-    static A: OnceLock<Array> = OnceLock::new();
+fn array() -> &'static Arc<Array> {
+    static A: OnceLock<Arc<Array>> = OnceLock::new();
     A.get_or_init(|| {
         let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 4 << 20));
         let b: Arc<dyn Leg> = Arc::new(MemLeg::new("b", 4 << 20));
@@ -42,7 +43,7 @@ fn array() -> &'static Array {
             },
         )
         .expect("create");
-        Array::assemble(vec![a, b]).expect("assemble").0
+        Arc::new(Array::assemble(vec![a, b]).expect("assemble").0)
     })
 }
 
@@ -52,8 +53,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let n = usize::from(head & 0x0f).min(rest.len() / 11);
     let (desc_bytes, mem_init) = rest.split_at(n * 11);
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST as usize)])
-        .expect("guest memory");
+    let mem = Arc::new(
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST as usize)])
+            .expect("guest memory"),
+    );
     let mem_init = &mem_init[..mem_init.len().min(GUEST as usize)];
     mem.write_slice(mem_init, GuestAddress(0)).expect("fill");
     let mut descs = Vec::new();

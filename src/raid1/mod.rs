@@ -3,6 +3,7 @@
 
 pub mod aio;
 pub mod array;
+pub mod bufs;
 pub mod manage;
 pub mod metadata;
 mod offload;
@@ -11,4 +12,5 @@ mod settle;
 
 pub use aio::AsyncIo;
 pub use array::{Array, AssembleError, AssembleReport, LegState, Member};
+pub use bufs::{BufferError, Buffers};
 pub use manage::{ManageError, RecoveryKind};

@@ -79,7 +79,7 @@ impl Offloaded {
     /// # Safety
     /// `iovs` and the memory it describes must stay valid and unused by others
     /// until the completion was taken.
-    pub unsafe fn write(
+    pub(super) unsafe fn write(
         self: &Arc<Self>,
         leg: Arc<dyn Leg>,
         iovs: &[libc::iovec],

@@ -340,11 +340,9 @@ fn start(
                 block_size,
             },
         )
+        .map_err(|e| format!("cannot set up the queues' I/O: {e}"))?
         .with_writer_gate(Arc::new(RoleGate(role))),
     );
-    if let Err(e) = backend.enable_async_io() {
-        warn!("io_uring unavailable ({e}): leg I/O runs synchronously");
-    }
     let stopping = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(ResyncProgress::default());
     let service = Arc::new(Service {

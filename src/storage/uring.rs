@@ -1,5 +1,7 @@
 //! Asynchronous leg I/O with io_uring: positional vectored reads and writes and data
-//! syncs on file descriptors, completions signalled through an eventfd.
+//! syncs on file descriptors, completions signalled through an eventfd. Where the
+//! kernel offers no io_uring, a synchronous ring has the eventfd only: its users
+//! do every leg's I/O in place (see [`Ring::is_async`]).
 
 use io_uring::{opcode, types, IoUring};
 use std::io;
@@ -17,7 +19,8 @@ pub struct Cqe {
 
 /// An io_uring with an eventfd that becomes readable when completions arrive.
 pub struct Ring {
-    ring: IoUring,
+    /// `None`: a synchronous ring, which queues nothing.
+    ring: Option<IoUring>,
     eventfd: EventFd,
     queued: usize,
 }
@@ -29,10 +32,34 @@ impl Ring {
         let eventfd = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(Ring {
-            ring,
+            ring: Some(ring),
             eventfd,
             queued: 0,
         })
+    }
+
+    /// A ring without io_uring: its eventfd only (completions of work done on
+    /// other threads are signalled there); reads, writes and syncs are refused.
+    pub fn synchronous() -> io::Result<Ring> {
+        Ok(Ring {
+            ring: None,
+            eventfd: EventFd::new(EFD_NONBLOCK)?,
+            queued: 0,
+        })
+    }
+
+    /// A ring of `entries` slots, or a synchronous one where io_uring is not
+    /// available (with the reason).
+    pub fn new_or_synchronous(entries: u32) -> io::Result<(Ring, Option<io::Error>)> {
+        match Ring::new(entries) {
+            Ok(r) => Ok((r, None)),
+            Err(e) => Ok((Ring::synchronous()?, Some(e))),
+        }
+    }
+
+    /// Whether this ring queues I/O to the kernel (else its users do I/O in place).
+    pub fn is_async(&self) -> bool {
+        self.ring.is_some()
     }
 
     /// A second handle on the eventfd, to wake whoever waits on it.
@@ -47,9 +74,15 @@ impl Ring {
 
     fn push(&mut self, entry: io_uring::squeue::Entry) -> io::Result<()> {
         loop {
+            let Some(ring) = self.ring.as_mut() else {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "a synchronous ring queues no I/O",
+                ));
+            };
             // SAFETY: the caller of the public submit functions guarantees that the
             // buffers the entry points to stay valid until its completion is reaped.
-            let pushed = unsafe { self.ring.submission().push(&entry) };
+            let pushed = unsafe { ring.submission().push(&entry) };
             if pushed.is_ok() {
                 self.queued += 1;
                 return Ok(());
@@ -106,8 +139,8 @@ impl Ring {
 
     /// Hands queued entries to the kernel.
     pub fn flush(&mut self) -> io::Result<()> {
-        if self.queued > 0 {
-            self.ring.submit()?;
+        if let (true, Some(ring)) = (self.queued > 0, self.ring.as_mut()) {
+            ring.submit()?;
             self.queued = 0;
         }
         Ok(())
@@ -117,7 +150,10 @@ impl Ring {
     /// missed).
     pub fn reap(&mut self, out: &mut Vec<Cqe>) {
         let _ = self.eventfd.read();
-        for c in self.ring.completion() {
+        let Some(ring) = self.ring.as_mut() else {
+            return;
+        };
+        for c in ring.completion() {
             out.push(Cqe {
                 tag: c.user_data(),
                 result: c.result(),
@@ -125,9 +161,13 @@ impl Ring {
         }
     }
 
-    /// Waits until at least one completion is available.
+    /// Waits until at least one completion is available (a synchronous ring has
+    /// none in flight: it returns at once).
     pub fn wait(&mut self) -> io::Result<()> {
-        self.ring.submit_and_wait(1)?;
+        let Some(ring) = self.ring.as_mut() else {
+            return Ok(());
+        };
+        ring.submit_and_wait(1)?;
         self.queued = 0;
         Ok(())
     }

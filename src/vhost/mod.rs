@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod dirty;
+pub mod engine;
 pub mod gate;
 pub mod inflight;
 pub mod request;

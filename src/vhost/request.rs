@@ -4,9 +4,8 @@
 
 use crate::raid1::Array;
 use log::{debug, warn};
-use std::io::{IoSlice, IoSliceMut};
+use std::sync::Arc;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::bitmap::Bitmap;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Request types (virtio 1.2, 5.2.6).
@@ -123,7 +122,7 @@ impl Default for Limits {
 /// What a request needs besides guest memory.
 pub struct Context<'a> {
     /// The mirror.
-    pub array: &'a Array,
+    pub array: &'a Arc<Array>,
     /// Writes are refused.
     pub read_only: bool,
     /// Another node holds the writer role: writes fail (IOERR), reads are served.
@@ -229,19 +228,6 @@ fn split_status(descs: &[Descriptor]) -> Option<(Vec<Seg>, GuestAddress)> {
     Some((segs, status_addr))
 }
 
-/// Runs one descriptor chain synchronously and writes its status; returns the used
-/// length.
-pub fn process<M>(ctx: &Context<'_>, mem: &M, descs: &[Descriptor]) -> UsedLen
-where
-    M: GuestMemoryBackend,
-{
-    let Some((segs, status_addr)) = split_status(descs) else {
-        return 0;
-    };
-    let result = parse(mem, &segs, &ctx.limits).and_then(|p| execute(ctx, mem, p));
-    finish(mem, status_addr, result)
-}
-
 /// Splits off the first `n` bytes of `segs`.
 fn take(segs: &[Seg], n: usize) -> Option<(Vec<Seg>, Vec<Seg>)> {
     let mut head = Vec::new();
@@ -278,20 +264,6 @@ fn read_bytes<M: GuestMemoryBackend>(
         off += s.len;
     }
     Ok(())
-}
-
-/// Resolves guest segments to host memory slices (several when a segment spans
-/// memory regions).
-macro_rules! guest_slices {
-    ($mem:expr, $segs:expr) => {{
-        let mut slices = Vec::new();
-        for s in $segs {
-            for v in GuestMemoryBackend::get_slices($mem, s.addr, s.len) {
-                slices.push(v.map_err(|e| RequestError::Memory(e.to_string()))?);
-            }
-        }
-        slices
-    }};
 }
 
 /// The header fields and the data segments of a chain (status byte excluded).
@@ -364,8 +336,9 @@ pub struct Transfer {
     pub status: GuestAddress,
 }
 
-/// Validates a chain; reads, writes and flushes are returned for asynchronous
-/// execution, everything else (and every malformed chain) is finished here.
+/// Validates a chain; reads, writes, flushes, discards and write-zeroes are
+/// returned for the mirror, everything else (and every malformed chain) is
+/// finished here.
 pub fn prepare<M>(ctx: &Context<'_>, mem: &M, descs: &[Descriptor]) -> Prepared
 where
     M: GuestMemoryBackend,
@@ -377,7 +350,12 @@ where
         Ok(p) if p.ty == kind::FLUSH => Prepared::Flush {
             status: status_addr,
         },
-        Ok(p) if p.ty == kind::IN || (p.ty == kind::OUT && ctx.may_write().is_ok()) => {
+        Ok(p) if p.ty == kind::IN || p.ty == kind::OUT => {
+            if p.ty == kind::OUT {
+                if let Err(e) = ctx.may_write() {
+                    return Prepared::Done(finish(mem, status_addr, Err(e)));
+                }
+            }
             let len: usize = p.data.iter().map(|s| s.len).sum();
             Prepared::Transfer(Transfer {
                 write: p.ty == kind::OUT,
@@ -486,68 +464,16 @@ pub fn finish<M: GuestMemoryBackend>(
     used.saturating_add(1)
 }
 
+/// Answers a request that does not touch the disk (GET_ID), or refuses it.
 fn execute<M: GuestMemoryBackend>(
     ctx: &Context<'_>,
     mem: &M,
     p: Parsed,
 ) -> Result<UsedLen, RequestError> {
-    let Parsed {
-        ty,
-        sector,
-        ref data,
-    } = p;
+    let Parsed { ty, ref data, .. } = p;
     let data_len: usize = data.iter().map(|s| s.len).sum();
     let all = |w: bool| data.iter().all(|s| s.writable == w);
     match ty {
-        kind::IN => {
-            let slices = guest_slices!(mem, data);
-            {
-                let mut bufs: Vec<IoSliceMut<'_>> = slices
-                    .iter()
-                    .map(|v| {
-                        // SAFETY: the slice covers `v.len()` bytes of mapped guest memory
-                        // that stays mapped while `mem` is borrowed; the guest does not
-                        // touch a buffer it handed to the device until completion.
-                        IoSliceMut::new(unsafe {
-                            std::slice::from_raw_parts_mut(v.ptr_guard_mut().as_ptr(), v.len())
-                        })
-                    })
-                    .collect();
-                let read = ctx.array.read(sector, &mut bufs);
-                // Written through raw pointers, so not logged by vm-memory: mark the
-                // pages for migration (also after a failure, which may have written
-                // part of them).
-                for v in &slices {
-                    v.bitmap().mark_dirty(0, v.len());
-                }
-                read?;
-            }
-            Ok(data_len as u32)
-        }
-        kind::OUT => {
-            ctx.may_write()?;
-            let slices = guest_slices!(mem, data);
-            {
-                let bufs: Vec<IoSlice<'_>> = slices
-                    .iter()
-                    .map(|v| {
-                        // SAFETY: as above; the bytes are only read.
-                        IoSlice::new(unsafe {
-                            std::slice::from_raw_parts(v.ptr_guard().as_ptr(), v.len())
-                        })
-                    })
-                    .collect();
-                ctx.array.write(sector, &bufs)?;
-                if ctx.writethrough {
-                    ctx.array.flush()?;
-                }
-            }
-            Ok(0)
-        }
-        kind::FLUSH => {
-            ctx.array.flush()?;
-            Ok(0)
-        }
         kind::GET_ID => {
             if !all(true) {
                 return Err(RequestError::Malformed("id buffer is not device-writable"));
@@ -561,12 +487,6 @@ fn execute<M: GuestMemoryBackend>(
                 off += s.len;
             }
             Ok(n as u32)
-        }
-        kind::DISCARD | kind::WRITE_ZEROES => {
-            ctx.may_write()?;
-            let ranges = ranges(ctx, mem, &p)?;
-            apply_ranges(ctx.array, ty == kind::WRITE_ZEROES, &ranges)?;
-            Ok(0)
         }
         other => Err(RequestError::Unsupported(other)),
     }

@@ -603,12 +603,8 @@ fn leg_failing_under_a_new_window(async_io: bool) {
         let data = [7u8; 4096];
         let r = if async_io {
             let mut io = crate::raid1::AsyncIo::new(8).unwrap();
-            let iovs = vec![libc::iovec {
-                iov_base: data.as_ptr() as *mut libc::c_void,
-                iov_len: data.len(),
-            }];
-            // SAFETY: `data` outlives the request, which is drained below.
-            unsafe { n2w.array.submit_write(&mut io, 1, 2048, iovs) };
+            let bufs = crate::raid1::Buffers::owned(data.to_vec());
+            n2w.array.submit_write(&mut io, 1, 2048, bufs);
             io.submit().unwrap();
             io.drain(&n2w.array).unwrap();
             let mut done = io.take_done();
@@ -682,19 +678,12 @@ fn a_write_waiting_for_a_failure_record_does_not_stop_its_worker() {
     std::thread::spawn(move || {
         let in_window = [2u8; 4096];
         let outside = [1u8; 4096];
-        let iov = |d: &[u8; 4096]| {
-            vec![libc::iovec {
-                iov_base: d.as_ptr() as *mut libc::c_void,
-                iov_len: d.len(),
-            }]
-        };
+        let iov = |d: &[u8; 4096]| crate::raid1::Buffers::owned(d.to_vec());
         let mut io = crate::raid1::AsyncIo::new(8).unwrap();
-        // SAFETY: both buffers outlive the requests, which are drained below.
-        unsafe { n2w.array.submit_write(&mut io, 2, win, iov(&in_window)) };
+        n2w.array.submit_write(&mut io, 2, win, iov(&in_window));
         io.submit().unwrap();
         let _ = go.recv();
-        // SAFETY: as above.
-        unsafe { n2w.array.submit_write(&mut io, 1, 0, iov(&outside)) };
+        n2w.array.submit_write(&mut io, 1, 0, iov(&outside));
         io.submit().unwrap();
         io.drain(&n2w.array).unwrap();
         let _ = done_tx.send(io.take_done());

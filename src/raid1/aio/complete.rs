@@ -100,9 +100,7 @@ impl AsyncIo {
                         "leg {}: read error at sector {sector}: {e}; retrying",
                         member.name()
                     );
-                    // SAFETY: the submitter keeps the buffers valid until completion.
-                    let mut bufs = unsafe { as_mut_slices(&op.iovs) };
-                    Rest::Read(array.read_legs(sector, &mut bufs))
+                    Rest::Read(array.read_legs(sector, &mut op.bufs.slices_mut()))
                 }
             },
             Kind::Write {
@@ -139,7 +137,7 @@ impl AsyncIo {
                     incomplete,
                     rewrite,
                     attempts,
-                    iovs: op.iovs,
+                    bufs: op.bufs,
                 }
             }
             Kind::Flush { ok_in_sync, failed } => {
@@ -217,17 +215,14 @@ impl AsyncIo {
                 incomplete,
                 rewrite,
                 attempts,
-                iovs,
+                bufs,
             } => {
                 match (settled, incomplete) {
                     (Err(e), _) | (Ok(()), Some(e)) => Err(e),
                     (Ok(()), None) if ok_in_sync == 0 => Err(last_err
                         .unwrap_or_else(|| io::Error::other("no in-sync leg took the write"))),
                     (Ok(()), None) if rewrite => {
-                        // SAFETY: the submitter keeps the buffers valid until completion.
-                        unsafe {
-                            array.start_write(self, token, sector, iovs.into_vec(), attempts + 1)
-                        };
+                        array.start_write(self, token, sector, bufs, attempts + 1);
                         return;
                     }
                     (Ok(()), None) => Ok(()),
@@ -267,14 +262,15 @@ impl AsyncIo {
         }
         let m = op.legs[leg].clone();
         let off = m.byte_offset(sector) + done as u64;
-        op.rest[leg] = remainder(&op.iovs, done);
+        op.rest[leg] = remainder(op.bufs.iovecs(), done);
         let (ptr, len) = (op.rest[leg].as_ptr(), op.rest[leg].len());
         // SAFETY: the boxed remainder lives in the op until this leg's completion
-        // is taken (it is replaced only by the next continuation, after that).
+        // is taken (it is replaced only by the next continuation, after that), and
+        // points into the op's `Buffers`.
         let rest = unsafe { std::slice::from_raw_parts(ptr, len) };
         let tag = ((idx as u64) << LEG_BITS) | leg as u64;
-        let queued = match ring_fd(&m, rest, off) {
-            // SAFETY: as above; the guest memory is guaranteed by the submitter.
+        let queued = match ring_fd(&self.ring, &m, rest, off) {
+            // SAFETY: as above.
             Some(fd) if write => unsafe { self.ring.writev(fd, rest, off, tag) },
             // SAFETY: as above.
             Some(fd) => unsafe { self.ring.readv(fd, rest, off, tag) },
@@ -282,10 +278,12 @@ impl AsyncIo {
                 // Not aligned for the ring any more: the leg finishes it in place.
                 let r = if write {
                     // SAFETY: as above.
-                    m.leg.writev_at(&unsafe { as_slices(rest) }, off)
+                    m.leg
+                        .writev_at(&unsafe { crate::raid1::bufs::slices(rest) }, off)
                 } else {
-                    // SAFETY: as above.
-                    m.leg.readv_at(&mut unsafe { as_mut_slices(rest) }, off)
+                    // SAFETY: as above; only this leg's read uses the buffers.
+                    m.leg
+                        .readv_at(&mut unsafe { crate::raid1::bufs::slices_mut(rest) }, off)
                 };
                 return Some(match r {
                     Ok(()) => LegOutcome::Done,

@@ -7,9 +7,10 @@ mod complete;
 mod submit;
 
 use super::array::{Array, Member};
+use super::bufs::Buffers;
 use super::offload::Offloaded;
 use crate::storage::uring::{Cqe, Ring};
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::sync::Arc;
 
 /// A request's tag, chosen by the caller.
@@ -53,7 +54,7 @@ enum Rest {
         /// Written again once the failures are recorded.
         rewrite: bool,
         attempts: usize,
-        iovs: Box<[libc::iovec]>,
+        bufs: Buffers,
     },
     Flush {
         ok_in_sync: usize,
@@ -85,8 +86,9 @@ struct Op {
     remaining: usize,
     /// Expected bytes per leg operation.
     bytes: usize,
-    /// The buffers; boxed so their address is stable while the kernel uses them.
-    iovs: Box<[libc::iovec]>,
+    /// The request's buffers (their iovecs stay where they are while the kernel
+    /// uses them).
+    bufs: Buffers,
     /// Legs of the sub-operations, by index in the tag.
     legs: Vec<Arc<Member>>,
     /// Bytes each leg transferred so far (short completions are continued).
@@ -97,20 +99,14 @@ struct Op {
 }
 
 impl Op {
-    fn new(
-        token: Token,
-        kind: Kind,
-        bytes: usize,
-        iovs: Box<[libc::iovec]>,
-        legs: Vec<Arc<Member>>,
-    ) -> Op {
+    fn new(token: Token, kind: Kind, bytes: usize, bufs: Buffers, legs: Vec<Arc<Member>>) -> Op {
         let n = legs.len();
         Op {
             token,
             kind,
             remaining: n + 1, // +1 until every leg was started
             bytes,
-            iovs,
+            bufs,
             legs,
             done: vec![0; n],
             rest: (0..n).map(|_| Box::default()).collect(),
@@ -136,22 +132,20 @@ fn remainder(iovs: &[libc::iovec], mut skip: usize) -> Box<[libc::iovec]> {
     rest.into_boxed_slice()
 }
 
-/// The bytes `iovs` describe, refused beyond what one request may move.
-fn transfer_len(iovs: &[libc::iovec]) -> io::Result<usize> {
-    let bytes = iovs
-        .iter()
-        .try_fold(0usize, |t, v| t.checked_add(v.iov_len))
-        .filter(|&b| b <= MAX_TRANSFER);
-    bytes.ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("request larger than {MAX_TRANSFER} bytes"),
-        )
-    })
+/// The bytes `bufs` hold, refused beyond what one request may move.
+fn transfer_len(bufs: &Buffers) -> io::Result<usize> {
+    Some(bufs.len())
+        .filter(|&b| b <= MAX_TRANSFER)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("request larger than {MAX_TRANSFER} bytes"),
+            )
+        })
 }
 
-// SAFETY: the raw iovec pointers refer to guest memory the submitter guarantees
-// valid until completion; the op is only moved between threads as a whole.
+// SAFETY: the remainder iovecs point into the op's own `Buffers`; the op is only
+// moved between threads as a whole.
 unsafe impl Send for Op {}
 
 /// Per-worker asynchronous I/O state.
@@ -162,7 +156,7 @@ pub struct AsyncIo {
     done: Vec<(Token, io::Result<()>)>,
     cqes: Vec<Cqe>,
     /// Writes waiting for a chunk's resync to end (with their attempt count).
-    deferred: Vec<(Token, u64, Vec<libc::iovec>, usize)>,
+    deferred: Vec<(Token, u64, Buffers, usize)>,
     /// Requests waiting for a leg failure to be recorded.
     parked: Vec<Parked>,
     /// Leg writes running on threads of their own (slow legs), and their results.
@@ -172,16 +166,27 @@ pub struct AsyncIo {
     jobs_running: usize,
 }
 
-// SAFETY: the deferred iovecs point to guest memory the submitter keeps valid until
-// completion; the state is only used by one thread at a time (behind a mutex).
-unsafe impl Send for AsyncIo {}
-
 const LEG_BITS: u32 = 8;
 
 impl AsyncIo {
-    /// A ring with `entries` slots.
+    /// A ring with `entries` slots; where the kernel has no io_uring, a
+    /// synchronous one (every leg's I/O is then done in place, as for legs
+    /// without a file descriptor).
     pub fn new(entries: u32) -> io::Result<AsyncIo> {
-        let ring = Ring::new(entries)?;
+        let (ring, why) = Ring::new_or_synchronous(entries)?;
+        if let Some(e) = why {
+            log::warn!("io_uring unavailable ({e}): leg I/O runs synchronously");
+        }
+        AsyncIo::with_ring(ring)
+    }
+
+    /// Leg I/O done in place, completions reported as from a ring (tests, and
+    /// callers that wait for each request).
+    pub fn synchronous() -> io::Result<AsyncIo> {
+        AsyncIo::with_ring(Ring::synchronous()?)
+    }
+
+    fn with_ring(ring: Ring) -> io::Result<AsyncIo> {
         let offloaded = Arc::new(Offloaded::new(ring.waker()?));
         Ok(AsyncIo {
             ring,
@@ -274,9 +279,8 @@ impl AsyncIo {
 
     /// Resubmits writes that waited for a resync.
     pub fn retry_deferred(&mut self, array: &Array) {
-        for (token, sector, iovs, attempts) in std::mem::take(&mut self.deferred) {
-            // SAFETY: the submitter of the deferred write guaranteed its buffers.
-            unsafe { array.start_write(self, token, sector, iovs, attempts) };
+        for (token, sector, bufs, attempts) in std::mem::take(&mut self.deferred) {
+            array.start_write(self, token, sector, bufs, attempts);
         }
         let _ = self.ring.flush();
     }
@@ -301,34 +305,11 @@ impl AsyncIo {
     }
 }
 
-/// Slices over raw iovecs.
-///
-/// # Safety
-/// Every iovec must describe valid memory for the returned lifetime.
-unsafe fn as_mut_slices<'a>(iovs: &[libc::iovec]) -> Vec<IoSliceMut<'a>> {
-    iovs.iter()
-        .map(|v| {
-            // SAFETY: guaranteed by the caller.
-            IoSliceMut::new(unsafe {
-                std::slice::from_raw_parts_mut(v.iov_base as *mut u8, v.iov_len)
-            })
-        })
-        .collect()
-}
-
-/// # Safety
-/// As for [`as_mut_slices`].
-unsafe fn as_slices<'a>(iovs: &[libc::iovec]) -> Vec<IoSlice<'a>> {
-    iovs.iter()
-        .map(|v| {
-            // SAFETY: guaranteed by the caller.
-            IoSlice::new(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) })
-        })
-        .collect()
-}
-
-/// Whether a leg can take `iovs` at byte `off` through the ring.
-fn ring_fd(m: &Member, iovs: &[libc::iovec], off: u64) -> Option<std::os::fd::RawFd> {
+/// Whether a leg can take `iovs` at byte `off` through `ring`.
+fn ring_fd(ring: &Ring, m: &Member, iovs: &[libc::iovec], off: u64) -> Option<std::os::fd::RawFd> {
+    if !ring.is_async() {
+        return None;
+    }
     let (fd, align) = m.leg.raw_fd()?;
     if align > 1 {
         let a = align as u64;

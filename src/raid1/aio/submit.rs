@@ -7,19 +7,10 @@ use crate::storage::uring::Cqe;
 use std::io;
 
 impl Array {
-    /// Starts a read of `iovs` at `sector`; the result comes from [`AsyncIo::take_done`].
-    ///
-    /// # Safety
-    /// The memory `iovs` describes must stay valid and unused by others until the
-    /// request's completion has been taken.
-    pub unsafe fn submit_read(
-        &self,
-        io: &mut AsyncIo,
-        token: Token,
-        sector: u64,
-        iovs: Vec<libc::iovec>,
-    ) {
-        let checked = transfer_len(&iovs)
+    /// Starts a read into `bufs` at `sector`; the result comes from
+    /// [`AsyncIo::take_done`]. The request holds the buffers until then.
+    pub fn submit_read(&self, io: &mut AsyncIo, token: Token, sector: u64, bufs: Buffers) {
+        let checked = transfer_len(&bufs)
             .and_then(|bytes| self.check_range(sector, bytes as u64).map(|_| bytes));
         let bytes = match checked {
             Ok(b) => b,
@@ -30,13 +21,11 @@ impl Array {
         };
         let sectors = bytes as u64 / 512;
         let first = self.read_order(sector, sectors).into_iter().next();
-        let async_leg = first
-            .as_ref()
-            .and_then(|m| ring_fd(m, &iovs, m.byte_offset(sector)).map(|fd| (m.clone(), fd)));
+        let async_leg = first.as_ref().and_then(|m| {
+            ring_fd(&io.ring, m, bufs.iovecs(), m.byte_offset(sector)).map(|fd| (m.clone(), fd))
+        });
         let Some((member, fd)) = async_leg else {
-            // SAFETY: guaranteed by the caller.
-            let mut bufs = unsafe { as_mut_slices(&iovs) };
-            let r = self.read_legs(sector, &mut bufs);
+            let r = self.read_legs(sector, &mut bufs.slices_mut());
             io.settle(self, token, Rest::Read(r));
             return;
         };
@@ -44,7 +33,6 @@ impl Array {
         member
             .inflight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let iovs = iovs.into_boxed_slice();
         let mut op = Op::new(
             token,
             Kind::Read {
@@ -52,17 +40,17 @@ impl Array {
                 sector,
             },
             bytes,
-            iovs,
+            bufs,
             vec![member],
         );
         op.remaining = 1;
         let idx = io.insert(op);
         let op = io.ops[idx]
             .as_ref()
-            .map(|o| (o.iovs.as_ptr(), o.iovs.len()));
+            .map(|o| (o.bufs.iovecs().as_ptr(), o.bufs.iovecs().len()));
         let Some((ptr, len)) = op else { return };
-        // SAFETY: the iovecs live in the boxed slice owned by the op until completion;
-        // the memory they describe is guaranteed by the caller.
+        // SAFETY: the iovecs and the memory they describe live in the op's
+        // `Buffers` until its completion is taken.
         let r = unsafe {
             io.ring.readv(
                 fd,
@@ -80,35 +68,23 @@ impl Array {
         }
     }
 
-    /// Starts a write of `iovs` at `sector` to every non-faulty leg, after the
-    /// bitmap bits covering it are durable.
-    ///
-    /// # Safety
-    /// As for [`Array::submit_read`].
-    pub unsafe fn submit_write(
-        &self,
-        io: &mut AsyncIo,
-        token: Token,
-        sector: u64,
-        iovs: Vec<libc::iovec>,
-    ) {
-        // SAFETY: guaranteed by the caller.
-        unsafe { self.start_write(io, token, sector, iovs, 1) }
+    /// Starts a write of `bufs` at `sector` to every non-faulty leg, after the
+    /// bitmap bits covering it are durable; the result comes from
+    /// [`AsyncIo::take_done`]. The request holds the buffers until then.
+    pub fn submit_write(&self, io: &mut AsyncIo, token: Token, sector: u64, bufs: Buffers) {
+        self.start_write(io, token, sector, bufs, 1)
     }
 
     /// Attempt `attempts` of [`Array::submit_write`].
-    ///
-    /// # Safety
-    /// As for [`Array::submit_read`].
-    pub(super) unsafe fn start_write(
+    pub(super) fn start_write(
         &self,
         io: &mut AsyncIo,
         token: Token,
         sector: u64,
-        iovs: Vec<libc::iovec>,
+        bufs: Buffers,
         attempts: usize,
     ) {
-        let checked = transfer_len(&iovs).and_then(|bytes| {
+        let checked = transfer_len(&bufs).and_then(|bytes| {
             let sectors = self.check_range(sector, bytes as u64)?;
             // Fits: `bytes <= MAX_TRANSFER`.
             let full = i32::try_from(bytes).map_err(io::Error::other)?;
@@ -138,7 +114,7 @@ impl Array {
             Ok(true) => {}
             Ok(false) => {
                 // The chunk is being resynced: retried when the resync of it ends.
-                io.deferred.push((token, sector, iovs, attempts));
+                io.deferred.push((token, sector, bufs, attempts));
                 return;
             }
             Err(e) => {
@@ -158,7 +134,7 @@ impl Array {
                 attempts,
             },
             bytes,
-            iovs.into_boxed_slice(),
+            bufs,
             legs.clone(),
         ));
         for (i, m) in legs.iter().enumerate() {
@@ -167,11 +143,12 @@ impl Array {
             let Some(Some(op)) = io.ops.get(idx) else {
                 return;
             };
-            let (ptr, len) = (op.iovs.as_ptr(), op.iovs.len());
-            // SAFETY: the boxed iovecs live until the op completes.
+            let (ptr, len) = (op.bufs.iovecs().as_ptr(), op.bufs.iovecs().len());
+            // SAFETY: the iovecs and the memory they describe live in the op's
+            // `Buffers` until the op completes (after every leg's completion).
             let iovs = unsafe { std::slice::from_raw_parts(ptr, len) };
-            let result = match ring_fd(m, iovs, off) {
-                // SAFETY: as above; guest memory is guaranteed by the caller.
+            let result = match ring_fd(&io.ring, m, iovs, off) {
+                // SAFETY: as above.
                 Some(fd) => match unsafe { io.ring.writev(fd, iovs, off, tag) } {
                     Ok(()) => continue,
                     Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
@@ -189,7 +166,7 @@ impl Array {
                 }
                 None => {
                     // SAFETY: as above.
-                    let bufs = unsafe { as_slices(iovs) };
+                    let bufs = unsafe { crate::raid1::bufs::slices(iovs) };
                     match m.leg.writev_at(&bufs, off) {
                         Ok(()) => full,
                         Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
@@ -211,12 +188,12 @@ impl Array {
                 failed: Vec::new(),
             },
             0,
-            Box::new([]),
+            Buffers::owned(Vec::new()),
             legs.clone(),
         ));
         for (i, m) in legs.iter().enumerate() {
             let tag = ((idx as u64) << LEG_BITS) | i as u64;
-            let result = match m.leg.raw_fd() {
+            let result = match m.leg.raw_fd().filter(|_| io.ring.is_async()) {
                 Some((fd, _)) => match io.ring.fdatasync(fd, tag) {
                     Ok(()) => continue,
                     Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),

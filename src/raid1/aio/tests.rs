@@ -1,5 +1,6 @@
 use super::*;
 use crate::raid1::metadata::{create_array, NewArray};
+use crate::raid1::Buffers;
 use crate::raid1::LegState;
 use crate::storage::{FileLeg, Leg, OpenMode};
 use std::io::IoSliceMut;
@@ -33,13 +34,7 @@ fn file_array(dir: &std::path::Path, size: u64) -> Array {
 /// Starts a write of `data` at `sector` whose leg operations the test completes
 /// by hand; returns the op's index.
 fn start_write(array: &Array, io: &mut AsyncIo, sector: u64, data: &[u8]) -> usize {
-    let iovs: Vec<libc::iovec> = data
-        .chunks(20 << 10)
-        .map(|c| libc::iovec {
-            iov_base: c.as_ptr() as *mut libc::c_void,
-            iov_len: c.len(),
-        })
-        .collect();
+    let bufs = Buffers::owned_in_pieces(data.to_vec(), 20 << 10);
     let sectors = data.len() as u64 / 512;
     array.bitmap.start_write(sector, sectors, array).unwrap();
     io.insert(Op::new(
@@ -53,7 +48,7 @@ fn start_write(array: &Array, io: &mut AsyncIo, sector: u64, data: &[u8]) -> usi
             attempts: 1,
         },
         data.len(),
-        iovs.into_boxed_slice(),
+        bufs,
         array.writable(),
     ))
 }
@@ -67,13 +62,7 @@ fn a_write_held_by_another_nodes_window_fails_once_the_node_is_fenced() {
     let mut io = AsyncIo::new(8).unwrap();
     // Another node resyncs the first chunk: a write there waits for it.
     array.bitmap.set_remote_window(1, 0, 2048);
-    let data = vec![0x5au8; 4096];
-    let iovs = vec![libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    }];
-    // SAFETY: `data` outlives the request, which ends below.
-    unsafe { array.submit_write(&mut io, 1, 8, iovs) };
+    array.submit_write(&mut io, 1, 8, Buffers::owned(vec![0x5au8; 4096]));
     io.submit().unwrap();
     io.reap(&array);
     assert_eq!(io.in_flight(), 1, "held by the window");
@@ -171,19 +160,15 @@ fn a_request_larger_than_one_leg_operation_is_refused_before_any_leg_io() {
     let array = file_array(d.path(), 4 << 30);
     assert!(array.size >= 3 << 21);
     let mut io = AsyncIo::new(8).unwrap();
-    let buf = vec![0u8; 4096];
-    // Three 1 GiB iovecs over the same buffer: never dereferenced.
-    let iovs = vec![
-        libc::iovec {
-            iov_base: buf.as_ptr() as *mut libc::c_void,
-            iov_len: 1 << 30,
-        };
-        3
-    ];
-    // SAFETY: the request is refused before any iovec is used.
-    unsafe { array.submit_write(&mut io, 1, 0, iovs.clone()) };
-    // SAFETY: as above.
-    unsafe { array.submit_read(&mut io, 2, 0, iovs) };
+    // Three 1 GiB segments over the same guest memory (mapped, never touched).
+    let mem = Arc::new(
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 30)])
+            .unwrap(),
+    );
+    let segs = vec![(vm_memory::GuestAddress(0), 1usize << 30); 3];
+    let bufs = || Buffers::guest(&mem, &segs).unwrap();
+    array.submit_write(&mut io, 1, 0, bufs());
+    array.submit_read(&mut io, 2, 0, bufs());
     io.submit().unwrap();
     io.drain(&array).unwrap();
     let done = io.take_done();

@@ -250,12 +250,8 @@ fn an_asynchronous_write_failing_on_every_leg_fails_and_keeps_one_leg_in_sync() 
     let mut io = super::super::AsyncIo::new(8).unwrap();
     no_space_in_the_data_area(&array, &faults);
     let data = vec![0x17u8; 4096];
-    let iovs = vec![libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    }];
-    // SAFETY: `data` outlives the request, which is drained below.
-    unsafe { array.submit_write(&mut io, 1, 8, iovs) };
+    let bufs = crate::raid1::Buffers::owned(data.clone());
+    array.submit_write(&mut io, 1, 8, bufs);
     io.submit().unwrap();
     io.drain(&array).unwrap();
     let done = io.take_done();
@@ -357,12 +353,8 @@ fn a_write_half_refused_by_the_fence_fails() {
         .is_err());
     let mut io = super::super::AsyncIo::new(8).unwrap();
     let data = vec![3u8; 4096];
-    let iovs = vec![libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    }];
-    // SAFETY: `data` outlives the request, which is drained below.
-    unsafe { array.submit_write(&mut io, 1, 16 * 2048, iovs) };
+    let bufs = crate::raid1::Buffers::owned(data.clone());
+    array.submit_write(&mut io, 1, 16 * 2048, bufs);
     io.submit().unwrap();
     io.drain(&array).unwrap();
     let done = io.take_done();

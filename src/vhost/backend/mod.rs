@@ -4,6 +4,7 @@
 mod queue;
 
 use super::dirty::{self, DirtyLog, LogCarrier};
+use super::engine::Engine;
 use super::gate::{LocalGate, WriterGate};
 use super::inflight::{self, InflightRegion};
 use super::request::{Context, Limits, ID_LEN};
@@ -77,7 +78,7 @@ pub struct BlockBackend {
     /// One asynchronous I/O state per queue (`None`: synchronous I/O). A worker
     /// holds its queue's lock while it takes and runs requests, synchronous ones
     /// included.
-    queues: Vec<Mutex<Option<QueueState>>>,
+    queues: Vec<Mutex<QueueState>>,
     /// Queues stopped (GET_VRING_BASE, front-end gone): they take no request until
     /// the front-end starts them again. Changed under the queue's lock.
     stopped: Vec<AtomicBool>,
@@ -95,11 +96,19 @@ fn serial_of(array: &Array) -> [u8; ID_LEN] {
 }
 
 impl BlockBackend {
-    /// A device for `array`.
-    pub fn new(array: Arc<Array>, config: BlockConfig) -> BlockBackend {
+    /// A device for `array`, each queue with its I/O (io_uring where the kernel
+    /// has it; see [`AsyncIo::new`]).
+    pub fn new(array: Arc<Array>, config: BlockConfig) -> io::Result<BlockBackend> {
         let block_size = config.block_size;
-        BlockBackend {
-            queues: (0..config.queues).map(|_| Mutex::new(None)).collect(),
+        let mut queues = Vec::with_capacity(config.queues);
+        for _ in 0..config.queues {
+            let io = AsyncIo::new(QUEUE_SIZE as u32)?;
+            // Writes deferred behind a resync are retried when it moves on.
+            array.bitmap.add_waker(io.waker()?);
+            queues.push(Mutex::new(QueueState::new(io)));
+        }
+        Ok(BlockBackend {
+            queues,
             stopped: (0..config.queues).map(|_| AtomicBool::new(false)).collect(),
             serial: serial_of(&array),
             array,
@@ -120,7 +129,7 @@ impl BlockBackend {
             role: Arc::new(LocalGate::default()),
             started: Mutex::new(0),
             inflight: RwLock::new(None),
-        }
+        })
     }
 
     /// Uses `role` to decide whether this node may write (default: the array's
@@ -187,23 +196,9 @@ impl BlockBackend {
         *self.inflight.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(region));
     }
 
-    /// Sets up io_uring for every queue; without it, requests run synchronously.
-    pub fn enable_async_io(&self) -> io::Result<()> {
-        for q in &self.queues {
-            let io = AsyncIo::new(QUEUE_SIZE as u32)?;
-            self.array.bitmap.add_waker(io.waker()?);
-            *lock(q) = Some(QueueState {
-                io,
-                pending: Vec::new(),
-                free: Vec::new(),
-            });
-        }
-        Ok(())
-    }
-
     /// The eventfd of queue `i`'s completions, to register with its worker's epoll.
     pub fn completion_fd(&self, i: usize) -> Option<std::os::fd::RawFd> {
-        lock(self.queues.get(i)?).as_ref().map(|q| q.io.eventfd())
+        self.queues.get(i).map(|q| lock(q).eventfd())
     }
 
     /// The epoll data value of completion events (past the queues and exit event).
@@ -219,11 +214,7 @@ impl BlockBackend {
         let start = std::time::Instant::now();
         let mut next_warning = STILL_WAITING_EVERY;
         loop {
-            let busy = self
-                .queues
-                .get(i)
-                .and_then(|q| lock(q).as_ref().map(QueueState::in_flight))
-                .unwrap_or(0);
+            let busy = self.queues.get(i).map(|q| lock(q).in_flight()).unwrap_or(0);
             if busy == 0 {
                 if start.elapsed() >= STILL_WAITING_EVERY {
                     info!(
@@ -251,21 +242,15 @@ impl BlockBackend {
         lock(&self.log_carrier).clear();
         for (q, stopped) in self.queues.iter().zip(&self.stopped) {
             // Waits for the request a worker runs; no other starts after this.
-            let mut g = lock(q);
+            let mut s = lock(q);
             stopped.store(true, Ordering::SeqCst);
-            if let Some(s) = g.as_mut() {
-                // No time limit: the role must not go while one of ours is on a leg.
-                if let Err(e) = s.io.drain(&self.array) {
-                    warn!("draining in-flight I/O: {e}");
-                }
-                let done = s.io.take_done();
-                let n = done.len();
-                for (t, _) in done {
-                    s.take(t);
-                }
-                if n > 0 {
-                    warn!("{n} requests finished after the front-end left");
-                }
+            // No time limit: the role must not go while one of ours is on a leg.
+            if let Err(e) = s.drain(&self.array) {
+                warn!("draining in-flight I/O: {e}");
+            }
+            let n = s.forget_finished();
+            if n > 0 {
+                warn!("{n} requests finished after the front-end left");
             }
         }
         // Their heads stay marked in the inflight buffer: the front-end hands it to
@@ -295,7 +280,7 @@ impl BlockBackend {
         // fail (see `Array::submit_write`) rather than wait for a resync window
         // nobody will lift.
         for q in &self.queues {
-            if let Some(waker) = lock(q).as_ref().and_then(|s| s.io.waker().ok()) {
+            if let Ok(waker) = lock(q).waker() {
                 let _ = waker.write(1);
             }
         }

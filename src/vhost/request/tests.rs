@@ -1,10 +1,12 @@
 use super::*;
 use crate::raid1::metadata::{create_array, NewArray};
 use crate::storage::{Leg, MemLeg};
+use crate::vhost::engine::process;
 use std::sync::Arc;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::GuestMemoryMmap;
 
 const W: u16 = VRING_DESC_F_WRITE as u16;
@@ -13,11 +15,16 @@ const DATA: u64 = 0x20_0000;
 const STATUS: u64 = 0x30_0000;
 
 struct Rig {
-    mem: GuestMemoryMmap<()>,
-    array: Array,
+    mem: Arc<GuestMemoryMmap<()>>,
+    array: Arc<Array>,
 }
 
 fn rig() -> Rig {
+    rig_with(|l| l)
+}
+
+/// A rig whose legs are wrapped by `wrap` once the array is made.
+fn rig_with(wrap: impl Fn(Arc<dyn Leg>) -> Arc<dyn Leg>) -> Rig {
     let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 8 << 20));
     let b: Arc<dyn Leg> = Arc::new(MemLeg::new("b", 8 << 20));
     create_array(
@@ -33,9 +40,12 @@ fn rig() -> Rig {
         },
     )
     .unwrap();
-    let (array, _) = Array::assemble(vec![a, b]).unwrap();
+    let (array, _) = Array::assemble(vec![wrap(a), wrap(b)]).unwrap();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-    Rig { mem, array }
+    Rig {
+        mem: Arc::new(mem),
+        array: Arc::new(array),
+    }
 }
 
 fn ctx(r: &Rig) -> Context<'_> {
@@ -65,7 +75,7 @@ fn run(r: &Rig, descs: &[(u64, u32, u16)]) -> (u32, u8) {
 /// As [`run`], on a queue of `size` descriptors.
 fn run_q(r: &Rig, size: u16, descs: &[(u64, u32, u16)]) -> (u32, u8) {
     r.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
-    let q = MockSplitQueue::new(&r.mem, size);
+    let q = MockSplitQueue::new(&*r.mem, size);
     let raw: Vec<RawDescriptor> = descs
         .iter()
         .map(|&(a, l, f)| RawDescriptor::from(Descriptor::new(a, l, f, 0)))
@@ -88,7 +98,7 @@ fn a_discard_is_left_to_run_off_the_worker() {
     let mut seg = [0u8; 16];
     seg[8..12].copy_from_slice(&8u32.to_le_bytes());
     r.mem.write_slice(&seg, GuestAddress(DATA)).unwrap();
-    let q = MockSplitQueue::new(&r.mem, 16);
+    let q = MockSplitQueue::new(&*r.mem, 16);
     let raw: Vec<RawDescriptor> = [(HDR, 16, 0), (DATA, 16, 0), (STATUS, 1, W)]
         .iter()
         .map(|&(a, l, f)| RawDescriptor::from(Descriptor::new(a, l, f, 0)))
@@ -100,7 +110,7 @@ fn a_discard_is_left_to_run_off_the_worker() {
             let (tx, rx) = std::sync::mpsc::channel();
             let (r, descs) = (&r, &descs);
             sc.spawn(move || {
-                let p = prepare(&ctx(r), &r.mem, descs);
+                let p = prepare(&ctx(r), &*r.mem, descs);
                 let _ = tx.send(match p {
                     Prepared::Ranges { zeroes, ranges, .. } => Some((zeroes, ranges)),
                     _ => None,
@@ -263,11 +273,11 @@ fn a_transfer_larger_than_one_leg_operation_is_refused_when_parsed() {
     ];
     header(&r, kind::OUT, 0);
     assert!(matches!(
-        parse(&r.mem, &segs, &limits),
+        parse(&*r.mem, &segs, &limits),
         Err(RequestError::Limits(_))
     ));
     assert!(
-        parse(&r.mem, &segs[..2], &limits).is_ok(),
+        parse(&*r.mem, &segs[..2], &limits).is_ok(),
         "one 1 GiB segment is fine"
     );
     // The default limits stay below it.
@@ -276,11 +286,13 @@ fn a_transfer_larger_than_one_leg_operation_is_refused_when_parsed() {
 }
 
 #[test]
-fn synchronous_reads_mark_their_buffers_in_the_dirty_log() {
+fn reads_mark_their_buffers_in_the_dirty_log() {
     use vm_memory::bitmap::AtomicBitmap;
     use vm_memory::GuestMemoryRegion;
     let r = rig();
-    let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let mem = Arc::new(
+        GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap(),
+    );
     let dirty = |gpa: u64| {
         mem.iter()
             .next()
@@ -439,7 +451,7 @@ fn malformed_chains_get_a_status_and_the_device_keeps_working() {
     assert_eq!(run(&r, &[(HDR, 16, 0), (DATA, 512, 0)]), (0, 0xee));
     assert_eq!(run(&r, &[(HDR, 16, 0), (STATUS, 0, W)]), (0, 0xee));
     // Status byte outside guest memory: dropped, no panic.
-    let q = MockSplitQueue::new(&r.mem, 16);
+    let q = MockSplitQueue::new(&*r.mem, 16);
     let raw = [
         RawDescriptor::from(Descriptor::new(HDR, 16, 0, 0)),
         RawDescriptor::from(Descriptor::new(0xf000_0000, 1, W, 0)),
@@ -497,4 +509,40 @@ fn malformed_chains_get_a_status_and_the_device_keeps_working() {
     );
     // After all of that the device still serves.
     ok_write_read(&r);
+}
+
+/// With the write cache off (write-through), a write completes only once a flush
+/// after it did: a flush every leg fails fails the write, which succeeds with the
+/// cache on.
+#[test]
+fn a_write_through_write_waits_for_a_flush_after_it() {
+    use crate::storage::{Faults, FaultyLeg};
+    let faults = Faults::none();
+    let r = rig_with(|l| Arc::new(FaultyLeg::new(l, faults.clone())) as Arc<dyn Leg>);
+    let write = |writethrough: bool| {
+        header(&r, kind::OUT, 8);
+        r.mem
+            .write_slice(&[0x5a; 4096], GuestAddress(DATA))
+            .unwrap();
+        r.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        let q = MockSplitQueue::new(&*r.mem, 16);
+        let raw: Vec<RawDescriptor> = [(HDR, 16, 0), (DATA, 4096, 0), (STATUS, 1, W)]
+            .iter()
+            .map(|&(a, l, f)| RawDescriptor::from(Descriptor::new(a, l, f, 0)))
+            .collect();
+        let descs: Vec<Descriptor> = q.build_desc_chain(&raw).unwrap().collect();
+        let c = Context {
+            writethrough,
+            ..ctx(&r)
+        };
+        process(&c, &r.mem, &descs);
+        r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap()
+    };
+    // The chunk's bitmap bit goes to disk (with a flush) while flushes work.
+    assert_eq!(write(false), status::OK);
+    faults
+        .fail_flushes
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(write(false), status::OK, "write-back: no flush");
+    assert_eq!(write(true), status::IOERR, "write-through: the flush failed");
 }
