@@ -679,3 +679,77 @@ fn libdlm_conforms() {
     );
     run_all(&LibDlm);
 }
+
+/// A lock manager that died took every member's locks with it, but a member that
+/// was alive then may still have writes on their way to the legs (it drains them
+/// before it comes back). A restarted lockd admits nobody into a lockspace until
+/// each member the previous daemon had there came back or is gone: the first node
+/// back would otherwise take over the other's node slot and resync its chunks
+/// while those writes can still land, over newer data.
+#[test]
+fn a_restarted_lockd_admits_nobody_until_every_previous_member_is_back_or_gone() {
+    let mut d = Lockd::start();
+    let sock = d.socket.clone();
+    // This process is one member; a `lock` client (which exits when its daemon
+    // goes) is another.
+    let me = LockdMember::connect(&sock, "recov", 32).unwrap();
+    let lock_client = || {
+        common::bin()
+            .args(["lock", "--socket"])
+            .arg(&sock)
+            .args(["--lockspace", "recov", "--noqueue", "r", "EX"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut other = lock_client();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(other.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "Granted");
+    d.restart();
+    // The `lock` client saw its daemon go and exited: gone. This process is alive
+    // and has not come back: a newcomer waits.
+    let st = other.wait().unwrap();
+    assert!(st.success(), "the lock client ends when lockd goes: {st}");
+    let mut newcomer = lock_client();
+    let start = std::time::Instant::now();
+    while newcomer.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = newcomer.kill();
+            let _ = newcomer.wait();
+            panic!("admitted (holding the lock) while a previous member may still write");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let newcomer = newcomer.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&newcomer.stderr).to_string();
+    assert!(
+        !newcomer.status.success(),
+        "admitted while a member may still write"
+    );
+    let pid = std::process::id().to_string();
+    assert!(
+        said.contains("recovering") && said.contains(&pid),
+        "the refusal names the member waited for: {said}"
+    );
+    // Another lockspace is not held up.
+    let elsewhere = LockdMember::connect(&sock, "another", 32);
+    assert!(elsewhere.is_ok(), "{:?}", elsewhere.err());
+    // The member comes back: everybody is admitted again.
+    drop(me);
+    let me = LockdMember::connect(&sock, "recov", 32);
+    assert!(me.is_ok(), "a previous member is admitted: {:?}", me.err());
+    let mut again = lock_client();
+    let mut line = String::new();
+    std::io::BufReader::new(again.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "Granted");
+    let _ = again.kill();
+    let _ = again.wait();
+}

@@ -133,6 +133,10 @@ pub enum DlmError {
     /// The lock manager is gone.
     #[error("the lock manager is not available: {0}")]
     Unavailable(String),
+    /// The lockspace waits for members its lock manager had before it died to
+    /// come back or be gone (see `lockd`); joining later works.
+    #[error("not admitted yet: {0}")]
+    Recovering(String),
 }
 
 /// One member's view of a lockspace. Completions and callbacks arrive as [`Event`]s.

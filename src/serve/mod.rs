@@ -204,7 +204,9 @@ pub fn open_legs(config: &ServeConfig, fence: &Arc<Fence>) -> Result<Vec<Arc<dyn
 /// Joins the lockspace `name` on the lockd at `path`. Losing lockd loses every
 /// lock: the node is fenced at once, and once another lockd answers on `path` it
 /// asks the main thread (`rejoin`, SIGUSR2) to start over. A node that is
-/// `rejoining` waits for lockd to answer (5 minutes at most) instead of failing.
+/// `rejoining` waits for lockd to answer (5 minutes at most) instead of failing;
+/// every node waits while the lockspace recovers (a restarted lockd admits
+/// nobody until the members of the one that died are back or gone), as long.
 fn connect_lockd(
     path: &Path,
     name: &str,
@@ -213,9 +215,18 @@ fn connect_lockd(
     rejoining: bool,
 ) -> Result<crate::dlm::lockd::LockdMember, String> {
     use crate::dlm::lockd::LockdMember;
-    let m = rejoin::retry_while_rejoining(rejoining, Duration::from_millis(200), || {
-        LockdMember::connect(path, name, crate::dlm::libdlm::LVB_LEN).map_err(|e| e.to_string())
-    })?;
+    use crate::dlm::DlmError;
+    let connect = || LockdMember::connect(path, name, crate::dlm::libdlm::LVB_LEN);
+    let first = connect();
+    let recovering = matches!(first, Err(DlmError::Recovering(_)));
+    let mut first = Some(first);
+    let m =
+        rejoin::retry_while_rejoining(rejoining || recovering, Duration::from_millis(200), || {
+            first
+                .take()
+                .unwrap_or_else(connect)
+                .map_err(|e| e.to_string())
+        })?;
     let (fence, rejoin) = (fence.clone(), rejoin.clone());
     let lm = LockManager::Lockd(path.to_path_buf());
     let gone = m.daemon_pid();

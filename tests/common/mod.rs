@@ -492,6 +492,26 @@ impl Lockd {
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
+
+    /// Kills the daemon (SIGKILL) and starts another on the same socket.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = bin()
+            .arg("lockd")
+            .arg("--socket")
+            .arg(&self.socket)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..500 {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("lockd did not start again");
+    }
 }
 
 impl Drop for Lockd {

@@ -86,8 +86,15 @@ impl LockdMember {
         conn.set_read_timeout(Some(CALL_TIMEOUT))
             .map_err(unavailable)?;
         let welcome: Option<Message> = read_frame(&mut conn).map_err(unavailable)?;
-        let Some(Message::Welcome { node, lvb_len }) = welcome else {
-            return Err(DlmError::Unavailable("lockd did not welcome us".into()));
+        let (node, lvb_len) = match welcome {
+            Some(Message::Welcome { node, lvb_len }) => (node, lvb_len),
+            Some(Message::Refused { why }) => {
+                return Err(DlmError::Recovering(format!(
+                    "lockd at {}: {why}",
+                    path.display()
+                )))
+            }
+            _ => return Err(DlmError::Unavailable("lockd did not welcome us".into())),
         };
         conn.set_read_timeout(None).map_err(unavailable)?;
         let daemon_pid = peer_pid(&conn);
@@ -137,7 +144,7 @@ impl LockdMember {
                         },
                         Message::NodeUp { node } => Event::NodeUp(node),
                         Message::NodeDown { node } => Event::NodeDown(node),
-                        Message::Welcome { .. } => continue,
+                        Message::Welcome { .. } | Message::Refused { .. } => continue,
                     };
                     if tx.send(ev).is_err() {
                         break "the member was dropped".to_string();

@@ -1,5 +1,6 @@
 //! The daemon: one thread per client connection, each a node of its lockspace.
 
+use super::recovery::{Process, Recovery};
 use super::wire::*;
 use crate::dlm::local::LocalDlm;
 use crate::dlm::{DlmError, Event, LockSpace, Mode};
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex};
 pub struct Daemon {
     listener: UnixListener,
     dlm: LocalDlm,
+    recovery: Arc<Recovery>,
 }
 
 impl Daemon {
@@ -31,6 +33,7 @@ impl Daemon {
             Daemon {
                 listener,
                 dlm: LocalDlm::new(),
+                recovery: Arc::new(Recovery::load(path)),
             },
             bound,
         ))
@@ -42,9 +45,10 @@ impl Daemon {
             match conn {
                 Ok(c) => {
                     let dlm = self.dlm.clone();
+                    let recovery = self.recovery.clone();
                     let spawned = std::thread::Builder::new()
                         .name("lockd-client".into())
-                        .spawn(move || serve_client(dlm, c));
+                        .spawn(move || serve_client(dlm, &recovery, c));
                     if let Err(e) = spawned {
                         warn!("cannot start a client thread: {e}");
                     }
@@ -77,10 +81,12 @@ fn to_message(e: Event) -> Message {
     }
 }
 
-fn serve_client(dlm: LocalDlm, conn: UnixStream) {
-    let peer = peer_pid(&conn)
+fn serve_client(dlm: LocalDlm, recovery: &Recovery, conn: UnixStream) {
+    let pid = peer_pid(&conn);
+    let peer = pid
         .map(|p| format!("pid {p}"))
         .unwrap_or_else(|| "unknown peer".into());
+    let who = pid.and_then(Process::of);
     let mut reader = match conn.try_clone() {
         Ok(r) => r,
         Err(e) => {
@@ -105,13 +111,21 @@ fn serve_client(dlm: LocalDlm, conn: UnixStream) {
         warn!("{peer}: dropped: bad lockspace name or LVB size");
         return;
     }
-    let member = dlm.join(&lockspace, lvb_len);
-    let node = member.node();
-    info!("{peer} joined lockspace {lockspace} as node {node}");
     let send = |w: &Arc<Mutex<UnixStream>>, m: &Message| -> io::Result<()> {
         let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
         write_frame(&mut *g, m)
     };
+    if let Err(why) = recovery.admit(&lockspace, who) {
+        warn!("{peer}: not admitted: {why}");
+        let _ = send(&writer, &Message::Refused { why });
+        return;
+    }
+    let member = dlm.join(&lockspace, lvb_len);
+    let node = member.node();
+    info!("{peer} joined lockspace {lockspace} as node {node}");
+    if let Some(p) = who {
+        recovery.joined(&lockspace, p);
+    }
     if send(
         &writer,
         &Message::Welcome {
@@ -208,6 +222,9 @@ fn serve_client(dlm: LocalDlm, conn: UnixStream) {
     }
     info!("node {node} ({peer}) left lockspace {lockspace}");
     drop(member);
+    if let Some(p) = who {
+        recovery.left(&lockspace, p);
+    }
     let w = writer.lock().unwrap_or_else(|e| e.into_inner());
     let _ = w.shutdown(std::net::Shutdown::Both);
 }

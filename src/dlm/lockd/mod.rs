@@ -9,6 +9,7 @@
 
 mod client;
 mod daemon;
+mod recovery;
 mod wire;
 
 pub use client::{LockdMember, OnLost, LEAVE_WAIT};

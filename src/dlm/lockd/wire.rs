@@ -98,6 +98,12 @@ pub enum Message {
         /// Blocked mode.
         mode: Option<u32>,
     },
+    /// Answer to `Hello`: not admitted into the lockspace now (the connection
+    /// closes).
+    Refused {
+        /// Why.
+        why: String,
+    },
     /// A member joined.
     NodeUp {
         /// Its id.

@@ -544,5 +544,9 @@ fn a_write_through_write_waits_for_a_flush_after_it() {
         .fail_flushes
         .store(true, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(write(false), status::OK, "write-back: no flush");
-    assert_eq!(write(true), status::IOERR, "write-through: the flush failed");
+    assert_eq!(
+        write(true),
+        status::IOERR,
+        "write-through: the flush failed"
+    );
 }
