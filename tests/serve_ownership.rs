@@ -405,6 +405,35 @@ fn a_failed_create_size_leaves_no_image_behind() {
     assert!(!sock.exists() && !ctl(&sock).exists());
 }
 
+/// A size the file system refuses (`EFBIG`: beyond ext4's and xfs's largest file):
+/// the image the run created before its size was refused is removed.
+#[test]
+fn an_oversized_create_size_leaves_no_image_behind() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
+    let sock = d.path().join("vm.sock");
+    let child = command(
+        &[
+            "serve",
+            "--socket",
+            s(&sock),
+            "--create-size",
+            "100000000G",
+            s(&a),
+            s(&b),
+        ],
+        0o022,
+    )
+    .spawn()
+    .unwrap();
+    let (st, err) = exits_within(child, Duration::from_secs(20), "serve --create-size");
+    assert!(!st.success());
+    assert!(err.contains("cannot create"), "{err}");
+    assert!(!a.exists(), "the first leg's image file was left behind");
+    assert!(!b.exists(), "the second leg's image file was left behind");
+    assert!(!sock.exists() && !ctl(&sock).exists());
+}
+
 #[test]
 fn create_size_images_are_0600() {
     let d = tempfile::tempdir().unwrap();
