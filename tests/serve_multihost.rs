@@ -175,6 +175,100 @@ fn a_second_host_is_refused_while_the_first_serves_and_accepted_after_it_died() 
     assert_eq!(c.buf(), &pattern(1, 0, 4096)[..]);
 }
 
+/// Starts `serve` on `legs` as a host that logs to `NAME.log` in `dir`, without
+/// waiting for it.
+fn spawn_host(dir: &Path, name: &str, legs: &[PathBuf]) -> Serve {
+    let socket = dir.join(format!("{name}.sock"));
+    let log = dir.join(format!("{name}.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let child = bin()
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--heartbeat-interval", &format!("{INTERVAL_MS}ms")])
+        .args(legs)
+        .env("RUST_LOG", "info")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    Serve {
+        child: Some(child),
+        socket,
+        log,
+    }
+}
+
+/// Waits until `host` logs `text` (20 s at most).
+fn wait_for_log(host: &Serve, text: &str) {
+    let start = Instant::now();
+    while !host.log_text().contains(text) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no {text:?} in: {}",
+            host.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sends SIGHUP, then SIGUSR1, to `host` while it starts.
+fn hang_up(host: &Serve) {
+    let pid = host.child.as_ref().unwrap().id() as i32;
+    for sig in [libc::SIGHUP, libc::SIGUSR1] {
+        // SAFETY: plain kill(2) on our child's pid.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SIGHUP and SIGUSR1 sent while a start watches another host's heartbeat (the
+/// longest wait of a start) change nothing: the start ends as it would have.
+#[test]
+fn hangup_and_usr1_during_the_heartbeat_watch_do_not_stop_a_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let legs = array(dir.path());
+    let luns: Vec<Loop> = legs.iter().map(|p| Loop::attach_rw(p)).collect();
+    let other: Vec<PathBuf> = luns.iter().map(|l| l.dev.clone()).collect();
+    let mut first = host_in_own_pid_ns(dir.path(), "first", &legs);
+
+    // While the first serves: the second is refused, with its one line, and
+    // leaves neither of its sockets.
+    let mut second = spawn_host(dir.path(), "second", &other);
+    wait_for_log(&second, "watching it for");
+    hang_up(&second);
+    let st = second.child.as_mut().unwrap().wait().unwrap();
+    second.child = None;
+    let log = second.log_text();
+    assert_eq!(st.code(), Some(1), "{log}");
+    assert!(
+        common::one_error_line(&log).contains("heartbeat moved"),
+        "{log}"
+    );
+    assert!(log.contains("SIGHUP ignored"), "{log}");
+    assert!(!second.socket.exists(), "the vhost-user socket was left");
+    assert!(
+        !dir.path().join("second.sock.ctl").exists(),
+        "the control socket was left"
+    );
+
+    // Once the first died: the third takes the legs over and serves.
+    first.kill9();
+    let mut third = spawn_host(dir.path(), "third", &other);
+    wait_for_log(&third, "watching it for");
+    hang_up(&third);
+    wait_for_log(&third, "serving array");
+    assert!(
+        third.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "{}",
+        third.log_text()
+    );
+    assert_eq!(third.status()["raid_disks"], 2);
+    assert!(third.stop().success(), "{}", third.log_text());
+    assert!(!third.socket.exists());
+    assert!(!dir.path().join("third.sock.ctl").exists());
+}
+
 #[test]
 fn after_a_clean_stop_the_next_host_starts_without_waiting() {
     let dir = tempfile::tempdir().unwrap();

@@ -142,6 +142,8 @@ fn parse_fault(s: &str) -> Result<(usize, FaultSpec), String> {
 
 /// Runs `serve`.
 pub fn run(args: ServeArgs) -> Result<(), String> {
+    // Before anything that can wait: the heartbeat watch, the cluster's join.
+    super::ignore_hangups("serve")?;
     if args.cluster_name.is_some() && args.lock_manager == LockManager::Local {
         return Err(
             "--cluster-name makes a clustered array, which a local lock manager cannot serve: add --lock-manager lockd:PATH (nodes on this host) or --lock-manager dlm".into(),

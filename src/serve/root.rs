@@ -277,12 +277,11 @@ fn start(
         .counters
         .resync_max_rate
         .store(config.resync_max_rate, Ordering::Relaxed);
-    // From here on a signal stops us through the clean shutdown.
+    // From here on a signal stops us through the clean shutdown (SIGHUP and
+    // SIGUSR1 are ignored from the start of the process on: `cli::ignore_hangups`).
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-        signal_hook::consts::SIGUSR1,
         signal_hook::consts::SIGUSR2,
     ])
     .map_err(|source| ServeError::Io {
@@ -410,20 +409,14 @@ fn start(
     })
 }
 
-/// Waits for SIGINT or SIGTERM (SIGHUP and SIGUSR1 are ignored), or for the
-/// thread that saw the lock manager come back (SIGUSR2 with `rejoin` set); then
-/// stops the threads' work. True: restart to rejoin.
+/// Waits for SIGINT or SIGTERM, or for the thread that saw the lock manager come
+/// back (SIGUSR2 with `rejoin` set); then stops the threads' work. True: restart
+/// to rejoin.
 fn wait_for_stop(running: &mut Running, rejoin: &AtomicBool) -> bool {
-    let sig = running.signals.forever().find(|&s| {
-        let name = match s {
-            signal_hook::consts::SIGHUP => "SIGHUP",
-            signal_hook::consts::SIGUSR1 => "SIGUSR1",
-            // Sent by this process when it is to restart and rejoin.
-            signal_hook::consts::SIGUSR2 => return rejoin.load(Ordering::SeqCst),
-            _ => return true,
-        };
-        info!("{name} ignored (SIGINT or SIGTERM stop serve)");
-        false
+    let sig = running.signals.forever().find(|&s| match s {
+        // Sent by this process when it is to restart and rejoin.
+        signal_hook::consts::SIGUSR2 => rejoin.load(Ordering::SeqCst),
+        _ => true,
     });
     running.stopping.store(true, Ordering::SeqCst);
     // A resync in progress ends after its current chunk.
