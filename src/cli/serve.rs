@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// until a file exists (`1:stall-writes-from=33554432,stall-until-file=PATH`).
     #[arg(long, value_name = "INDEX:FAULT", value_parser = parse_fault, hide = true)]
     pub inject_fault: Vec<(usize, FaultSpec)>,
+    /// Fault drill: starting the thread NAME (resync, bitmap, control or
+    /// vhost-user) fails, as when the system has no threads left.
+    #[arg(long, value_name = "NAME", value_parser = ["resync", "bitmap", "control", "vhost-user"], hide = true)]
+    pub inject_thread_failure: Option<String>,
     /// Interval of the multi-host heartbeat that an array served with the local
     /// lock manager keeps on its legs (e.g. 1s, 200ms): a start watches another
     /// host's heartbeat for 5 of its intervals plus 1 s before taking over.
@@ -175,6 +179,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         buffered: args.buffered,
         legs: args.legs,
         faults: args.inject_fault,
+        thread_failure: args.inject_thread_failure,
         lock_manager: args.lock_manager,
         resync_max_rate: args.resync_max_rate.unwrap_or(0),
         shared_writes: args.shared_writes,
