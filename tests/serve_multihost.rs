@@ -83,10 +83,16 @@ fn refused(dir: &Path, legs: &[PathBuf], limit: Duration) -> (String, Duration) 
 }
 
 /// The documented wait of a start that finds a live-looking heartbeat written
-/// with our interval: 5 intervals + 1 s, then two intervals to check its own.
+/// with our interval (README, "Running on shared LUNs"): 5 intervals + 1 s, then
+/// two intervals to check its own.
 fn documented_wait() -> Duration {
     Duration::from_millis(5 * INTERVAL_MS + 1000 + 2 * INTERVAL_MS)
 }
+
+/// What a start takes besides the documented wait, at most: the process starting,
+/// assembling the legs, its sockets, and the test seeing its announcement (polled
+/// every 25 ms), on a loaded 2-core machine running other builds and tests.
+const START_ALLOWANCE: Duration = Duration::from_millis(1500);
 
 #[test]
 fn a_second_host_is_refused_while_the_first_serves_and_accepted_after_it_died() {
@@ -141,8 +147,9 @@ fn a_second_host_is_refused_while_the_first_serves_and_accepted_after_it_died() 
         "the heartbeat was not watched: {took:?}"
     );
     assert!(
-        took < documented_wait() + Duration::from_secs(5),
-        "took {took:?}"
+        took < documented_wait() + START_ALLOWANCE,
+        "accepted only {took:?} after the first died: more than the documented wait ({:?}) and {START_ALLOWANCE:?} to start",
+        documented_wait()
     );
     let log = second.log_text();
     assert!(log.contains("stood still"), "{log}");
