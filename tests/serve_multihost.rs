@@ -308,12 +308,12 @@ fn a_host_forced_in_fences_the_one_that_served() {
     // between the first's check and its write, the forced one is fenced instead:
     // one of the two writes, never both.)
     let start = Instant::now();
-    let fenced = loop {
+    let (fenced, status, serving) = loop {
         let a = first.status();
         let b = forced.status();
         match (a["writer_role"] == "fenced", b["writer_role"] == "fenced") {
-            (true, false) => break (&first, a),
-            (false, true) => break (&forced, b),
+            (true, false) => break (&first, a, &forced),
+            (false, true) => break (&forced, b, &first),
             (true, true) => panic!("both fenced: {a} {b}"),
             (false, false) => {}
         }
@@ -323,20 +323,54 @@ fn a_host_forced_in_fences_the_one_that_served() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(std::ptr::eq(fenced.0, &first) || !first.log_text().is_empty());
     assert!(
-        fenced.1["fenced"]
+        status["fenced"]
             .as_str()
             .unwrap_or("")
             .contains("overwrote"),
-        "{}",
-        fenced.1
+        "{status}"
     );
-    let mut c = Client::connect(&fenced.0.socket, 1, 4096);
+    // The fenced host says why in its log, and writes nothing more.
+    let log = fenced.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("fenced: leg ")
+            && l.contains(
+                "overwrote this node's multi-host heartbeat: another host serves these legs"
+            )
+            && l.ends_with("this node writes nothing until it has rejoined")),
+        "no fencing by an overwritten heartbeat in the log: {log}"
+    );
+    let mut c = Client::connect(&fenced.socket, 1, 4096);
     c.buf().copy_from_slice(&pattern(2, 4096, 4096));
     assert_ne!(
         c.write(0, 4096, 0, 4096),
         0,
         "a fenced host acknowledged a write"
     );
+    drop(c);
+    // The other one (the forced-in host, unless the start raced a beat) writes.
+    let mut c = Client::connect(&serving.socket, 1, 4096);
+    c.buf().copy_from_slice(&pattern(3, 8192, 4096));
+    assert_eq!(c.write(0, 8192, 0, 4096), 0, "{}", serving.log_text());
+    assert_eq!(c.flush(0), 0);
+    c.buf().fill(0);
+    assert_eq!(c.read(0, 8192, 0, 4096), 0);
+    assert_eq!(c.buf(), &pattern(3, 8192, 4096)[..]);
+    drop(c);
+    assert_ne!(serving.status()["writer_role"], "fenced");
+    for leg in &legs {
+        let data = common::data_area(leg);
+        assert_eq!(
+            &data[8192..12288],
+            &pattern(3, 8192, 4096)[..],
+            "{} lacks the serving host's write",
+            leg.display()
+        );
+        assert_ne!(
+            &data[4096..8192],
+            &pattern(2, 4096, 4096)[..],
+            "the fenced host wrote {}",
+            leg.display()
+        );
+    }
 }
