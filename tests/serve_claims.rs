@@ -6,6 +6,7 @@
 mod common;
 
 use common::{bin, Client, Lockd, Loop, Serve};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -156,7 +157,8 @@ fn cluster_nodes_share_legs_and_exclude_a_node_alone() {
 }
 
 /// Loop devices (block devices): the second owner is refused through the exclusive
-/// open as well as the lock.
+/// open as well as the lock; any other exclusive opener of the device is refused
+/// by the kernel (`EBUSY`), as for a member of a kernel md array.
 #[test]
 fn a_block_device_leg_has_one_owner() {
     let dir = tempfile::tempdir().unwrap();
@@ -180,4 +182,19 @@ fn a_block_device_leg_has_one_owner() {
         err.contains(&format!("in use by pid {}", pid(&first))),
         "{err}"
     );
+    // The kernel itself refuses another exclusive opener (mdadm, the kernel's md,
+    // mkfs, mount), which knows nothing of the flock.
+    for dev in &devs {
+        let e = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(dev)
+            .err();
+        assert_eq!(
+            e.as_ref().and_then(|e| e.raw_os_error()),
+            Some(libc::EBUSY),
+            "{} opened O_EXCL while serve holds it: {e:?}",
+            dev.display()
+        );
+    }
 }

@@ -405,6 +405,121 @@ fn a_failed_create_size_leaves_no_image_behind() {
     assert!(!sock.exists() && !ctl(&sock).exists());
 }
 
+/// A size the file system refuses (`EFBIG`: beyond ext4's and xfs's largest file):
+/// the image the run created before its size was refused is removed.
+#[test]
+fn an_oversized_create_size_leaves_no_image_behind() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
+    let sock = d.path().join("vm.sock");
+    let child = command(
+        &[
+            "serve",
+            "--socket",
+            s(&sock),
+            "--create-size",
+            "100000000G",
+            s(&a),
+            s(&b),
+        ],
+        0o022,
+    )
+    .spawn()
+    .unwrap();
+    let (st, err) = exits_within(child, Duration::from_secs(20), "serve --create-size");
+    assert!(!st.success());
+    assert!(err.contains("cannot create"), "{err}");
+    assert!(!a.exists(), "the first leg's image file was left behind");
+    assert!(!b.exists(), "the second leg's image file was left behind");
+    assert!(!sock.exists() && !ctl(&sock).exists());
+}
+
+/// A start that fails after the array was marked active (here: a thread that
+/// cannot start, by the hidden fault drill) marks it clean again and leaves
+/// neither socket behind.
+#[test]
+fn a_start_failing_after_assembly_leaves_the_array_clean() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = make_array(d.path(), "a.img", "b.img");
+    let sock = d.path().join("vm.sock");
+    for thread in ["resync", "bitmap", "control", "vhost-user"] {
+        let child = command(
+            &[
+                "serve",
+                "--socket",
+                s(&sock),
+                "--heartbeat-interval",
+                "100ms",
+                "--inject-thread-failure",
+                thread,
+                s(&a),
+                s(&b),
+            ],
+            0o022,
+        )
+        .spawn()
+        .unwrap();
+        let (st, err) = exits_within(child, Duration::from_secs(20), "serve failing to start");
+        assert!(!st.success(), "{thread}");
+        assert_eq!(
+            err.trim_end(),
+            format!(
+                "vhost-user-md: cannot start the {thread} thread: Resource temporarily unavailable (os error 11)"
+            )
+        );
+        assert_eq!(leg_states(&[&a, &b]), ["clean", "clean"], "{thread}");
+        assert!(!sock.exists() && !ctl(&sock).exists(), "{thread}");
+    }
+}
+
+/// A cluster node whose start fails after it joined tells the others it leaves.
+#[test]
+fn a_cluster_node_failing_to_start_leaves_the_cluster() {
+    let d = tempfile::tempdir().unwrap();
+    let legs = common::create_array(d.path(), &["a.img", "b.img"], "16M", Some("own"));
+    let lockd = common::Lockd::start();
+    let lm = format!("lockd:{}", lockd.socket.display());
+    let n1 = Serve::start(
+        &d.path().join("n1.sock"),
+        &["--lock-manager", &lm, s(&legs[0]), s(&legs[1])],
+    );
+    let sock = d.path().join("n2.sock");
+    let child = command(
+        &[
+            "serve",
+            "--socket",
+            s(&sock),
+            "--lock-manager",
+            &lm,
+            "--inject-thread-failure",
+            "vhost-user",
+            s(&legs[0]),
+            s(&legs[1]),
+        ],
+        0o022,
+    )
+    .spawn()
+    .unwrap();
+    let (st, err) = exits_within(child, Duration::from_secs(20), "node failing to start");
+    assert!(!st.success());
+    assert!(err.contains("cannot start the vhost-user thread"), "{err}");
+    assert!(!sock.exists() && !ctl(&sock).exists());
+    let start = Instant::now();
+    let left = |log: String| {
+        log.lines()
+            .any(|l| l.contains("node slot ") && l.ends_with(" leaves"))
+    };
+    while !left(n1.log_text()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the node did not leave: {}",
+            n1.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(n1.status()["degraded"], false);
+}
+
 #[test]
 fn create_size_images_are_0600() {
     let d = tempfile::tempdir().unwrap();

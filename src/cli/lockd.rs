@@ -78,13 +78,14 @@ fn lvb_text(v: &[u8]) -> String {
 /// Runs `lockd` until SIGINT or SIGTERM (SIGHUP and SIGUSR1 are ignored); removes
 /// its socket at exit.
 pub fn run_lockd(args: &LockdArgs) -> Result<(), String> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    super::ignore_hangups("lockd")?;
     let gid = args
         .group
         .as_deref()
         .map(crate::unixsock::group_id)
         .transpose()?;
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1])
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let (d, bound) = Daemon::bind(&args.socket, gid).map_err(|e| e.to_string())?;
     std::thread::Builder::new()
@@ -92,14 +93,8 @@ pub fn run_lockd(args: &LockdArgs) -> Result<(), String> {
         .spawn(move || d.run())
         .map_err(|e| format!("cannot start the lockd thread: {e}"))?;
     log::info!("lockd listening on {}", args.socket.display());
-    for sig in signals.forever() {
-        match sig {
-            SIGHUP => log::info!("SIGHUP ignored (SIGINT or SIGTERM stop lockd)"),
-            SIGUSR1 => log::info!("SIGUSR1 ignored (SIGINT or SIGTERM stop lockd)"),
-            _ => break,
-        }
-    }
-    log::info!("lockd stopping");
+    let sig = signals.forever().next();
+    log::info!("signal {sig:?}: lockd stopping");
     drop(bound);
     Ok(())
 }

@@ -70,6 +70,26 @@ pub fn out(text: &str) {
     let _ = o.write_all(text.as_bytes()).and_then(|()| o.flush());
 }
 
+/// Ignores SIGHUP and SIGUSR1 for the rest of the process's life, saying so in the
+/// log: a terminal hanging up, or a signal meant to make a daemon reopen its logs,
+/// must not end `daemon` without its clean shutdown, during its start as later on.
+/// SIGINT and SIGTERM stop it.
+pub(crate) fn ignore_hangups(daemon: &'static str) -> Result<(), String> {
+    use signal_hook::consts::{SIGHUP, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGUSR1])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("hangups".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let name = if sig == SIGHUP { "SIGHUP" } else { "SIGUSR1" };
+                log::info!("{name} ignored (SIGINT or SIGTERM stop {daemon})");
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    Ok(())
+}
+
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

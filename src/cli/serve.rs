@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// until a file exists (`1:stall-writes-from=33554432,stall-until-file=PATH`).
     #[arg(long, value_name = "INDEX:FAULT", value_parser = parse_fault, hide = true)]
     pub inject_fault: Vec<(usize, FaultSpec)>,
+    /// Fault drill: starting the thread NAME (resync, bitmap, control or
+    /// vhost-user) fails, as when the system has no threads left.
+    #[arg(long, value_name = "NAME", value_parser = ["resync", "bitmap", "control", "vhost-user"], hide = true)]
+    pub inject_thread_failure: Option<String>,
     /// Interval of the multi-host heartbeat that an array served with the local
     /// lock manager keeps on its legs (e.g. 1s, 200ms): a start watches another
     /// host's heartbeat for 5 of its intervals plus 1 s before taking over.
@@ -142,6 +146,8 @@ fn parse_fault(s: &str) -> Result<(usize, FaultSpec), String> {
 
 /// Runs `serve`.
 pub fn run(args: ServeArgs) -> Result<(), String> {
+    // Before anything that can wait: the heartbeat watch, the cluster's join.
+    super::ignore_hangups("serve")?;
     if args.cluster_name.is_some() && args.lock_manager == LockManager::Local {
         return Err(
             "--cluster-name makes a clustered array, which a local lock manager cannot serve: add --lock-manager lockd:PATH (nodes on this host) or --lock-manager dlm".into(),
@@ -173,6 +179,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         buffered: args.buffered,
         legs: args.legs,
         faults: args.inject_fault,
+        thread_failure: args.inject_thread_failure,
         lock_manager: args.lock_manager,
         resync_max_rate: args.resync_max_rate.unwrap_or(0),
         shared_writes: args.shared_writes,
@@ -220,12 +227,12 @@ fn create_missing(legs: &[PathBuf], size: u64, cluster: Option<&str>) -> Result<
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
-        let leg = FileLeg::open_with(p, OpenMode::CreateSize(size), false, Claim::Exclusive)
-            .map_err(|e| format!("leg {}: cannot create: {e}", p.display()))?;
-        // The file itself, should the path be a symbolic link.
+        // Removed again if anything fails from here on: sizing, claiming, the array.
         created
             .0
-            .push(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
+            .push(create_image(p).map_err(|e| format!("leg {}: cannot create: {e}", p.display()))?);
+        let leg = FileLeg::open_with(p, OpenMode::CreateSize(size), false, Claim::Exclusive)
+            .map_err(|e| format!("leg {}: cannot create: {e}", p.display()))?;
         opened.push(leg);
     }
     let refs: Vec<&dyn Leg> = opened.iter().map(|l| l as &dyn Leg).collect();
@@ -255,6 +262,41 @@ fn create_missing(legs: &[PathBuf], size: u64, cluster: Option<&str>) -> Result<
         human_size(g.size * 512)
     );
     Ok(())
+}
+
+/// Creates the empty image file `path` names (0600: it holds a guest's disk),
+/// refusing one that exists, even one made since the legs were looked at: only a
+/// file this run made is ever removed. Returns the file's own path, `path` with its
+/// symbolic links followed.
+fn create_image(path: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let target = link_target(path)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&target)?;
+    Ok(std::fs::canonicalize(&target).unwrap_or(target))
+}
+
+/// The file `path` names: its last component's symbolic links followed, a dangling
+/// one to the file it would name (which `O_CREAT | O_EXCL` does not follow).
+fn link_target(path: &Path) -> std::io::Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    // As many links as the kernel follows (MAXSYMLINKS).
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let to = std::fs::read_link(&p)?;
+                p = match p.parent() {
+                    Some(dir) => dir.join(to),
+                    None => to,
+                };
+            }
+            _ => return Ok(p),
+        }
+    }
+    Err(std::io::Error::from_raw_os_error(libc::ELOOP))
 }
 
 /// Image files made by this run; removed on drop unless forgotten (cleared) once

@@ -53,6 +53,8 @@ pub struct ServeConfig {
     pub legs: Vec<PathBuf>,
     /// Fault drills: (leg index, knobs).
     pub faults: Vec<(usize, FaultSpec)>,
+    /// Fault drill: the thread of this name fails to start.
+    pub thread_failure: Option<String>,
     /// Which lock manager coordinates this node with others.
     pub lock_manager: LockManager,
     /// Resync/recovery bytes per second at most (0: no limit).
@@ -199,6 +201,16 @@ pub fn open_legs(config: &ServeConfig, fence: &Arc<Fence>) -> Result<Vec<Arc<dyn
         legs.push(Arc::new(FencedLeg::new(leg, fence.clone())));
     }
     Ok(legs)
+}
+
+/// Fault drill (`--inject-thread-failure`): starting the thread `what` fails as
+/// `pthread_create` does when the system has no threads left.
+fn thread_drill(config: &ServeConfig, what: &str) -> std::io::Result<()> {
+    if config.thread_failure.as_deref() == Some(what) {
+        warn!("fault drill: the {what} thread cannot start");
+        return Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
+    }
+    Ok(())
 }
 
 /// Joins the lockspace `name` on the lockd at `path`. Losing lockd loses every

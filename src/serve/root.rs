@@ -4,8 +4,8 @@
 
 use super::{
     connect_lockd, control, find_device, hostname, join_dlm, multihost, open_legs, rejoin, resync,
-    serve_connections, shutdown_array, spawn_bitmap_daemon, watch_dlm, LockManager, Ready,
-    ResyncProgress, RoleGate, ServeConfig, Service, Sockets,
+    serve_connections, shutdown_array, spawn_bitmap_daemon, thread_drill, watch_dlm, LockManager,
+    Ready, ResyncProgress, RoleGate, ServeConfig, Service, Sockets,
 };
 use crate::dlm::cpg::OurGroup;
 use crate::dlm::libdlm::LibDlmMember;
@@ -98,8 +98,7 @@ struct Running {
     backend: Arc<BlockBackend>,
     cluster: Option<Arc<crate::cluster::node::ClusterNode<crate::raid1::Array>>>,
     stopping: Arc<AtomicBool>,
-    resync_thread: std::thread::JoinHandle<()>,
-    daemon_thread: std::thread::JoinHandle<()>,
+    threads: Threads,
     signals: signal_hook::iterator::Signals,
     /// A copy of the vhost-user listener, kept for the process that rejoins.
     _kept_listener: UnixListener,
@@ -134,7 +133,13 @@ pub fn run(
             join_cluster(&config, legs, &fence, &rejoin, rejoining, &mut held)?
         }
     };
-    let mut running = start(&config, assembled, &fence, control, vhost, ready)?;
+    let mut running = match start(&config, assembled, &fence, control, vhost, ready) {
+        Ok(r) => r,
+        Err(e) => {
+            give_back(held);
+            return Err(e);
+        }
+    };
     if wait_for_stop(&mut running, &rejoin) {
         return Err(restart_to_rejoin(running, held, control_bound));
     }
@@ -257,8 +262,10 @@ fn join_cluster(
     })
 }
 
-/// Starts serving the assembled array: marks it active, starts the device, the
-/// resync, bitmap, control and vhost-user threads, then tells `ready`.
+/// Starts serving the assembled array: prepares the device, marks the array
+/// active, starts the resync, bitmap, control and vhost-user threads, then tells
+/// `ready`. Every step that can fail without writing comes before the mark; should
+/// a thread fail to start after it, the array is left as a stop leaves it.
 fn start(
     config: &ServeConfig,
     assembled: Assembled,
@@ -277,22 +284,137 @@ fn start(
         .counters
         .resync_max_rate
         .store(config.resync_max_rate, Ordering::Relaxed);
-    // From here on a signal stops us through the clean shutdown.
+    let (signals, backend, kept_listener) =
+        match prepare(config, &array, cluster.as_deref(), &vhost) {
+            Ok(p) => p,
+            Err(e) => {
+                leave_cluster(cluster.as_deref());
+                return Err(e);
+            }
+        };
+    let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&kept_listener);
+    if let Err(source) = array.mark_active() {
+        leave_cluster(cluster.as_deref());
+        return Err(ServeError::Io {
+            what: "mark the array active",
+            source,
+        });
+    }
+    log_assembled(&array);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let service = Arc::new(Service {
+        array: array.clone(),
+        backend: backend.clone(),
+        progress: Arc::new(ResyncProgress::default()),
+        stopping: stopping.clone(),
+        config: config.clone(),
+        cluster: cluster.clone(),
+        fence: fence.clone(),
+    });
+    array.set_detached(left_out);
+    let mut threads = Threads::default();
+    if let Err(e) = spawn_threads(&service, control, Listener::from(vhost), &mut threads) {
+        abandon_start(&service, threads);
+        return Err(e);
+    }
+    info!(
+        "serving on {} (control {})",
+        config.socket.display(),
+        config.control.display()
+    );
+    ready(&Ready {
+        uuid: array.uuid.to_string(),
+        socket: config.socket.clone(),
+        queues: config.queues,
+    });
+    Ok(Running {
+        array,
+        backend,
+        cluster,
+        stopping,
+        threads,
+        signals,
+        _kept_listener: kept_listener,
+        listen_fd,
+    })
+}
+
+/// What a start needs before the array is marked active, none of which writes: the
+/// signal handlers, the device, and a copy of the vhost-user listener.
+fn prepare(
+    config: &ServeConfig,
+    array: &Arc<Array>,
+    cluster: Option<&crate::cluster::node::ClusterNode<crate::raid1::Array>>,
+    vhost: &UnixListener,
+) -> Result<
+    (
+        signal_hook::iterator::Signals,
+        Arc<BlockBackend>,
+        UnixListener,
+    ),
+    ServeError,
+> {
+    // From here on a signal stops us through the clean shutdown (SIGHUP and
+    // SIGUSR1 are ignored from the start of the process on: `cli::ignore_hangups`).
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-        signal_hook::consts::SIGUSR1,
         signal_hook::consts::SIGUSR2,
     ])
     .map_err(|source| ServeError::Io {
         what: "install signal handlers",
         source,
     })?;
-    array.mark_active().map_err(|source| ServeError::Io {
-        what: "mark the array active",
+    let backend = device(config, array, cluster)?;
+    // The connection thread owns the listener and drops it when it ends, which a
+    // front-end leaving during the drain before a rejoin lets it do before the new
+    // process is started: this copy keeps the socket listening for that process.
+    let kept_listener = vhost.try_clone().map_err(|source| ServeError::Io {
+        what: "keep the vhost-user socket",
         source,
     })?;
+    Ok((signals, backend, kept_listener))
+}
+
+/// The device of `array`: its guest's logical block is the largest of the legs'
+/// (a leg with 4 KiB logical blocks under direct I/O cannot write less; see
+/// `Limits::block_size`), its writer gate the cluster's writer role.
+fn device(
+    config: &ServeConfig,
+    array: &Arc<Array>,
+    cluster: Option<&crate::cluster::node::ClusterNode<crate::raid1::Array>>,
+) -> Result<Arc<BlockBackend>, ServeError> {
+    let block_size = array
+        .members()
+        .iter()
+        .flatten()
+        .filter_map(|m| m.leg.raw_fd().map(|(_, align)| align as u32))
+        .chain(std::iter::once(512))
+        .max()
+        .unwrap_or(512);
+    let role = match cluster {
+        None => crate::cluster::writer::WriterRole::local(),
+        Some(node) => {
+            crate::cluster::writer::WriterRole::cluster(&node.node.comms, config.shared_writes)
+                .map_err(|e| format!("cannot create the writer role lock: {e}"))?
+        }
+    };
+    let backend = Arc::new(
+        BlockBackend::new(
+            array.clone(),
+            BlockConfig {
+                queues: config.queues,
+                read_only: config.read_only,
+                block_size,
+            },
+        )
+        .map_err(|e| format!("cannot set up the queues' I/O: {e}"))?
+        .with_writer_gate(Arc::new(RoleGate(role))),
+    );
+    Ok(backend)
+}
+
+fn log_assembled(array: &Array) {
     info!(
         "array {} assembled: {} sectors, {} of {} legs in sync{}, {} chunks to resync",
         array.uuid,
@@ -314,114 +436,96 @@ fn start(
         },
         array.bitmap.stats().needed
     );
-    // The guest's logical block: the largest of the legs' (a leg with 4 KiB
-    // logical blocks under direct I/O cannot write less; see `Limits::block_size`).
-    let block_size = array
-        .members()
-        .iter()
-        .flatten()
-        .filter_map(|m| m.leg.raw_fd().map(|(_, align)| align as u32))
-        .chain(std::iter::once(512))
-        .max()
-        .unwrap_or(512);
-    let role = match &cluster {
-        None => crate::cluster::writer::WriterRole::local(),
-        Some(node) => {
-            crate::cluster::writer::WriterRole::cluster(&node.node.comms, config.shared_writes)
-                .map_err(|e| format!("cannot create the writer role lock: {e}"))?
-        }
-    };
-    let backend = Arc::new(
-        BlockBackend::new(
-            array.clone(),
-            BlockConfig {
-                queues: config.queues,
-                read_only: config.read_only,
-                block_size,
-            },
-        )
-        .map_err(|e| format!("cannot set up the queues' I/O: {e}"))?
-        .with_writer_gate(Arc::new(RoleGate(role))),
-    );
-    let stopping = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(ResyncProgress::default());
-    let service = Arc::new(Service {
-        array: array.clone(),
-        backend: backend.clone(),
-        progress: progress.clone(),
-        stopping: stopping.clone(),
-        config: config.clone(),
-        cluster: cluster.clone(),
-        fence: fence.clone(),
-    });
-    array.set_detached(left_out);
-
-    let thread = |what: &'static str| move |source| ServeError::Thread { what, source };
-    let resync_thread = match &cluster {
-        None => resync::spawn(array.clone(), progress, stopping.clone()),
-        Some(node) => resync::spawn_cluster(node.clone(), progress, stopping.clone()),
-    }
-    .map_err(thread("resync"))?;
-    let daemon_thread =
-        spawn_bitmap_daemon(array.clone(), stopping.clone()).map_err(thread("bitmap"))?;
-    let control = control::Server::new(control, service.clone());
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || control.run())
-        .map_err(thread("control"))?;
-
-    let be = backend.clone();
-    let stop = stopping.clone();
-    // The connection thread owns the listener and drops it when it ends, which a
-    // front-end leaving during the drain before a rejoin lets it do before the new
-    // process is started: this copy keeps the socket listening for that process.
-    let kept_listener = vhost.try_clone().map_err(|source| ServeError::Io {
-        what: "keep the vhost-user socket",
-        source,
-    })?;
-    let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&kept_listener);
-    let listener = Listener::from(vhost);
-    std::thread::Builder::new()
-        .name("vhost-user".into())
-        .spawn(move || serve_connections(be, listener, stop))
-        .map_err(thread("vhost-user"))?;
-    info!(
-        "serving on {} (control {})",
-        config.socket.display(),
-        config.control.display()
-    );
-    ready(&Ready {
-        uuid: array.uuid.to_string(),
-        socket: config.socket.clone(),
-        queues: config.queues,
-    });
-    Ok(Running {
-        array,
-        backend,
-        cluster,
-        stopping,
-        resync_thread,
-        daemon_thread,
-        signals,
-        _kept_listener: kept_listener,
-        listen_fd,
-    })
 }
 
-/// Waits for SIGINT or SIGTERM (SIGHUP and SIGUSR1 are ignored), or for the
-/// thread that saw the lock manager come back (SIGUSR2 with `rejoin` set); then
-/// stops the threads' work. True: restart to rejoin.
+/// The threads of a serving node that stopping it waits for.
+#[derive(Default)]
+struct Threads {
+    resync: Option<std::thread::JoinHandle<()>>,
+    bitmap: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Threads {
+    /// Waits for the threads (told to stop beforehand).
+    fn join(self) {
+        for t in [self.resync, self.bitmap].into_iter().flatten() {
+            if t.join().is_err() {
+                warn!("a serve thread panicked");
+            }
+        }
+    }
+}
+
+/// Starts the resync, bitmap, control and vhost-user threads of `service`; those
+/// that stopping waits for go into `threads`, also when a later one fails.
+fn spawn_threads(
+    service: &Arc<Service>,
+    control: UnixListener,
+    listener: Listener,
+    threads: &mut Threads,
+) -> Result<(), ServeError> {
+    let config = &service.config;
+    let thread = |what: &'static str| move |source| ServeError::Thread { what, source };
+    let (array, stopping, progress) = (&service.array, &service.stopping, &service.progress);
+    let resync = thread_drill(config, "resync")
+        .and_then(|()| match &service.cluster {
+            None => resync::spawn(array.clone(), progress.clone(), stopping.clone()),
+            Some(node) => resync::spawn_cluster(node.clone(), progress.clone(), stopping.clone()),
+        })
+        .map_err(thread("resync"))?;
+    threads.resync = Some(resync);
+    let bitmap = thread_drill(config, "bitmap")
+        .and_then(|()| spawn_bitmap_daemon(array.clone(), stopping.clone()))
+        .map_err(thread("bitmap"))?;
+    threads.bitmap = Some(bitmap);
+    let control = control::Server::new(control, service.clone());
+    thread_drill(config, "control")
+        .and_then(|()| {
+            std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || control.run())
+        })
+        .map_err(thread("control"))?;
+    let (be, stop) = (service.backend.clone(), stopping.clone());
+    thread_drill(config, "vhost-user")
+        .and_then(|()| {
+            std::thread::Builder::new()
+                .name("vhost-user".into())
+                .spawn(move || serve_connections(be, listener, stop))
+        })
+        .map_err(thread("vhost-user"))?;
+    Ok(())
+}
+
+/// A start that failed after the array was marked active: stops the threads
+/// started so far, then leaves the array as a stop does (clean when served alone;
+/// a cluster node tells the others it leaves).
+fn abandon_start(service: &Service, threads: Threads) {
+    warn!("the start failed after the array was marked active: stopping cleanly");
+    service.stopping.store(true, Ordering::SeqCst);
+    service.array.halt_resync();
+    threads.join();
+    shutdown_array(&service.array, service.cluster.is_some());
+    leave_cluster(service.cluster.as_deref());
+}
+
+/// Tells the other nodes of the cluster, if any, that this one leaves.
+fn leave_cluster(cluster: Option<&crate::cluster::node::ClusterNode<crate::raid1::Array>>) {
+    if let Some(node) = cluster {
+        if let Err(e) = node.leave() {
+            warn!("cannot tell the other nodes we leave: {e}");
+        }
+    }
+}
+
+/// Waits for SIGINT or SIGTERM, or for the thread that saw the lock manager come
+/// back (SIGUSR2 with `rejoin` set); then stops the threads' work. True: restart
+/// to rejoin.
 fn wait_for_stop(running: &mut Running, rejoin: &AtomicBool) -> bool {
-    let sig = running.signals.forever().find(|&s| {
-        let name = match s {
-            signal_hook::consts::SIGHUP => "SIGHUP",
-            signal_hook::consts::SIGUSR1 => "SIGUSR1",
-            // Sent by this process when it is to restart and rejoin.
-            signal_hook::consts::SIGUSR2 => return rejoin.load(Ordering::SeqCst),
-            _ => return true,
-        };
-        info!("{name} ignored (SIGINT or SIGTERM stop serve)");
-        false
+    let sig = running.signals.forever().find(|&s| match s {
+        // Sent by this process when it is to restart and rejoin.
+        signal_hook::consts::SIGUSR2 => rejoin.load(Ordering::SeqCst),
+        _ => true,
     });
     running.stopping.store(true, Ordering::SeqCst);
     // A resync in progress ends after its current chunk.
@@ -436,31 +540,31 @@ fn wait_for_stop(running: &mut Running, rejoin: &AtomicBool) -> bool {
 /// Shuts a node down cleanly: drains the device, stops the threads, flushes and
 /// marks the array clean (alone) or leaves the cluster, gives back the lockspace,
 /// the corosync group and the heartbeat.
-fn shut_down(running: Running, mut held: Held) {
+fn shut_down(running: Running, held: Held) {
     let Running {
         array,
         backend,
         cluster,
-        resync_thread,
-        daemon_thread,
+        threads,
         ..
     } = running;
     backend.drain();
-    let _ = resync_thread.join();
-    let _ = daemon_thread.join();
+    threads.join();
     shutdown_array(&array, cluster.is_some());
-    if let Some(node) = &cluster {
-        if let Err(e) = node.leave() {
-            warn!("cannot tell the other nodes we leave: {e}");
-        }
-    }
+    leave_cluster(cluster.as_deref());
+    drop(cluster);
+    give_back(held);
+}
+
+/// Gives back what a node holds besides its array, once the array is left as a
+/// stop leaves it: the DLM lockspace, the corosync group, the heartbeat.
+fn give_back(mut held: Held) {
     // Threads of the cluster node (watches) keep the member alive: leave explicitly, so
     // that no lockspace stays joined on this host once we are gone.
     if let Some(m) = held.libdlm.take() {
         m.release();
         info!("left the DLM lockspace");
     }
-    drop(cluster);
     drop(held.group.take());
     drop(held.heartbeat.take());
 }
@@ -471,8 +575,7 @@ fn shut_down(running: Running, mut held: Held) {
 fn restart_to_rejoin(running: Running, mut held: Held, control: unixsock::Bound) -> ServeError {
     info!("restarting to rejoin: draining the requests in flight");
     running.backend.drain();
-    let _ = running.resync_thread.join();
-    let _ = running.daemon_thread.join();
+    running.threads.join();
     // The new process joins afresh: no lockspace of ours may be left on this host
     // (released when the loss was seen; this is at most a no-op), nor our
     // membership of the CPG group, which corosync would keep for this pid.
