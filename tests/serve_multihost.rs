@@ -35,27 +35,11 @@ fn host(dir: &Path, name: &str, legs: &[PathBuf], extra: &[&str]) -> Serve {
 /// A host in a pid namespace of its own (`unshare --pid --fork`): its pid means
 /// nothing to the others, as on another host. Killing it kills its `serve`.
 fn host_in_own_pid_ns(dir: &Path, name: &str, legs: &[PathBuf]) -> Serve {
-    let socket = dir.join(format!("{name}.sock"));
-    let log = dir.join(format!("{name}.log"));
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new("unshare")
+    let mut unshare = Command::new("unshare");
+    unshare
         .args(["--pid", "--fork", "--kill-child=SIGKILL"])
-        .arg(env!("CARGO_BIN_EXE_vhost-user-md"))
-        .arg("serve")
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--heartbeat-interval", &format!("{INTERVAL_MS}ms")])
-        .args(legs)
-        .env("RUST_LOG", "info")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("unshare (util-linux)");
-    let s = Serve {
-        child: Some(child),
-        socket,
-        log,
-    };
+        .arg(env!("CARGO_BIN_EXE_vhost-user-md"));
+    let s = serve_host(unshare, dir, name, legs);
     let start = Instant::now();
     while !s.log_text().contains("serving array") {
         assert!(
@@ -185,10 +169,16 @@ fn a_second_host_is_refused_while_the_first_serves_and_accepted_after_it_died() 
 /// Starts `serve` on `legs` as a host that logs to `NAME.log` in `dir`, without
 /// waiting for it.
 fn spawn_host(dir: &Path, name: &str, legs: &[PathBuf]) -> Serve {
+    serve_host(bin(), dir, name, legs)
+}
+
+/// Runs `serve` on `legs` through `cmd` (the binary, or a wrapper that ends with
+/// it) as a host that logs to `NAME.log` in `dir`, without waiting for it.
+fn serve_host(mut cmd: Command, dir: &Path, name: &str, legs: &[PathBuf]) -> Serve {
     let socket = dir.join(format!("{name}.sock"));
     let log = dir.join(format!("{name}.log"));
     let out = std::fs::File::create(&log).unwrap();
-    let child = bin()
+    let child = cmd
         .arg("serve")
         .arg("--socket")
         .arg(&socket)
@@ -198,7 +188,7 @@ fn spawn_host(dir: &Path, name: &str, legs: &[PathBuf]) -> Serve {
         .stdout(out.try_clone().unwrap())
         .stderr(out)
         .spawn()
-        .unwrap();
+        .expect("serve (or the command wrapping it)");
     Serve {
         child: Some(child),
         socket,

@@ -383,26 +383,28 @@ fn a_failed_create_size_leaves_no_image_behind() {
     let b = d.path().join("b.img");
     std::os::unix::fs::symlink(d.path().join("missing/b.img"), &b).unwrap();
     let sock = d.path().join("vm.sock");
-    let child = command(
-        &[
-            "serve",
-            "--socket",
-            s(&sock),
-            "--create-size",
-            "16M",
-            s(&a),
-            s(&b),
-        ],
-        0o022,
-    )
-    .spawn()
-    .unwrap();
+    failed_create_size(&sock, "16M", &a, &b);
+    assert!(!a.exists(), "the first leg's image file was left behind");
+    assert!(!d.path().join("missing").exists());
+}
+
+/// Runs `serve --create-size SIZE` on legs `a` and `b`, which must fail to
+/// create an image; checks that it failed saying so and left no socket.
+fn failed_create_size(sock: &Path, size: &str, a: &Path, b: &Path) {
+    let args = [
+        "serve",
+        "--socket",
+        s(sock),
+        "--create-size",
+        size,
+        s(a),
+        s(b),
+    ];
+    let child = command(&args, 0o022).spawn().unwrap();
     let (st, err) = exits_within(child, Duration::from_secs(20), "serve --create-size");
     assert!(!st.success());
     assert!(err.contains("cannot create"), "{err}");
-    assert!(!a.exists(), "the first leg's image file was left behind");
-    assert!(!d.path().join("missing").exists());
-    assert!(!sock.exists() && !ctl(&sock).exists());
+    assert!(!sock.exists() && !ctl(sock).exists());
 }
 
 /// A size the file system refuses (`EFBIG`: beyond ext4's and xfs's largest file):
@@ -411,27 +413,9 @@ fn a_failed_create_size_leaves_no_image_behind() {
 fn an_oversized_create_size_leaves_no_image_behind() {
     let d = tempfile::tempdir().unwrap();
     let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
-    let sock = d.path().join("vm.sock");
-    let child = command(
-        &[
-            "serve",
-            "--socket",
-            s(&sock),
-            "--create-size",
-            "100000000G",
-            s(&a),
-            s(&b),
-        ],
-        0o022,
-    )
-    .spawn()
-    .unwrap();
-    let (st, err) = exits_within(child, Duration::from_secs(20), "serve --create-size");
-    assert!(!st.success());
-    assert!(err.contains("cannot create"), "{err}");
+    failed_create_size(&d.path().join("vm.sock"), "100000000G", &a, &b);
     assert!(!a.exists(), "the first leg's image file was left behind");
     assert!(!b.exists(), "the second leg's image file was left behind");
-    assert!(!sock.exists() && !ctl(&sock).exists());
 }
 
 /// A start that fails after the array was marked active (here: a thread that
