@@ -44,10 +44,8 @@ impl Array {
 impl ClusterMirror for Array {
     fn assemble_as_node(legs: Vec<Arc<dyn Leg>>, slot: u32) -> Result<Array, String> {
         let (array, report) = Array::assemble_as(legs, slot).map_err(|e| e.to_string())?;
+        // Assembly has logged why each of them is left out.
         array.set_detached(report.left_out_legs);
-        for l in &report.left_out {
-            warn!("{l}");
-        }
         Ok(array)
     }
 
