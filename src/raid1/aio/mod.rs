@@ -175,7 +175,9 @@ impl AsyncIo {
     pub fn new(entries: u32) -> io::Result<AsyncIo> {
         let (ring, why) = Ring::new_or_synchronous(entries)?;
         if let Some(e) = why {
-            log::warn!("io_uring unavailable ({e}): leg I/O runs synchronously");
+            // Said once per process, not once per queue.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| log::warn!("io_uring unavailable ({e}): leg I/O runs synchronously"));
         }
         AsyncIo::with_ring(ring)
     }
