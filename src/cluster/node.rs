@@ -60,16 +60,16 @@ impl<M: ClusterMirror> ClusterMetadata<M> {
 }
 
 impl<M: ClusterMirror> MetadataSync for ClusterMetadata<M> {
-    fn update(&self, write: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()> {
+    fn update(&self, write: &mut dyn FnMut() -> io::Result<bool>) -> io::Result<()> {
         let array = self.array.clone();
         self.comms
-            .under_token(|| {
-                let r = write();
+            .under_token(|| match write() {
+                Ok(false) => (Ok(()), None),
                 // Also when the update failed: a leg may hold it all the same (a
                 // write that failed after its first sectors), and a node that did
                 // not re-read it would count its next update from behind the disk,
                 // giving two different superblocks the same events.
-                (r, Some(Self::metadata_updated(&array)))
+                r => (r.map(|_| ()), Some(Self::metadata_updated(&array))),
             })
             .map_err(|e| io::Error::other(format!("cluster metadata update: {e}")))?
     }

@@ -93,8 +93,10 @@ pub trait ClusterMirror: Send + Sync + Sized + 'static {
 /// Coordinates superblock updates with other nodes: runs `write` while no other
 /// node can write superblocks, then tells the others to re-read them.
 pub trait MetadataSync: Send + Sync {
-    /// Runs `write` (which writes the superblocks) under the cluster's token.
-    fn update(&self, write: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()>;
+    /// Runs `write` under the cluster's token: it writes the superblocks, or
+    /// returns `Ok(false)` when it found nothing left to write (another update
+    /// wrote it meanwhile), which is then not announced.
+    fn update(&self, write: &mut dyn FnMut() -> io::Result<bool>) -> io::Result<()>;
     /// Tells the other nodes that leg `dev_number` is being re-added here.
     fn re_adding(&self, dev_number: u32) -> io::Result<()>;
     /// Tells the other nodes that faulty leg `dev_number` is being removed here.

@@ -53,19 +53,33 @@ impl Array {
         // request's update began must wait for an update that includes it, or it
         // could complete before the failure is on disk.
         let seen = self.failures_seen.load(Ordering::Acquire);
-        if self.failures_recorded.load(Ordering::Acquire) >= seen {
+        let unrecorded = || self.failures_recorded.load(Ordering::Acquire) < seen;
+        if !unrecorded() {
             return Ok(());
         }
-        self.update_superblocks(|_| {})
+        // Asked again once the update may begin: threads that saw the same
+        // failures (a request, the operator's `fail`, the repair pass) queue for
+        // the token together, and the first one's update records them for all.
+        self.update_superblocks_if(unrecorded, |_| {})
     }
 
     /// Rewrites every non-faulty leg's superblock after `change`, with events + 1,
     /// and this node's bitmap superblock before them.
     pub fn update_superblocks(&self, change: impl FnOnce(&mut Superblock)) -> io::Result<()> {
+        self.update_superblocks_if(|| true, change)
+    }
+
+    /// [`Array::update_superblocks`] if `needed` still holds once the update has
+    /// the token and the superblock lock.
+    fn update_superblocks_if(
+        &self,
+        needed: impl Fn() -> bool,
+        change: impl FnOnce(&mut Superblock),
+    ) -> io::Result<()> {
         let sync = lock(&self.metadata_sync).clone();
         let mut change = Some(change);
         let mut write = || {
-            self.update_superblocks_local(|sb| {
+            self.update_superblocks_local_if(&needed, |sb| {
                 if let Some(c) = change.take() {
                     c(sb)
                 }
@@ -73,7 +87,7 @@ impl Array {
         };
         match sync {
             Some(sync) => sync.update(&mut write),
-            None => write(),
+            None => write().map(|_| ()),
         }
     }
 
@@ -232,7 +246,21 @@ impl Array {
         &self,
         change: impl FnOnce(&mut Superblock),
     ) -> io::Result<()> {
+        self.update_superblocks_local_if(&|| true, change)
+            .map(|_| ())
+    }
+
+    /// Writes the superblocks unless `needed` no longer holds under the superblock
+    /// lock; whether it wrote them.
+    fn update_superblocks_local_if(
+        &self,
+        needed: &dyn Fn() -> bool,
+        change: impl FnOnce(&mut Superblock),
+    ) -> io::Result<bool> {
         let mut meta = lock(&self.meta);
+        if !needed() {
+            return Ok(false);
+        }
         let before = meta.sb.clone();
         change(&mut meta.sb);
         // The events of the last update some leg took, if any.
@@ -327,7 +355,7 @@ impl Array {
                     }
                 }
                 self.failures_recorded.fetch_max(seen, Ordering::AcqRel);
-                return Ok(());
+                return Ok(true);
             }
         }
     }

@@ -428,3 +428,88 @@ fn a_slot_dirty_on_the_second_leg_only_is_taken_over_and_cleared_everywhere() {
         );
     }
 }
+
+/// A token held by one update at a time, whose first holder waits at a gate.
+struct Token {
+    held: Mutex<()>,
+    queued: std::sync::atomic::AtomicUsize,
+    gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    announced: std::sync::atomic::AtomicUsize,
+}
+
+impl MetadataSync for Token {
+    fn update(&self, write: &mut dyn FnMut() -> io::Result<bool>) -> io::Result<()> {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        let _held = self.held.lock().unwrap();
+        let (open, cv) = &*self.gate;
+        let mut o = open.lock().unwrap();
+        while !*o {
+            o = cv.wait(o).unwrap();
+        }
+        drop(o);
+        if write()? {
+            self.announced.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+    fn re_adding(&self, _: u32) -> io::Result<()> {
+        Ok(())
+    }
+    fn removing(&self, _: u32) -> io::Result<()> {
+        Ok(())
+    }
+    fn add_device(
+        &self,
+        _: u32,
+        _: crate::md::Uuid,
+        write: &mut dyn FnMut() -> io::Result<()>,
+    ) -> io::Result<()> {
+        write()
+    }
+}
+
+#[test]
+fn threads_recording_the_same_failure_make_one_superblock_update() {
+    let (a, b, _) = two_legs(None, 1);
+    let (array, _) = Array::assemble(vec![a, b]).unwrap();
+    let array = Arc::new(array);
+    array.mark_active().unwrap();
+    let before = array.events();
+    let token = Arc::new(Token {
+        held: Mutex::new(()),
+        queued: Default::default(),
+        gate: Arc::new((Mutex::new(false), std::sync::Condvar::new())),
+        announced: Default::default(),
+    });
+    array.set_metadata_sync(token.clone());
+    // The operator fails leg b; its record waits for the token...
+    let op = {
+        let array = array.clone();
+        std::thread::spawn(move || array.fail_leg("b"))
+    };
+    let start = std::time::Instant::now();
+    while token.queued.load(Ordering::SeqCst) < 1 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // ...and so does another thread that saw the failure (the repair pass).
+    let other = {
+        let array = array.clone();
+        std::thread::spawn(move || array.settle_failures())
+    };
+    while token.queued.load(Ordering::SeqCst) < 2 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let (open, cv) = &*token.gate;
+    *open.lock().unwrap() = true;
+    cv.notify_all();
+    op.join().unwrap().unwrap();
+    other.join().unwrap().unwrap();
+    assert_eq!(
+        array.events(),
+        before + 1,
+        "one update records the failure for both"
+    );
+    assert_eq!(token.announced.load(Ordering::SeqCst), 1, "announced once");
+}
