@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use vmm_sys_util::eventfd::EventFd;
 
+mod flusher;
+
 /// Where the bitmap goes: implemented by the mirror, which knows the in-sync legs.
 pub trait BitmapStore: Send + Sync {
     /// Writes `data` at byte offset `off` on every in-sync leg and makes it durable.
@@ -27,6 +29,9 @@ struct Inner {
     pending: Vec<u32>,
     /// The bits as they are (or are about to be) on disk.
     bits: BitmapBits,
+    /// Bits set on disk for certain: those of the last bitmap write that
+    /// succeeded, less those cleared by a write on its way.
+    on_disk: BitmapBits,
     /// Chunks whose legs may differ: must be resynced before both legs are trusted.
     needed: BitmapBits,
     /// Chunks seen idle by the previous daemon pass.
@@ -46,6 +51,33 @@ struct Inner {
     generation: u64,
     flushed: u64,
     flushing: bool,
+    /// The generation the flusher thread was asked to put on disk.
+    flush_wanted: u64,
+    /// Bitmap writes begun so far (numbers them).
+    flush_attempts: u64,
+    /// The last bitmap write that failed: its number, the generation it was to
+    /// put on disk, and why.
+    flush_failed: Option<(u64, u64, String)>,
+}
+
+/// Where a write stands with its bits (see [`WriteIntent::begin_write`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// A resync covers the range: nothing counted; retry after a waker fired.
+    Blocked,
+    /// Counted, and the bits covering the range are on disk: write.
+    Durable,
+    /// Counted; the bits are on disk once this flush is ([`WriteIntent::flush_outcome`]).
+    Flushing(FlushTicket),
+}
+
+/// A write's wait for the bitmap generation holding its bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushTicket {
+    generation: u64,
+    /// Bitmap writes begun before the write's bits were set: only a write begun
+    /// after them can fail it.
+    attempts: u64,
 }
 
 /// Counters of what the bitmap did, for status and tests.
@@ -72,6 +104,10 @@ pub struct WriteIntent {
     wakers: Mutex<Vec<EventFd>>,
     /// A remote resync window is installed.
     remote_active: std::sync::atomic::AtomicBool,
+    /// Signalled when a flush is asked of the flusher thread.
+    flush_asked: Condvar,
+    /// A flusher thread writes the bits that asynchronous writes wait for.
+    flusher: std::sync::atomic::AtomicBool,
 }
 
 impl WriteIntent {
@@ -87,6 +123,7 @@ impl WriteIntent {
             inner: Mutex::new(Inner {
                 sb,
                 pending: vec![0; chunks as usize],
+                on_disk: bits.clone(),
                 bits,
                 needed,
                 idle: BitmapBits::new(chunks),
@@ -98,11 +135,16 @@ impl WriteIntent {
                 generation: 0,
                 flushed: 0,
                 flushing: false,
+                flush_wanted: 0,
+                flush_attempts: 0,
+                flush_failed: None,
             }),
             changed: Condvar::new(),
             needed_count: AtomicU64::new(0),
             wakers: Mutex::new(Vec::new()),
             remote_active: std::sync::atomic::AtomicBool::new(false),
+            flush_asked: Condvar::new(),
+            flusher: std::sync::atomic::AtomicBool::new(false),
         }
         .with_needed_counted()
     }
@@ -198,10 +240,26 @@ impl WriteIntent {
         sectors: u64,
         store: &dyn BitmapStore,
     ) -> io::Result<bool> {
+        let ticket = match self.begin_write(sector, sectors) {
+            Intent::Blocked => return Ok(false),
+            Intent::Durable => return Ok(true),
+            Intent::Flushing(t) => t,
+        };
+        let r = self.flush_for(ticket, store);
+        if r.is_err() {
+            self.end_write(sector, sectors, true);
+        }
+        r.map(|()| true)
+    }
+
+    /// Counts a write to `sectors` at `sector` and sets the bits covering it in
+    /// memory, without writing them: [`Intent::Flushing`] says the write must wait
+    /// for a flush ([`WriteIntent::request_flush`]). Never waits.
+    pub fn begin_write(&self, sector: u64, sectors: u64) -> Intent {
         let range = self.chunk_range(sector, sectors);
         let mut g = self.lock();
         if Self::blocked(&g, &range) {
-            return Ok(false);
+            return Intent::Blocked;
         }
         let mut newly_set = false;
         for c in range.clone() {
@@ -216,12 +274,13 @@ impl WriteIntent {
         if newly_set {
             g.generation += 1;
         }
-        let want = g.generation;
-        let r = self.flush_locked(g, want, store);
-        if r.is_err() {
-            self.end_write(sector, sectors, true);
+        if range.clone().all(|c| g.on_disk.get(c)) {
+            return Intent::Durable;
         }
-        r.map(|()| true)
+        Intent::Flushing(FlushTicket {
+            generation: g.generation,
+            attempts: g.flush_attempts,
+        })
     }
 
     /// Whether writes to `range` must wait (a local or remote resync covers it).
@@ -331,14 +390,24 @@ impl WriteIntent {
                 continue;
             }
             g.flushing = true;
+            g.flush_attempts += 1;
+            let attempt = g.flush_attempts;
             let target = g.generation;
             let data = self.encode(&g);
+            // While it is on its way, a leg holds either bits: only those set in
+            // both are set for certain.
+            let snapshot = g.bits.clone();
+            g.on_disk.keep_common(&snapshot);
             drop(g);
             let r = store.write_bitmap(self.slot_offset, &data);
             g = self.lock();
             g.flushing = false;
-            if r.is_ok() && g.flushed < target {
-                g.flushed = target;
+            match &r {
+                Ok(()) => {
+                    g.flushed = g.flushed.max(target);
+                    g.on_disk = snapshot;
+                }
+                Err(e) => g.flush_failed = Some((attempt, target, e.to_string())),
             }
             self.changed.notify_all();
             r?;

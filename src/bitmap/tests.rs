@@ -157,3 +157,109 @@ fn writes_wait_for_a_chunk_under_resync() {
     t.join().unwrap();
     assert_eq!(b.writes_in_flight(), 1);
 }
+
+/// A store whose bitmap writes fail while `failing`, and wait while `held`.
+#[derive(Default)]
+struct Switchable {
+    failing: std::sync::atomic::AtomicBool,
+    held: Mutex<bool>,
+    release: Condvar,
+    entered: AtomicUsize,
+    writes: AtomicUsize,
+}
+
+impl BitmapStore for Switchable {
+    fn write_bitmap(&self, _off: u64, _data: &[u8]) -> io::Result<()> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        let mut held = self.held.lock().unwrap();
+        while *held {
+            held = self.release.wait(held).unwrap();
+        }
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(io::Error::other("no in-sync leg took it"));
+        }
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn flush_data(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn ticket(i: Intent) -> FlushTicket {
+    match i {
+        Intent::Flushing(t) => t,
+        other => panic!("expected a wait for a bitmap write, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_write_waits_for_the_flusher_and_later_writes_to_its_chunk_do_not() {
+    let b = bitmap();
+    let store = Switchable::default();
+    let t = ticket(b.begin_write(2048 * 3, 8));
+    assert!(b.flush_outcome(t).is_none(), "nothing written yet");
+    // Another write to the same chunk before the bit is on disk waits too.
+    let t2 = ticket(b.begin_write(2048 * 3 + 8, 8));
+    b.request_flush(t2);
+    b.serve_flush(&store, std::time::Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(store.writes.load(Ordering::SeqCst), 1, "one write for both");
+    assert!(matches!(b.flush_outcome(t), Some(Ok(()))));
+    assert!(matches!(b.flush_outcome(t2), Some(Ok(()))));
+    assert_eq!(b.begin_write(2048 * 3 + 16, 8), Intent::Durable);
+    assert_eq!(b.writes_in_flight(), 3);
+}
+
+#[test]
+fn a_failed_bitmap_write_fails_the_writes_that_waited_for_it_only() {
+    let b = bitmap();
+    let store = Switchable::default();
+    store.failing.store(true, Ordering::SeqCst);
+    let t = ticket(b.begin_write(0, 8));
+    b.request_flush(t);
+    assert!(b
+        .serve_flush(&store, std::time::Duration::from_secs(5))
+        .is_err());
+    let e = b.flush_outcome(t).and_then(Result::err).expect("failed");
+    assert!(e.to_string().contains("no in-sync leg took it"), "{e}");
+    // A write that comes after the failure is not failed by it: it waits for
+    // a write of its own, which succeeds.
+    b.end_write(0, 8, true);
+    store.failing.store(false, Ordering::SeqCst);
+    let t2 = ticket(b.begin_write(0, 8));
+    assert!(b.flush_outcome(t2).is_none(), "failed by an older write");
+    b.request_flush(t2);
+    b.serve_flush(&store, std::time::Duration::from_secs(5))
+        .unwrap();
+    assert!(matches!(b.flush_outcome(t2), Some(Ok(()))));
+}
+
+#[test]
+fn a_write_to_a_chunk_whose_clear_is_on_its_way_waits_for_the_bit_again() {
+    let b = std::sync::Arc::new(bitmap());
+    let store = std::sync::Arc::new(Switchable::default());
+    let t = ticket(b.begin_write(0, 8));
+    b.flush_for(t, &*store).unwrap();
+    b.end_write(0, 8, false);
+    assert_eq!(b.begin_write(0, 8), Intent::Durable);
+    b.end_write(0, 8, false);
+    // Shutdown clears the idle bit; its bitmap write is held on its way.
+    *store.held.lock().unwrap() = true;
+    let clearing = {
+        let (b, store) = (b.clone(), store.clone());
+        std::thread::spawn(move || b.clear_idle_now(4, &*store))
+    };
+    while store.entered.load(Ordering::SeqCst) < 2 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // The legs may hold the cleared bit any moment now: a write must not go
+    // to them before its bit is written again.
+    let t = ticket(b.begin_write(0, 8));
+    *store.held.lock().unwrap() = false;
+    store.release.notify_all();
+    assert_eq!(clearing.join().unwrap().unwrap(), 1);
+    assert!(b.flush_outcome(t).is_none(), "the clear is what is on disk");
+    b.flush_for(t, &*store).unwrap();
+    assert_eq!(b.begin_write(0, 8), Intent::Durable);
+}

@@ -395,6 +395,13 @@ impl BitmapBits {
         (0..self.chunks).filter(|&j| self.get(j))
     }
 
+    /// Keeps only the chunks dirty in `other` too (same geometry).
+    pub fn keep_common(&mut self, other: &BitmapBits) {
+        for (b, o) in self.bytes.iter_mut().zip(&other.bytes) {
+            *b &= o;
+        }
+    }
+
     /// ORs `other` into `self` (same geometry); returns how many chunks became dirty.
     pub fn merge(&mut self, other: &BitmapBits) -> u64 {
         let before = self.count_dirty();

@@ -475,6 +475,7 @@ fn spawn_threads(
         .map_err(thread("resync"))?;
     threads.resync = Some(resync);
     let bitmap = thread_drill(config, "bitmap")
+        .and_then(|()| array.flush_bitmap_in_background())
         .and_then(|()| spawn_bitmap_daemon(array.clone(), stopping.clone()))
         .map_err(thread("bitmap"))?;
     threads.bitmap = Some(bitmap);

@@ -9,6 +9,7 @@ mod submit;
 use super::array::{Array, Member};
 use super::bufs::Buffers;
 use super::offload::Offloaded;
+use crate::bitmap::{FlushTicket, Intent};
 use crate::storage::uring::{Cqe, Ring};
 use std::io;
 use std::sync::Arc;
@@ -68,6 +69,18 @@ struct Parked {
     /// Failures seen when it parked: it goes on once that many are recorded.
     seen: u64,
     rest: Rest,
+}
+
+/// A write counted in the bitmap, waiting for the flusher thread to put its
+/// bits on disk before it goes to the legs.
+pub(super) struct Awaiting {
+    token: Token,
+    sector: u64,
+    sectors: u64,
+    bytes: usize,
+    bufs: Buffers,
+    attempts: usize,
+    ticket: FlushTicket,
 }
 
 /// How one leg's part of a request ended.
@@ -159,6 +172,8 @@ pub struct AsyncIo {
     deferred: Vec<(Token, u64, Buffers, usize)>,
     /// Requests waiting for a leg failure to be recorded.
     parked: Vec<Parked>,
+    /// Writes waiting for their bitmap bits to be on disk.
+    awaiting: Vec<Awaiting>,
     /// Leg writes running on threads of their own (slow legs), and their results.
     offloaded: Arc<Offloaded>,
     offloaded_running: usize,
@@ -198,6 +213,7 @@ impl AsyncIo {
             cqes: Vec::new(),
             deferred: Vec::new(),
             parked: Vec::new(),
+            awaiting: Vec::new(),
             offloaded,
             offloaded_running: 0,
             jobs_running: 0,
@@ -219,6 +235,7 @@ impl AsyncIo {
         self.ops.len() - self.free.len()
             + self.deferred.len()
             + self.parked.len()
+            + self.awaiting.len()
             + self.jobs_running
     }
 
@@ -262,6 +279,7 @@ impl AsyncIo {
     /// Processes completions from the kernel; finished requests go to the done list.
     pub fn reap(&mut self, array: &Array) {
         self.resume_parked(array);
+        self.resume_awaiting(array);
         self.retry_deferred(array);
         let mut cqes = std::mem::take(&mut self.cqes);
         self.ring.reap(&mut cqes);
@@ -276,6 +294,24 @@ impl AsyncIo {
             let jobs = self.offloaded.take_requests();
             self.jobs_running = self.jobs_running.saturating_sub(jobs.len());
             self.done.extend(jobs);
+        }
+    }
+
+    /// Issues the writes whose bits are on disk now; fails those whose bitmap
+    /// write failed.
+    fn resume_awaiting(&mut self, array: &Array) {
+        if self.awaiting.is_empty() {
+            return;
+        }
+        for w in std::mem::take(&mut self.awaiting) {
+            match array.bitmap.flush_outcome(w.ticket) {
+                None => self.awaiting.push(w),
+                Some(Ok(())) => array.resume_write(self, w),
+                Some(Err(e)) => {
+                    array.bitmap.end_write(w.sector, w.sectors, true);
+                    self.done.push((w.token, Err(e)));
+                }
+            }
         }
     }
 
@@ -295,6 +331,7 @@ impl AsyncIo {
             if self.ops.len() > self.free.len()
                 && self.offloaded_running == 0
                 && self.parked.is_empty()
+                && self.awaiting.is_empty()
                 && self.jobs_running == 0
             {
                 self.ring.wait()?;

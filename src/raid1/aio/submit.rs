@@ -110,18 +110,78 @@ impl Array {
             ));
             return;
         }
-        match self.bitmap.try_start_write(sector, sectors, self) {
-            Ok(true) => {}
-            Ok(false) => {
+        match self.bitmap.begin_write(sector, sectors) {
+            Intent::Durable => {}
+            Intent::Blocked => {
                 // The chunk is being resynced: retried when the resync of it ends.
                 io.deferred.push((token, sector, bufs, attempts));
                 return;
             }
-            Err(e) => {
-                io.done.push((token, Err(e)));
+            Intent::Flushing(ticket) if self.bitmap.flushes_in_background() => {
+                // The worker goes on with other requests meanwhile; the flusher
+                // wakes it (`AsyncIo::resume_awaiting`).
+                self.bitmap.request_flush(ticket);
+                io.awaiting.push(Awaiting {
+                    token,
+                    sector,
+                    sectors,
+                    bytes,
+                    bufs,
+                    attempts,
+                    ticket,
+                });
                 return;
             }
+            Intent::Flushing(ticket) => {
+                if let Err(e) = self.bitmap.flush_for(ticket, self) {
+                    self.bitmap.end_write(sector, sectors, true);
+                    io.done.push((token, Err(e)));
+                    return;
+                }
+            }
         }
+        self.write_legs(io, token, sector, sectors, (bytes, full), bufs, attempts);
+    }
+
+    /// A write whose bits are on disk: fails it if the node was fenced meanwhile,
+    /// else issues it to every non-faulty leg.
+    pub(super) fn resume_write(&self, io: &mut AsyncIo, w: Awaiting) {
+        if let Some(why) = self.fence_reason() {
+            self.bitmap.end_write(w.sector, w.sectors, false);
+            io.done.push((
+                w.token,
+                Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("this node is fenced ({why}): nothing is written"),
+                )),
+            ));
+            return;
+        }
+        // `bytes` fits an i32: it was checked against `MAX_TRANSFER`.
+        let full = i32::try_from(w.bytes).unwrap_or(i32::MAX);
+        self.write_legs(
+            io,
+            w.token,
+            w.sector,
+            w.sectors,
+            (w.bytes, full),
+            w.bufs,
+            w.attempts,
+        );
+    }
+
+    /// Issues a counted write, its bits on disk, to every non-faulty leg.
+    #[allow(clippy::too_many_arguments)]
+    fn write_legs(
+        &self,
+        io: &mut AsyncIo,
+        token: Token,
+        sector: u64,
+        sectors: u64,
+        (bytes, full): (usize, i32),
+        bufs: Buffers,
+        attempts: usize,
+    ) {
         let legs = self.writable();
         let idx = io.insert(Op::new(
             token,

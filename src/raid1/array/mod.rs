@@ -382,6 +382,29 @@ impl Array {
         &self.settler
     }
 
+    /// Has a thread of its own write the bitmap bits that asynchronous writes wait
+    /// for, so that a queue worker goes on with other requests meanwhile (see
+    /// `bitmap::flusher`). The thread ends once the array is dropped.
+    pub fn flush_bitmap_in_background(self: &Arc<Self>) -> io::Result<()> {
+        if self.bitmap.flushes_in_background() {
+            return Ok(());
+        }
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("bitmap-flush".into())
+            .spawn(move || loop {
+                let Some(array) = weak.upgrade() else {
+                    return;
+                };
+                let wait = std::time::Duration::from_millis(500);
+                if let Err(e) = array.bitmap.serve_flush(&*array, wait) {
+                    warn!("bitmap write for waiting writes: {e}");
+                }
+            })?;
+        self.bitmap.set_flusher(true);
+        Ok(())
+    }
+
     /// How the record of the first `seen` leg failures ended (`None`: not yet).
     pub(crate) fn settle_outcome(&self, seen: u64) -> Option<io::Result<()>> {
         self.settler
