@@ -3,7 +3,8 @@
 //! in the same run.
 //!
 //! cargo bench --bench vs_qsd -- [--seconds N] [--size-mib N] [--dir PATH]
-//!     [--devices files|loop --dev-iops N --dev-mbps N]
+//!     [--devices files|loop --dev-iops N --dev-mbps N] [--bitmap-chunk BYTES]
+//!     [--workloads 4k-randwrite,...] [--no-qsd] [--also LABEL=PATH]
 //!
 //! `--devices files` (default) puts every image in `--dir` as a plain file, so every
 //! backend shares that directory's disk. `--devices loop` (root, cgroup v1 `blkio`)
@@ -38,6 +39,8 @@ struct Opts {
     /// Other vhost-user-md binaries to measure beside this build (A/B runs):
     /// (label, path).
     other_bins: Vec<(String, PathBuf)>,
+    /// The mirror's bitmap chunk (`create --bitmap-chunk`), when not mdadm's default.
+    bitmap_chunk: Option<String>,
 }
 
 fn opts() -> Opts {
@@ -49,6 +52,7 @@ fn opts() -> Opts {
         workloads: None,
         no_qsd: false,
         other_bins: Vec::new(),
+        bitmap_chunk: None,
     };
     let mut devices = String::from("files");
     let (mut iops, mut mbps) = (25_000u64, 500u64);
@@ -63,6 +67,7 @@ fn opts() -> Opts {
             "--devices" => devices = val,
             "--dev-iops" => iops = val.parse().expect("--dev-iops N"),
             "--dev-mbps" => mbps = val.parse().expect("--dev-mbps N"),
+            "--bitmap-chunk" => o.bitmap_chunk = Some(val),
             "--workloads" => o.workloads = Some(val.split(',').map(str::to_string).collect()),
             "--no-qsd" => {
                 o.no_qsd = true;
@@ -399,6 +404,7 @@ fn main() {
     };
     let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-md"))
         .args(["create", "--assume-clean"])
+        .args(o.bitmap_chunk.iter().flat_map(|c| ["--bitmap-chunk", c.as_str()]))
         .arg(&la)
         .arg(&lb)
         .output()
