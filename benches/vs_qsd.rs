@@ -404,7 +404,11 @@ fn main() {
     };
     let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-md"))
         .args(["create", "--assume-clean"])
-        .args(o.bitmap_chunk.iter().flat_map(|c| ["--bitmap-chunk", c.as_str()]))
+        .args(
+            o.bitmap_chunk
+                .iter()
+                .flat_map(|c| ["--bitmap-chunk", c.as_str()]),
+        )
         .arg(&la)
         .arg(&lb)
         .output()

@@ -58,6 +58,9 @@ struct Inner {
     /// The last bitmap write that failed: its number, the generation it was to
     /// put on disk, and why.
     flush_failed: Option<(u64, u64, String)>,
+    /// Threads waiting on `changed` (a write's end wakes them only if any: the
+    /// wake is a system call, and most writes end with nobody waiting).
+    waiters: u32,
 }
 
 /// Where a write stands with its bits (see [`WriteIntent::begin_write`]).
@@ -138,6 +141,7 @@ impl WriteIntent {
                 flush_wanted: 0,
                 flush_attempts: 0,
                 flush_failed: None,
+                waiters: 0,
             }),
             changed: Condvar::new(),
             needed_count: AtomicU64::new(0),
@@ -164,6 +168,14 @@ impl WriteIntent {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for `changed`, counted in `waiters`.
+    fn wait_changed<'a>(&self, mut g: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
+        g.waiters += 1;
+        g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+        g.waiters -= 1;
+        g
     }
 
     /// The geometry.
@@ -226,7 +238,7 @@ impl WriteIntent {
             let range = self.chunk_range(sector, sectors);
             let mut g = self.lock();
             while Self::blocked(&g, &range) {
-                g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+                g = self.wait_changed(g);
             }
         }
     }
@@ -308,7 +320,7 @@ impl WriteIntent {
                 if (lo..hi).all(|c| g.pending.get(c as usize).is_none_or(|&p| p == 0)) {
                     break;
                 }
-                g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+                g = self.wait_changed(g);
             }
         }
         drop(g);
@@ -369,8 +381,11 @@ impl WriteIntent {
                 self.set_needed(&mut g, c);
             }
         }
+        let waiting = g.waiters > 0;
         drop(g);
-        self.changed.notify_all();
+        if waiting {
+            self.changed.notify_all();
+        }
     }
 
     /// Writes the bitmap if its generation `want` is not on disk yet; concurrent
@@ -386,7 +401,7 @@ impl WriteIntent {
                 return Ok(());
             }
             if g.flushing {
-                g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+                g = self.wait_changed(g);
                 continue;
             }
             g.flushing = true;
@@ -547,11 +562,11 @@ impl WriteIntent {
     pub fn begin_resync(&self, c: u64) {
         let mut g = self.lock();
         while g.resyncing.is_some() {
-            g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+            g = self.wait_changed(g);
         }
         g.resyncing = Some(c);
         while g.pending.get(c as usize).is_some_and(|&p| p > 0) {
-            g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+            g = self.wait_changed(g);
         }
     }
 
