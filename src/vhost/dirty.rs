@@ -73,18 +73,55 @@ impl Bitmap for DirtyLog {
         self.log.dirty_at(offset)
     }
 
+    fn slice_at(&self, offset: usize) -> DirtySlice<'_> {
+        DirtySlice { region: self, offset }
+    }
+}
+
+impl<'a> WithBitmapSlice<'a> for DirtyLog {
+    type S = DirtySlice<'a>;
+}
+
+/// The dirty log of a slice of guest memory: its region's log and where the slice
+/// starts. Taken for every guest memory access (each request's header, buffers
+/// and status), so it borrows the region's log rather than holding references of
+/// its own (which every queue's accesses would count up and down on shared cache
+/// lines).
+#[derive(Debug, Clone, Copy)]
+pub struct DirtySlice<'a> {
+    region: &'a DirtyLog,
+    offset: usize,
+}
+
+impl<'a> DirtySlice<'a> {
+    /// The log of the slice's whole region.
+    pub fn log(&self) -> &'a DirtyLog {
+        self.region
+    }
+}
+
+impl Bitmap for DirtySlice<'_> {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        if let Some(at) = self.offset.checked_add(offset) {
+            self.region.mark_dirty(at, len);
+        }
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        self.region.dirty_at(self.offset.saturating_add(offset))
+    }
+
     fn slice_at(&self, offset: usize) -> Self {
-        DirtyLog {
-            log: self.log.slice_at(offset),
-            on: self.on.clone(),
-            mapped: self.mapped.clone(),
+        DirtySlice {
+            region: self.region,
+            offset: self.offset.saturating_add(offset),
         }
     }
 }
 
-impl BitmapSlice for DirtyLog {}
+impl BitmapSlice for DirtySlice<'_> {}
 
-impl WithBitmapSlice<'_> for DirtyLog {
+impl<'a> WithBitmapSlice<'a> for DirtySlice<'_> {
     type S = Self;
 }
 
@@ -123,7 +160,7 @@ impl BitmapReplace for DirtyLog {
 /// Switches logging on or off in every region of `mem`.
 pub fn set_logging(mem: &LoggedMemory, on: bool) {
     for region in mem.iter() {
-        region.bitmap().set_logging(on);
+        region.bitmap().log().set_logging(on);
     }
 }
 
@@ -142,18 +179,18 @@ impl LogCarrier {
     pub fn carry(&mut self, new: Arc<LoggedMemory>) {
         let previous = self.current.take();
         for region in previous.iter().flat_map(|m| m.iter()).chain(new.iter()) {
-            if let Some(l) = region.bitmap().mapped() {
+            if let Some(l) = region.bitmap().log().mapped() {
                 self.log = Some(l);
                 break;
             }
         }
         if let Some(log) = &self.log {
             for region in new.iter() {
-                if region.bitmap().mapped().is_some() {
+                if region.bitmap().log().mapped().is_some() {
                     continue;
                 }
                 match RegionLog::new(region, log.clone()) {
-                    Ok(l) => region.bitmap().replace(l),
+                    Ok(l) => region.bitmap().log().replace(l),
                     Err(e) => warn!(
                         "guest memory at {:#x}: outside the dirty log ({e}); not logged until \
                          the next SET_LOG_BASE",
