@@ -56,7 +56,7 @@ impl WriteIntent {
         timeout: std::time::Duration,
     ) -> io::Result<()> {
         let mut g = self.lock();
-        if g.flush_wanted <= g.flushed {
+        if g.flush_wanted <= g.flushed && g.flushed <= g.announced {
             g = self
                 .flush_asked
                 .wait_timeout(g, timeout)
@@ -65,9 +65,20 @@ impl WriteIntent {
         }
         let want = g.flush_wanted;
         if want <= g.flushed {
+            // Another thread's bitmap write (a synchronous write's, the daemon's)
+            // may have put parked writes' bits on disk: their workers must hear it.
+            let news = g.flushed > g.announced;
+            g.announced = g.flushed;
+            drop(g);
+            if news {
+                self.wake();
+            }
             return Ok(());
         }
         let r = self.flush_locked(g, want, store);
+        let mut g = self.lock();
+        g.announced = g.announced.max(g.flushed);
+        drop(g);
         self.wake();
         r
     }

@@ -58,6 +58,8 @@ struct Inner {
     /// The last bitmap write that failed: its number, the generation it was to
     /// put on disk, and why.
     flush_failed: Option<(u64, u64, String)>,
+    /// The generation on disk the flusher last woke the workers for.
+    announced: u64,
     /// Threads waiting on `changed` (a write's end wakes them only if any: the
     /// wake is a system call, and most writes end with nobody waiting).
     waiters: u32,
@@ -141,6 +143,7 @@ impl WriteIntent {
                 flush_wanted: 0,
                 flush_attempts: 0,
                 flush_failed: None,
+                announced: 0,
                 waiters: 0,
             }),
             changed: Condvar::new(),

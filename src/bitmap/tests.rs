@@ -263,3 +263,26 @@ fn a_write_to_a_chunk_whose_clear_is_on_its_way_waits_for_the_bit_again() {
     b.flush_for(t, &*store).unwrap();
     assert_eq!(b.begin_write(0, 8), Intent::Durable);
 }
+
+#[test]
+fn the_flusher_wakes_the_workers_when_another_bitmap_write_did_its_work() {
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let b = bitmap();
+    let store = Switchable::default();
+    let worker = EventFd::new(EFD_NONBLOCK).unwrap();
+    b.add_waker(worker.try_clone().unwrap());
+    // A worker parks a write and asks for its bits...
+    let t = ticket(b.begin_write(2048 * 7, 8));
+    b.request_flush(t);
+    // ...which another thread's bitmap write (a synchronous write, the daemon)
+    // puts on disk before the flusher gets to it.
+    b.flush_for(t, &store).unwrap();
+    assert!(worker.read().is_err(), "nothing woke the worker yet");
+    b.serve_flush(&store, std::time::Duration::from_millis(100))
+        .unwrap();
+    assert_eq!(store.writes.load(Ordering::SeqCst), 1, "no second write");
+    assert!(
+        worker.read().is_ok(),
+        "the parked write would wait for ever: its worker was not woken"
+    );
+}

@@ -74,7 +74,10 @@ impl Bitmap for DirtyLog {
     }
 
     fn slice_at(&self, offset: usize) -> DirtySlice<'_> {
-        DirtySlice { region: self, offset }
+        DirtySlice {
+            region: self,
+            offset,
+        }
     }
 }
 
