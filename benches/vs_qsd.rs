@@ -17,7 +17,8 @@
 //! Workloads: 4 KiB random read / write at queue depth 32 per queue, 128 KiB
 //! sequential read / write at queue depth 32 per queue, with 1 and 2 queues (one
 //! client thread per queue). Images are prefilled with written zeroes. Prints a
-//! Markdown table: IOPS, MiB/s, p50/p99 latency, backend CPU%.
+//! Markdown table: IOPS, MiB/s, p50/p99 latency, backend CPU%, p99.9 latency (last, so
+//! that scripts reading the earlier columns by position keep working).
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -236,6 +237,7 @@ struct Result {
     mib_s: f64,
     p50_us: f64,
     p99_us: f64,
+    p999_us: f64,
     cpu_pct: f64,
 }
 
@@ -343,6 +345,7 @@ fn measure(sock: &Path, pid: u32, queues: usize, w: Workload, secs: u64) -> Resu
         mib_s: total as f64 * w.bs as f64 / elapsed / (1 << 20) as f64,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        p999_us: pct(0.999),
         cpu_pct: ticks as f64 / hz / elapsed * 100.0,
     }
 }
@@ -506,8 +509,10 @@ fn main() {
             .as_ref()
             .is_none_or(|ws| ws.iter().any(|x| *x == w.name.replace(' ', "-")))
     };
-    println!("| workload | queues | backend | IOPS | MiB/s | p50 µs | p99 µs | backend CPU% |");
-    println!("|---|---:|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| workload | queues | backend | IOPS | MiB/s | p50 µs | p99 µs | backend CPU% | p99.9 µs |"
+    );
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for w in workloads.into_iter().filter(wanted) {
         for queues in [1, 2] {
             for (name, start) in &backends {
@@ -521,8 +526,8 @@ fn main() {
                 unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
                 let _ = child.wait();
                 println!(
-                    "| {} | {queues} | {name} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} |",
-                    w.name, r.iops, r.mib_s, r.p50_us, r.p99_us, r.cpu_pct
+                    "| {} | {queues} | {name} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                    w.name, r.iops, r.mib_s, r.p50_us, r.p99_us, r.cpu_pct, r.p999_us
                 );
             }
         }
