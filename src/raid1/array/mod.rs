@@ -416,8 +416,35 @@ impl BitmapStore for Array {
     fn write_bitmap(&self, off: u64, data: &[u8]) -> io::Result<()> {
         let mut ok = 0;
         let mut last = None;
-        for m in self.writable() {
-            match m.leg.write_at(data, off).and_then(|()| m.leg.flush()) {
+        let legs = self.writable();
+        let write = |m: &Arc<Member>| m.leg.write_at(data, off).and_then(|()| m.leg.flush());
+        // The legs' writes and syncs run side by side: the writes parked for these
+        // bits wait for the slowest leg, not for the sum of them.
+        let results: Vec<io::Result<()>> = match legs.split_first() {
+            Some((first, rest)) if !rest.is_empty() => std::thread::scope(|s| {
+                let others: Vec<_> = rest
+                    .iter()
+                    .map(|m| {
+                        let t = std::thread::Builder::new().name("bitmap-leg".into());
+                        (m, t.spawn_scoped(s, move || write(m)))
+                    })
+                    .collect();
+                let mut results = vec![write(first)];
+                for (m, t) in others {
+                    results.push(match t {
+                        Ok(t) => t.join().unwrap_or_else(|_| {
+                            Err(io::Error::other("the bitmap write's thread panicked"))
+                        }),
+                        // No thread to be had: this one writes it.
+                        Err(_) => write(m),
+                    });
+                }
+                results
+            }),
+            _ => legs.iter().map(write).collect(),
+        };
+        for (m, r) in legs.into_iter().zip(results) {
+            match r {
                 Ok(()) => {
                     if m.state() == LegState::InSync {
                         ok += 1;

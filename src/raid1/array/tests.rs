@@ -582,3 +582,36 @@ fn a_worker_goes_on_with_other_requests_while_a_bitmap_write_is_on_its_way() {
         .unwrap();
     assert!(back.iter().all(|&x| x == 2));
 }
+
+#[test]
+fn a_leg_failing_its_bitmap_write_is_failed_and_the_write_goes_on_with_the_other() {
+    use crate::raid1::{AsyncIo, Buffers};
+    use crate::storage::{Faults, FaultyLeg};
+    let (a, b, _) = two_legs(None, 1);
+    let faults = Faults::none();
+    let b: Arc<dyn Leg> = Arc::new(FaultyLeg::new(b, faults.clone()));
+    let (array, _) = Array::assemble(vec![a.clone(), b]).unwrap();
+    let array = Arc::new(array);
+    array.mark_active().unwrap();
+    array.flush_bitmap_in_background().unwrap();
+    faults.fail_writes_now();
+    let mut io = AsyncIo::synchronous().unwrap();
+    array.submit_write(&mut io, 1, 9 * 2048, Buffers::owned(vec![9u8; 4096]));
+    io.drain(&array).unwrap();
+    let done = io.take_done();
+    assert!(done.len() == 1 && done[0].1.is_ok(), "{done:?}");
+    let states: Vec<LegState> = array
+        .members()
+        .iter()
+        .flatten()
+        .map(|m| m.state())
+        .collect();
+    assert_eq!(states, vec![LegState::InSync, LegState::Faulty]);
+    // Leg a holds the bit, and the superblocks say leg b failed.
+    let sb = crate::raid1::metadata::read_superblock(&*a).unwrap();
+    assert_eq!(sb.dev_roles[1], role::FAULTY);
+    let bitmap_at = (sb.super_offset as i64 + i64::from(sb.bitmap_offset)) as u64 * 512;
+    let mut slot = vec![0u8; 512];
+    a.read_at(&mut slot, bitmap_at).unwrap();
+    assert_ne!(slot[256 + 1] & (1 << 1), 0, "chunk 9's bit on leg a");
+}
