@@ -521,14 +521,15 @@ fn a_worker_goes_on_with_other_requests_while_a_bitmap_write_is_on_its_way() {
     let sb = crate::raid1::metadata::read_superblock(&*a).unwrap();
     let bitmap_at = (sb.super_offset as i64 + i64::from(sb.bitmap_offset)) as u64 * 512;
     let gated = Gated::new(b, bitmap_at, false);
-    let (closed, waiting) = (gated.closed.clone(), gated.waiting.clone());
+    let closed = gated.closed.clone();
     let (array, _) = Array::assemble(vec![a, Arc::new(gated)]).unwrap();
     let array = Arc::new(array);
     array.mark_active().unwrap();
     array.flush_bitmap_in_background().unwrap();
     let (tx, rx) = crossbeam_channel::unbounded();
+    let (shut_tx, shut_rx) = crossbeam_channel::bounded::<()>(1);
     let worker = {
-        let (array, waiting) = (array.clone(), waiting.clone());
+        let array = array.clone();
         std::thread::spawn(move || {
             let mut io = AsyncIo::synchronous().unwrap();
             // Chunk 0's bit goes to disk while the gate is open.
@@ -536,9 +537,7 @@ fn a_worker_goes_on_with_other_requests_while_a_bitmap_write_is_on_its_way() {
             io.drain(&array).unwrap();
             let _ = tx.send(io.take_done());
             // The test closes the gate: chunk 5's bit cannot reach leg b.
-            while !rx_gate_closed(&waiting) {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+            let _ = shut_rx.recv();
             array.submit_write(&mut io, 2, 5 * 2048, Buffers::owned(vec![2u8; 4096]));
             array.submit_write(&mut io, 3, 8, Buffers::owned(vec![3u8; 4096]));
             array.submit_read(&mut io, 4, 16, Buffers::owned(vec![0u8; 4096]));
@@ -553,15 +552,10 @@ fn a_worker_goes_on_with_other_requests_while_a_bitmap_write_is_on_its_way() {
             let _ = tx.send(io.take_done());
         })
     };
-    /// The worker waits for the test's signal: the gate is closed.
-    fn rx_gate_closed(w: &AtomicBool) -> bool {
-        w.load(Ordering::SeqCst)
-    }
     let first = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
     assert!(first.iter().all(|(t, r)| *t == 1 && r.is_ok()), "{first:?}");
     Gated::close(&closed, true);
-    // The flusher does not write yet (nothing asked): say the gate is shut.
-    waiting.store(true, Ordering::SeqCst);
+    shut_tx.send(()).unwrap();
     let during = rx.recv_timeout(std::time::Duration::from_secs(5));
     // Open the gate whatever happened, so that the worker ends.
     Gated::close(&closed, false);
