@@ -93,8 +93,10 @@ pub fn run_lockd(args: &LockdArgs) -> Result<(), String> {
         .spawn(move || d.run())
         .map_err(|e| format!("cannot start the lockd thread: {e}"))?;
     log::info!("lockd listening on {}", args.socket.display());
+    crate::serve::notify::ready(&format!("listening on {}", args.socket.display()));
     let sig = signals.forever().next();
     log::info!("signal {sig:?}: lockd stopping");
+    crate::serve::notify::stopping("stopping");
     drop(bound);
     Ok(())
 }

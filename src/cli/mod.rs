@@ -1,6 +1,7 @@
 //! Command line: parse flags, run a command, turn errors into one line that says
 //! what to do.
 
+pub mod config;
 pub mod create;
 pub mod examine;
 pub mod lockd;
@@ -92,7 +93,15 @@ pub(crate) fn ignore_hangups(daemon: &'static str) -> Result<(), String> {
 
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    use clap::CommandFactory;
+    let args = match config::expand(std::env::args_os().collect(), &Cli::command()) {
+        Ok(args) => args,
+        Err(msg) => {
+            eprintln!("vhost-user-md: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };

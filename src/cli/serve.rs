@@ -13,6 +13,12 @@ use std::path::{Path, PathBuf};
 /// Flags of `serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Read options from this TOML file: the keys are these long options without
+    /// their dashes, `legs` the list of legs, a flag takes true or false (e.g.
+    /// `queues = 4`, `legs = ["/dev/sdb", "/dev/sdc"]`). The command line may add
+    /// options the file does not set.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// vhost-user socket to listen on (QEMU's `-chardev socket,path=...`). An
     /// existing path is replaced only if it is a socket nobody listens on.
     #[arg(long, value_name = "PATH")]

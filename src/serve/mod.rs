@@ -9,6 +9,7 @@
 pub mod control;
 mod line;
 pub mod multihost;
+pub mod notify;
 pub mod rejoin;
 mod resync;
 mod root;

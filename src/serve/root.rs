@@ -3,9 +3,9 @@
 //! wait for a stop, then shut down cleanly or start over to rejoin the cluster.
 
 use super::{
-    connect_lockd, control, find_device, hostname, join_dlm, multihost, open_legs, rejoin, resync,
-    serve_connections, shutdown_array, spawn_bitmap_daemon, thread_drill, watch_dlm, LockManager,
-    Ready, ResyncProgress, RoleGate, ServeConfig, Service, Sockets,
+    connect_lockd, control, find_device, hostname, join_dlm, multihost, notify, open_legs, rejoin,
+    resync, serve_connections, shutdown_array, spawn_bitmap_daemon, thread_drill, watch_dlm,
+    LockManager, Ready, ResyncProgress, RoleGate, ServeConfig, Service, Sockets,
 };
 use crate::dlm::cpg::OurGroup;
 use crate::dlm::libdlm::LibDlmMember;
@@ -322,6 +322,7 @@ fn start(
         config.socket.display(),
         config.control.display()
     );
+    notify::ready(&notify::status_line(&control::status(&service)));
     ready(&Ready {
         uuid: array.uuid.to_string(),
         socket: config.socket.clone(),
@@ -487,6 +488,7 @@ fn spawn_threads(
                 .spawn(move || control.run())
         })
         .map_err(thread("control"))?;
+    notify::spawn_keepalive(service.clone()).map_err(thread("sd-notify"))?;
     let (be, stop) = (service.backend.clone(), stopping.clone());
     thread_drill(config, "vhost-user")
         .and_then(|()| {
@@ -534,6 +536,7 @@ fn wait_for_stop(running: &mut Running, rejoin: &AtomicBool) -> bool {
     let rejoining = rejoin.load(Ordering::SeqCst);
     if !rejoining {
         info!("signal {sig:?}: shutting down");
+        notify::stopping("stopping: draining, then marking the array clean");
     }
     rejoining
 }

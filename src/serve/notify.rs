@@ -1,0 +1,99 @@
+//! Telling systemd (a `Type=notify` unit) how `serve` is doing: READY once the
+//! vhost-user socket serves, STOPPING at shutdown, a STATUS line for
+//! `systemctl status`, and the watchdog's keep-alive.
+//!
+//! Outside systemd (no `NOTIFY_SOCKET`) every call does nothing. The keep-alive
+//! is sent only after the array's status was gathered, which takes the locks a
+//! guest request and a resync take: a node stuck on them stops answering the
+//! watchdog, and systemd restarts it (`WatchdogSec=` in the unit).
+
+use super::Service;
+use log::{debug, warn};
+use sd_notify::NotifyState;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the STATUS line is refreshed when no watchdog asks for more.
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+fn send(what: &str, states: &[NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(states) {
+        warn!("cannot tell systemd {what}: {e}");
+    }
+}
+
+/// The vhost-user socket serves: units ordered after this one may start.
+pub fn ready(status: &str) {
+    send(
+        "we are ready",
+        &[NotifyState::Ready, NotifyState::Status(status)],
+    );
+}
+
+/// Shutdown has begun; `status` says what it does.
+pub fn stopping(status: &str) {
+    send(
+        "we stop",
+        &[NotifyState::Stopping, NotifyState::Status(status)],
+    );
+}
+
+/// One line on the array for `systemctl status`.
+pub fn status_line(s: &super::control::Status) -> String {
+    let in_sync = s.legs.iter().filter(|l| l.state == "in-sync").count();
+    let mut line = format!(
+        "array {}: {}/{} legs in sync{}, {} dirty chunks",
+        s.uuid,
+        in_sync,
+        s.raid_disks,
+        if s.degraded { " (DEGRADED)" } else { "" },
+        s.bitmap_dirty
+    );
+    if s.resync.active {
+        line.push_str(&format!(
+            ", {} {}/{} chunks",
+            s.resync.kind,
+            s.resync.done_chunks,
+            s.resync.done_chunks + s.resync.remaining_chunks
+        ));
+    }
+    if let Some(why) = &s.fenced {
+        line.push_str(&format!(", FENCED: {why}"));
+    }
+    line
+}
+
+/// Starts the thread that refreshes the STATUS line and, when the unit has a
+/// watchdog, keeps it fed while the array answers; nothing under systemd-less runs.
+pub fn spawn_keepalive(service: Arc<Service>) -> std::io::Result<()> {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return Ok(());
+    }
+    let watchdog = sd_notify::watchdog_enabled();
+    let every = watchdog.map_or(STATUS_INTERVAL, |w| (w / 2).min(STATUS_INTERVAL));
+    debug!("systemd keep-alive every {every:?} (watchdog {watchdog:?})");
+    std::thread::Builder::new()
+        .name("sd-notify".into())
+        .spawn(move || {
+            while !service.stopping.load(Ordering::SeqCst) {
+                let line = status_line(&super::control::status(&service));
+                if service.stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                if watchdog.is_some() {
+                    send(
+                        "we are alive",
+                        &[NotifyState::Watchdog, NotifyState::Status(&line)],
+                    );
+                } else {
+                    send("our status", &[NotifyState::Status(&line)]);
+                }
+                std::thread::sleep(every);
+            }
+        })
+        .map(drop)
+}
