@@ -27,7 +27,7 @@ pub enum Command {
     /// Make a new RAID1 on two or more legs (like mdadm --create --level=1 --metadata=1.2).
     Create(create::CreateArgs),
     /// Serve the mirror to a VM over a vhost-user-blk socket.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Show a running array: legs, degraded, resync progress, bitmap (like /proc/mdstat).
     Status {
         /// Output format.
@@ -147,7 +147,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Create(args) => create::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Lockd(args) => lockd::run_lockd(&args).map(|()| ExitCode::SUCCESS),
         Command::Lock(args) => lockd::run_lock(&args).map(|()| ExitCode::SUCCESS),
-        Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve::run(*args).map(|()| ExitCode::SUCCESS),
         Command::Status { format, socket } => {
             serve::status(&socket, format).map(|()| ExitCode::SUCCESS)
         }

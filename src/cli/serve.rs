@@ -68,6 +68,10 @@ pub struct ServeArgs {
     /// array should agree on this.
     #[arg(long)]
     pub shared_writes: bool,
+    /// Serve metrics in the Prometheus text format at http://ADDR/metrics
+    /// (ADDR is IP:PORT, e.g. 127.0.0.1:9710) or on a unix socket (unix:PATH).
+    #[arg(long, value_name = "ADDR", value_parser = crate::serve::metrics::parse_addr)]
+    pub metrics: Option<crate::serve::metrics::MetricsAddr>,
     /// Fault drill: make leg INDEX fail, e.g. `1:writes-after=500` or `0:reads`, or
     /// stall its writes at or beyond a byte offset (`1:stall-writes-from=33554432`),
     /// until a file exists (`1:stall-writes-from=33554432,stall-until-file=PATH`).
@@ -191,6 +195,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         shared_writes: args.shared_writes,
         heartbeat_interval: args.heartbeat_interval,
         force: args.force,
+        metrics: args.metrics,
     };
     // The sockets first: a start refused there touches no leg.
     let sockets = crate::serve::bind_sockets(&config)?;

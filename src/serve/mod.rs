@@ -8,6 +8,7 @@
 
 pub mod control;
 mod line;
+pub mod metrics;
 pub mod multihost;
 pub mod notify;
 pub mod rejoin;
@@ -66,6 +67,8 @@ pub struct ServeConfig {
     pub heartbeat_interval: Duration,
     /// Start even when another host's heartbeat is on the legs.
     pub force: bool,
+    /// Where to serve the metrics, if anywhere.
+    pub metrics: Option<metrics::MetricsAddr>,
 }
 
 /// The lock manager `serve` uses.
@@ -120,6 +123,8 @@ pub struct Sockets {
     /// The vhost-user socket was handed over by this node's previous process,
     /// which restarted to rejoin the cluster (see [`rejoin`]).
     inherited: bool,
+    /// The metrics endpoint, when asked for.
+    metrics: Option<metrics::Endpoint>,
 }
 
 /// Makes the vhost-user socket and the control socket of `config` (and their
@@ -142,11 +147,13 @@ pub fn bind_sockets(config: &ServeConfig) -> Result<Sockets, String> {
     };
     let (control, control_path) =
         unixsock::listen(&config.control, Perms::PRIVATE).map_err(|e| e.to_string())?;
+    let metrics = config.metrics.as_ref().map(metrics::bind).transpose()?;
     Ok(Sockets {
         vhost,
         control,
         _paths: [vhost_path, control_path],
         inherited: was_inherited,
+        metrics,
     })
 }
 

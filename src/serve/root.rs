@@ -3,9 +3,9 @@
 //! wait for a stop, then shut down cleanly or start over to rejoin the cluster.
 
 use super::{
-    connect_lockd, control, find_device, hostname, join_dlm, multihost, notify, open_legs, rejoin,
-    resync, serve_connections, shutdown_array, spawn_bitmap_daemon, thread_drill, watch_dlm,
-    LockManager, Ready, ResyncProgress, RoleGate, ServeConfig, Service, Sockets,
+    connect_lockd, control, find_device, hostname, join_dlm, metrics, multihost, notify, open_legs,
+    rejoin, resync, serve_connections, shutdown_array, spawn_bitmap_daemon, thread_drill,
+    watch_dlm, LockManager, Ready, ResyncProgress, RoleGate, ServeConfig, Service, Sockets,
 };
 use crate::dlm::cpg::OurGroup;
 use crate::dlm::libdlm::LibDlmMember;
@@ -121,6 +121,7 @@ pub fn run(
         control,
         _paths: [vhost_bound, control_bound],
         inherited: rejoining,
+        metrics,
     } = sockets;
     let fence = Fence::new();
     let legs = open_legs(&config, &fence)?;
@@ -133,7 +134,12 @@ pub fn run(
             join_cluster(&config, legs, &fence, &rejoin, rejoining, &mut held)?
         }
     };
-    let mut running = match start(&config, assembled, &fence, control, vhost, ready) {
+    let listeners = Listeners {
+        control,
+        vhost,
+        metrics,
+    };
+    let mut running = match start(&config, assembled, &fence, listeners, ready) {
         Ok(r) => r,
         Err(e) => {
             give_back(held);
@@ -270,10 +276,14 @@ fn start(
     config: &ServeConfig,
     assembled: Assembled,
     fence: &Arc<Fence>,
-    control: UnixListener,
-    vhost: UnixListener,
+    listeners: Listeners,
     ready: impl FnOnce(&Ready),
 ) -> Result<Running, ServeError> {
+    let Listeners {
+        control,
+        vhost,
+        metrics,
+    } = listeners;
     let Assembled {
         array,
         left_out,
@@ -313,7 +323,8 @@ fn start(
     });
     array.set_detached(left_out);
     let mut threads = Threads::default();
-    if let Err(e) = spawn_threads(&service, control, Listener::from(vhost), &mut threads) {
+    let listeners = (control, Listener::from(vhost), metrics);
+    if let Err(e) = spawn_threads(&service, listeners, &mut threads) {
         abandon_start(&service, threads);
         return Err(e);
     }
@@ -400,19 +411,20 @@ fn device(
                 .map_err(|e| format!("cannot create the writer role lock: {e}"))?
         }
     };
-    let backend = Arc::new(
-        BlockBackend::new(
-            array.clone(),
-            BlockConfig {
-                queues: config.queues,
-                read_only: config.read_only,
-                block_size,
-            },
-        )
-        .map_err(|e| format!("cannot set up the queues' I/O: {e}"))?
-        .with_writer_gate(Arc::new(RoleGate(role))),
-    );
-    Ok(backend)
+    let mut backend = BlockBackend::new(
+        array.clone(),
+        BlockConfig {
+            queues: config.queues,
+            read_only: config.read_only,
+            block_size,
+        },
+    )
+    .map_err(|e| format!("cannot set up the queues' I/O: {e}"))?
+    .with_writer_gate(Arc::new(RoleGate(role)));
+    if config.metrics.is_some() {
+        backend = backend.with_stats(&crate::vhost::stats::DeviceStats::default());
+    }
+    Ok(Arc::new(backend))
 }
 
 fn log_assembled(array: &Array) {
@@ -439,6 +451,14 @@ fn log_assembled(array: &Array) {
     );
 }
 
+/// What a node listens on besides the cluster: the guest's front-end, the
+/// operator's control socket and metrics.
+struct Listeners {
+    control: UnixListener,
+    vhost: UnixListener,
+    metrics: Option<metrics::Endpoint>,
+}
+
 /// The threads of a serving node that stopping it waits for.
 #[derive(Default)]
 struct Threads {
@@ -461,8 +481,7 @@ impl Threads {
 /// that stopping waits for go into `threads`, also when a later one fails.
 fn spawn_threads(
     service: &Arc<Service>,
-    control: UnixListener,
-    listener: Listener,
+    (control, listener, metrics): (UnixListener, Listener, Option<metrics::Endpoint>),
     threads: &mut Threads,
 ) -> Result<(), ServeError> {
     let config = &service.config;
@@ -488,6 +507,9 @@ fn spawn_threads(
                 .spawn(move || control.run())
         })
         .map_err(thread("control"))?;
+    if let Some(endpoint) = metrics {
+        metrics::spawn(endpoint, service.clone()).map_err(thread("metrics"))?;
+    }
     notify::spawn_keepalive(service.clone()).map_err(thread("sd-notify"))?;
     let (be, stop) = (service.backend.clone(), stopping.clone());
     thread_drill(config, "vhost-user")

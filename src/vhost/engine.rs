@@ -5,10 +5,12 @@
 //! The queue workers and [`process`] both use it.
 
 use super::request::{self, Context, Prepared, RequestError, UsedLen};
+use super::stats::{Kind, QueueStats};
 use crate::raid1::{Array, AsyncIo, Buffers};
 use log::warn;
 use std::io;
 use std::sync::Arc;
+use std::time::Instant;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -25,6 +27,11 @@ struct Pending<M> {
     /// succeeded or not: a failed read may have written part of them).
     read_segs: Vec<(GuestAddress, usize)>,
     write: bool,
+    /// What it is, how many bytes it moves and when it was taken off the ring
+    /// (for the statistics).
+    kind: Kind,
+    bytes: usize,
+    started: Instant,
 }
 
 /// One queue's requests in flight and the I/O they run on.
@@ -32,6 +39,7 @@ pub struct Engine<M> {
     io: AsyncIo,
     pending: Vec<Option<Pending<M>>>,
     free: Vec<usize>,
+    stats: Option<QueueStats>,
 }
 
 impl<M> Engine<M>
@@ -44,6 +52,18 @@ where
             io,
             pending: Vec::new(),
             free: Vec::new(),
+            stats: None,
+        }
+    }
+
+    /// Records every request's end in `stats`.
+    pub fn set_stats(&mut self, stats: QueueStats) {
+        self.stats = Some(stats);
+    }
+
+    fn record(&self, kind: Kind, bytes: usize, started: Instant, status: u8) {
+        if let Some(s) = &self.stats {
+            s.record(kind, bytes, started, status);
         }
     }
 
@@ -98,18 +118,26 @@ where
         descs: &[Descriptor],
     ) -> Option<UsedLen> {
         let array = ctx.array;
-        let pending = |status, used, read_segs, write| Pending {
+        let started = Instant::now();
+        let pending = |status, used, read_segs, write, kind, bytes| Pending {
             head,
             status,
             used,
             mem: mem.clone(),
             read_segs,
             write,
+            kind,
+            bytes,
+            started,
         };
         match request::prepare(ctx, &**mem, descs) {
-            Prepared::Done(used) => return Some(used),
+            Prepared::Done(ended) => {
+                self.record(ended.kind, 0, started, ended.status);
+                return Some(ended.used);
+            }
             Prepared::Flush { status } => {
-                let token = self.insert(pending(status, 0, Vec::new(), false));
+                let p = pending(status, 0, Vec::new(), false, Kind::Flush, 0);
+                let token = self.insert(p);
                 array.submit_flush(&mut self.io, token);
             }
             Prepared::Ranges {
@@ -117,7 +145,12 @@ where
                 ranges,
                 status,
             } => {
-                let token = self.insert(pending(status, 0, Vec::new(), false));
+                let kind = if zeroes {
+                    Kind::WriteZeroes
+                } else {
+                    Kind::Discard
+                };
+                let token = self.insert(pending(status, 0, Vec::new(), false, kind, 0));
                 let array = array.clone();
                 self.io.run_detached(token, move || {
                     request::apply_ranges(&array, zeroes, &ranges)
@@ -128,15 +161,19 @@ where
                     Ok(b) => b,
                     Err(e) => {
                         let e = RequestError::Memory(e.to_string());
-                        return Some(request::finish(&**mem, t.status, Err(e)));
+                        let kind = if t.write { Kind::Write } else { Kind::Read };
+                        let (st, used) = request::finish(&**mem, t.status, Err(e));
+                        self.record(kind, 0, started, st);
+                        return Some(used);
                     }
                 };
-                let (used, read_segs) = if t.write {
-                    (0, Vec::new())
+                let (used, read_segs, kind) = if t.write {
+                    (0, Vec::new(), Kind::Write)
                 } else {
-                    (t.len as u32, t.segs)
+                    (t.len as u32, t.segs, Kind::Read)
                 };
-                let token = self.insert(pending(t.status, used, read_segs, t.write));
+                let p = pending(t.status, used, read_segs, t.write, kind, t.len);
+                let token = self.insert(p);
                 if t.write {
                     array.submit_write(&mut self.io, token, t.sector, bufs);
                 } else {
@@ -177,13 +214,16 @@ where
                 }
                 if result.is_ok() && p.write && writethrough {
                     // Write-through: the write completes once a flush after it did.
+                    // Recorded as the write it is, when the flush ends.
                     let token = self.insert(Pending { write: false, ..p });
                     array.submit_flush(&mut self.io, token);
                     flushing = true;
                     continue;
                 }
                 let result = result.map(|()| p.used).map_err(RequestError::Io);
-                out.push((p.head, request::finish(&*p.mem, p.status, result)));
+                let (st, used) = request::finish(&*p.mem, p.status, result);
+                self.record(p.kind, p.bytes, p.started, st);
+                out.push((p.head, used));
             }
             if !flushing {
                 return Ok(out);

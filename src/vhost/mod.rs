@@ -7,6 +7,7 @@ pub mod engine;
 pub mod gate;
 pub mod inflight;
 pub mod request;
+pub mod stats;
 pub mod wire;
 
 pub use backend::{BlockBackend, BlockConfig};

@@ -2,6 +2,7 @@
 //! mirror, write the status byte. Every malformed chain ends in a status
 //! (IOERR/UNSUPP) when there is a place to write one, never in a panic.
 
+use super::stats::Kind;
 use crate::raid1::Array;
 use log::{debug, warn};
 use std::sync::Arc;
@@ -301,8 +302,8 @@ fn parse<M: GuestMemoryBackend>(
 
 /// A request as the worker sees it.
 pub enum Prepared {
-    /// Finished (status written); the used length.
-    Done(UsedLen),
+    /// Finished (status written).
+    Done(Ended),
     /// A read or write to run asynchronously.
     Transfer(Transfer),
     /// A flush to run asynchronously.
@@ -320,6 +321,17 @@ pub enum Prepared {
         /// Where the status byte goes.
         status: GuestAddress,
     },
+}
+
+/// A request that ended while it was prepared.
+#[derive(Debug, Clone, Copy)]
+pub struct Ended {
+    /// The used length.
+    pub used: UsedLen,
+    /// The status written (IOERR also when there was no place to write one).
+    pub status: u8,
+    /// What it was.
+    pub kind: Kind,
 }
 
 /// A validated read (`write == false`) or write of guest memory.
@@ -344,7 +356,15 @@ where
     M: GuestMemoryBackend,
 {
     let Some((segs, status_addr)) = split_status(descs) else {
-        return Prepared::Done(0);
+        return Prepared::Done(Ended {
+            used: 0,
+            status: status::IOERR,
+            kind: Kind::Other,
+        });
+    };
+    let done = |kind, result| {
+        let (status, used) = finish(mem, status_addr, result);
+        Prepared::Done(Ended { used, status, kind })
     };
     match parse(mem, &segs, &ctx.limits) {
         Ok(p) if p.ty == kind::FLUSH => Prepared::Flush {
@@ -353,7 +373,7 @@ where
         Ok(p) if p.ty == kind::IN || p.ty == kind::OUT => {
             if p.ty == kind::OUT {
                 if let Err(e) = ctx.may_write() {
-                    return Prepared::Done(finish(mem, status_addr, Err(e)));
+                    return done(Kind::Write, Err(e));
                 }
             }
             let len: usize = p.data.iter().map(|s| s.len).sum();
@@ -372,11 +392,15 @@ where
                     ranges,
                     status: status_addr,
                 },
-                Err(e) => Prepared::Done(finish(mem, status_addr, Err(e))),
+                Err(e) => done(Kind::of(p.ty), Err(e)),
             }
         }
-        Ok(p) => Prepared::Done(finish(mem, status_addr, execute(ctx, mem, p))),
-        Err(e) => Prepared::Done(finish(mem, status_addr, Err(e))),
+        Ok(p) => {
+            let k = Kind::of(p.ty);
+            let result = execute(ctx, mem, p);
+            done(k, result)
+        }
+        Err(e) => done(Kind::Other, Err(e)),
     }
 }
 
@@ -439,13 +463,13 @@ pub fn apply_ranges(array: &Array, zeroes: bool, ranges: &[(u64, u64)]) -> std::
     Ok(())
 }
 
-/// Writes the status for `result`; returns the used length (0 if the status byte
-/// cannot be written).
+/// Writes the status for `result`; returns it and the used length (0 if the
+/// status byte cannot be written).
 pub fn finish<M: GuestMemoryBackend>(
     mem: &M,
     status_addr: GuestAddress,
     result: Result<UsedLen, RequestError>,
-) -> UsedLen {
+) -> (u8, UsedLen) {
     let (st, used) = match result {
         Ok(used) => (status::OK, used),
         Err(e) => {
@@ -459,9 +483,9 @@ pub fn finish<M: GuestMemoryBackend>(
     };
     if mem.write_obj(st, status_addr).is_err() {
         warn!("cannot write the status byte at {:#x}", status_addr.0);
-        return 0;
+        return (st, 0);
     }
-    used.saturating_add(1)
+    (st, used.saturating_add(1))
 }
 
 /// Answers a request that does not touch the disk (GET_ID), or refuses it.

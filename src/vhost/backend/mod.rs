@@ -8,6 +8,7 @@ use super::engine::Engine;
 use super::gate::{LocalGate, WriterGate};
 use super::inflight::{self, InflightRegion};
 use super::request::{Context, Limits, ID_LEN};
+use super::stats::DeviceStats;
 use crate::raid1::Array;
 use crate::raid1::AsyncIo;
 use log::{debug, info, warn};
@@ -84,6 +85,8 @@ pub struct BlockBackend {
     stopped: Vec<AtomicBool>,
     /// The front-end's inflight buffer (`SET_INFLIGHT_FD`), if any.
     inflight: RwLock<Option<Arc<InflightRegion>>>,
+    /// Request and vring-stop statistics, when kept.
+    stats: Option<DeviceStats>,
 }
 
 fn serial_of(array: &Array) -> [u8; ID_LEN] {
@@ -129,7 +132,22 @@ impl BlockBackend {
             role: Arc::new(LocalGate::default()),
             started: Mutex::new(0),
             inflight: RwLock::new(None),
+            stats: None,
         })
+    }
+
+    /// Records the requests of every queue, and the vring stops, in `stats`.
+    pub fn with_stats(mut self, stats: &DeviceStats) -> BlockBackend {
+        for (i, q) in self.queues.iter().enumerate() {
+            lock(q).set_stats(stats.queue(i as u16));
+        }
+        self.stats = Some(stats.clone());
+        self
+    }
+
+    /// The statistics kept, if any (see [`BlockBackend::with_stats`]).
+    pub fn stats(&self) -> Option<&DeviceStats> {
+        self.stats.as_ref()
     }
 
     /// Uses `role` to decide whether this node may write (default: the array's
@@ -446,8 +464,12 @@ impl VhostUserBackend for BlockBackend {
         // the front-end took the ring back. Then the writer role goes back once no
         // queue runs: the destination takes it when its front-end starts the vrings.
         let qi = queue_index as usize;
+        let start = std::time::Instant::now();
         self.set_stopped(qi, true);
         self.wait_idle(qi, "GET_VRING_BASE");
+        if let Some(s) = &self.stats {
+            s.vring_stopped(start.elapsed());
+        }
         self.give_back_writer_role(qi);
         Ok(())
     }
