@@ -78,22 +78,21 @@ pub fn spawn_keepalive(service: Arc<Service>) -> std::io::Result<()> {
     debug!("systemd keep-alive every {every:?} (watchdog {watchdog:?})");
     std::thread::Builder::new()
         .name("sd-notify".into())
-        .spawn(move || {
-            while !service.stopping.load(Ordering::SeqCst) {
-                let line = status_line(&super::control::status(&service));
-                if service.stopping.load(Ordering::SeqCst) {
-                    break;
-                }
-                if watchdog.is_some() {
-                    send(
-                        "we are alive",
-                        &[NotifyState::Watchdog, NotifyState::Status(&line)],
-                    );
-                } else {
-                    send("our status", &[NotifyState::Status(&line)]);
-                }
-                std::thread::sleep(every);
+        .spawn(move || loop {
+            // Also while the node stops (a drain may take long): the watchdog is
+            // fed as long as the array answers; the STATUS line then says "stopping".
+            let line = status_line(&super::control::status(&service));
+            let stopping = service.stopping.load(Ordering::SeqCst);
+            match (watchdog.is_some(), stopping) {
+                (true, false) => send(
+                    "we are alive",
+                    &[NotifyState::Watchdog, NotifyState::Status(&line)],
+                ),
+                (true, true) => send("we are alive", &[NotifyState::Watchdog]),
+                (false, false) => send("our status", &[NotifyState::Status(&line)]),
+                (false, true) => return,
             }
+            std::thread::sleep(every);
         })
         .map(drop)
 }
