@@ -2,6 +2,7 @@
 //! what to do.
 
 pub mod create;
+pub mod docs;
 pub mod examine;
 pub mod lockd;
 pub mod serve;
@@ -26,6 +27,7 @@ pub enum Command {
     /// Make a new RAID1 on two or more legs (like mdadm --create --level=1 --metadata=1.2).
     Create(create::CreateArgs),
     /// Serve the mirror to a VM over a vhost-user-blk socket.
+    #[command(long_about = docs::SERVE_LONG_ABOUT)]
     Serve(serve::ServeArgs),
     /// Show a running array: legs, degraded, resync progress, bitmap (like /proc/mdstat).
     Status {
@@ -61,6 +63,11 @@ pub enum Command {
         #[arg(required = true, value_name = "LEG")]
         legs: Vec<PathBuf>,
     },
+    /// Print a shell completion script to standard output.
+    Completions(docs::CompletionsArgs),
+    /// Write the manual pages and completion scripts into a directory.
+    #[command(hide = true)]
+    GenerateDocs(docs::GenerateDocsArgs),
 }
 
 /// Writes to standard output; a closed pipe (e.g. `| head`) is not an error.
@@ -159,5 +166,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
                 Ok(ExitCode::SUCCESS)
             }
         }
+        Command::Completions(args) => {
+            docs::completions(&args);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::GenerateDocs(args) => docs::generate(&args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| e.to_string()),
     }
 }
