@@ -52,7 +52,7 @@ pub enum Command {
     },
     /// Run the host's lock manager for several `serve` processes (nodes) on this host.
     Lockd(lockd::LockdArgs),
-    /// Take a lock on a lockd and hold it until killed (prints each state change).
+    /// Take a lock from lockd or the host's DLM and hold it until killed, printing each state change.
     Lock(lockd::LockArgs),
     /// Show the md superblock and bitmaps of legs (like mdadm --examine and --examine-bitmap).
     Examine {
