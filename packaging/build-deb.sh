@@ -94,7 +94,8 @@ crates=$(cargo tree --locked -e normal,no-proc-macro --prefix none -f '{p}|{l}' 
     sed -e 's/ (\*)$//' -e 's| (/[^)]*)||' | sort -u |
     awk -F'|' -v self="$name" '$1 !~ "^" self " " { printf " %s (%s)\n", $1, $2 }')
 # The years of the project's commits, e.g. 2025-2026.
-first_year=$(git log --reverse --format=%ad --date=format:%Y 2>/dev/null | head -n1)
+first_year=$(git log --reverse --format=%ad --date=format:%Y 2>/dev/null | awk 'NR == 1') ||
+    first_year=
 last_year=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y)
 years=${first_year:-$last_year}
 [ "$years" = "$last_year" ] || years="$years-$last_year"
