@@ -16,7 +16,7 @@ pub struct CreateArgs {
     /// Make a clustered array (md-cluster) for the corosync cluster of this name.
     #[arg(long, value_name = "NAME")]
     pub cluster_name: Option<String>,
-    /// Number of node slots (per-node bitmaps) of a clustered array.
+    /// Number of node slots (per-node bitmaps) of a clustered array [default: 4].
     #[arg(long, value_name = "N", requires = "cluster_name")]
     pub nodes: Option<u32>,
     /// Create missing image files, and extend smaller ones, to this size (e.g. 10G).

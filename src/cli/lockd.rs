@@ -21,7 +21,7 @@ pub struct LockdArgs {
 /// Flags of `lock`.
 #[derive(Debug, Args)]
 pub struct LockArgs {
-    /// The lockd socket.
+    /// The socket of the lockd to use (its --socket); not with --dlm.
     #[arg(long, value_name = "PATH", required_unless_present = "dlm")]
     pub socket: Option<PathBuf>,
     /// Use the host's real DLM (libdlm; corosync + dlm_controld) instead of lockd.
@@ -44,9 +44,9 @@ pub struct LockArgs {
     /// from PW or EX writes it). Implies --valblk.
     #[arg(long, value_name = "TEXT", requires = "convert")]
     pub lvb: Option<String>,
-    /// Resource name.
+    /// Name of the resource to lock.
     pub resource: String,
-    /// Mode: NL, CR, CW, PR, PW or EX.
+    /// Mode to request: NL, CR, CW, PR, PW or EX.
     #[arg(value_parser = parse_mode)]
     pub mode: Mode,
 }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod create;
+pub mod docs;
 pub mod examine;
 pub mod lockd;
 pub mod serve;
@@ -27,6 +28,7 @@ pub enum Command {
     /// Make a new RAID1 on two or more legs (like mdadm --create --level=1 --metadata=1.2).
     Create(create::CreateArgs),
     /// Serve the mirror to a VM over a vhost-user-blk socket.
+    #[command(long_about = docs::SERVE_LONG_ABOUT)]
     Serve(Box<serve::ServeArgs>),
     /// Show a running array: legs, degraded, resync progress, bitmap (like /proc/mdstat).
     Status {
@@ -51,7 +53,7 @@ pub enum Command {
     },
     /// Run the host's lock manager for several `serve` processes (nodes) on this host.
     Lockd(lockd::LockdArgs),
-    /// Take a lock on a lockd and hold it until killed (prints each state change).
+    /// Take a lock from lockd or the host's DLM and hold it until killed, printing each state change.
     Lock(lockd::LockArgs),
     /// Show the md superblock and bitmaps of legs (like mdadm --examine and --examine-bitmap).
     Examine {
@@ -62,6 +64,11 @@ pub enum Command {
         #[arg(required = true, value_name = "LEG")]
         legs: Vec<PathBuf>,
     },
+    /// Print a shell completion script to standard output.
+    Completions(docs::CompletionsArgs),
+    /// Write the manual pages and completion scripts into a directory.
+    #[command(hide = true)]
+    GenerateDocs(docs::GenerateDocsArgs),
 }
 
 /// Writes to standard output; a closed pipe (e.g. `| head`) is not an error.
@@ -168,5 +175,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
                 Ok(ExitCode::SUCCESS)
             }
         }
+        Command::Completions(args) => {
+            docs::completions(&args);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::GenerateDocs(args) => docs::generate(&args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| e.to_string()),
     }
 }
