@@ -31,7 +31,7 @@ for tool in cargo dpkg dpkg-deb strip gzip; do
 done
 
 name=vhost-user-md
-maintainer=${DEB_MAINTAINER:-"vhost-user-md maintainers <packaging@vhost-user-md.org>"}
+maintainer=${DEB_MAINTAINER:-"vhost-user-md maintainers <vhost-user-md@localhost>"}
 if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
     SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || date +%s)
 fi
