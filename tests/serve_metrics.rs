@@ -234,3 +234,39 @@ fn a_metrics_address_in_use_refuses_the_start_and_touches_no_leg() {
     let after: Vec<Vec<u8>> = legs.iter().map(|l| std::fs::read(l).unwrap()).collect();
     assert!(before == after, "a refused start wrote to a leg");
 }
+
+#[test]
+fn a_client_that_sends_nothing_does_not_stop_the_scrapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let legs = common::create_array(dir.path(), &["a.img", "b.img"], "64M", None);
+    let mut args: Vec<&str> = vec!["--metrics", "127.0.0.1:0"];
+    args.extend(legs.iter().map(|l| l.to_str().unwrap()));
+    let s = Serve::start(&dir.path().join("vm.sock"), &args);
+    let addr = metrics_addr(&s);
+    // Connections that never finish their request, one sending half a line.
+    let _idle = TcpStream::connect(&addr).unwrap();
+    let mut half = TcpStream::connect(&addr).unwrap();
+    half.write_all(b"GET /metr").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let a = addr.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(get(&a, "/metrics").0);
+    });
+    // Each stalled client is given 2 s; the scrape behind them is answered.
+    let status = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a scrape behind stalled clients was never answered");
+    assert_eq!(status, "HTTP/1.0 200 OK");
+    // An endless request head is cut off (answered 400, or reset when the
+    // connection is closed with the rest unread), and the next scrape is answered.
+    let mut endless = TcpStream::connect(&addr).unwrap();
+    let junk = vec![b'x'; 64 << 10];
+    let _ = endless.write_all(&junk);
+    let mut answer = String::new();
+    let _ = endless.read_to_string(&mut answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.0 400"),
+        "{answer:?}"
+    );
+    assert_eq!(get(&addr, "/metrics").0, "HTTP/1.0 200 OK");
+}
