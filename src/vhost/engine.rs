@@ -4,8 +4,8 @@
 //! one place ([`Engine::finished`]: write-through flush, dirty log, status byte).
 //! The queue workers and [`process`] both use it.
 
-use super::request::{self, Context, Prepared, RequestError, UsedLen};
-use super::stats::{Kind, QueueStats};
+use super::request::{self, Context, Kind, Prepared, RequestError, UsedLen};
+use super::stats::QueueStats;
 use crate::raid1::{Array, AsyncIo, Buffers};
 use log::warn;
 use std::io;

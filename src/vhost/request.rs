@@ -2,7 +2,6 @@
 //! mirror, write the status byte. Every malformed chain ends in a status
 //! (IOERR/UNSUPP) when there is a place to write one, never in a panic.
 
-use super::stats::Kind;
 use crate::raid1::Array;
 use log::{debug, warn};
 use std::sync::Arc;
@@ -23,6 +22,69 @@ pub mod kind {
     pub const DISCARD: u32 = 11;
     /// Write zeroes.
     pub const WRITE_ZEROES: u32 = 13;
+}
+
+/// What a request was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// VIRTIO_BLK_T_IN.
+    Read,
+    /// VIRTIO_BLK_T_OUT.
+    Write,
+    /// VIRTIO_BLK_T_FLUSH.
+    Flush,
+    /// VIRTIO_BLK_T_DISCARD.
+    Discard,
+    /// VIRTIO_BLK_T_WRITE_ZEROES.
+    WriteZeroes,
+    /// VIRTIO_BLK_T_GET_ID.
+    GetId,
+    /// Anything else, and chains too malformed to say.
+    Other,
+}
+
+impl Kind {
+    /// Every kind, in label order.
+    pub const ALL: [Kind; 7] = [
+        Kind::Read,
+        Kind::Write,
+        Kind::Flush,
+        Kind::Discard,
+        Kind::WriteZeroes,
+        Kind::GetId,
+        Kind::Other,
+    ];
+
+    /// The kind of a request type (virtio 1.2, 5.2.6).
+    pub fn of(ty: u32) -> Kind {
+        match ty {
+            kind::IN => Kind::Read,
+            kind::OUT => Kind::Write,
+            kind::FLUSH => Kind::Flush,
+            kind::DISCARD => Kind::Discard,
+            kind::WRITE_ZEROES => Kind::WriteZeroes,
+            kind::GET_ID => Kind::GetId,
+            _ => Kind::Other,
+        }
+    }
+
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Read => "read",
+            Kind::Write => "write",
+            Kind::Flush => "flush",
+            Kind::Discard => "discard",
+            Kind::WriteZeroes => "write_zeroes",
+            Kind::GetId => "get_id",
+            Kind::Other => "other",
+        }
+    }
+
+    /// Its place in [`Kind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// Status values.

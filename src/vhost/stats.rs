@@ -6,76 +6,13 @@
 //! between queues); the Prometheus families they belong to are registered once
 //! with [`DeviceStats::register`] and encoded when scraped.
 
-use super::request::status;
+use super::request::{status, Kind};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 use std::time::{Duration, Instant};
-
-/// What a request was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    /// VIRTIO_BLK_T_IN.
-    Read,
-    /// VIRTIO_BLK_T_OUT.
-    Write,
-    /// VIRTIO_BLK_T_FLUSH.
-    Flush,
-    /// VIRTIO_BLK_T_DISCARD.
-    Discard,
-    /// VIRTIO_BLK_T_WRITE_ZEROES.
-    WriteZeroes,
-    /// VIRTIO_BLK_T_GET_ID.
-    GetId,
-    /// Anything else, and chains too malformed to say.
-    Other,
-}
-
-impl Kind {
-    /// Every kind, in label order.
-    pub const ALL: [Kind; 7] = [
-        Kind::Read,
-        Kind::Write,
-        Kind::Flush,
-        Kind::Discard,
-        Kind::WriteZeroes,
-        Kind::GetId,
-        Kind::Other,
-    ];
-
-    /// The kind of a request type (virtio 1.2, 5.2.6).
-    pub fn of(ty: u32) -> Kind {
-        use super::request::kind;
-        match ty {
-            kind::IN => Kind::Read,
-            kind::OUT => Kind::Write,
-            kind::FLUSH => Kind::Flush,
-            kind::DISCARD => Kind::Discard,
-            kind::WRITE_ZEROES => Kind::WriteZeroes,
-            kind::GET_ID => Kind::GetId,
-            _ => Kind::Other,
-        }
-    }
-
-    /// The label value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Read => "read",
-            Kind::Write => "write",
-            Kind::Flush => "flush",
-            Kind::Discard => "discard",
-            Kind::WriteZeroes => "write_zeroes",
-            Kind::GetId => "get_id",
-            Kind::Other => "other",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct QueueKind {
