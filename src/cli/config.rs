@@ -25,18 +25,32 @@ use toml::Spanned;
 /// The key that lists the legs (`serve`'s positional arguments).
 const LEGS: &str = "legs";
 
-/// Options a file may not set: the file itself, and fault drills.
+/// Options a file may not set: the file itself, fault drills, and what is for one
+/// start only (a file is read again at every restart of a unit: `force` would
+/// skip the multi-host check for good, `create-size` would make image files where
+/// a missing device node should be).
+const NOT_IN_FILE: &[&str] = &["config", "help", "force", "create-size", "cluster-name"];
+
+/// Options whose value must be a string in the file: an unquoted `0660` is the
+/// TOML integer 660, which is not the mode meant.
+const QUOTED: &[&str] = &["socket-mode"];
+
+/// Whether a file may set `arg`.
 fn settable(arg: &clap::Arg) -> bool {
-    !arg.is_hide_set() && !matches!(arg.get_long(), None | Some("config" | "help"))
+    !arg.is_hide_set() && arg.get_long().is_some_and(|l| !NOT_IN_FILE.contains(&l))
 }
 
 /// `args` (a whole command line, program name first) with the `--config FILE` of a
-/// `serve` command expanded into the file's flags; other command lines unchanged.
+/// `serve` command replaced by the file's options (each `--key=value`), then the
+/// command line's own, whose options win over the file's; other command lines are
+/// returned unchanged. The result parses without the file: a restart that
+/// executes the program anew with it (see `serve::rejoin`) gets the options this
+/// run got, whatever the file says by then.
 pub fn expand(args: Vec<OsString>, cli: &Command) -> Result<Vec<OsString>, String> {
     if args.get(1).is_none_or(|a| a != "serve") {
         return Ok(args);
     }
-    let Some(path) = config_path(&args[2..]) else {
+    let Some((path, rest)) = take_config(&args[2..]) else {
         return Ok(args);
     };
     let serve = cli
@@ -44,40 +58,69 @@ pub fn expand(args: Vec<OsString>, cli: &Command) -> Result<Vec<OsString>, Strin
         .ok_or("the command line has no serve command")?;
     let text = std::fs::read_to_string(&path)
         .map_err(|e| format!("config {}: cannot read: {e}", path.display()))?;
+    let given = long_options(&rest);
     let (flags, legs) =
-        flags_of(&text, serve).map_err(|e| format!("config {}: {e}", path.display()))?;
+        flags_of(&text, serve, &given).map_err(|e| format!("config {}: {e}", path.display()))?;
     let mut out = Vec::with_capacity(args.len() + flags.len() + legs.len() + 1);
     out.extend(args[..2].iter().cloned());
     out.extend(flags);
-    out.extend(args[2..].iter().cloned());
+    if !legs.is_empty() && has_positional(&rest, serve) {
+        return Err(format!(
+            "config {}: legs are given in the file and on the command line; give them in one place",
+            path.display()
+        ));
+    }
+    let ends_options = rest.iter().any(|a| a == "--");
+    out.extend(rest);
     if !legs.is_empty() {
-        if has_positional(&args[2..], serve) {
-            return Err(format!(
-                "config {}: legs are given in the file and on the command line; give them in one place",
-                path.display()
-            ));
+        if !ends_options {
+            out.push("--".into());
         }
-        out.push("--".into());
         out.extend(legs);
     }
     Ok(out)
 }
 
-/// The FILE of `--config FILE` or `--config=FILE` among `serve`'s arguments.
-fn config_path(args: &[OsString]) -> Option<std::path::PathBuf> {
+/// The long options (without dashes) `args` give before a `--`.
+fn long_options(args: &[OsString]) -> Vec<String> {
+    let mut out = Vec::new();
+    for a in args {
+        let Some(a) = a.to_str() else { continue };
+        if a == "--" {
+            break;
+        }
+        if let Some(long) = a.strip_prefix("--") {
+            out.push(long.split('=').next().unwrap_or(long).to_string());
+        }
+    }
+    out
+}
+
+/// The FILE of `--config FILE` or `--config=FILE` among `serve`'s arguments, and
+/// those arguments without it.
+fn take_config(args: &[OsString]) -> Option<(std::path::PathBuf, Vec<OsString>)> {
+    let mut rest = Vec::with_capacity(args.len());
+    let mut path = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--" {
-            return None;
+            rest.push(a.clone());
+            rest.extend(it.cloned());
+            break;
         }
-        if a == "--config" {
-            return it.next().map(Into::into);
-        }
-        if let Some(p) = a.to_str().and_then(|s| s.strip_prefix("--config=")) {
-            return Some(p.into());
+        if path.is_none() && a == "--config" {
+            path = Some(it.next()?.into());
+        } else if let Some(p) = a
+            .to_str()
+            .and_then(|s| s.strip_prefix("--config="))
+            .filter(|_| path.is_none())
+        {
+            path = Some(p.into());
+        } else {
+            rest.push(a.clone());
         }
     }
-    None
+    path.map(|p| (p, rest))
 }
 
 /// Whether `args` (after `serve`) hold a positional argument: a leg.
@@ -108,14 +151,21 @@ fn has_positional(args: &[OsString], serve: &Command) -> bool {
 
 /// The flags and legs a config file's text gives, each value checked by its
 /// option's parser; `Err` names the line and the key.
-fn flags_of(text: &str, serve: &Command) -> Result<(Vec<OsString>, Vec<OsString>), String> {
+fn flags_of(
+    text: &str,
+    serve: &Command,
+    given: &[String],
+) -> Result<(Vec<OsString>, Vec<OsString>), String> {
     let table: std::collections::BTreeMap<Spanned<String>, Spanned<toml::Value>> =
         toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
     // `serve` with nothing required: checks one option's value alone.
     let lenient = serve.clone().mut_args(|a| a.required(false));
     let mut flags = Vec::new();
     let mut legs = Vec::new();
-    for (key, value) in &table {
+    // In the order of the file: the first mistake is the one reported.
+    let mut entries: Vec<_> = table.iter().collect();
+    entries.sort_by_key(|(k, _)| k.span().start);
+    for (key, value) in entries {
         let at = format!("line {}", line_of(text, key.span().start));
         let name = key.get_ref().as_str();
         if name == LEGS {
@@ -133,6 +183,9 @@ fn flags_of(text: &str, serve: &Command) -> Result<(Vec<OsString>, Vec<OsString>
                     _ => return Err(format!("{at}: {LEGS}: every leg is a path in quotes")),
                 }
             }
+            if legs.len() < 2 {
+                return Err(format!("{at}: {LEGS}: give two or more legs"));
+            }
             continue;
         }
         let arg = serve
@@ -144,6 +197,15 @@ fn flags_of(text: &str, serve: &Command) -> Result<(Vec<OsString>, Vec<OsString>
                     keys(serve).join(", ")
                 )
             })?;
+        if given.iter().any(|g| g == name) {
+            // The command line sets it (e.g. a unit's drop-in): the file's gives way.
+            continue;
+        }
+        if QUOTED.contains(&name) && !value.get_ref().is_str() {
+            return Err(format!(
+                "{at}: {name}: give it in quotes, e.g. {name} = \"0660\""
+            ));
+        }
         if !arg.get_action().takes_values() {
             match value.get_ref() {
                 toml::Value::Boolean(true) => flags.push(OsString::from(format!("--{name}"))),
@@ -166,23 +228,20 @@ fn flags_of(text: &str, serve: &Command) -> Result<(Vec<OsString>, Vec<OsString>
             _ => return Err(format!("{at}: {name} takes a value in quotes or a number")),
         };
         for v in values {
-            check_value(&lenient, name, &v).map_err(|why| format!("{at}: {name}: {why}"))?;
-            flags.push(OsString::from(format!("--{name}")));
-            flags.push(OsString::from(v));
+            // One token: a value that starts with a dash is not taken for an option.
+            let flag = format!("--{name}={v}");
+            check_value(&lenient, &flag).map_err(|why| format!("{at}: {name}: {why}"))?;
+            flags.push(OsString::from(flag));
         }
     }
     Ok((flags, legs))
 }
 
-/// Checks `value` with the parser of option `name` (the whole command line is
+/// Checks the value of `--name=value` with its option's parser (the whole command line is
 /// checked later: what one option requires of another, repeats).
-fn check_value(lenient: &Command, name: &str, value: &str) -> Result<(), String> {
+fn check_value(lenient: &Command, flag: &str) -> Result<(), String> {
     use clap::error::ErrorKind;
-    let flag = format!("--{name}");
-    match lenient
-        .clone()
-        .try_get_matches_from(["serve", flag.as_str(), value])
-    {
+    match lenient.clone().try_get_matches_from(["serve", flag]) {
         Err(e)
             if matches!(
                 e.kind(),
@@ -290,23 +349,91 @@ mod tests {
     }
 
     #[test]
-    fn the_command_line_adds_to_the_file_and_may_not_repeat_it() {
-        let text = "socket = \"/run/v/d1.sock\"\nlegs = [\"/a\", \"/b\"]\n";
-        let args = expand_text(text, &["--queues", "2"]).unwrap();
+    fn the_command_line_adds_to_the_file_and_wins_over_it() {
+        let text = "socket = \"/run/v/d1.sock\"\nlegs = [\"/a\", \"/b\"]\nqueues = 4\n";
+        let args = expand_text(text, &["--queues", "2", "--read-only"]).unwrap();
+        assert!(!args.iter().any(|a| a.starts_with("--config")), "{args:?}");
         let parsed = <crate::cli::Cli as clap::Parser>::try_parse_from(&args).unwrap();
         let crate::cli::Command::Serve(s) = parsed.command else {
             panic!("not serve")
         };
-        assert_eq!(s.queues, 2);
-        let twice = expand_text(text, &["--socket", "/x"]).unwrap();
-        assert!(<crate::cli::Cli as clap::Parser>::try_parse_from(&twice).is_err());
+        assert_eq!(s.queues, 2, "the command line's --queues wins: {args:?}");
+        assert!(s.read_only);
+        assert_eq!(s.socket, Path::new("/run/v/d1.sock"));
+        let args = expand_text(text, &["--socket=/x"]).unwrap();
+        let parsed = <crate::cli::Cli as clap::Parser>::try_parse_from(&args).unwrap();
+        let crate::cli::Command::Serve(s) = parsed.command else {
+            panic!("not serve")
+        };
+        assert_eq!(s.socket, Path::new("/x"));
         let e = expand_text(text, &["/c", "/d"]).unwrap_err();
         assert!(
             e.contains("legs are given in the file and on the command line"),
             "{e}"
         );
-        // A flag's value on the command line is not a leg.
-        assert!(expand_text(text, &["--queues", "2", "--read-only"]).is_ok());
+    }
+
+    #[test]
+    fn the_expanded_command_line_parses_alone_like_a_restart_needs() {
+        // A restart executes the program again with the expanded arguments: they
+        // must not name the file again, and must parse to the same options.
+        let text = "socket = \"/s\"\nlegs = [\"/a\", \"/b\"]\nresync-max-rate = \"50M\"\n";
+        let args = expand_text(text, &[]).unwrap();
+        let again = expand(args.iter().map(OsString::from).collect(), &cli()).unwrap();
+        let again: Vec<String> = again
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(again, args);
+        assert!(<crate::cli::Cli as clap::Parser>::try_parse_from(&args).is_ok());
+    }
+
+    #[test]
+    fn one_start_options_and_an_unquoted_mode_are_refused() {
+        for key in [
+            "force = true",
+            "create-size = \"10G\"",
+            "cluster-name = \"c\"",
+        ] {
+            let e = expand_text(&format!("{key}\n"), &[]).unwrap_err();
+            assert!(e.contains("unknown key"), "{key}: {e}");
+        }
+        // 0660 unquoted is the integer 660 (and 0o660 is 432): never a mode.
+        let e = expand_text("socket-mode = 0o660\n", &[]).unwrap_err();
+        assert_eq!(
+            e,
+            "config FILE: line 1: socket-mode: give it in quotes, e.g. socket-mode = \"0660\""
+        );
+        let args = expand_text(
+            "socket = \"/s\"\nsocket-mode = \"0660\"\nlegs = [\"/a\", \"/b\"]\n",
+            &[],
+        )
+        .unwrap();
+        let parsed = <crate::cli::Cli as clap::Parser>::try_parse_from(&args).unwrap();
+        let crate::cli::Command::Serve(s) = parsed.command else {
+            panic!("not serve")
+        };
+        assert_eq!(s.socket_mode, 0o660);
+    }
+
+    #[test]
+    fn a_value_starting_with_a_dash_is_a_value() {
+        let e = expand_text("resync-max-rate = \"-5M\"\n", &[]).unwrap_err();
+        assert!(
+            e.starts_with("config FILE: line 1: resync-max-rate: invalid value"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_first_mistake_in_the_file_is_the_one_reported() {
+        let e = expand_text("zzz = 1\naaa = 2\n", &[]).unwrap_err();
+        assert!(
+            e.starts_with("config FILE: line 1: unknown key \"zzz\""),
+            "{e}"
+        );
+        let e = expand_text("legs = []\n", &[]).unwrap_err();
+        assert!(e.contains("give two or more legs"), "{e}");
     }
 
     #[test]

@@ -6,10 +6,10 @@
 //! resync, cluster, writer role), gathered from the same status at each scrape so
 //! that the two never disagree.
 //!
-//! The endpoint answers one connection at a time, each given [`IO_TIMEOUT`] to
-//! send its request and take the answer: a client that trickles or stalls delays
-//! the next scrape at most that long, and holds no memory beyond
-//! [`MAX_REQUEST`] bytes.
+//! The endpoint answers one connection at a time, each given [`IO_TIMEOUT`] in
+//! all to send its request and take the answer: a client that trickles or stalls
+//! delays the next scrape at most that long, and holds no memory beyond
+//! [`MAX_REQUEST`] bytes. It answers while the node stops, too.
 
 use super::control::{self, Status};
 use super::Service;
@@ -24,9 +24,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Time a client has to send its request, and to take the answer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -127,7 +126,7 @@ pub fn spawn(endpoint: Endpoint, service: Arc<Service>) -> std::io::Result<()> {
                 }
                 for conn in l.incoming() {
                     match conn {
-                        Ok(c) => answer(c, &exporter, &service),
+                        Ok(c) => answer(c, &exporter),
                         Err(e) => warn!("metrics: {e}"),
                     }
                 }
@@ -135,7 +134,7 @@ pub fn spawn(endpoint: Endpoint, service: Arc<Service>) -> std::io::Result<()> {
             Endpoint::Unix(l, _bound) => {
                 for conn in l.incoming() {
                     match conn {
-                        Ok(c) => answer(c, &exporter, &service),
+                        Ok(c) => answer(c, &exporter),
                         Err(e) => warn!("metrics: {e}"),
                     }
                 }
@@ -146,55 +145,100 @@ pub fn spawn(endpoint: Endpoint, service: Arc<Service>) -> std::io::Result<()> {
 
 /// A connection's stream.
 trait Conn: Read + Write {
-    fn set_timeouts(&self, t: Duration) -> std::io::Result<()>;
+    fn set_read_deadline(&self, left: Duration) -> std::io::Result<()>;
+    fn set_write_deadline(&self, left: Duration) -> std::io::Result<()>;
 }
 
 impl Conn for std::net::TcpStream {
-    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
-        self.set_read_timeout(Some(t))?;
-        self.set_write_timeout(Some(t))
+    fn set_read_deadline(&self, left: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(left))
+    }
+    fn set_write_deadline(&self, left: Duration) -> std::io::Result<()> {
+        self.set_write_timeout(Some(left))
     }
 }
 
 impl Conn for std::os::unix::net::UnixStream {
-    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
-        self.set_read_timeout(Some(t))?;
-        self.set_write_timeout(Some(t))
+    fn set_read_deadline(&self, left: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(left))
+    }
+    fn set_write_deadline(&self, left: Duration) -> std::io::Result<()> {
+        self.set_write_timeout(Some(left))
     }
 }
 
-/// Reads one HTTP request head and answers it; closes the connection.
-fn answer(mut conn: impl Conn, exporter: &Exporter, service: &Service) {
-    if conn.set_timeouts(IO_TIMEOUT).is_err() || service.stopping.load(Ordering::SeqCst) {
-        return;
+/// A connection with [`IO_TIMEOUT`] for all of it: every read and write waits
+/// at most what is left of it.
+struct Deadline<C> {
+    conn: C,
+    end: Instant,
+}
+
+impl<C: Conn> Deadline<C> {
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        Ok(left)
     }
+}
+
+impl<C: Conn> Read for Deadline<C> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.conn.set_read_deadline(left)?;
+        self.conn.read(buf)
+    }
+}
+
+impl<C: Conn> Write for Deadline<C> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.conn.set_write_deadline(left)?;
+        self.conn.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.conn.flush()
+    }
+}
+
+/// Reads one HTTP request head and answers it; closes the connection. The whole
+/// exchange gets [`IO_TIMEOUT`]; the node's state is answered while it stops too.
+fn answer(conn: impl Conn, exporter: &Exporter) {
+    let mut conn = Deadline {
+        conn,
+        end: Instant::now() + IO_TIMEOUT,
+    };
     let Some(head) = read_head(&mut conn) else {
-        let _ = respond(&mut conn, "400 Bad Request", "text/plain", "bad request\n");
+        let _ = respond(
+            &mut conn,
+            "400 Bad Request",
+            "text/plain",
+            "bad request\n",
+            true,
+        );
         return;
     };
     let mut parts = head.split(' ');
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
+    let body = method != "HEAD";
     let result = match (method, path) {
         ("GET" | "HEAD", "/metrics") => match exporter.render() {
-            Ok(body) => {
-                let body = if method == "HEAD" {
-                    String::new()
-                } else {
-                    body
-                };
-                respond(
-                    &mut conn,
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    &body,
-                )
-            }
+            Ok(text) => respond(
+                &mut conn,
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                &text,
+                body,
+            ),
             Err(_) => respond(
                 &mut conn,
                 "500 Internal Server Error",
                 "text/plain",
                 "encoding failed\n",
+                body,
             ),
         },
         ("GET" | "HEAD", "/") => respond(
@@ -202,18 +246,21 @@ fn answer(mut conn: impl Conn, exporter: &Exporter, service: &Service) {
             "200 OK",
             "text/plain; charset=utf-8",
             "vhost-user-md: metrics at /metrics\n",
+            body,
         ),
         ("GET" | "HEAD", _) => respond(
             &mut conn,
             "404 Not Found",
             "text/plain",
             "not found: try /metrics\n",
+            body,
         ),
         _ => respond(
             &mut conn,
             "405 Method Not Allowed",
             "text/plain",
             "use GET\n",
+            true,
         ),
     };
     if let Err(e) = result {
@@ -237,13 +284,23 @@ fn read_head(conn: &mut impl Read) -> Option<String> {
     Some(text.lines().next()?.trim_end().to_string())
 }
 
-fn respond(conn: &mut impl Write, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
+/// Writes an answer; `body` false (HEAD) sends the head alone, with the length
+/// the body would have.
+fn respond(
+    conn: &mut impl Write,
+    status: &str,
+    ctype: &str,
+    text: &str,
+    body: bool,
+) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+        text.len()
     );
     conn.write_all(head.as_bytes())?;
-    conn.write_all(body.as_bytes())?;
+    if body {
+        conn.write_all(text.as_bytes())?;
+    }
     conn.flush()
 }
 
@@ -262,7 +319,7 @@ impl Collector for StatusCollector {
     }
 }
 
-type Labels<'a> = Vec<(&'static str, String)>;
+type Labels = Vec<(&'static str, String)>;
 
 fn gauge(
     enc: &mut DescriptorEncoder,
@@ -292,7 +349,7 @@ fn gauges(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    rows: &[(Labels<'_>, i64)],
+    rows: &[(Labels, i64)],
 ) -> Result<(), std::fmt::Error> {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
     for (labels, v) in rows {
@@ -425,7 +482,7 @@ fn encode_status(s: &Status, enc: &mut DescriptorEncoder) -> Result<(), std::fmt
     gauge(
         enc,
         "resync_rate_bytes_per_second",
-        "Resync/recovery rate",
+        "Resync/recovery rate averaged over the current pass (rate(resync_copied_bytes_total) for the current one)",
         None,
         n(r.rate_bytes_per_sec),
     )?;

@@ -147,7 +147,16 @@ pub fn bind_sockets(config: &ServeConfig) -> Result<Sockets, String> {
     };
     let (control, control_path) =
         unixsock::listen(&config.control, Perms::PRIVATE).map_err(|e| e.to_string())?;
-    let metrics = config.metrics.as_ref().map(metrics::bind).transpose()?;
+    let metrics = match config.metrics.as_ref().map(metrics::bind).transpose() {
+        Ok(m) => m,
+        // A restart to rejoin keeps serving the guest without its metrics rather
+        // than give up the socket it was handed.
+        Err(e) if was_inherited => {
+            warn!("{e}: serving without metrics");
+            None
+        }
+        Err(e) => return Err(e),
+    };
     Ok(Sockets {
         vhost,
         control,

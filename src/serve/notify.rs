@@ -26,12 +26,47 @@ fn send(what: &str, states: &[NotifyState]) {
     }
 }
 
-/// The vhost-user socket serves: units ordered after this one may start.
+/// How long a restart that rejoins the cluster may go without feeding the
+/// watchdog: a join waits up to 5 minutes for a recovering lock manager.
+const RESTART_WATCHDOG: Duration = Duration::from_secs(330);
+
+/// The watchdog's timeout in the unit, if it has one.
+fn watchdog_usec() -> Option<u32> {
+    sd_notify::watchdog_enabled().map(|w| u32::try_from(w.as_micros()).unwrap_or(u32::MAX))
+}
+
+/// The vhost-user socket serves: units ordered after this one may start (and the
+/// watchdog's timeout is the unit's again, after a restart that stretched it).
 pub fn ready(status: &str) {
-    send(
-        "we are ready",
-        &[NotifyState::Ready, NotifyState::Status(status)],
-    );
+    let status = one_line(status);
+    match watchdog_usec() {
+        Some(usec) => send(
+            "we are ready",
+            &[
+                NotifyState::Ready,
+                NotifyState::Status(&status),
+                NotifyState::WatchdogUsec(usec),
+            ],
+        ),
+        None => send(
+            "we are ready",
+            &[NotifyState::Ready, NotifyState::Status(&status)],
+        ),
+    }
+}
+
+/// This process executes itself anew to rejoin the cluster: the watchdog waits
+/// [`RESTART_WATCHDOG`] for the new process to serve.
+pub fn watchdog_for_restart() {
+    if watchdog_usec().is_some() {
+        let usec = u32::try_from(RESTART_WATCHDOG.as_micros()).unwrap_or(u32::MAX);
+        send("the restart", &[NotifyState::WatchdogUsec(usec)]);
+    }
+}
+
+/// A STATUS value is one line of the notification.
+fn one_line(s: &str) -> String {
+    s.replace(['\n', '\r'], " ")
 }
 
 /// Shutdown has begun; `status` says what it does.
@@ -64,7 +99,7 @@ pub fn status_line(s: &super::control::Status) -> String {
     if let Some(why) = &s.fenced {
         line.push_str(&format!(", FENCED: {why}"));
     }
-    line
+    one_line(&line)
 }
 
 /// Starts the thread that refreshes the STATUS line and, when the unit has a

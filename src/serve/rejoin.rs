@@ -168,10 +168,26 @@ fn set_cloexec(fd: RawFd, on: bool) -> bool {
     }
 }
 
-/// Executes this program anew with the arguments it was started with, handing it
-/// `listen_fd`. Returns only if that fails.
+/// The arguments a restart executes the program with, when they differ from the
+/// process's own (a `--config` file's options, read once: the restart gets what
+/// this run got, whatever the file says by then).
+static ARGS: std::sync::OnceLock<Vec<OsString>> = std::sync::OnceLock::new();
+
+/// Sets the arguments [`reexec`] uses (program name first).
+pub fn set_args(args: Vec<OsString>) {
+    let _ = ARGS.set(args);
+}
+
+/// Executes this program anew with the arguments it was started with (or those
+/// of [`set_args`]), handing it `listen_fd`. Returns only if that fails.
 pub fn reexec(listen_fd: RawFd) -> std::io::Error {
-    let args: Vec<OsString> = std::env::args_os().collect();
+    let args: Vec<OsString> = ARGS
+        .get()
+        .cloned()
+        .unwrap_or_else(|| std::env::args_os().collect());
+    // The new process feeds systemd's watchdog only once it serves again, and its
+    // join may wait for the lock manager's recovery.
+    super::notify::watchdog_for_restart();
     if !set_cloexec(listen_fd, false) {
         return std::io::Error::last_os_error();
     }
