@@ -378,3 +378,61 @@ impl Drop for Reaped {
         let _ = self.0.wait();
     }
 }
+
+/// A node started from a config file rejoins with the options it started with,
+/// even when the file was broken meanwhile (an operator halfway through an edit):
+/// the restart does not read the file again.
+#[test]
+fn a_node_started_from_a_config_file_rejoins_with_its_options_whatever_the_file_says_by_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let legs = clustered(dir.path());
+    let lsock = dir.path().join("lockd.sock");
+    let mut ld = lockd(&lsock);
+    let conf = dir.path().join("a.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "lock-manager = \"lockd:{}\"\nqueues = 2\nlegs = [{:?}, {:?}]\n",
+            lsock.display(),
+            legs[0],
+            legs[1]
+        ),
+    )
+    .unwrap();
+    let a = Serve::start(
+        &dir.path().join("a.sock"),
+        &["--config", conf.to_str().unwrap()],
+    );
+    let pid = a.child.as_ref().unwrap().id();
+    ld.kill().unwrap();
+    ld.wait().unwrap();
+    let start = Instant::now();
+    while try_status(&a).is_none_or(|st| st["writer_role"] != "fenced") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not fenced: {}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&conf, "queus = 2\n").unwrap();
+    let _ld = lockd(&lsock);
+    let start = Instant::now();
+    loop {
+        if let Some(st) = try_status(&a) {
+            if st["writer_role"] != "fenced" && st["cluster"].is_object() {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node a did not rejoin: {}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    // Both queues of the start serve.
+    let mut c = Client::connect(&a.socket, 2, BLOCK);
+    assert_eq!(c.read(1, 0, 0, BLOCK), 0);
+}
