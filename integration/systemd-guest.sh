@@ -255,7 +255,10 @@ EOF
 }
 count() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p" | grep . || echo 0; } # count "KIND=N ..." KIND
 
-if on 'vhost-user-md create --assume-clean --bitmap-chunk 1M /dev/vdc /dev/vdd' 60 | sed 's/^/    guest| /'; then
+# udev probes a disk that a writer closed (a "change" event), holding a shared flock on it
+# meanwhile, which an exclusive claim (create, or serve of a plain array) is refused while
+# it lasts: as after any tool that writes metadata to a disk, let udev finish first.
+if on 'udevadm settle; vhost-user-md create --assume-clean --bitmap-chunk 1M /dev/vdc /dev/vdd && udevadm settle' 60 | sed 's/^/    guest| /'; then
     pass "vhost-user-md create on /dev/vdc /dev/vdd"
 else
     fail "vhost-user-md create on /dev/vdc /dev/vdd"
@@ -371,7 +374,7 @@ fi
 # between two QEMUs here), over vhost-user-md-lockd.service, which a drop-in makes each
 # disk require.
 LOCKD=/run/vhost-user-md/lockd.sock
-if on 'vhost-user-md create --force --cluster-name vumdclu --assume-clean --bitmap-chunk 1M /dev/vdc /dev/vdd' 60 | sed 's/^/    guest| /'; then
+if on 'udevadm settle; vhost-user-md create --force --cluster-name vumdclu --assume-clean --bitmap-chunk 1M /dev/vdc /dev/vdd && udevadm settle' 60 | sed 's/^/    guest| /'; then
     pass "vhost-user-md create --cluster-name on /dev/vdc /dev/vdd (over the first array: --force)"
 else
     fail "vhost-user-md create --cluster-name"
