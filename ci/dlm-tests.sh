@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The libdlm backend against the real Linux DLM (corosync + dlm_controld + the kernel's dlm
-# module) in QEMU TCG guests: installs the host packages, then runs integration/dlm-cluster.sh.
-# Needs root and network access to deb.debian.org (guest kernel and rootfs, cached in
-# DLM_CACHE afterwards). Usage: ci/dlm-tests.sh   (environment: see integration/dlm-cluster.sh)
+# The tests in Debian 12 guests with a full userland (QEMU TCG): installs the host packages,
+# then runs
+#   integration/dlm-cluster.sh   the libdlm backend against the real Linux DLM (corosync +
+#                                dlm_controld + the kernel's dlm module)
+#   integration/systemd-guest.sh the .deb and its systemd units in a guest with systemd as PID 1
+# both (the second also when the first failed); fails if either failed.
+# Needs root and network access to deb.debian.org (guest kernel and rootfs, shared by both
+# and cached in DLM_CACHE afterwards).
+# Usage: ci/dlm-tests.sh   (environment: see the two scripts)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -17,6 +22,11 @@ command -v mke2fs >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v modprobe >/dev/null 2>&1 || need+=(kmod)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
+# systemd-guest.sh: packaging/build-deb.sh (strip; dpkg-shlibdeps for the Depends field) and
+# the metrics parser
+command -v strip >/dev/null 2>&1 || need+=(binutils)
+command -v dpkg-shlibdeps >/dev/null 2>&1 || need+=(dpkg-dev)
+/usr/bin/python3 -c 'import prometheus_client.parser' 2>/dev/null || need+=(python3-prometheus-client)
 # The guest kernel is found with apt-cache and fetched with apt-get download.
 apt-get update -qq
 if [ ${#need[@]} -gt 0 ]; then
@@ -41,4 +51,7 @@ SRC
         apt-get install -y -qq --no-install-recommends qemu-system-x86
     fi
 fi
-exec integration/dlm-cluster.sh
+rc=0
+integration/dlm-cluster.sh || rc=1
+integration/systemd-guest.sh || rc=1
+exit $rc

@@ -20,6 +20,6 @@ if [ -x ci/fuzz.sh ]; then
     ci/fuzz.sh "$fuzz_secs"
 fi
 echo "== guest tests"; ci/guest-tests.sh
-echo "== real DLM tests"; ci/dlm-tests.sh
+echo "== real DLM and systemd guest tests"; ci/dlm-tests.sh
 passed=$(grep -Eo '^test result: ok\. [0-9]+ passed' target/test.log | awk '{s+=$4} END {print s+0}')
 echo "suite: $passed passed, 0 failed"

@@ -40,8 +40,9 @@
 #
 # Usage: integration/dlm-cluster.sh            (root; ci/dlm-tests.sh installs the host packages)
 # Environment:
-#   DLM_CACHE   cache of the guest kernel and the debootstrap'ed rootfs
-#               (default ${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-md/dlm-cluster)
+#   DLM_CACHE   cache of the guest kernel and the debootstrap'ed rootfs, shared with
+#               integration/systemd-guest.sh (integration/lib/debian-guest.sh builds them;
+#               default ${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-md/dlm-cluster)
 #   DLM_WORK    work dir for images, sockets and logs (default: a new /tmp/vumd-dlm.XXXXXX;
 #               keep it short, unix socket paths are limited); removed on success
 #   DLM_PHASES  phases to run (default "1 2 3 4 5")
@@ -60,11 +61,11 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 H=$ROOT/integration/dlm-cluster
 CACHE=${DLM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-md/dlm-cluster}
+GUEST_CACHE=$CACHE
+. "$ROOT/integration/lib/debian-guest.sh" # guest kernel, rootfs (GUEST_PKGS), initramfs
 PHASES=${DLM_PHASES:-1 2 3 4 5}
 VM_TIMEOUT=${DLM_VM_TIMEOUT:-1800}
-PKGS=corosync,dlm-controld,libdlm3,mdadm,kmod,iproute2,procps,psmisc
 MODULES="virtio_pci virtio_blk virtio_net ext4 dlm md-mod raid1 md-cluster"
-mkdir -p "$CACHE"
 W=${DLM_WORK:-$(mktemp -d /tmp/vumd-dlm.XXXXXX)}
 mkdir -p "$W"
 
@@ -188,37 +189,11 @@ IO_BIN=$(NAME=guest_io artifact build --example guest_io)
 if [ ! -x "$TEST_BIN" ] || [ ! -x "$MD_BIN" ] || [ ! -x "$IO_BIN" ]; then echo "build failed" >&2; exit 1; fi
 
 log "guest kernel and rootfs (cache: $CACHE)"
-if [ -z "${KDIR:-}" ]; then
-    pkg=${DLM_KERNEL_PKG:-$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' |
-        awk '{print $1}' | sort -V | tail -1)}
-    [ -n "$pkg" ] || { echo "no linux-image-6.1.0-*-amd64 package known to apt (apt-get update?)" >&2; exit 1; }
-    KDIR=$CACHE/kernel/$pkg
-    if [ ! -e "$KDIR/.complete" ]; then
-        rm -rf "$KDIR" "$CACHE/kernel/dl"
-        mkdir -p "$KDIR" "$CACHE/kernel/dl"
-        (cd "$CACHE/kernel/dl" && apt-get download "$pkg")
-        dpkg-deb -x "$CACHE/kernel/dl/${pkg}"_*.deb "$KDIR"
-        depmod -b "$KDIR" "$(ls "$KDIR/lib/modules" | head -1)"
-        rm -rf "$CACHE/kernel/dl"
-        touch "$KDIR/.complete"
-    fi
-fi
-KVER=$(ls "$KDIR/lib/modules" | head -1)
-if [ "$(cat "$CACHE/rootfs.pkgs" 2>/dev/null)" != "$PKGS" ]; then
-    log "debootstrap bookworm ($PKGS)"
-    rm -rf "$CACHE/rootfs" "$CACHE/rootfs.tmp" "$CACHE/rootfs.pkgs"
-    debootstrap --variant=minbase --include="$PKGS" bookworm "$CACHE/rootfs.tmp" \
-        http://deb.debian.org/debian >"$CACHE/debootstrap.log" 2>&1 ||
-        { tail -20 "$CACHE/debootstrap.log"; exit 1; }
-    R=$CACHE/rootfs.tmp
-    rm -rf "$R"/usr/share/{doc,man,locale,info} "$R"/var/cache/apt/*.bin \
-        "$R"/var/cache/apt/archives/*.deb "$R"/var/lib/apt/lists/*
-    mv "$CACHE/rootfs.tmp" "$CACHE/rootfs"
-    echo "$PKGS" >"$CACHE/rootfs.pkgs"
-fi
+guest_kernel
+guest_rootfs
 
 log "images (kernel $KVER)"
-R=$CACHE/rootfs
+R=$ROOTFS
 install -m 755 "$H/guest-init" "$R/sbin/guest-init"
 mkdir -p "$R/etc/dlm" "$R/etc/corosync"
 install -m 644 "$H/corosync-1node.conf" "$H/corosync-2node.conf" "$R/etc/corosync/"
@@ -226,41 +201,18 @@ install -m 644 "$H/dlm.conf" "$R/etc/dlm/dlm.conf"
 mkdir -p "$R/usr/local/sbin"
 install -m 755 "$H/fence-delay" "$R/usr/local/sbin/vumd-fence-delay"
 printf '10.0.0.1 node1\n10.0.0.2 node2\n127.0.0.1 localhost\n' >"$R/etc/hosts"
-rm -f "$W/root.ext4"
-mke2fs -q -t ext4 -L vumdroot -d "$R" "$W/root.ext4" 1G >/dev/null
+guest_ext4 "$W/root.ext4" "$R" vumdroot 1G
 # binaries under test on their own read-only disk (vdb -> /opt/vumd in the guest)
 B=$W/bindisk
-rm -rf "$B" "$W/bin.ext4"
+rm -rf "$B"
 mkdir -p "$B"
 cp "$TEST_BIN" "$B/dlm_conformance"
 cp "$MD_BIN" "$B/vhost-user-md"
 cp "$IO_BIN" "$B/guest_io"
-mke2fs -q -t ext4 -L vumdbin -d "$B" "$W/bin.ext4" $(($(du -sm "$B" | cut -f1) * 5 / 4 + 16))M >/dev/null
+guest_ext4 "$W/bin.ext4" "$B" vumdbin
 rm -rf "$B"
 # initramfs: busybox, the modules, then switch_root into the rootfs (guest-init)
-I=$W/initrd
-rm -rf "$I"
-mkdir -p "$I"/{bin,proc,sys,dev,newroot,lib/modules}
-BUSYBOX=$(command -v busybox) && ! ldd "$BUSYBOX" >/dev/null 2>&1 ||
-    { echo "needs a static busybox (apt-get install busybox-static)" >&2; exit 1; }
-cp "$BUSYBOX" "$I/bin/busybox"
-for a in sh mount mkdir insmod switch_root cat echo; do ln -s busybox "$I/bin/$a"; done
-for m in $MODULES; do
-    modprobe -d "$KDIR" -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" {print $2}'
-done | awk '!seen[$0]++' | while read -r ko; do
-    cp "$ko" "$I/lib/modules/"
-    basename "$ko" >>"$I/modules.order"
-done
-cat >"$I/init" <<'EOF'
-#!/bin/sh
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in $(cat /modules.order); do insmod /lib/modules/$m || echo "insmod $m failed"; done
-EOF
-cat "$H/switch-root.sh" >>"$I/init"
-echo 'echo "guest boot failed"; sleep 5; poweroff -f' >>"$I/init"
-chmod 755 "$I/init"
-(cd "$I" && find . | cpio -o -H newc --quiet | gzip -1) >"$W/initrd.cpio.gz"
-rm -rf "$I"
+guest_initrd "$W/initrd.cpio.gz" /sbin/guest-init "$MODULES"
 log "images ready in $W"
 
 # ---------------------------------------------------------------- phase 1: one node
