@@ -416,7 +416,7 @@ fn a_node_started_from_a_config_file_rejoins_with_its_options_whatever_the_file_
         std::thread::sleep(Duration::from_millis(20));
     }
     std::fs::write(&conf, "queus = 2\n").unwrap();
-    let _ld = lockd(&lsock);
+    let mut ld = lockd(&lsock);
     let start = Instant::now();
     loop {
         if let Some(st) = try_status(&a) {
@@ -435,4 +435,8 @@ fn a_node_started_from_a_config_file_rejoins_with_its_options_whatever_the_file_
     // Both queues of the start serve.
     let mut c = Client::connect(&a.socket, 2, BLOCK);
     assert_eq!(c.read(1, 0, 0, BLOCK), 0);
+    drop(c);
+    drop(a);
+    let _ = ld.kill();
+    let _ = ld.wait();
 }

@@ -48,16 +48,34 @@ pub(crate) fn take(file: &File, claim: Claim) -> io::Result<()> {
         Claim::Shared => libc::LOCK_SH,
         Claim::Exclusive => libc::LOCK_EX,
     };
-    // SAFETY: flock(2) on a file descriptor this `File` keeps open; no memory is passed.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(());
+    let deadline = std::time::Instant::now() + UDEV_WAIT;
+    loop {
+        // SAFETY: flock(2) on a file descriptor this `File` keeps open; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(err);
+        }
+        if std::time::Instant::now() >= deadline || !held_by_udev_only(file) {
+            return Err(busy(file));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-        return Err(err);
-    }
-    Err(busy(file))
+}
+
+/// How long a claim waits for udev: after a program closes a block device it
+/// wrote (`create`, a stopped `serve`), udev probes it again under a shared
+/// flock, for a moment.
+const UDEV_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether every holder of a flock on `file` is udev probing it.
+fn held_by_udev_only(file: &File) -> bool {
+    let Ok(m) = file.metadata() else { return false };
+    let hs = holders(m.dev(), m.ino());
+    !hs.is_empty() && hs.iter().all(|h| !h.exclusive && h.is_udev())
 }
 
 /// The refusal of an `O_EXCL` open of a block device (`EBUSY`): names our holder if
@@ -109,6 +127,14 @@ pub(crate) struct Holder {
 }
 
 impl Holder {
+    /// Whether the holder is udev (its daemon or a worker probing a device).
+    fn is_udev(&self) -> bool {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.pid)).unwrap_or_default();
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        let name = argv0.rsplit(|b| *b == b'/').next().unwrap_or_default();
+        matches!(name, b"(udev-worker)" | b"systemd-udevd" | b"udevd")
+    }
+
     /// "pid N (vhost-user-md serve --socket PATH)" as far as `/proc` tells.
     fn describe(&self) -> String {
         let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.pid)).unwrap_or_default();
@@ -235,5 +261,55 @@ mod tests {
         let c = File::open(&p).unwrap();
         take(&c, Claim::Shared).unwrap();
         assert!(take(&File::open(&p).unwrap(), Claim::Exclusive).is_err());
+    }
+
+    /// Holds a shared flock on `p` from a process whose name is `argv0`, for
+    /// `secs`; returns once the lock is held.
+    fn hold_shared(p: &Path, argv0: &str, secs: &str) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let child = std::process::Command::new("flock")
+            .arg0(argv0)
+            .args(["--shared", "--nonblock"])
+            .arg(p)
+            .args(["sleep", secs])
+            .spawn()
+            .unwrap();
+        let f = File::open(p).unwrap();
+        let start = std::time::Instant::now();
+        // SAFETY: flock(2) on a file descriptor `f` keeps open.
+        while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            // SAFETY: as above.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+            assert!(
+                start.elapsed().as_secs() < 5,
+                "flock(1) did not take the lock"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child
+    }
+
+    #[test]
+    fn a_claim_waits_for_udev_probing_the_leg_and_for_nobody_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("leg.img");
+        std::fs::write(&p, b"x").unwrap();
+        // udev's worker probes the device after its writer closed it: the claim
+        // goes through once the probe ends.
+        let mut udev = hold_shared(&p, "(udev-worker)", "0.3");
+        let f = File::open(&p).unwrap();
+        let start = std::time::Instant::now();
+        take(&f, Claim::Exclusive).unwrap();
+        assert!(start.elapsed() >= std::time::Duration::from_millis(100));
+        udev.wait().unwrap();
+        drop(f);
+        // Anybody else is refused at once, naming it.
+        let mut other = hold_shared(&p, "some-tool", "2");
+        let start = std::time::Instant::now();
+        let e = take(&File::open(&p).unwrap(), Claim::Exclusive).unwrap_err();
+        assert!(start.elapsed() < std::time::Duration::from_secs(1), "{e}");
+        assert!(e.to_string().contains("some-tool"), "{e}");
+        let _ = other.kill();
+        let _ = other.wait();
     }
 }

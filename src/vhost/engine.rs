@@ -31,7 +31,7 @@ struct Pending<M> {
     /// (for the statistics).
     kind: Kind,
     bytes: usize,
-    started: Instant,
+    started: Option<Instant>,
 }
 
 /// One queue's requests in flight and the I/O they run on.
@@ -61,8 +61,8 @@ where
         self.stats = Some(stats);
     }
 
-    fn record(&self, kind: Kind, bytes: usize, started: Instant, status: u8) {
-        if let Some(s) = &self.stats {
+    fn record(&self, kind: Kind, bytes: usize, started: Option<Instant>, status: u8) {
+        if let (Some(s), Some(started)) = (&self.stats, started) {
             s.record(kind, bytes, started, status);
         }
     }
@@ -118,7 +118,8 @@ where
         descs: &[Descriptor],
     ) -> Option<UsedLen> {
         let array = ctx.array;
-        let started = Instant::now();
+        // The clock is read only when the statistics are kept.
+        let started = self.stats.as_ref().map(|_| Instant::now());
         let pending = |status, used, read_segs, write, kind, bytes| Pending {
             head,
             status,
