@@ -270,3 +270,30 @@ fn a_client_that_sends_nothing_does_not_stop_the_scrapes() {
     );
     assert_eq!(get(&addr, "/metrics").0, "HTTP/1.0 200 OK");
 }
+
+#[test]
+fn metrics_on_a_unix_socket_answer_and_the_path_goes_with_the_node() {
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let legs = common::create_array(dir.path(), &["a.img", "b.img"], "64M", None);
+    let path = dir.path().join("vm.metrics");
+    let spec = format!("unix:{}", path.display());
+    let mut args: Vec<&str> = vec!["--metrics", &spec];
+    args.extend(legs.iter().map(|l| l.to_str().unwrap()));
+    let mut s = Serve::start(&dir.path().join("vm.sock"), &args);
+    let mut c = UnixStream::connect(&path).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200 OK"), "{head}");
+    let samples = Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .unwrap()
+        .samples;
+    assert_eq!(
+        value(&samples, "vhost_user_md_array_legs_in_sync", &[]),
+        2.0
+    );
+    assert!(s.stop().success());
+    assert!(!path.exists(), "the metrics socket is left behind");
+}

@@ -114,13 +114,21 @@ impl Exporter {
     }
 }
 
-/// Starts the thread serving the metrics on `endpoint`.
-pub fn spawn(endpoint: Endpoint, service: Arc<Service>) -> std::io::Result<()> {
+/// Starts the thread serving the metrics on `endpoint`. Returns the unix socket's
+/// path guard, if any: the path is removed when it is dropped.
+pub fn spawn(
+    endpoint: Endpoint,
+    service: Arc<Service>,
+) -> std::io::Result<Option<crate::unixsock::Bound>> {
     let exporter = Exporter::new(&service);
+    let (endpoint, path) = match endpoint {
+        Endpoint::Unix(l, bound) => (Listening::Unix(l), Some(bound)),
+        Endpoint::Tcp(l) => (Listening::Tcp(l), None),
+    };
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || match endpoint {
-            Endpoint::Tcp(l) => {
+            Listening::Tcp(l) => {
                 if let Ok(a) = l.local_addr() {
                     info!("metrics on http://{a}/metrics");
                 }
@@ -131,7 +139,7 @@ pub fn spawn(endpoint: Endpoint, service: Arc<Service>) -> std::io::Result<()> {
                     }
                 }
             }
-            Endpoint::Unix(l, _bound) => {
+            Listening::Unix(l) => {
                 for conn in l.incoming() {
                     match conn {
                         Ok(c) => answer(c, &exporter),
@@ -140,7 +148,13 @@ pub fn spawn(endpoint: Endpoint, service: Arc<Service>) -> std::io::Result<()> {
                 }
             }
         })
-        .map(drop)
+        .map(|_| path)
+}
+
+/// A listener the metrics thread owns.
+enum Listening {
+    Tcp(TcpListener),
+    Unix(UnixListener),
 }
 
 /// A connection's stream.

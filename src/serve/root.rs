@@ -464,11 +464,14 @@ struct Listeners {
 struct Threads {
     resync: Option<std::thread::JoinHandle<()>>,
     bitmap: Option<std::thread::JoinHandle<()>>,
+    /// The metrics' unix socket path, removed once the threads stopped.
+    metrics_socket: Option<unixsock::Bound>,
 }
 
 impl Threads {
     /// Waits for the threads (told to stop beforehand).
     fn join(self) {
+        drop(self.metrics_socket);
         for t in [self.resync, self.bitmap].into_iter().flatten() {
             if t.join().is_err() {
                 warn!("a serve thread panicked");
@@ -508,7 +511,8 @@ fn spawn_threads(
         })
         .map_err(thread("control"))?;
     if let Some(endpoint) = metrics {
-        metrics::spawn(endpoint, service.clone()).map_err(thread("metrics"))?;
+        threads.metrics_socket =
+            metrics::spawn(endpoint, service.clone()).map_err(thread("metrics"))?;
     }
     notify::spawn_keepalive(service.clone()).map_err(thread("sd-notify"))?;
     let (be, stop) = (service.backend.clone(), stopping.clone());
