@@ -441,26 +441,6 @@ fn compare(legs: &[String]) -> Result<bool, String> {
     Ok(same)
 }
 
-/// `settle SOCKET`: waits (5 s at most) until a first 4 KiB read at offset 0
-/// succeeds, on a connection of its own. The first request of a new connection
-/// is now and then answered IOERR (an open item, as `Client::settle` of the
-/// process tests says); checks that count requests start once the device answers.
-fn settle(args: &[String]) -> Result<bool, String> {
-    let socket = args.first().ok_or("settle SOCKET")?;
-    let mut c = VhostClient::connect(socket, 4096)?;
-    let start = std::time::Instant::now();
-    let mut failed = 0;
-    while c.io(false, 0, 4096) != 0 {
-        failed += 1;
-        if start.elapsed() > std::time::Duration::from_secs(5) {
-            return Err(format!("no read succeeded in 5 s ({failed} failed)"));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    println!("settled after {failed} failed reads");
-    Ok(true)
-}
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = match args.first().map(String::as_str) {
@@ -468,8 +448,7 @@ fn main() -> ExitCode {
         Some("verify") => opts(&args[1..]).and_then(|o| verify(&o)),
         Some("compare-legs") => compare(&args[1..]),
         Some("corrupt") => corrupt(&args[1..]),
-        Some("settle") => settle(&args[1..]),
-        _ => Err("usage: guest_io write|verify TARGET --seed S --first F --blocks N [--block-size B] [--passes P] [--acks FILE] | compare-legs LEG LEG... | corrupt LEG MIB | settle SOCKET".into()),
+        _ => Err("usage: guest_io write|verify TARGET --seed S --first F --blocks N [--block-size B] [--passes P] [--acks FILE] | compare-legs LEG LEG... | corrupt LEG MIB".into()),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,

@@ -232,26 +232,12 @@ impl Conn {
         let region = b.alloc_mem_region(BUF_LEN).map_err(e("alloc"))?;
         b.map_mem_region(&region).map_err(e("map"))?;
         let q = out.queues.into_iter().next().ok_or("no queue")?;
-        let mut c = Conn {
+        Ok(Conn {
             q,
             _blkio: b,
             addr: region.addr,
             outstanding: 0,
-        };
-        // As common::Client::settle: the first request right after connecting is
-        // now and then refused; wait for a first read to succeed.
-        let start = Instant::now();
-        loop {
-            c.submit_read(0, 0, UNIT, usize::MAX);
-            match c.wait_one(Duration::from_secs(30))? {
-                Some((_, 0)) => return Ok(c),
-                Some(_) if start.elapsed() < Duration::from_secs(5) => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                Some((_, ret)) => return Err(format!("first read keeps failing: {ret}")),
-                None => return Err("first read did not complete in 30 s".into()),
-            }
-        }
+        })
     }
 
     fn buf(&mut self, slot: usize) -> &mut [u8] {

@@ -36,6 +36,13 @@ pub type GuestMem = GuestMemoryAtomic<Mem>;
 /// A vring.
 pub type Vring = VringRwLock<GuestMem>;
 
+/// A memory table as a worker took it.
+struct Snapshot {
+    /// [`BlockBackend`]'s `mem_generation` when it was taken.
+    generation: u64,
+    mem: Arc<Mem>,
+}
+
 pub use super::{QUEUE_SIZE, SEG_MAX, SIZE_MAX};
 
 /// How often a wait for requests in flight says it still waits.
@@ -65,6 +72,10 @@ pub struct BlockBackend {
     log_carrier: Mutex<LogCarrier>,
     writethrough: AtomicBool,
     mem: RwLock<Option<GuestMem>>,
+    /// Bumped after every change of `mem`: a worker that took a request from the
+    /// ring with an older table parses it against the new one (see
+    /// [`BlockBackend::memory_changed`]).
+    mem_generation: AtomicU64,
     /// Held shared by a worker while it runs requests; taken exclusively to drain.
     io_gate: RwLock<()>,
     stopping: AtomicBool,
@@ -125,6 +136,7 @@ impl BlockBackend {
             log_carrier: Mutex::new(LogCarrier::default()),
             writethrough: AtomicBool::new(false),
             mem: RwLock::new(None),
+            mem_generation: AtomicU64::new(0),
             io_gate: RwLock::new(()),
             stopping: AtomicBool::new(false),
             completed: AtomicU64::new(0),
@@ -282,6 +294,32 @@ impl BlockBackend {
         // done later it would delay the next front-end's memory table (e.g. a VM
         // migrating back to this node, during its downtime).
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
+        self.mem_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The memory table as it is now, and its generation.
+    fn current_memory(&self) -> io::Result<Snapshot> {
+        // The generation first: a table newer than it is only read again later.
+        let generation = self.mem_generation.load(Ordering::Acquire);
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| io::Error::other("no guest memory"))?;
+        Ok(Snapshot {
+            generation,
+            mem: mem.memory().into_inner(),
+        })
+    }
+
+    /// Whether the memory table changed since `snapshot` was taken. Asked after a
+    /// request was taken from the ring: a front-end adds a region (ADD_MEM_REG),
+    /// waits for its reply, and only then makes a request in that region
+    /// available, so a request seen in the ring after the reply was sent is seen
+    /// with the new generation.
+    fn memory_changed(&self, snapshot: &Snapshot) -> bool {
+        self.mem_generation.load(Ordering::Acquire) != snapshot.generation
     }
 
     /// The serial number GET_ID returns.
@@ -449,6 +487,7 @@ impl VhostUserBackend for BlockBackend {
         dirty::set_logging(&snapshot, self.log_all.load(Ordering::SeqCst));
         lock(&self.log_carrier).carry(snapshot);
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        self.mem_generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -538,22 +577,15 @@ impl VhostUserBackend for BlockBackend {
         }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
-            // The memory table as it is now, at every pass: a front-end that added a
-            // region (ADD_MEM_REG) and then queued requests in it, while this loop
-            // ran, must not have them parsed against the table from before.
-            let mem = self
-                .mem
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-                .ok_or_else(|| io::Error::other("no guest memory"))?;
-            let mem = mem.memory().into_inner();
+            // The memory table as it is now, at every pass (and again when it
+            // changes while the pass takes requests: see `process_queue`).
+            let mem = self.current_memory()?;
             if event_idx {
                 vring
                     .disable_notification()
                     .map_err(|e| io::Error::other(format!("{e:?}")))?;
             }
-            if self.process_queue(thread_id, vring, &mem)? {
+            if self.process_queue(thread_id, vring, mem)? {
                 vring.signal_used_queue()?;
             }
             if !event_idx
@@ -568,3 +600,6 @@ impl VhostUserBackend for BlockBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

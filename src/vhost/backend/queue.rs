@@ -6,7 +6,6 @@ use crate::vhost::inflight::{self, InflightQueue};
 use log::warn;
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use vhost_user_backend::{VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestAddress;
@@ -32,7 +31,7 @@ impl BlockBackend {
         &self,
         qi: usize,
         vring: &Vring,
-        mem: &Arc<Mem>,
+        mut snapshot: Snapshot,
     ) -> io::Result<bool> {
         let mut qs = lock(&self.queues[qi]);
         if self.stopped[qi].load(Ordering::SeqCst) {
@@ -52,27 +51,43 @@ impl BlockBackend {
             .into_iter();
         loop {
             let (head, descs) = if let Some(head) = resubmit.next() {
-                let queue = state.get_queue();
-                let table = GuestAddress(queue.desc_table());
-                match inflight::read_chain(&**mem, table, queue.size(), head) {
-                    Ok(descs) => (head, descs),
-                    Err(e) => {
-                        warn!("queue {qi}: inflight head {head}: {e}");
-                        inflight::add_used(&mut state, iq, head, 0)?;
-                        used_any = true;
-                        continue;
-                    }
-                }
-            } else if let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) {
+                (head, None)
+            } else if let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*snapshot.mem) {
                 let head = chain.head_index();
                 if let Some(iq) = iq {
                     iq.get(head);
                 }
-                (head, chain.collect::<Vec<_>>())
+                if self.memory_changed(&snapshot) {
+                    // The front-end changed its memory table (ADD_MEM_REG) after this
+                    // pass took its snapshot, then made this request available: its
+                    // buffers (and indirect table) may lie in the new region.
+                    (head, None)
+                } else {
+                    (head, Some(chain.collect::<Vec<_>>()))
+                }
             } else {
                 break;
             };
-            if let Some(used) = qs.start(&ctx, mem, head, &descs) {
+            let descs = match descs {
+                Some(descs) => descs,
+                None => {
+                    if self.memory_changed(&snapshot) {
+                        snapshot = self.current_memory()?;
+                    }
+                    let queue = state.get_queue();
+                    let table = GuestAddress(queue.desc_table());
+                    match inflight::read_chain(&*snapshot.mem, table, queue.size(), head) {
+                        Ok(descs) => descs,
+                        Err(e) => {
+                            warn!("queue {qi}: head {head}: {e}");
+                            inflight::add_used(&mut state, iq, head, 0)?;
+                            used_any = true;
+                            continue;
+                        }
+                    }
+                }
+            };
+            if let Some(used) = qs.start(&ctx, &snapshot.mem, head, &descs) {
                 inflight::add_used(&mut state, iq, head, used)?;
                 self.completed.fetch_add(1, Ordering::Relaxed);
                 used_any = true;
