@@ -13,6 +13,9 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use vmm_sys_util::eventfd::EventFd;
 
 mod flusher;
+mod resync;
+
+use resync::Window;
 
 /// Where the bitmap goes: implemented by the mirror, which knows the in-sync legs.
 pub trait BitmapStore: Send + Sync {
@@ -36,8 +39,9 @@ struct Inner {
     needed: BitmapBits,
     /// Chunks seen idle by the previous daemon pass.
     idle: BitmapBits,
-    /// Chunk being resynced right now (writes to it wait).
-    resyncing: Option<u64>,
+    /// The window being resynced right now: the chunk, and the sectors
+    /// `[lo, hi)` of it being copied (writes overlapping them wait).
+    resyncing: Option<Window>,
     /// Chunks `[lo, hi)` another node is resyncing: writes wait, reads use the
     /// first leg (md-cluster's suspend window).
     remote: Option<(u64, u64)>,
@@ -240,7 +244,7 @@ impl WriteIntent {
             }
             let range = self.chunk_range(sector, sectors);
             let mut g = self.lock();
-            while Self::blocked(&g, &range) {
+            while Self::blocked(&g, sector, sectors, &range) {
                 g = self.wait_changed(g);
             }
         }
@@ -273,7 +277,7 @@ impl WriteIntent {
     pub fn begin_write(&self, sector: u64, sectors: u64) -> Intent {
         let range = self.chunk_range(sector, sectors);
         let mut g = self.lock();
-        if Self::blocked(&g, &range) {
+        if Self::blocked(&g, sector, sectors, &range) {
             return Intent::Blocked;
         }
         let mut newly_set = false;
@@ -296,59 +300,6 @@ impl WriteIntent {
             generation: g.generation,
             attempts: g.flush_attempts,
         })
-    }
-
-    /// Whether writes to `range` must wait (a local or remote resync covers it).
-    fn blocked(g: &Inner, range: &std::ops::RangeInclusive<u64>) -> bool {
-        g.resyncing.is_some_and(|c| range.contains(&c))
-            || g.remote
-                .is_some_and(|(lo, hi)| *range.start() < hi && *range.end() >= lo)
-    }
-
-    /// Installs (or with `hi_sector == 0` clears) the window of array sectors
-    /// the node in slot `from` resyncs. Returns once every write already started
-    /// inside the window has finished, so the resyncing node never races one of ours.
-    pub fn set_remote_window(&self, from: u32, lo_sector: u64, hi_sector: u64) {
-        let mut g = self.lock();
-        if hi_sector == 0 || hi_sector <= lo_sector {
-            g.remote = None;
-            self.remote_active.store(false, Ordering::Release);
-        } else {
-            let lo = self.geometry.chunk_of(lo_sector);
-            let hi = self.geometry.chunk_of(hi_sector - 1) + 1;
-            g.remote = Some((lo, hi.min(self.geometry.chunks())));
-            g.remote_from = from;
-            self.remote_active.store(true, Ordering::Release);
-            while let Some((lo, hi)) = g.remote {
-                if (lo..hi).all(|c| g.pending.get(c as usize).is_none_or(|&p| p == 0)) {
-                    break;
-                }
-                g = self.wait_changed(g);
-            }
-        }
-        drop(g);
-        self.changed.notify_all();
-        self.wake();
-    }
-
-    /// The window another node resyncs: `(its slot, first chunk, end chunk)`.
-    pub fn remote_window(&self) -> Option<(u32, u64, u64)> {
-        let g = self.lock();
-        g.remote.map(|(lo, hi)| (g.remote_from, lo, hi))
-    }
-
-    /// The node in slot `from` died: its resync window, if installed, is void
-    /// (its chunks are needed in its bitmap, which the recovery merges).
-    pub fn clear_remote_window_of(&self, from: u32) {
-        let mut g = self.lock();
-        if g.remote.is_none() || g.remote_from != from {
-            return;
-        }
-        g.remote = None;
-        self.remote_active.store(false, Ordering::Release);
-        drop(g);
-        self.changed.notify_all();
-        self.wake();
     }
 
     /// Wakes the workers (their completion eventfds registered with
@@ -469,7 +420,9 @@ impl WriteIntent {
             let mut ready = Vec::new();
             let set: Vec<u64> = g.bits.dirty().collect();
             for c in set {
-                let busy = g.pending[c as usize] > 0 || g.needed.get(c) || g.resyncing == Some(c);
+                let busy = g.pending[c as usize] > 0
+                    || g.needed.get(c)
+                    || g.resyncing.is_some_and(|w| w.chunk == c);
                 if busy {
                     g.idle.clear(c);
                 } else if g.idle.get(c) {
@@ -491,7 +444,9 @@ impl WriteIntent {
         }
         let mut cleared = 0;
         for c in candidates {
-            let busy = g.pending[c as usize] > 0 || g.needed.get(c) || g.resyncing == Some(c);
+            let busy = g.pending[c as usize] > 0
+                || g.needed.get(c)
+                || g.resyncing.is_some_and(|w| w.chunk == c);
             if !busy && g.idle.get(c) {
                 g.bits.clear(c);
                 g.idle.clear(c);
@@ -521,7 +476,10 @@ impl WriteIntent {
         let set: Vec<u64> = g.bits.dirty().collect();
         let mut cleared = 0;
         for c in set {
-            if g.pending[c as usize] == 0 && !g.needed.get(c) && g.resyncing != Some(c) {
+            if g.pending[c as usize] == 0
+                && !g.needed.get(c)
+                && g.resyncing.is_none_or(|w| w.chunk != c)
+            {
                 g.bits.clear(c);
                 cleared += 1;
             }
@@ -533,59 +491,9 @@ impl WriteIntent {
         Ok(cleared)
     }
 
-    /// Whether any chunk of the range must be read from the resync source only:
-    /// chunks this node must resync, and, while another node resyncs, everything
-    /// from its window on (it works upwards, and the chunks it has yet to reach may
-    /// differ between the legs).
-    pub fn is_needed(&self, sector: u64, sectors: u64) -> bool {
-        if self.needed_count.load(Ordering::Acquire) == 0
-            && !self.remote_active.load(Ordering::Acquire)
-        {
-            return false;
-        }
-        let range = self.chunk_range(sector, sectors);
-        let g = self.lock();
-        let in_remote = g.remote.is_some_and(|(lo, _)| *range.end() >= lo);
-        in_remote || range.into_iter().any(|c| g.needed.get(c))
-    }
-
-    /// The next needed chunk at or after `from`.
-    pub fn next_needed(&self, from: u64) -> Option<u64> {
-        let g = self.lock();
-        (from..self.geometry.chunks()).find(|&c| g.needed.get(c))
-    }
-
     /// A copy of the bits that are set (for a bitmap-guided recovery).
     pub fn dirty_bits(&self) -> BitmapBits {
         self.lock().bits.clone()
-    }
-
-    /// Takes chunk `c` for resync: waits until no write is in flight on it and
-    /// holds new writes off until [`WriteIntent::end_resync`].
-    pub fn begin_resync(&self, c: u64) {
-        let mut g = self.lock();
-        while g.resyncing.is_some() {
-            g = self.wait_changed(g);
-        }
-        g.resyncing = Some(c);
-        while g.pending.get(c as usize).is_some_and(|&p| p > 0) {
-            g = self.wait_changed(g);
-        }
-    }
-
-    /// Ends the resync of chunk `c`; `in_sync` clears its needed mark.
-    pub fn end_resync(&self, c: u64, in_sync: bool) {
-        let mut g = self.lock();
-        if in_sync && g.needed.get(c) {
-            g.needed.clear(c);
-            self.needed_count.fetch_sub(1, Ordering::AcqRel);
-        }
-        if g.resyncing == Some(c) {
-            g.resyncing = None;
-        }
-        drop(g);
-        self.changed.notify_all();
-        self.wake();
     }
 
     /// Writes in flight, over all chunks.

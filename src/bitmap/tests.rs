@@ -158,6 +158,52 @@ fn writes_wait_for_a_chunk_under_resync() {
     assert_eq!(b.writes_in_flight(), 1);
 }
 
+#[test]
+fn a_resync_window_holds_the_writes_overlapping_it_only() {
+    let b = bitmap();
+    let rec = Recorder::default();
+    // Chunk 7 is sectors 14336..16384; its window 14336+256..14336+512.
+    let lo = 2048 * 7 + 256;
+    b.begin_resync_window(7, lo, lo + 256);
+    assert!(
+        !b.try_start_write(lo + 255, 2, &rec).unwrap(),
+        "overlaps the window's end"
+    );
+    assert!(
+        !b.try_start_write(lo - 1, 2, &rec).unwrap(),
+        "overlaps its start"
+    );
+    assert!(
+        b.try_start_write(lo - 8, 8, &rec).unwrap(),
+        "ends where the window starts"
+    );
+    assert!(
+        b.try_start_write(lo + 256, 8, &rec).unwrap(),
+        "starts where it ends"
+    );
+    assert!(
+        b.try_start_write(2048 * 7, 8, &rec).unwrap(),
+        "the chunk's start"
+    );
+    b.end_resync_window();
+    assert!(b.try_start_write(lo, 8, &rec).unwrap());
+    assert_eq!(b.next_needed(0), None);
+    // The next window of the chunk waits for the chunk's writes in flight.
+    let b = std::sync::Arc::new(b);
+    let b2 = b.clone();
+    let t = std::thread::spawn(move || b2.begin_resync_window(7, lo + 256, lo + 512));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(
+        !t.is_finished(),
+        "a window began with writes in flight on its chunk"
+    );
+    for s in [lo - 8, lo + 256, 2048 * 7, lo] {
+        b.end_write(s, 8, false);
+    }
+    t.join().unwrap();
+    b.end_resync_window();
+}
+
 /// A store whose bitmap writes fail while `failing`, and wait while `held`.
 #[derive(Default)]
 struct Switchable {

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// Sectors a resync copies at a time (1 MiB): writes overlapping the window
+/// being copied wait for it.
+pub const RESYNC_WINDOW: u64 = 2048;
+
 impl Array {
     /// Merges node `slot`'s on-disk bitmap into ours (its dirty chunks become
     /// needed and dirty in our bitmap, which is flushed first); with `clear`, the
@@ -93,33 +97,62 @@ impl Array {
         Ok(n)
     }
 
-    /// Copies chunk `c` from the first in-sync leg to every other non-faulty leg.
-    /// Returns the bytes copied per target.
+    /// Copies chunk `c` from the first in-sync leg to every other non-faulty leg,
+    /// one window of [`RESYNC_WINDOW`] sectors at a time (a guest write elsewhere
+    /// in the chunk waits for one window's copy at most), at no more than the
+    /// resync rate limit (enforced between windows, while writes go on). Returns
+    /// the bytes copied.
     pub fn resync_chunk(&self, c: u64) -> io::Result<u64> {
         let g = self.bitmap.geometry();
         let start = g.chunk_start(c);
         let end = (start + g.chunk_sectors()).min(self.size);
         let t0 = std::time::Instant::now();
         let joining = lock(&self.recovery);
-        self.bitmap.begin_resync(c);
-        let r = self.copy_range(start, end);
-        self.bitmap.end_resync(c, r.is_ok());
-        drop(joining);
-        let settled = self.settle_failures();
-        let n = r?;
-        settled?;
-        let rate = self.counters.resync_max_rate.load(Ordering::Relaxed);
-        if rate > 0 {
-            let due = std::time::Duration::from_secs_f64(n as f64 / rate as f64);
-            // In short naps, so that a stop does not wait for the throttle.
-            while let Some(wait) = due.checked_sub(t0.elapsed()).filter(|w| !w.is_zero()) {
-                if self.resync_halted() {
+        let step = RESYNC_WINDOW.min(end.saturating_sub(start)).max(1);
+        let mut buf = crate::storage::AlignedBuf::zeroed((step * 512) as usize);
+        let mut copied = 0;
+        let mut done = start;
+        let mut result = Ok(());
+        while done < end {
+            let hi = (done + step).min(end);
+            self.bitmap.begin_resync_window(c, done, hi);
+            let r = self.copy_range(done, hi, buf.as_mut_slice());
+            self.bitmap.end_resync_window();
+            match r {
+                Ok(n) => copied += n,
+                Err(e) => {
+                    result = Err(e);
                     break;
                 }
-                std::thread::sleep(wait.min(std::time::Duration::from_millis(100)));
             }
+            done = hi;
+            if done < end && self.resync_halted() {
+                break;
+            }
+            self.throttle_resync(t0, (done - start) * 512);
         }
-        Ok(n)
+        self.bitmap.end_resync(c, result.is_ok() && done >= end);
+        drop(joining);
+        let settled = self.settle_failures();
+        result?;
+        settled?;
+        Ok(copied)
+    }
+
+    /// Sleeps until `bytes` copied since `t0` are within the resync rate limit, if
+    /// one is set; in short naps, so that a stop does not wait for the throttle.
+    fn throttle_resync(&self, t0: std::time::Instant, bytes: u64) {
+        let rate = self.counters.resync_max_rate.load(Ordering::Relaxed);
+        if rate == 0 {
+            return;
+        }
+        let due = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
+        while let Some(wait) = due.checked_sub(t0.elapsed()).filter(|w| !w.is_zero()) {
+            if self.resync_halted() {
+                break;
+            }
+            std::thread::sleep(wait.min(std::time::Duration::from_millis(100)));
+        }
     }
 
     /// The process is stopping: resync and recovery passes end after the chunk
@@ -133,16 +166,16 @@ impl Array {
         self.resync_halted.load(Ordering::SeqCst)
     }
 
-    fn copy_range(&self, start: u64, end: u64) -> io::Result<u64> {
-        const STEP: u64 = 2048; // 1 MiB
-                                // No larger than the range: a chunk of a few KiB costs no 1 MiB buffer.
-        let step = STEP.min(end.saturating_sub(start)).max(1);
-        let mut buf = crate::storage::AlignedBuf::zeroed((step * 512) as usize);
+    /// Copies sectors `[start, end)` from the first in-sync leg to the other
+    /// writable legs, through `buf` (a multiple of 512 bytes, aligned for direct
+    /// I/O). Returns the bytes written to the other legs.
+    fn copy_range(&self, start: u64, end: u64, buf: &mut [u8]) -> io::Result<u64> {
+        let step = (buf.len() as u64 / 512).max(1);
         let mut pos = start;
         let mut copied = 0;
         while pos < end {
             let n = step.min(end - pos);
-            let data = &mut buf.as_mut_slice()[..(n * 512) as usize];
+            let data = &mut buf[..(n * 512) as usize];
             let mut src = None;
             for m in self.in_sync() {
                 match m.leg.read_at(data, m.byte_offset(pos)) {
@@ -156,7 +189,7 @@ impl Array {
             let Some(src) = src else {
                 return Err(io::Error::other("no in-sync leg to resync from"));
             };
-            let data = &buf.as_slice()[..(n * 512) as usize];
+            let data = &buf[..(n * 512) as usize];
             for m in self.writable() {
                 if Arc::ptr_eq(&m, &src) {
                     continue;

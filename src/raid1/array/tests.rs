@@ -2,6 +2,8 @@ use super::*;
 use crate::raid1::metadata::{create_array, LegMetadata};
 use crate::storage::MemLeg;
 
+mod resync;
+
 /// Two 64 MiB in-memory legs of a new array with 1 MiB bitmap chunks.
 fn two_legs(cluster: Option<&str>, nodes: u32) -> (Arc<dyn Leg>, Arc<dyn Leg>, Vec<LegMetadata>) {
     let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 64 << 20));
