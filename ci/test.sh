@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit/property/process/interop tests, fuzzing.
-# Usage: ci/test.sh [FUZZ_SECONDS_PER_TARGET]   (default 20)
+# Usage: ci/test.sh [FUZZ_SECONDS_PER_TARGET]   (default 12)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-fuzz_secs=${1:-20}
+fuzz_secs=${1:-12}
 ci/install-deps.sh
 echo "== cargo fmt --check"
 cargo fmt --check

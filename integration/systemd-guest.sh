@@ -118,8 +118,8 @@ else
 fi
 [ -f "$DEB" ] || { echo "no package built ($DEB)" >&2; exit 1; }
 log "package: $(basename "$DEB")"
-log "building the guest test client (cargo build --release --example guest_io)"
-IO_BIN=$(cargo build --release --locked --example guest_io --message-format=json | "$PY" -c '
+log "building the guest test client (cargo build --example guest_io: the dev build the DLM tests made)"
+IO_BIN=$(cargo build --locked --example guest_io --message-format=json | "$PY" -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
