@@ -650,6 +650,61 @@ migrate() {
         [ "$(qmp "$dst" query-status | jq -r '.return.status')" = running ]
 }
 
+# storage_downtime SRC_NODE DST_NODE SRC_VM LABEL: what the migration waited for on the
+# storage side, from the nodes' logs (vhost/backend/handover.rs) and the proxy in front of
+# the source: the source's drain (GET_VRING_BASE) and release of the writer role, the
+# destination's taking of the role and its first request's service; and the wall-clock
+# time from the source's GET_VRING_BASE to the destination's first completed request
+# (which includes QEMU's own stop-and-copy). Prints a note; sets STORAGE_MS (the storage
+# side's share) and VRING_TO_FIRST_MS.
+storage_downtime() {
+    local out
+    out=$(python3 - "$D/backend-$1.log" "$D/backend-$2.log" "$D/vu-$3.log" <<'PY'
+import re, sys
+src, dst, proxy = (open(p, errors="replace").read().splitlines() for p in sys.argv[1:4])
+def last(lines, pat):
+    m = None
+    for l in lines:
+        x = re.search(pat, l)
+        if x:
+            m = (l, x)
+    return m
+def secs(hms):
+    h, m, s = hms.split(":")
+    return int(h) * 3600 + int(m) * 60 + float(s)
+stop = last(src, r"queue 0: stopped \(GET_VRING_BASE\) in ([0-9.]+) ms, ([0-9]+) requests")
+gave = last(src, r"writer role given back in ([0-9.]+) ms")
+took = last(dst, r"queue 0: started; writer role taken in ([0-9.]+) ms")
+first = last(dst, r"queue 0: first request since the start ended [0-9.]+ ms after it \(arrived after ([0-9.]+) ms, served in ([0-9.]+) ms\)")
+gvb = last(proxy, r"^([0-9:.]+)Z .*GET_VRING_BASE(?! \(reply\))")
+if not (stop and gave and took and first):
+    print("missing", "stop" if not stop else "", "give-back" if not gave else "",
+          "take" if not took else "", "first-request" if not first else "")
+    sys.exit(0)
+drain, inflight = float(stop[1].group(1)), stop[1].group(2)
+give, take = float(gave[1].group(1)), float(took[1].group(1))
+arrived, served = float(first[1].group(1)), float(first[1].group(2))
+share = drain + give + take + served
+wall = "?"
+if gvb:
+    t_first = re.search(r"T([0-9:.]+)Z", first[0])
+    if t_first:
+        wall = "%.0f" % ((secs(t_first.group(1)) - secs(gvb[1].group(1))) * 1000)
+print("ok %.3f %s source drain (GET_VRING_BASE) %.3f ms with %s request(s) in flight, writer role given back in %.3f ms; destination took the role in %.3f ms and served its first request in %.3f ms (it arrived %.1f ms after the vring start): storage side %.3f ms in all; from the source's GET_VRING_BASE to the destination's first completed request %s ms (QEMU's stop-and-copy included)"
+      % (share, wall, drain, inflight, give, take, served, arrived, share, wall))
+PY
+)
+    STORAGE_MS= VRING_TO_FIRST_MS=
+    case $out in
+    ok*)
+        STORAGE_MS=$(awk '{print $2}' <<<"$out")
+        VRING_TO_FIRST_MS=$(awk '{print $3}' <<<"$out")
+        note "$4 storage: $(cut -d' ' -f4- <<<"$out")"
+        ;;
+    *) fail "$4: the nodes' logs lack the hand-over timings ($out)" ;;
+    esac
+}
+
 # watched_log NAME LABEL: the dirty log the proxy in front of a source saw.
 jq_ok() { jq -e "$1" "$2" > /dev/null 2>&1; }
 watched_log() {
@@ -711,6 +766,8 @@ test_migrate() {
     check "node 1 gave the writer role back" node_wait n1 '.writer_role == "idle"' 10
     check "node 2 took the writer role" node_wait n2 '.writer_role == "held"' 30
     check "the guest goes on writing on node 2" wait_blocks b $((at1 + 100)) 120
+    storage_downtime n1 n2 a "migration 1"
+    local s1=$STORAGE_MS w1=$VRING_TO_FIRST_MS
     watched_log a "migration 1"
     send_vm b verify
     wait_vm b '^T_MID_VERIFY_' 120
@@ -750,6 +807,9 @@ test_migrate() {
     quit_vm b
     watched_log b "migration 2"
     check "node 1 took the writer role back" node_wait n1 '.writer_role == "held"' 30
+    wait_blocks c $(($(last_block c) + 5)) 60
+    storage_downtime n2 n1 b "migration 2"
+    local s2=$STORAGE_MS w2=$VRING_TO_FIRST_MS
     check "node 1 saw node 2 die and recovered its slot" \
         node_wait n1 '(.cluster.peers | length) == 0 and .resync.active == false and .resync.remaining_chunks == 0' 120
     info "node 1 after the recovery: $(node_status n1 | jq -c '{resync: .resync | {bytes_copied, remaining_chunks}, bitmap_dirty, degraded}')"
@@ -826,7 +886,7 @@ test_migrate() {
     quit_vm z
     check "qsd: the guest's checks pass" eval 'vlog z | grep -aq "^T_TEST_RC=0$"'
     note "qemu-storage-daemon: migration 1 total ${qt1} ms, downtime ${qd1} ms; migration 2 total ${qt2} ms, downtime ${qd2} ms"
-    echo "MIGRATION_RESULT backend=vhost-user-md total_ms=$t1,$t2 downtime_ms=$d1,$d2" >> "$D/migration-times.txt"
+    echo "MIGRATION_RESULT backend=vhost-user-md total_ms=$t1,$t2 downtime_ms=$d1,$d2 storage_ms=$s1,$s2 gvb_to_first_request_ms=$w1,$w2" >> "$D/migration-times.txt"
     echo "MIGRATION_RESULT backend=qemu-storage-daemon total_ms=$qt1,$qt2 downtime_ms=$qd1,$qd2" >> "$D/migration-times.txt"
     rm -f "$f"
 }

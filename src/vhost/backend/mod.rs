@@ -1,6 +1,7 @@
 //! The `VhostUserBackend` implementation: what the device offers, its config space,
 //! and the per-queue workers.
 
+mod handover;
 mod queue;
 
 use super::dirty::{self, DirtyLog, LogCarrier};
@@ -98,6 +99,8 @@ pub struct BlockBackend {
     inflight: RwLock<Option<Arc<InflightRegion>>>,
     /// Request and vring-stop statistics, when kept.
     stats: Option<DeviceStats>,
+    /// Per queue: its first request since the vring started, timed.
+    first_request: Vec<handover::FirstRequest>,
 }
 
 fn serial_of(array: &Array) -> [u8; ID_LEN] {
@@ -114,6 +117,7 @@ impl BlockBackend {
     /// has it; see [`AsyncIo::new`]).
     pub fn new(array: Arc<Array>, config: BlockConfig) -> io::Result<BlockBackend> {
         let block_size = config.block_size;
+        let queues_n = config.queues;
         let mut queues = Vec::with_capacity(config.queues);
         for _ in 0..config.queues {
             let io = AsyncIo::new(QUEUE_SIZE as u32)?;
@@ -145,6 +149,7 @@ impl BlockBackend {
             started: Mutex::new(0),
             inflight: RwLock::new(None),
             stats: None,
+            first_request: (0..queues_n).map(|_| Default::default()).collect(),
         })
     }
 
@@ -177,15 +182,21 @@ impl BlockBackend {
     /// The front-end started queue `qi`: the first started queue takes the writer
     /// role (a read-only disk never does).
     fn take_writer_role(&self, qi: usize) {
+        let start = std::time::Instant::now();
         self.set_stopped(qi, false);
         let bit = queue_bit(qi);
         let mut started = lock(&self.started);
-        if *started & bit != 0 {
-            return;
+        let mut took = None;
+        if *started & bit == 0 {
+            *started |= bit;
+            if !self.config.read_only && self.role.idle() {
+                self.role.take();
+                took = Some((start.elapsed(), self.role.held()));
+            }
         }
-        *started |= bit;
-        if !self.config.read_only && self.role.idle() {
-            self.role.take();
+        drop(started);
+        if let Some(f) = self.first_request.get(qi) {
+            f.started(qi, start, took);
         }
     }
 
@@ -201,7 +212,9 @@ impl BlockBackend {
         for i in 0..self.queues.len() {
             self.wait_idle(i, "before giving the writer role back");
         }
+        let start = std::time::Instant::now();
         self.role.give_back();
+        handover::log_role_given_back(start.elapsed());
     }
 
     /// Marks queue `qi` stopped or not. Stopping waits for the request its worker
@@ -504,8 +517,17 @@ impl VhostUserBackend for BlockBackend {
         // queue runs: the destination takes it when its front-end starts the vrings.
         let qi = queue_index as usize;
         let start = std::time::Instant::now();
+        let in_flight = self
+            .queues
+            .get(qi)
+            .map(|q| lock(q).in_flight())
+            .unwrap_or(0);
         self.set_stopped(qi, true);
         self.wait_idle(qi, "GET_VRING_BASE");
+        if let Some(f) = self.first_request.get(qi) {
+            f.stopped();
+        }
+        handover::log_stop(qi, start.elapsed(), in_flight);
         if let Some(s) = &self.stats {
             s.vring_stopped(start.elapsed());
         }

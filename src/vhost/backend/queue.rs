@@ -87,14 +87,21 @@ impl BlockBackend {
                     }
                 }
             };
+            let first = self.first_request.get(qi);
+            if let Some(f) = first {
+                f.arrived();
+            }
             if let Some(used) = qs.start(&ctx, &snapshot.mem, head, &descs) {
                 inflight::add_used(&mut state, iq, head, used)?;
                 self.completed.fetch_add(1, Ordering::Relaxed);
+                if let Some(f) = first {
+                    f.ended(qi);
+                }
                 used_any = true;
             }
         }
         qs.submit()?;
-        used_any |= self.complete_done(&mut qs, &mut state, iq)?;
+        used_any |= self.complete_done(qi, &mut qs, &mut state, iq)?;
         if !used_any {
             return Ok(false);
         }
@@ -104,6 +111,7 @@ impl BlockBackend {
     /// Completes the requests the mirror finished; returns whether any.
     pub(super) fn complete_done(
         &self,
+        qi: usize,
         qs: &mut QueueState,
         state: &mut VringState<GuestMem>,
         iq: Option<&InflightQueue<'_>>,
@@ -112,6 +120,11 @@ impl BlockBackend {
         for &(head, used) in &done {
             inflight::add_used(state, iq, head, used)?;
             self.completed.fetch_add(1, Ordering::Relaxed);
+        }
+        if !done.is_empty() {
+            if let Some(f) = self.first_request.get(qi) {
+                f.ended(qi);
+            }
         }
         Ok(!done.is_empty())
     }
@@ -123,7 +136,9 @@ impl BlockBackend {
         let region = self.inflight_region();
         let iq = region.as_deref().and_then(|r| r.queue(qi));
         let mut state = vring.get_mut();
-        if self.complete_done(&mut qs, &mut state, iq.as_ref())? && self.needs_signal(&mut state)? {
+        if self.complete_done(qi, &mut qs, &mut state, iq.as_ref())?
+            && self.needs_signal(&mut state)?
+        {
             drop(state);
             vring.signal_used_queue()?;
         }
