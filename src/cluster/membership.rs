@@ -68,6 +68,8 @@ struct Watches {
     down: Mutex<HashSet<u32>>,
     /// Told whether reads must stay on one leg, whenever that may have changed.
     read_balancing: Mutex<Option<ReadBalancingSink>>,
+    /// Slots a message came from (their owner has joined).
+    heard: Mutex<HashSet<u32>>,
     dead: Sender<u32>,
 }
 
@@ -165,6 +167,15 @@ impl Watches {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(slot)
+    }
+
+    /// A message came from `slot`: its owner has joined. Watches it.
+    fn heard_from(self: &Arc<Self>, slot: u32) {
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(slot);
+        self.arm(slot);
     }
 
     /// Gives up a reservation without watching (the slot turned out free).
@@ -381,6 +392,7 @@ impl Node {
             owners: Mutex::new(HashMap::new()),
             down: Mutex::new(HashSet::new()),
             read_balancing: Mutex::new(None),
+            heard: Mutex::new(HashSet::new()),
             dead: dead_tx,
         });
         // Our slot's value block names us, for the nodes that join later.
@@ -410,7 +422,13 @@ impl Node {
         // these locks: before the receive loop, which arms the watch on the slot
         // of every message's sender. A window announced from now on reaches us as
         // a message (our ack lock is armed), processed once the loop runs.
+        //
+        // A slot held with no owner in its value block is no node's: another
+        // joiner holds it for a moment to merge its bits (or a node that has
+        // just claimed it has not named itself yet, and its NODE_JOINED will
+        // arm the watch). Watched, it would be reported dead once let go.
         let mut windows_at_join = Vec::new();
+        let mut taken = Vec::new();
         for &s in &occupied {
             let lock = watches.bitmaps[s as usize];
             let lvb = comms.step("slot NL->CR", lock, Mode::Cr, flags::VALBLK, None)?;
@@ -420,21 +438,25 @@ impl Node {
             if hi > 0 {
                 windows_at_join.push((s, lo, hi));
             }
-            watches.set_owner(s, decode_owner(lvb));
+            let owner = decode_owner(lvb);
+            if owner != 0 {
+                watches.set_owner(s, owner);
+                taken.push(s);
+            }
         }
         let w2 = watches.clone();
         comms.start_receiving(
             basts,
             Box::new(move |m: ClusterMsg| {
                 // Watch a (re)joined slot before this message is acknowledged.
-                w2.arm(m.slot);
+                w2.heard_from(m.slot);
                 if m.kind == MsgType::NodeJoined {
                     w2.set_owner(m.slot, NodeId::try_from(m.low).unwrap_or(0));
                 }
                 handler(m)
             }),
         )?;
-        for &s in &occupied {
+        for &s in &taken {
             watches.arm(s);
         }
         let mut joined = ClusterMsg::new(MsgType::NodeJoined, slot);
@@ -468,11 +490,26 @@ impl Node {
                     free_at_join.push(s);
                 }
                 Ok((Status::Again, _)) => {
-                    // Taken: who holds it is in its value block.
+                    // Held: who holds it is in its value block; held by nobody
+                    // named, it is free (see above) and not watched.
                     let lvb = comms.step("slot NL->CR", lock, Mode::Cr, flags::VALBLK, None)?;
                     comms.step("slot CR->NL", lock, Mode::Nl, 0, None)?;
-                    watches.set_owner(s, decode_owner(lvb.as_deref().unwrap_or(&[])));
-                    watches.arm_reserved(s)
+                    let owner = decode_owner(lvb.as_deref().unwrap_or(&[]));
+                    if owner != 0 {
+                        watches.set_owner(s, owner);
+                        watches.arm_reserved(s);
+                    } else {
+                        watches.unreserve(s);
+                        // A NODE_JOINED from it while it was reserved armed nothing.
+                        let heard = watches
+                            .heard
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .contains(&s);
+                        if heard {
+                            watches.arm(s);
+                        }
+                    }
                 }
                 Ok((st, _)) => return Err(CommsError::Status("slot probe", st).into()),
                 Err(_) => {
