@@ -1,7 +1,7 @@
 //! Benchmark: guest writes on a surviving node while it recovers a dead node.
 //!
 //! cargo bench --bench cluster_recovery -- [--size-mib N] [--dirty-mib N] [--seconds N] [--qd N] [--dir PATH] [--three-nodes]
-//!     [--nodes N [--writers K] [--log RUST_LOG]] [--keep]
+//!     [--nodes N [--writers K] [--burst CHUNKS] [--log RUST_LOG]] [--keep]
 //!
 //! Two `serve` nodes share a clustered mirror over `lockd`. Node 1 writes into
 //! `--dirty-mib` chunks (1 MiB each) and is killed with SIGKILL, its bits set. Node 2
@@ -48,6 +48,8 @@ struct Opts {
     nodes: usize,
     /// With `--nodes`: how many survivors write at depth `qd` throughout.
     writers: usize,
+    /// With `--nodes`: chunks each survivor dirties once all serve (one block each).
+    burst: u64,
     /// With `--nodes`: the serve processes' RUST_LOG.
     log: String,
     /// Keep the directory (images, logs) at the end.
@@ -64,6 +66,7 @@ fn opts() -> Opts {
         three_nodes: false,
         nodes: 0,
         writers: 3,
+        burst: 8,
         log: "warn".into(),
         keep: false,
     };
@@ -79,6 +82,7 @@ fn opts() -> Opts {
             "--dir" => o.dir = PathBuf::from(val),
             "--nodes" => o.nodes = val.parse().expect("--nodes N"),
             "--writers" => o.writers = val.parse().expect("--writers N"),
+            "--burst" => o.burst = val.parse().expect("--burst N"),
             "--log" => o.log = val,
             "--three-nodes" => {
                 o.three_nodes = true;
@@ -228,6 +232,18 @@ fn write_all(c: &mut Client, offsets: &[u64], bs: usize, qd: usize) {
 
 /// Random 4 KiB writes in `[lo, hi)` at depth `qd` until `stop`; latencies in µs.
 fn write_until(c: &mut Client, lo: u64, hi: u64, qd: usize, stop: &dyn Fn() -> bool) -> Vec<u32> {
+    write_until_worst(c, lo, hi, qd, stop).0
+}
+
+/// As [`write_until`], and when the slowest write was answered.
+fn write_until_worst(
+    c: &mut Client,
+    lo: u64,
+    hi: u64,
+    qd: usize,
+    stop: &dyn Fn() -> bool,
+) -> (Vec<u32>, Instant) {
+    let mut worst = (0u32, Instant::now());
     let blocks = (hi - lo) / BS as u64;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut start = vec![Instant::now(); qd];
@@ -256,7 +272,11 @@ fn write_until(c: &mut Client, lo: u64, hi: u64, qd: usize, stop: &dyn Fn() -> b
             let cp = unsafe { cp.as_ptr().read() };
             assert_eq!(cp.ret, 0, "write failed: {}", cp.ret);
             let slot = cp.user_data;
-            lat.push((now - start[slot]).as_micros() as u32);
+            let us = (now - start[slot]).as_micros() as u32;
+            if us > worst.0 {
+                worst = (us, now);
+            }
+            lat.push(us);
             if stopping {
                 inflight -= 1;
             } else {
@@ -265,7 +285,7 @@ fn write_until(c: &mut Client, lo: u64, hi: u64, qd: usize, stop: &dyn Fn() -> b
             }
         }
     }
-    lat
+    (lat, worst.1)
 }
 
 fn summary(name: &str, mut lat: Vec<u32>, secs: f64) -> String {

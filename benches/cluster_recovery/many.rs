@@ -8,8 +8,8 @@
 //!
 //! Node 1 owns the first `--dirty-mib` MiB; the rest of the array is cut into N − 1
 //! disjoint ranges, one per other node. Once every node serves, each writes a small
-//! burst (one 4 KiB block into each of up to 8 chunks of its range, setting its own
-//! bits) and node 1 one 4 KiB block into each of its chunks. `--writers K` survivors,
+//! burst (one 4 KiB block into each of up to `--burst` chunks of its range, default 8,
+//! setting its own bits) and node 1 one 4 KiB block into each of its chunks. `--writers K` survivors,
 //! spread over the nodes (2, …), then write 4 KiB blocks at random offsets of their
 //! range at depth `--qd` for `--seconds` (baseline), node 1 is killed with SIGKILL,
 //! and they go on writing until node 1's chunks are resynced. (32 clients at QD 8 on
@@ -44,7 +44,10 @@ fn status_of(ctl: &Path) -> Option<Status> {
 /// chunks spread over the range.
 fn burst(c: &mut Client, lo: u64, hi: u64, most: u64, qd: usize) {
     let chunks = (hi - lo) / MIB;
-    let n = chunks.min(most).max(1);
+    let n = chunks.min(most);
+    if n == 0 {
+        return;
+    }
     let offsets: Vec<u64> = (0..n).map(|i| lo + i * chunks / n * MIB).collect();
     write_all(c, &offsets, BS, qd);
 }
@@ -113,7 +116,7 @@ pub fn many_nodes(o: &Opts, d: &Path, legs: &[PathBuf], lockd_sock: &Path) {
             let (all_joined, bursts_done) = (all_joined.clone(), bursts_done.clone());
             let (base_done, done) = (base_done.clone(), done.clone());
             let writer = writers.contains(&i);
-            let (qd, dirty_mib) = (o.qd, o.dirty_mib);
+            let (qd, dirty_mib, most) = (o.qd, o.dirty_mib, o.burst);
             std::thread::spawn(move || {
                 while !sock.exists() {
                     assert!(
@@ -137,7 +140,7 @@ pub fn many_nodes(o: &Opts, d: &Path, legs: &[PathBuf], lockd_sock: &Path) {
                 if i == 0 {
                     burst(&mut c, lo, hi, dirty_mib, qd);
                 } else {
-                    burst(&mut c, lo, hi, 8, qd);
+                    burst(&mut c, lo, hi, most, qd);
                 }
                 bursts_done.wait();
                 if i == 0 {
@@ -154,9 +157,10 @@ pub fn many_nodes(o: &Opts, d: &Path, legs: &[PathBuf], lockd_sock: &Path) {
                 let base = write_until(&mut c, lo, hi, qd, &|| base_done.load(Ordering::SeqCst));
                 let base_secs = t.elapsed().as_secs_f64();
                 let t = Instant::now();
-                let during = write_until(&mut c, lo, hi, qd, &|| done.load(Ordering::SeqCst));
+                let (during, worst) =
+                    write_until_worst(&mut c, lo, hi, qd, &|| done.load(Ordering::SeqCst));
                 let during_secs = t.elapsed().as_secs_f64();
-                (joined, Some((base, base_secs, during, during_secs)))
+                (joined, Some((base, base_secs, during, during_secs, worst)))
             })
         })
         .collect();
@@ -222,6 +226,8 @@ pub fn many_nodes(o: &Opts, d: &Path, legs: &[PathBuf], lockd_sock: &Path) {
             std::thread::sleep(Duration::from_millis(25));
         }
     });
+    let killed = Instant::now();
+    let killed_wall = std::time::SystemTime::now();
     members[0].child.kill().unwrap();
     members[0].child.wait().unwrap();
     let (resynced, settled, copied_by) = watcher.join().unwrap();
@@ -294,10 +300,16 @@ pub fn many_nodes(o: &Opts, d: &Path, legs: &[PathBuf], lockd_sock: &Path) {
     println!("|---|---:|---:|---:|---:|---:|");
     let (mut all_base, mut all_during) = (Vec::new(), Vec::new());
     let (mut base_secs, mut during_secs) = (0f64, 0f64);
+    let mut slowest = Vec::new();
     for (i, r) in results.iter().enumerate() {
-        let Some((base, bs, during, ds)) = &r.1 else {
+        let Some((base, bs, during, ds, worst)) = &r.1 else {
             continue;
         };
+        slowest.push(format!(
+            "node {} at {:.0} ms",
+            i + 1,
+            ms(worst.saturating_duration_since(killed))
+        ));
         let who = format!("node {} (slot {})", i + 1, before[i].node_slot);
         println!("{}", summary(&format!("{who}, before"), base.clone(), *bs));
         println!(
@@ -316,6 +328,15 @@ pub fn many_nodes(o: &Opts, d: &Path, legs: &[PathBuf], lockd_sock: &Path) {
     println!(
         "{}",
         summary("all writers, during recovery", all_during, during_secs)
+    );
+    let since_epoch = killed_wall
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    println!(
+        "\nslowest write during recovery answered (from the kill, at {}.{:03} s since the epoch): {}",
+        since_epoch.as_secs(),
+        since_epoch.subsec_millis(),
+        slowest.join(", ")
     );
     for m in &mut members[1..] {
         // SAFETY: plain kill(2) on our children.
