@@ -20,7 +20,8 @@
 //! `--nodes N` (2 to 32): an array with N node slots; N nodes start at once, join,
 //! write disjoint ranges, node 1 dies and the rest recover. Join time, recovery time
 //! and the write latency of `--writers K` survivors (default 3) are printed; see
-//! `cluster_recovery/many.rs`. `--keep` keeps the images and the nodes' logs.
+//! `cluster_recovery/many.rs`. `--keep` keeps the images and the nodes' logs
+//! (`nK.log`, at `--log`, default info).
 
 #[path = "cluster_recovery/many.rs"]
 mod many;
@@ -67,7 +68,7 @@ fn opts() -> Opts {
         nodes: 0,
         writers: 3,
         burst: 8,
-        log: "warn".into(),
+        log: "info".into(),
         keep: false,
     };
     let args: Vec<String> = std::env::args().collect();

@@ -226,6 +226,17 @@ pub fn many_nodes(o: &Opts, d: &Path, legs: &[PathBuf], lockd_sock: &Path) {
             std::thread::sleep(Duration::from_millis(25));
         }
     });
+    // Slots a node took for a dead node's before anyone died (the nodes' logs at
+    // info level and above name each).
+    let mistaken: usize = members
+        .iter()
+        .map(|m| {
+            std::fs::read_to_string(&m.log)
+                .unwrap_or_default()
+                .matches("is gone: its bitmap is ours")
+                .count()
+        })
+        .sum();
     let killed = Instant::now();
     let killed_wall = std::time::SystemTime::now();
     members[0].child.kill().unwrap();
@@ -252,6 +263,7 @@ pub fn many_nodes(o: &Opts, d: &Path, legs: &[PathBuf], lockd_sock: &Path) {
         ms(join_times[n - 1]),
         ms(joined_all)
     );
+    println!("slots taken for a dead node's before the kill (from the nodes' logs): {mistaken}");
     let mut by_slot = by_slot;
     by_slot.sort_unstable();
     println!(
