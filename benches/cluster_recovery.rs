@@ -1,6 +1,7 @@
 //! Benchmark: guest writes on a surviving node while it recovers a dead node.
 //!
 //! cargo bench --bench cluster_recovery -- [--size-mib N] [--dirty-mib N] [--seconds N] [--qd N] [--dir PATH] [--three-nodes]
+//!     [--nodes N [--writers K] [--burst CHUNKS] [--log RUST_LOG]] [--keep]
 //!
 //! Two `serve` nodes share a clustered mirror over `lockd`. Node 1 writes into
 //! `--dirty-mib` chunks (1 MiB each) and is killed with SIGKILL, its bits set. Node 2
@@ -15,6 +16,15 @@
 //! A client on node 3 writes 4 KiB blocks at random offsets *inside* node 1's dirty
 //! chunks, at depth 1, in both phases: while node 2 resyncs they wait whenever they
 //! fall in node 2's announced window (at most 32 MiB).
+//!
+//! `--nodes N` (2 to 32): an array with N node slots; N nodes start at once, join,
+//! write disjoint ranges, node 1 dies and the rest recover. Join time, recovery time
+//! and the write latency of `--writers K` survivors (default 3) are printed; see
+//! `cluster_recovery/many.rs`. `--keep` keeps the images and the nodes' logs
+//! (`nK.log`, at `--log`, default info).
+
+#[path = "cluster_recovery/many.rs"]
+mod many;
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -25,6 +35,8 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const BS: usize = 4096;
+/// The most nodes `--nodes` starts.
+const MAX_NODES: usize = 32;
 
 struct Opts {
     size_mib: u64,
@@ -33,6 +45,16 @@ struct Opts {
     qd: usize,
     dir: PathBuf,
     three_nodes: bool,
+    /// `--nodes N`: N nodes join at once (0: the two- or three-node modes).
+    nodes: usize,
+    /// With `--nodes`: how many survivors write at depth `qd` throughout.
+    writers: usize,
+    /// With `--nodes`: chunks each survivor dirties once all serve (one block each).
+    burst: u64,
+    /// With `--nodes`: the serve processes' RUST_LOG.
+    log: String,
+    /// Keep the directory (images, logs) at the end.
+    keep: bool,
 }
 
 fn opts() -> Opts {
@@ -43,6 +65,11 @@ fn opts() -> Opts {
         qd: 8,
         dir: PathBuf::from("/var/tmp"),
         three_nodes: false,
+        nodes: 0,
+        writers: 3,
+        burst: 8,
+        log: "info".into(),
+        keep: false,
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -54,8 +81,17 @@ fn opts() -> Opts {
             "--seconds" => o.seconds = val.parse().expect("--seconds N"),
             "--qd" => o.qd = val.parse().expect("--qd N"),
             "--dir" => o.dir = PathBuf::from(val),
+            "--nodes" => o.nodes = val.parse().expect("--nodes N"),
+            "--writers" => o.writers = val.parse().expect("--writers N"),
+            "--burst" => o.burst = val.parse().expect("--burst N"),
+            "--log" => o.log = val,
             "--three-nodes" => {
                 o.three_nodes = true;
+                i += 1;
+                continue;
+            }
+            "--keep" => {
+                o.keep = true;
                 i += 1;
                 continue;
             }
@@ -70,6 +106,22 @@ fn opts() -> Opts {
         o.dirty_mib * 2 <= o.size_mib,
         "--dirty-mib must be at most half --size-mib"
     );
+    if o.nodes > 0 {
+        assert!(
+            (2..=MAX_NODES).contains(&o.nodes),
+            "--nodes must be 2 to {MAX_NODES}"
+        );
+        assert!(!o.three_nodes, "--nodes or --three-nodes, not both");
+        assert!(
+            o.writers < o.nodes,
+            "--writers must be below --nodes (node 1 dies)"
+        );
+        // Every survivor gets a range of at least one chunk outside the dirty ones.
+        assert!(
+            o.size_mib - o.dirty_mib >= (o.nodes as u64 - 1),
+            "the array is too small for that many nodes"
+        );
+    }
     o
 }
 
@@ -181,6 +233,18 @@ fn write_all(c: &mut Client, offsets: &[u64], bs: usize, qd: usize) {
 
 /// Random 4 KiB writes in `[lo, hi)` at depth `qd` until `stop`; latencies in µs.
 fn write_until(c: &mut Client, lo: u64, hi: u64, qd: usize, stop: &dyn Fn() -> bool) -> Vec<u32> {
+    write_until_worst(c, lo, hi, qd, stop).0
+}
+
+/// As [`write_until`], and when the slowest write was answered.
+fn write_until_worst(
+    c: &mut Client,
+    lo: u64,
+    hi: u64,
+    qd: usize,
+    stop: &dyn Fn() -> bool,
+) -> (Vec<u32>, Instant) {
+    let mut worst = (0u32, Instant::now());
     let blocks = (hi - lo) / BS as u64;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut start = vec![Instant::now(); qd];
@@ -209,7 +273,11 @@ fn write_until(c: &mut Client, lo: u64, hi: u64, qd: usize, stop: &dyn Fn() -> b
             let cp = unsafe { cp.as_ptr().read() };
             assert_eq!(cp.ret, 0, "write failed: {}", cp.ret);
             let slot = cp.user_data;
-            lat.push((now - start[slot]).as_micros() as u32);
+            let us = (now - start[slot]).as_micros() as u32;
+            if us > worst.0 {
+                worst = (us, now);
+            }
+            lat.push(us);
             if stopping {
                 inflight -= 1;
             } else {
@@ -218,7 +286,7 @@ fn write_until(c: &mut Client, lo: u64, hi: u64, qd: usize, stop: &dyn Fn() -> b
             }
         }
     }
-    lat
+    (lat, worst.1)
 }
 
 fn summary(name: &str, mut lat: Vec<u32>, secs: f64) -> String {
@@ -256,6 +324,11 @@ fn main() {
             "--bitmap-chunk",
             "1M",
         ])
+        .args(if o.nodes > 4 {
+            vec!["--nodes".to_string(), o.nodes.to_string()]
+        } else {
+            Vec::new()
+        })
         .args(&legs)
         .output()
         .unwrap();
@@ -273,6 +346,15 @@ fn main() {
         .spawn()
         .unwrap();
     wait_path(&lockd_sock, &mut lockd);
+    if o.nodes > 0 {
+        many::many_nodes(&o, d, &legs, &lockd_sock);
+        let _ = lockd.kill();
+        let _ = lockd.wait();
+        if o.keep {
+            eprintln!("kept {}", dir.keep().display());
+        }
+        return;
+    }
     let (s1, s2, s3) = (d.join("n1.sock"), d.join("n2.sock"), d.join("n3.sock"));
     let mut n1 = serve(&s1, &lockd_sock, &legs);
     let mut n2 = serve(&s2, &lockd_sock, &legs);

@@ -952,6 +952,11 @@ fn as_many_nodes_as_slots_started_at_the_same_moment_all_join() {
             .collect();
         slots.sort();
         assert_eq!(slots, vec![0, 1, 2, 3], "round {round}");
+        // Nobody died: a slot another joiner held to merge it is no dead node's.
+        for n in &nodes {
+            let log = n.log_text();
+            assert!(!log.contains("is gone"), "round {round}: {log}");
+        }
         for mut n in nodes {
             assert!(n.stop().success());
         }

@@ -4,6 +4,10 @@
 //! watches every occupied slot with a blocking NL→PW request that the DLM grants only
 //! when the owner's PW is gone — that grant is how a peer's death is seen.
 
+mod lvb;
+
+pub use lvb::{decode_owner, decode_window, encode_window};
+
 use super::comms::{new_nl_lock, Comms, CommsError, Handler};
 use crate::dlm::{flags, LockId, Mode, NodeId, Status};
 use crate::md::message::{ClusterMsg, MsgType};
@@ -68,6 +72,8 @@ struct Watches {
     down: Mutex<HashSet<u32>>,
     /// Told whether reads must stay on one leg, whenever that may have changed.
     read_balancing: Mutex<Option<ReadBalancingSink>>,
+    /// Slots a message came from (their owner has joined).
+    heard: Mutex<HashSet<u32>>,
     dead: Sender<u32>,
 }
 
@@ -167,6 +173,15 @@ impl Watches {
             .insert(slot)
     }
 
+    /// A message came from `slot`: its owner has joined. Watches it.
+    fn heard_from(self: &Arc<Self>, slot: u32) {
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(slot);
+        self.arm(slot);
+    }
+
     /// Gives up a reservation without watching (the slot turned out free).
     fn unreserve(&self, slot: u32) {
         self.armed
@@ -240,37 +255,6 @@ pub struct Node {
     pub windows_at_join: Vec<(u32, u64, u64)>,
     resync: LockId,
     own: LockId,
-}
-
-/// The resync window kept in a slot lock's LVB (`struct resync_info`, spec §3.4),
-/// and after it the lock manager node id of the slot's owner (0: none), which
-/// tells a node that joins later whose death frees the slot. (The kernel reads
-/// the first 16 bytes only; its nodes never share a lockspace with ours.)
-pub fn encode_window(lo: u64, hi: u64, owner: NodeId, lvb_len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; lvb_len.max(20)];
-    v[..8].copy_from_slice(&lo.to_le_bytes());
-    v[8..16].copy_from_slice(&hi.to_le_bytes());
-    v[16..20].copy_from_slice(&owner.to_le_bytes());
-    v
-}
-
-/// The slot owner's node id in a slot lock's LVB (0: not known).
-pub fn decode_owner(lvb: &[u8]) -> NodeId {
-    lvb.get(16..20)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, NodeId::from_le_bytes)
-}
-
-/// Reads a window from an LVB; an invalid or short LVB means no window.
-pub fn decode_window(lvb: &[u8]) -> (u64, u64) {
-    if lvb.len() < 16 {
-        return (0, 0);
-    }
-    let mut lo = [0u8; 8];
-    let mut hi = [0u8; 8];
-    lo.copy_from_slice(&lvb[..8]);
-    hi.copy_from_slice(&lvb[8..16]);
-    (u64::from_le_bytes(lo), u64::from_le_bytes(hi))
 }
 
 /// The pause before a failed recovery of a dead node's slot is tried again.
@@ -381,6 +365,7 @@ impl Node {
             owners: Mutex::new(HashMap::new()),
             down: Mutex::new(HashSet::new()),
             read_balancing: Mutex::new(None),
+            heard: Mutex::new(HashSet::new()),
             dead: dead_tx,
         });
         // Our slot's value block names us, for the nodes that join later.
@@ -410,7 +395,13 @@ impl Node {
         // these locks: before the receive loop, which arms the watch on the slot
         // of every message's sender. A window announced from now on reaches us as
         // a message (our ack lock is armed), processed once the loop runs.
+        //
+        // A slot held with no owner in its value block is no node's: another
+        // joiner holds it for a moment to merge its bits (or a node that has
+        // just claimed it has not named itself yet, and its NODE_JOINED will
+        // arm the watch). Watched, it would be reported dead once let go.
         let mut windows_at_join = Vec::new();
+        let mut taken = Vec::new();
         for &s in &occupied {
             let lock = watches.bitmaps[s as usize];
             let lvb = comms.step("slot NL->CR", lock, Mode::Cr, flags::VALBLK, None)?;
@@ -420,21 +411,25 @@ impl Node {
             if hi > 0 {
                 windows_at_join.push((s, lo, hi));
             }
-            watches.set_owner(s, decode_owner(lvb));
+            let owner = decode_owner(lvb);
+            if owner != 0 {
+                watches.set_owner(s, owner);
+                taken.push(s);
+            }
         }
         let w2 = watches.clone();
         comms.start_receiving(
             basts,
             Box::new(move |m: ClusterMsg| {
                 // Watch a (re)joined slot before this message is acknowledged.
-                w2.arm(m.slot);
+                w2.heard_from(m.slot);
                 if m.kind == MsgType::NodeJoined {
                     w2.set_owner(m.slot, NodeId::try_from(m.low).unwrap_or(0));
                 }
                 handler(m)
             }),
         )?;
-        for &s in &occupied {
+        for &s in &taken {
             watches.arm(s);
         }
         let mut joined = ClusterMsg::new(MsgType::NodeJoined, slot);
@@ -468,11 +463,26 @@ impl Node {
                     free_at_join.push(s);
                 }
                 Ok((Status::Again, _)) => {
-                    // Taken: who holds it is in its value block.
+                    // Held: who holds it is in its value block; held by nobody
+                    // named, it is free (see above) and not watched.
                     let lvb = comms.step("slot NL->CR", lock, Mode::Cr, flags::VALBLK, None)?;
                     comms.step("slot CR->NL", lock, Mode::Nl, 0, None)?;
-                    watches.set_owner(s, decode_owner(lvb.as_deref().unwrap_or(&[])));
-                    watches.arm_reserved(s)
+                    let owner = decode_owner(lvb.as_deref().unwrap_or(&[]));
+                    if owner != 0 {
+                        watches.set_owner(s, owner);
+                        watches.arm_reserved(s);
+                    } else {
+                        watches.unreserve(s);
+                        // A NODE_JOINED from it while it was reserved armed nothing.
+                        let heard = watches
+                            .heard
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .contains(&s);
+                        if heard {
+                            watches.arm(s);
+                        }
+                    }
                 }
                 Ok((st, _)) => return Err(CommsError::Status("slot probe", st).into()),
                 Err(_) => {

@@ -252,3 +252,30 @@ fn a_dead_nodes_window_is_not_installed_once_its_slot_has_a_new_owner() {
     let (d, _) = join(&dlm);
     assert!(d.windows_at_join.is_empty(), "{:?}", d.windows_at_join);
 }
+
+#[test]
+fn free_slots_another_joiner_holds_to_merge_them_are_not_taken_for_dead_nodes() {
+    let dlm = LocalDlm::new();
+    // A joins (slot 1) and holds the free slots 2, 3, 4 and 0 to merge their bits;
+    // it has merged slot 3 when B joins.
+    let a = Node::join(Arc::new(dlm.join(LS, 32)), 5, Box::new(|_| {})).unwrap();
+    assert_eq!((a.slot, a.free_at_join.clone()), (1, vec![2, 3, 4, 0]));
+    a.release_slot(3).unwrap();
+    // B finds slot 1 taken (A), slot 2 held (by A, to merge), takes slot 3, and
+    // finds slots 4 and 0 held (by A, to merge).
+    let b = Node::join(Arc::new(dlm.join(LS, 32)), 5, Box::new(|_| {})).unwrap();
+    assert_eq!(b.slot, 3);
+    assert!(b.free_at_join.is_empty(), "{:?}", b.free_at_join);
+    for s in [2, 4, 0] {
+        a.release_slot(s).unwrap();
+    }
+    // Nobody died: slots 2, 4 and 0 were free, held only for a moment.
+    if let Ok(s) = b.dead.recv_timeout(Duration::from_millis(300)) {
+        panic!("B took free slot {s} for a dead node's");
+    }
+    wait_watched(&b, &[1]);
+    // A node that takes one of them later is watched (its NODE_JOINED arms it).
+    let c = settled(Node::join(Arc::new(dlm.join(LS, 32)), 5, Box::new(|_| {})).unwrap());
+    assert_eq!(c.slot, 2);
+    wait_watched(&b, &[1, 2]);
+}
