@@ -19,7 +19,7 @@
 use super::comms::{new_nl_lock, Comms, CommsError, Router, STEP_TIMEOUT};
 use crate::dlm::{flags, LockId, LockSpace, Mode, Status};
 use log::{info, warn};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The lock resource of the writer role.
@@ -40,6 +40,9 @@ pub enum RoleState {
     Held,
     /// Another node holds the role: guest writes fail until the vrings restart.
     Refused,
+    /// Being given back in the background ([`WriterRole::release_in_background`]):
+    /// no guest write goes out; the next take waits for the release to end.
+    Releasing,
 }
 
 impl RoleState {
@@ -49,6 +52,7 @@ impl RoleState {
             RoleState::Idle => "idle",
             RoleState::Held => "held",
             RoleState::Refused => "refused",
+            RoleState::Releasing => "releasing",
         }
     }
 }
@@ -62,9 +66,34 @@ struct RoleLock {
 /// This node's writer role.
 pub struct WriterRole {
     /// `None`: the array's only node; the role is always granted.
-    lock: Option<RoleLock>,
+    lock: Option<Arc<RoleLock>>,
     mode: Mode,
+    state: Arc<RoleShared>,
+}
+
+/// The role's state, shared with a release that runs in the background.
+struct RoleShared {
     state: Mutex<RoleState>,
+    /// Signalled when a background release ends.
+    released: Condvar,
+}
+
+impl RoleShared {
+    fn new() -> Arc<RoleShared> {
+        Arc::new(RoleShared {
+            state: Mutex::new(RoleState::Idle),
+            released: Condvar::new(),
+        })
+    }
+
+    /// The state, once no background release runs.
+    fn settled(&self) -> MutexGuard<'_, RoleState> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while *st == RoleState::Releasing {
+            st = self.released.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st
+    }
 }
 
 impl WriterRole {
@@ -73,7 +102,7 @@ impl WriterRole {
         WriterRole {
             lock: None,
             mode: Mode::Ex,
-            state: Mutex::new(RoleState::Idle),
+            state: RoleShared::new(),
         }
     }
 
@@ -82,13 +111,13 @@ impl WriterRole {
     pub fn cluster(comms: &Comms, shared: bool) -> Result<WriterRole, CommsError> {
         let id = new_nl_lock(&**comms.ls(), comms.router(), WRITER, 0)?;
         Ok(WriterRole {
-            lock: Some(RoleLock {
+            lock: Some(Arc::new(RoleLock {
                 ls: comms.ls().clone(),
                 router: comms.router().clone(),
                 id,
-            }),
+            })),
             mode: if shared { Mode::Cw } else { Mode::Ex },
-            state: Mutex::new(RoleState::Idle),
+            state: RoleShared::new(),
         })
     }
 
@@ -99,13 +128,14 @@ impl WriterRole {
 
     /// The current state.
     pub fn state(&self) -> RoleState {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+        *self.state.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Takes the role unless it is held or was refused since the last release;
-    /// retries for `retry` while another node holds it. Returns the new state.
+    /// retries for `retry` while another node holds it (after a release of ours
+    /// still running in the background). Returns the new state.
     pub fn acquire(&self, retry: Duration) -> RoleState {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.settled();
         if *st != RoleState::Idle {
             return *st;
         }
@@ -156,23 +186,66 @@ impl WriterRole {
 
     /// Gives the role back (or forgets a refusal): the next start tries again.
     pub fn release(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.settled();
         let was = std::mem::replace(&mut *st, RoleState::Idle);
         if was != RoleState::Held {
             return;
         }
-        let Some(l) = &self.lock else {
+        if let Some(l) = &self.lock {
+            l.give_back();
+        }
+    }
+
+    /// As [`WriterRole::release`], but the lock manager round trip runs on a thread
+    /// of its own: a front-end stopping its vrings (a migration's source, whose VM
+    /// stands still until it is answered) does not wait for it. Nothing of ours
+    /// writes meanwhile (the vrings are stopped and drained first), and the next
+    /// [`WriterRole::acquire`] waits for the release to end. Another node asking
+    /// for the role meanwhile retries until it ends.
+    pub fn release_in_background(&self) {
+        let mut st = self.state.settled();
+        if *st != RoleState::Held {
+            *st = RoleState::Idle;
+            return;
+        }
+        let Some(l) = self.lock.clone() else {
+            *st = RoleState::Idle;
             return;
         };
-        let rx = l.router.expect(l.id);
-        let done =
-            l.ls.convert(l.id, Mode::Nl, flags::CONVERT, None)
-                .map_err(|e| e.to_string())
-                .and_then(|()| match rx.recv_timeout(STEP_TIMEOUT) {
-                    Ok((Status::Granted, _)) => Ok(()),
-                    Ok((s, _)) => Err(format!("ended with {s:?}")),
-                    Err(_) => Err(format!("no answer in {STEP_TIMEOUT:?}")),
-                });
+        *st = RoleState::Releasing;
+        drop(st);
+        let shared = self.state.clone();
+        let end = move |l: &RoleLock| {
+            l.give_back();
+            *shared.state.lock().unwrap_or_else(|e| e.into_inner()) = RoleState::Idle;
+            shared.released.notify_all();
+        };
+        let spawned = std::thread::Builder::new()
+            .name("writer-release".into())
+            .spawn({
+                let (l, end) = (l.clone(), end.clone());
+                move || end(&l)
+            });
+        if spawned.is_err() {
+            // No thread to be had: released here.
+            end(&l);
+        }
+    }
+}
+
+impl RoleLock {
+    /// Converts the role's lock back to NL and waits for the lock manager.
+    fn give_back(&self) {
+        let rx = self.router.expect(self.id);
+        let done = self
+            .ls
+            .convert(self.id, Mode::Nl, flags::CONVERT, None)
+            .map_err(|e| e.to_string())
+            .and_then(|()| match rx.recv_timeout(STEP_TIMEOUT) {
+                Ok((Status::Granted, _)) => Ok(()),
+                Ok((s, _)) => Err(format!("ended with {s:?}")),
+                Err(_) => Err(format!("no answer in {STEP_TIMEOUT:?}")),
+            });
         match done {
             Ok(()) => info!("writer role released"),
             Err(e) => warn!("writer role release: {e}"),
@@ -239,6 +312,31 @@ mod tests {
         assert_eq!(a.acquire(Duration::ZERO), RoleState::Held);
         dlm.kill(LS, id);
         assert_eq!(b.acquire(ACQUIRE_RETRY), RoleState::Held);
+    }
+
+    #[test]
+    fn a_release_in_the_background_ends_before_the_next_take_and_frees_the_role() {
+        let dlm = LocalDlm::new();
+        let (a, _ca) = role(&dlm, false);
+        let (b, _cb) = role(&dlm, false);
+        for _ in 0..50 {
+            assert_eq!(a.acquire(ACQUIRE_RETRY), RoleState::Held);
+            a.release_in_background();
+            // Taken again at once: the take waits for the release first.
+            assert_eq!(a.acquire(Duration::ZERO), RoleState::Held);
+            assert_eq!(b.acquire(Duration::ZERO), RoleState::Refused);
+            b.release();
+            a.release_in_background();
+            // The other node gets it once the release ended (it retries).
+            assert_eq!(b.acquire(ACQUIRE_RETRY), RoleState::Held);
+            assert_eq!(a.state(), RoleState::Idle);
+            b.release();
+        }
+        // A refusal is forgotten as by release().
+        assert_eq!(b.acquire(ACQUIRE_RETRY), RoleState::Held);
+        assert_eq!(a.acquire(Duration::ZERO), RoleState::Refused);
+        a.release_in_background();
+        assert_eq!(a.state(), RoleState::Idle);
     }
 
     #[test]

@@ -85,8 +85,8 @@ pub struct Status {
     pub resync: ResyncStatusWire,
     /// Guest requests completed.
     pub requests_completed: u64,
-    /// The writer role on this node: "held", "refused" or "idle" (no front-end
-    /// runs the vrings).
+    /// The writer role on this node: "held", "refused", "releasing" (being given
+    /// back) or "idle" (no front-end runs the vrings).
     #[serde(default)]
     pub writer_role: String,
     /// Writers share the role (`--shared-writes`).

@@ -525,12 +525,20 @@ impl crate::vhost::gate::WriterGate for RoleGate {
         self.0.release();
     }
 
+    fn give_back_soon(&self) {
+        self.0.release_in_background();
+    }
+
     fn held(&self) -> bool {
         self.0.state() == crate::cluster::writer::RoleState::Held
     }
 
     fn idle(&self) -> bool {
-        self.0.state() == crate::cluster::writer::RoleState::Idle
+        // A release still on its way ends before the next take.
+        matches!(
+            self.0.state(),
+            crate::cluster::writer::RoleState::Idle | crate::cluster::writer::RoleState::Releasing
+        )
     }
 
     fn state_name(&self) -> &'static str {

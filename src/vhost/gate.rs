@@ -13,9 +13,14 @@ pub trait WriterGate: Send + Sync {
     fn take(&self);
     /// Gives the gate back, or forgets a refusal: the next take tries again.
     fn give_back(&self);
+    /// As [`WriterGate::give_back`], but the caller need not wait for other nodes
+    /// to learn it (the next take waits for it instead).
+    fn give_back_soon(&self) {
+        self.give_back();
+    }
     /// Whether the gate is held: guest writes may go to the legs.
     fn held(&self) -> bool;
-    /// Whether the gate is neither held nor refused.
+    /// Whether the gate is neither held nor refused (or is being given back).
     fn idle(&self) -> bool;
     /// The state as `status` shows it: `idle`, `held` or `refused`.
     fn state_name(&self) -> &'static str;

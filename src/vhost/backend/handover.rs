@@ -90,7 +90,8 @@ pub(super) fn log_stop(qi: usize, drain: Duration, in_flight: usize) {
     );
 }
 
-/// Logs the writer role's release, which took `took`.
+/// Logs the writer role's release, which held the front-end up for `took` (the
+/// lock manager's round trip runs in the background).
 pub(super) fn log_role_given_back(took: Duration) {
     info!("writer role given back in {:.3} ms", ms(took));
 }

@@ -201,7 +201,9 @@ impl BlockBackend {
     }
 
     /// Queue `qi` was stopped and its requests finished: once no queue runs and
-    /// none has a request in flight, the writer role goes back.
+    /// none has a request in flight, the writer role goes back, in the background:
+    /// the front-end (a migration's source, its VM standing still) is answered
+    /// without waiting for the lock manager; the next start waits for it instead.
     fn give_back_writer_role(&self, qi: usize) {
         let mut started = lock(&self.started);
         *started &= !queue_bit(qi);
@@ -213,7 +215,7 @@ impl BlockBackend {
             self.wait_idle(i, "before giving the writer role back");
         }
         let start = std::time::Instant::now();
-        self.role.give_back();
+        self.role.give_back_soon();
         handover::log_role_given_back(start.elapsed());
     }
 
