@@ -16,6 +16,7 @@ mod flusher;
 mod resync;
 
 use resync::Window;
+pub use resync::RESYNC_WINDOW;
 
 /// Where the bitmap goes: implemented by the mirror, which knows the in-sync legs.
 pub trait BitmapStore: Send + Sync {
@@ -42,6 +43,9 @@ struct Inner {
     /// The window being resynced right now: the chunk, and the sectors
     /// `[lo, hi)` of it being copied (writes overlapping them wait).
     resyncing: Option<Window>,
+    /// The chunk a resync copies window by window, from its first window to its
+    /// end: a write to it that ends degraded meanwhile (`redo`) keeps it needed.
+    copying: Option<resync::ChunkCopy>,
     /// Chunks `[lo, hi)` another node is resyncing: writes wait, reads use the
     /// first leg (md-cluster's suspend window).
     remote: Option<(u64, u64)>,
@@ -137,6 +141,7 @@ impl WriteIntent {
                 needed,
                 idle: BitmapBits::new(chunks),
                 resyncing: None,
+                copying: None,
                 remote: None,
                 remote_from: 0,
                 hold_bits: false,
@@ -167,6 +172,11 @@ impl WriteIntent {
     }
 
     fn set_needed(&self, g: &mut Inner, c: u64) {
+        if let Some(copy) = g.copying.as_mut().filter(|copy| copy.chunk == c) {
+            // Already needed, but a window copied before this write ended: the
+            // chunk must not be taken for in sync when its copy ends.
+            copy.redo = true;
+        }
         if c < g.needed.chunks() && !g.needed.get(c) {
             g.needed.set(c);
             self.needed_count.fetch_add(1, Ordering::AcqRel);

@@ -4,6 +4,18 @@
 use super::{Inner, WriteIntent};
 use std::sync::atomic::Ordering;
 
+/// Sectors a resync copies at a time (1 MiB): writes overlapping the window being
+/// copied wait for it, the chunk's other writes go on.
+pub const RESYNC_WINDOW: u64 = 2048;
+
+/// A chunk being copied window by window.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ChunkCopy {
+    pub(super) chunk: u64,
+    /// A write to the chunk ended degraded during the copy.
+    pub(super) redo: bool,
+}
+
 /// A window of a local resync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Window {
@@ -141,7 +153,8 @@ impl WriteIntent {
         self.wake();
     }
 
-    /// Ends the resync of chunk `c`; `in_sync` clears its needed mark.
+    /// Ends the whole-chunk window of [`WriteIntent::begin_resync`]; `in_sync`
+    /// clears the chunk's needed mark (no write ran on it meanwhile).
     pub fn end_resync(&self, c: u64, in_sync: bool) {
         let mut g = self.lock();
         if in_sync && g.needed.get(c) {
@@ -150,6 +163,37 @@ impl WriteIntent {
         }
         if g.resyncing.is_some_and(|w| w.chunk == c) {
             g.resyncing = None;
+        }
+        drop(g);
+        self.changed.notify_all();
+        self.wake();
+    }
+
+    /// Chunk `c` is to be copied window by window ([`WriteIntent::begin_resync_window`]);
+    /// ends with [`WriteIntent::finish_chunk_copy`].
+    pub fn start_chunk_copy(&self, c: u64) {
+        self.lock().copying = Some(ChunkCopy {
+            chunk: c,
+            redo: false,
+        });
+    }
+
+    /// The copy of chunk `c` ended; `copied`: every window of it was copied. The
+    /// chunk stays needed unless it was, and no write to it ended degraded
+    /// meanwhile (its data may differ between the legs again). Leaves the windows
+    /// alone: only their owner ends them.
+    pub fn finish_chunk_copy(&self, c: u64, copied: bool) {
+        let mut g = self.lock();
+        let redo = match g.copying.take() {
+            Some(copy) if copy.chunk == c => copy.redo,
+            other => {
+                g.copying = other;
+                true
+            }
+        };
+        if copied && !redo && g.needed.get(c) {
+            g.needed.clear(c);
+            self.needed_count.fetch_sub(1, Ordering::AcqRel);
         }
         drop(g);
         self.changed.notify_all();

@@ -204,6 +204,32 @@ fn a_resync_window_holds_the_writes_overlapping_it_only() {
     b.end_resync_window();
 }
 
+/// A write that ends degraded between two windows of its chunk's copy (after its
+/// window was copied) keeps the chunk needed: the legs may differ there again.
+#[test]
+fn a_degraded_write_during_a_chunks_copy_keeps_it_needed() {
+    let b = bitmap();
+    let rec = Recorder::default();
+    b.mark_all_needed();
+    let cs = 2048 * 7;
+    for degraded in [true, false] {
+        b.start_chunk_copy(7);
+        b.begin_resync_window(7, cs, cs + 256);
+        b.end_resync_window();
+        assert!(b.try_start_write(cs, 8, &rec).unwrap());
+        b.end_write(cs, 8, degraded);
+        b.begin_resync_window(7, cs + 256, cs + 2048);
+        b.end_resync_window();
+        b.finish_chunk_copy(7, true);
+        assert_eq!(b.is_needed(cs, 8), degraded, "degraded write: {degraded}");
+    }
+    // A copy that did not reach the chunk's end leaves it needed.
+    b.mark_all_needed();
+    b.start_chunk_copy(7);
+    b.finish_chunk_copy(7, false);
+    assert!(b.is_needed(cs, 8));
+}
+
 /// A store whose bitmap writes fail while `failing`, and wait while `held`.
 #[derive(Default)]
 struct Switchable {

@@ -169,7 +169,8 @@ impl Array {
         }
         self.copy_bitmaps_to(&member)?;
         {
-            let _joining = lock(&self.recovery);
+            let mut joining = lock(&self.recovery);
+            *joining += 1;
             member.set_state(LegState::Recovering);
             member.bitmap_guided.store(
                 kind == RecoveryKind::Bitmap,
@@ -324,7 +325,8 @@ impl Array {
             gathering: std::sync::atomic::AtomicBool::new(false),
         });
         let activate = || {
-            let _joining = lock(&self.recovery);
+            let mut joining = lock(&self.recovery);
+            *joining += 1;
             self.set_slot(slot, Some(member.clone()));
             self.bitmap.mark_all_needed();
             self.update_bitmap_state();

@@ -182,7 +182,7 @@ impl Array {
             next_read: AtomicUsize::new(0),
             balancing_suspended: AtomicBool::new(false),
             detached: Mutex::new(Vec::new()),
-            recovery: Mutex::new(()),
+            recovery: Mutex::new(0),
             manage: Mutex::new(()),
             resync_halted: AtomicBool::new(false),
             metadata_sync: Mutex::new(None),

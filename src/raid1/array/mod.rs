@@ -185,8 +185,9 @@ pub struct Array {
     balancing_suspended: AtomicBool,
     /// Legs that belong to the array but are not in a slot (left out or removed).
     pub(super) detached: Mutex<Vec<Arc<Member>>>,
-    /// Serialises chunk copies against legs joining a recovery.
-    pub(super) recovery: Mutex<()>,
+    /// Serialises chunk copies against legs joining a recovery; counts the legs
+    /// that joined (a chunk copy that let it go meanwhile starts the chunk again).
+    pub(super) recovery: Mutex<u64>,
     /// Serialises operator changes (fail, remove, re-add, add): each checks the
     /// legs' states before it changes them.
     pub(super) manage: Mutex<()>,

@@ -2,10 +2,7 @@
 //! of legs being rebuilt.
 
 use super::*;
-
-/// Sectors a resync copies at a time (1 MiB): writes overlapping the window
-/// being copied wait for it.
-pub const RESYNC_WINDOW: u64 = 2048;
+use crate::bitmap::RESYNC_WINDOW;
 
 impl Array {
     /// Merges node `slot`'s on-disk bitmap into ours (its dirty chunks become
@@ -100,19 +97,23 @@ impl Array {
     /// Copies chunk `c` from the first in-sync leg to every other non-faulty leg,
     /// one window of [`RESYNC_WINDOW`] sectors at a time (a guest write elsewhere
     /// in the chunk waits for one window's copy at most), at no more than the
-    /// resync rate limit (enforced between windows, while writes go on). Returns
-    /// the bytes copied.
+    /// resync rate limit (array bytes per second, as md's `speed_limit_max`). The
+    /// throttle sleeps between windows with writes going on and without the
+    /// recovery lock (a leg joining meanwhile is not held up; the chunk is then
+    /// copied again from its start, for the new leg). Returns the bytes copied.
     pub fn resync_chunk(&self, c: u64) -> io::Result<u64> {
         let g = self.bitmap.geometry();
         let start = g.chunk_start(c);
         let end = (start + g.chunk_sectors()).min(self.size);
+        let mut joining = lock(&self.recovery);
         let t0 = std::time::Instant::now();
-        let joining = lock(&self.recovery);
         let step = RESYNC_WINDOW.min(end.saturating_sub(start)).max(1);
         let mut buf = crate::storage::AlignedBuf::zeroed((step * 512) as usize);
         let mut copied = 0;
+        let mut progress = 0;
         let mut done = start;
         let mut result = Ok(());
+        self.bitmap.start_chunk_copy(c);
         while done < end {
             let hi = (done + step).min(end);
             self.bitmap.begin_resync_window(c, done, hi);
@@ -125,29 +126,47 @@ impl Array {
                     break;
                 }
             }
+            progress += (hi - done) * 512;
             done = hi;
-            if done < end && self.resync_halted() {
+            if self.resync_halted() {
                 break;
             }
-            self.throttle_resync(t0, (done - start) * 512);
+            if done < end && self.throttle_due(t0, progress).is_some() {
+                let joins = *joining;
+                drop(joining);
+                self.throttle_resync(t0, progress);
+                joining = lock(&self.recovery);
+                if *joining != joins {
+                    // A leg joined while the lock was free: it has none of the
+                    // windows copied so far.
+                    done = start;
+                }
+            }
         }
-        self.bitmap.end_resync(c, result.is_ok() && done >= end);
+        self.bitmap
+            .finish_chunk_copy(c, result.is_ok() && done >= end);
         drop(joining);
         let settled = self.settle_failures();
         result?;
         settled?;
+        self.throttle_resync(t0, progress);
         Ok(copied)
+    }
+
+    /// How long the copy of `bytes` since `t0` is ahead of the resync rate limit.
+    fn throttle_due(&self, t0: std::time::Instant, bytes: u64) -> Option<std::time::Duration> {
+        let rate = self.counters.resync_max_rate.load(Ordering::Relaxed);
+        if rate == 0 {
+            return None;
+        }
+        let due = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
+        due.checked_sub(t0.elapsed()).filter(|w| !w.is_zero())
     }
 
     /// Sleeps until `bytes` copied since `t0` are within the resync rate limit, if
     /// one is set; in short naps, so that a stop does not wait for the throttle.
     fn throttle_resync(&self, t0: std::time::Instant, bytes: u64) {
-        let rate = self.counters.resync_max_rate.load(Ordering::Relaxed);
-        if rate == 0 {
-            return;
-        }
-        let due = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
-        while let Some(wait) = due.checked_sub(t0.elapsed()).filter(|w| !w.is_zero()) {
+        while let Some(wait) = self.throttle_due(t0, bytes) {
             if self.resync_halted() {
                 break;
             }

@@ -73,3 +73,63 @@ fn a_write_elsewhere_in_the_chunk_being_resynced_does_not_wait_for_the_chunk() {
     assert!(on_b[4096 * 512..4097 * 512].iter().all(|&x| x == 0x22));
     assert_eq!(array.bitmap.next_needed(0), Some(1), "chunk 0 still needed");
 }
+
+/// A throttled resync sleeps between windows without the recovery lock: a leg
+/// joining meanwhile gets it at once, not after the chunk's copy at the limited
+/// rate; and the chunk is then copied again from its start (the new leg has none
+/// of the windows copied before it joined).
+#[test]
+fn a_throttled_resync_lets_a_joining_leg_in_and_copies_the_chunk_again() {
+    let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 64 << 20));
+    let b: Arc<dyn Leg> = Arc::new(MemLeg::new("b", 64 << 20));
+    create_array(
+        &[&*a, &*b],
+        &crate::raid1::metadata::NewArray {
+            name: "t".into(),
+            cluster_name: None,
+            nodes: 1,
+            bitmap_chunk: Some(4 << 20),
+            assume_clean: true,
+            now: 0,
+            uuid: None,
+        },
+    )
+    .unwrap();
+    let (array, _) = Array::assemble(vec![a, b]).unwrap();
+    let array = Arc::new(array);
+    array.mark_active().unwrap();
+    array.bitmap.mark_all_needed();
+    // 4 MiB at 1 MiB/s: four seconds for the chunk.
+    array
+        .counters
+        .resync_max_rate
+        .store(1 << 20, Ordering::Relaxed);
+    let resync = {
+        let array = array.clone();
+        std::thread::spawn(move || array.resync_chunk(0))
+    };
+    let start = std::time::Instant::now();
+    while array.counters.resync_bytes.load(Ordering::Relaxed) == 0 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    // The first window is copied; the resync throttles. A leg joins.
+    let asked = std::time::Instant::now();
+    {
+        let mut joining = lock(&array.recovery);
+        *joining += 1;
+    }
+    let waited = asked.elapsed();
+    // No limit from now on: the copy goes on at once.
+    array.counters.resync_max_rate.store(0, Ordering::Relaxed);
+    let copied = resync.join().unwrap().unwrap();
+    assert!(
+        waited < std::time::Duration::from_secs(2),
+        "the joining leg waited {waited:?} for the throttled chunk copy"
+    );
+    assert!(
+        copied >= 5 << 20,
+        "the chunk was not copied again from its start after the join: {copied} bytes"
+    );
+    assert_eq!(array.bitmap.next_needed(0), Some(1), "chunk 0 still needed");
+}
