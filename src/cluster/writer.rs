@@ -329,6 +329,8 @@ mod tests {
             a.release_in_background();
             // The other node gets it once the release ended (it retries).
             assert_eq!(b.acquire(ACQUIRE_RETRY), RoleState::Held);
+            // (Its thread may not have noted the grant yet: release waits for it.)
+            a.release();
             assert_eq!(a.state(), RoleState::Idle);
             b.release();
         }

@@ -58,7 +58,8 @@ impl FirstRequest {
 
     /// A request ended (its used entry written).
     pub(super) fn ended(&self, qi: usize) {
-        if !self.waiting.swap(false, Ordering::AcqRel) {
+        // A plain load first: this runs for every completion.
+        if !self.waiting.load(Ordering::Relaxed) || !self.waiting.swap(false, Ordering::AcqRel) {
             return;
         }
         let Some((start, arrived)) = self.clock.lock().unwrap_or_else(|e| e.into_inner()).take()
