@@ -9,7 +9,8 @@
 //! libblkio client connected to its socket and read 4 KiB from it; the clients stay
 //! connected (an idle VM per disk). Then everything idles for `--idle-seconds`: the CPU
 //! time of all `serve` processes and of `lockd` (utime + stime from /proc/PID/stat, as
-//! a percentage of one core), their context switches (wake-ups) per second by thread
+//! a percentage of one core; also the live threads' run time from schedstat), their
+//! context switches (wake-ups) per second by thread
 //! name, RSS (VmRSS), threads and open files per process. Last, the clients disconnect
 //! and every `serve` is stopped with SIGTERM; the time until all have exited.
 //!
@@ -230,7 +231,8 @@ fn count_dir(p: &str) -> u64 {
     std::fs::read_dir(p).map(|d| d.count() as u64).unwrap_or(0)
 }
 
-/// Per thread name: (CPU ticks, context switches), summed over the processes.
+/// Per thread name: (CPU ns from schedstat, context switches), summed over the
+/// processes' live threads.
 fn by_thread(pids: &[u32]) -> std::collections::BTreeMap<String, (u64, u64)> {
     let mut m = std::collections::BTreeMap::new();
     for pid in pids {
@@ -250,7 +252,10 @@ fn by_thread(pids: &[u32]) -> std::collections::BTreeMap<String, (u64, u64)> {
                 .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
                 .sum();
             let e = m.entry(comm).or_insert((0, 0));
-            e.0 += cpu_ticks(&p.join("stat"));
+            e.0 += std::fs::read_to_string(p.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
             e.1 += sw;
         }
     }
@@ -259,6 +264,9 @@ fn by_thread(pids: &[u32]) -> std::collections::BTreeMap<String, (u64, u64)> {
 
 struct Idle {
     cpu_pct: f64,
+    /// The same from the live threads' schedstat (ns-exact; without threads that
+    /// came and went in the window).
+    threads_pct: f64,
     wakeups: f64,
     threads: Vec<(String, f64, f64)>,
 }
@@ -284,7 +292,7 @@ fn idle(pids: &[u32], secs: u64) -> Idle {
             let (c0, s0) = t0.get(name).copied().unwrap_or((0, 0));
             (
                 name.clone(),
-                c.saturating_sub(c0) as f64 / clk_tck() / el * 100.0,
+                c.saturating_sub(c0) as f64 / 1e9 / el * 100.0,
                 s.saturating_sub(s0) as f64 / el,
             )
         })
@@ -292,6 +300,7 @@ fn idle(pids: &[u32], secs: u64) -> Idle {
     threads.sort_by(|a, b| b.2.total_cmp(&a.2));
     Idle {
         cpu_pct: c1.saturating_sub(c0) as f64 / clk_tck() / el * 100.0,
+        threads_pct: threads.iter().map(|t| t.1).sum(),
         wakeups: threads.iter().map(|t| t.2).sum(),
         threads,
     }
@@ -443,6 +452,10 @@ fn many(o: &Opts) {
         serves.cpu_pct,
         serves.cpu_pct / o.disks as f64
     );
+    println!(
+        "| idle CPU, all serve processes, live threads' schedstat | {:.2} % of one core |",
+        serves.threads_pct
+    );
     println!("| idle CPU, lockd | {:.2} % of one core |", lk.cpu_pct);
     println!(
         "| idle CPU, total | {:.2} % of one core |",
@@ -470,7 +483,7 @@ fn many(o: &Opts) {
         "| stop of all serve processes (SIGTERM to exit) | {stop_secs:.2} s ({failed} failed) |"
     );
     println!("\nIdle, by thread name (all serve processes):\n");
-    println!("| thread | CPU % of one core | wake-ups /s |");
+    println!("| thread | CPU % of one core (schedstat) | wake-ups /s |");
     println!("|---|---:|---:|");
     for (name, cpu, w) in serves.threads.iter().filter(|t| t.2 > 0.0 || t.1 > 0.0) {
         println!("| {name} | {cpu:.2} | {w:.1} |");
