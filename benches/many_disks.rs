@@ -539,8 +539,8 @@ fn big(o: &Opts) {
     }
     let lockd_sock = d.join("lockd.sock");
     let mut lockd = start_lockd(&lockd_sock);
-    println!("| array | create | serve start to first read | 2nd read (end of disk) | serve RSS | stop |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| array | create | serve start to first read | 2nd read (end of disk) | serve RSS | stop | bitmap |");
+    println!("|---|---:|---:|---:|---:|---:|---|");
     for (name, cluster, lm) in [
         (
             "clustered, lockd",
@@ -554,37 +554,44 @@ fn big(o: &Opts) {
         let (took, child, mut c) = time_to_first_read(&sock, &lm, &legs, 0);
         // The last 4 KiB of the array's data.
         let t = Instant::now();
-        let size = array_bytes(&sock);
+        let (size, chunk, chunks) = array_bytes(&sock);
         read_at(&mut c, size - BS as u64);
         let second = t.elapsed();
         let rss = status_field(child.id(), "VmRSS:");
         drop(c);
         let stopped = stop(child);
         println!(
-            "| {name}, {} TiB | {:.3} s | {:.3} s | {:.1} ms | {:.1} MiB | {:.3} s |",
+            "| {name}, {} TiB | {:.3} s | {:.3} s | {:.1} ms | {:.1} MiB | {:.3} s | {chunks} chunks of {} MiB |",
             o.big_tib,
             created.as_secs_f64(),
             took.as_secs_f64(),
             second.as_secs_f64() * 1000.0,
             rss as f64 / 1024.0,
-            stopped.as_secs_f64()
+            stopped.as_secs_f64(),
+            chunk >> 20
         );
     }
     terminate(lockd.id());
     lockd.wait().unwrap();
 }
 
-fn array_bytes(sock: &Path) -> u64 {
+/// The array's size in bytes and its bitmap chunks (size, count).
+fn array_bytes(sock: &Path) -> (u64, u64, u64) {
     let out = bin()
         .args(["status", "--format", "json"])
         .arg(sock)
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["size_sectors"]
+    let size = v["size_sectors"]
         .as_u64()
         .map(|s| s * 512)
-        .unwrap_or_else(|| panic!("no size in status: {v}"))
+        .unwrap_or_else(|| panic!("no size in status: {v}"));
+    (
+        size,
+        v["bitmap_chunk"].as_u64().unwrap_or(0),
+        v["bitmap_chunks"].as_u64().unwrap_or(0),
+    )
 }
 
 fn read_at(c: &mut Client, offset: u64) {
