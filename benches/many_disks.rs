@@ -1,7 +1,7 @@
 //! Benchmark: hundreds of disks on one host, and one very large array.
 //!
 //! cargo bench --bench many_disks -- [--disks N] [--leg-mib M] [--dir PATH] [--idle-seconds S]
-//!     [--big-tib T] [--big-dir PATH] [--no-many] [--no-big]
+//!     [--big-tib T] [--big-dir PATH] [--heartbeat-interval D] [--no-many] [--no-big]
 //!
 //! Many disks: one `lockd`, `--disks` clustered arrays (two sparse legs of `--leg-mib`
 //! MiB each, made with `create --assume-clean`), one `serve --lock-manager lockd:...`
@@ -18,7 +18,8 @@
 //! `--dir`), `create --assume-clean` (timed), then the time from starting `serve` to
 //! the first completed 4 KiB read through libblkio, once as a clustered node over
 //! `lockd` and once as a plain array (`--lock-manager local`, whose start writes the
-//! multi-host heartbeat and reads it back two intervals later).
+//! multi-host heartbeat and reads it back two intervals later; `--heartbeat-interval`
+//! is given to that `serve`).
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ struct Opts {
     idle_seconds: u64,
     big_tib: u64,
     big_dir: Option<PathBuf>,
+    heartbeat: Option<String>,
     many: bool,
     big: bool,
 }
@@ -48,6 +50,7 @@ fn opts() -> Opts {
         idle_seconds: 10,
         big_tib: 15,
         big_dir: None,
+        heartbeat: None,
         many: true,
         big: true,
     };
@@ -62,6 +65,7 @@ fn opts() -> Opts {
             "--idle-seconds" => o.idle_seconds = val.parse().expect("--idle-seconds S"),
             "--big-tib" => o.big_tib = val.parse().expect("--big-tib T"),
             "--big-dir" => o.big_dir = Some(PathBuf::from(val)),
+            "--heartbeat-interval" => o.heartbeat = Some(val),
             "--no-many" | "--no-big" => {
                 if args[i] == "--no-many" {
                     o.many = false;
@@ -122,12 +126,23 @@ fn wait_path(p: &Path, child: &mut Child) {
 }
 
 fn spawn_serve(sock: &Path, lock_manager: &str, legs: &[PathBuf], log: &Path) -> Child {
+    spawn_serve_with(sock, lock_manager, &[], legs, log)
+}
+
+fn spawn_serve_with(
+    sock: &Path,
+    lock_manager: &str,
+    extra: &[String],
+    legs: &[PathBuf],
+    log: &Path,
+) -> Child {
     bin()
         .arg("serve")
         .arg("--socket")
         .arg(sock)
         .arg("--lock-manager")
         .arg(lock_manager)
+        .args(extra)
         .args(legs)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -495,12 +510,13 @@ fn many(o: &Opts) {
 fn time_to_first_read(
     sock: &Path,
     lm: &str,
+    extra: &[String],
     legs: &[PathBuf],
     offset: u64,
 ) -> (Duration, Child, Client) {
     let log = sock.with_extension("log");
     let t = Instant::now();
-    let mut child = spawn_serve(sock, lm, legs, &log);
+    let mut child = spawn_serve_with(sock, lm, extra, legs, &log);
     let c = connect_and_read(sock, offset, &mut child, &log);
     (t.elapsed(), child, c)
 }
@@ -551,7 +567,11 @@ fn big(o: &Opts) {
     ] {
         let created = create(&legs, cluster);
         let sock = d.join("big.sock");
-        let (took, child, mut c) = time_to_first_read(&sock, &lm, &legs, 0);
+        let extra: Vec<String> = match (&o.heartbeat, cluster) {
+            (Some(h), false) => vec!["--heartbeat-interval".into(), h.clone()],
+            _ => Vec::new(),
+        };
+        let (took, child, mut c) = time_to_first_read(&sock, &lm, &extra, &legs, 0);
         // The last 4 KiB of the array's data.
         let t = Instant::now();
         let (size, chunk, chunks) = array_bytes(&sock);
