@@ -643,6 +643,46 @@ fn lockd_survives_garbage_clients() {
     drop(half_open);
 }
 
+/// Hundreds of `serve` processes on one host are hundreds of lockd members, two
+/// open files each: lockd raises its soft limit of open files to the hard one, so a
+/// low soft limit (systemd's default is 1024) turns nobody away.
+#[test]
+fn lockd_serves_more_members_than_its_soft_open_files_limit_allows() {
+    use std::os::unix::process::CommandExt;
+    const SOFT: u64 = 48;
+    let d = Lockd::start_with(|cmd| {
+        // SAFETY: only setrlimit between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut r = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                r.rlim_cur = SOFT;
+                r.rlim_max = r.rlim_max.max(4 * SOFT);
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    // Well past SOFT / 2 members, each holding a lock of its own.
+    let members: Vec<LockdMember> = (0..SOFT)
+        .map(|i| {
+            LockdMember::connect(&d.socket, "many", 32)
+                .unwrap_or_else(|e| panic!("member {i} turned away: {e}"))
+        })
+        .collect();
+    for (i, m) in members.iter().enumerate() {
+        let (_, st) = lock_sync(m, &format!("r{i}"), Mode::Ex, 0);
+        assert_eq!(st, Status::Granted, "member {i}");
+    }
+}
+
 /// The real DLM through libdlm. Needs root, the dlm kernel module, corosync and
 /// dlm_controld: `integration/dlm-cluster.sh` runs it inside a cluster guest with
 /// `VUMD_LIBDLM=1 dlm_conformance --ignored --exact libdlm_conforms`.

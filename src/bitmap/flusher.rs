@@ -31,6 +31,15 @@ impl WriteIntent {
         g.flush_wanted = g.flush_wanted.max(t.generation);
         drop(g);
         self.flush_asked.notify_all();
+        self.flush_bell.ring();
+    }
+
+    /// Whether the flusher thread has nothing to do: no flush asked, and the
+    /// workers heard of every bitmap write. It then waits on
+    /// [`WriteIntent::flush_bell`], which [`WriteIntent::request_flush`] rings.
+    pub fn flush_idle(&self) -> bool {
+        let g = self.lock();
+        g.flush_wanted <= g.flushed && g.flushed <= g.announced
     }
 
     /// How the flush `t` waits for ended: `None` while it is not over.

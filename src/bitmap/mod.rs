@@ -9,14 +9,17 @@
 use crate::md::bitmap::{BitmapBits, BitmapGeometry, BitmapSuper, BITMAP_SB_LEN};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use vmm_sys_util::eventfd::EventFd;
 
+mod doorbell;
 mod flusher;
 mod resync;
 
 use resync::Window;
 pub use resync::RESYNC_WINDOW;
+
+pub use doorbell::Doorbell;
 
 /// Where the bitmap goes: implemented by the mirror, which knows the in-sync legs.
 pub trait BitmapStore: Send + Sync {
@@ -121,6 +124,14 @@ pub struct WriteIntent {
     flush_asked: Condvar,
     /// A flusher thread writes the bits that asynchronous writes wait for.
     flusher: std::sync::atomic::AtomicBool,
+    /// Rung when a flush is asked: the flusher thread waits on it without holding
+    /// the array.
+    flush_bell: Arc<Doorbell>,
+    /// Rung when the resync thread may have work: chunks became needed, legs
+    /// changed state, a repair was queued, the process stops.
+    resync_bell: Doorbell,
+    /// Rung when a bit is set: the bitmap daemon, with no bit to clear, waits on it.
+    daemon_bell: Doorbell,
 }
 
 impl WriteIntent {
@@ -161,6 +172,9 @@ impl WriteIntent {
             remote_active: std::sync::atomic::AtomicBool::new(false),
             flush_asked: Condvar::new(),
             flusher: std::sync::atomic::AtomicBool::new(false),
+            flush_bell: Arc::new(Doorbell::default()),
+            resync_bell: Doorbell::default(),
+            daemon_bell: Doorbell::default(),
         }
         .with_needed_counted()
     }
@@ -168,6 +182,9 @@ impl WriteIntent {
     fn with_needed_counted(self) -> Self {
         let n = self.lock().needed.count_dirty();
         self.needed_count.store(n, Ordering::Release);
+        if n > 0 {
+            self.resync_bell.ring();
+        }
         self
     }
 
@@ -180,6 +197,7 @@ impl WriteIntent {
         if c < g.needed.chunks() && !g.needed.get(c) {
             g.needed.set(c);
             self.needed_count.fetch_add(1, Ordering::AcqRel);
+            self.resync_bell.ring();
         }
     }
 
@@ -219,6 +237,7 @@ impl WriteIntent {
             g.bits.set(c);
         }
         g.generation += 1;
+        self.daemon_bell.ring();
     }
 
     /// Marks every chunk needed (full resync).
@@ -229,6 +248,8 @@ impl WriteIntent {
         self.needed_count
             .store(g.needed.chunks(), Ordering::Release);
         g.generation += 1;
+        self.resync_bell.ring();
+        self.daemon_bell.ring();
     }
 
     /// Records the array's state: with `hold_bits` (some mirror slot not in sync)
@@ -238,6 +259,9 @@ impl WriteIntent {
         let mut g = self.lock();
         g.hold_bits = hold_bits;
         g.incomplete_writes = incomplete_writes;
+        drop(g);
+        // Called whenever a leg changes state: a leg to copy to may have come.
+        self.resync_bell.ring();
     }
 
     /// Called before a data write: counts the write and makes its chunks' bits
@@ -302,6 +326,7 @@ impl WriteIntent {
         }
         if newly_set {
             g.generation += 1;
+            self.daemon_bell.ring();
         }
         if range.clone().all(|c| g.on_disk.get(c)) {
             return Intent::Durable;

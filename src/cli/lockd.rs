@@ -87,6 +87,7 @@ pub fn run_lockd(args: &LockdArgs) -> Result<(), String> {
         .transpose()?;
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    raise_open_files_limit();
     let (d, bound) = Daemon::bind(&args.socket, gid).map_err(|e| e.to_string())?;
     std::thread::Builder::new()
         .name("lockd".into())
@@ -99,6 +100,31 @@ pub fn run_lockd(args: &LockdArgs) -> Result<(), String> {
     crate::serve::notify::stopping("stopping");
     drop(bound);
     Ok(())
+}
+
+/// Raises the soft limit of open files to the hard one: every member holds two
+/// (its connection and a clone for its reader), so the usual soft limit of 1024
+/// would turn away the 500th or so `serve` of the host.
+fn raise_open_files_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given, which lives on this stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 || r.rlim_cur >= r.rlim_max {
+        return;
+    }
+    let soft = r.rlim_cur;
+    r.rlim_cur = r.rlim_max;
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } == 0 {
+        log::debug!("open files limit raised from {soft} to {}", r.rlim_max);
+    } else {
+        log::warn!(
+            "cannot raise the open files limit from {soft}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Runs `lock`: prints each state change, holds the lock until killed.

@@ -68,6 +68,12 @@ impl Settler {
         st.error = format!("a leg failure could not be recorded: {e}");
     }
 
+    /// Wakes the settler thread without a request (the array is gone).
+    pub(crate) fn wake(&self) {
+        let _g = lock(&self.state);
+        self.wake.notify_all();
+    }
+
     /// Waits until a record is requested; `false` when none came within `timeout`.
     pub(crate) fn wait_request(&self, timeout: Duration) -> bool {
         let mut st = lock(&self.state);

@@ -492,15 +492,16 @@ fn spawn_bitmap_daemon(
     std::thread::Builder::new()
         .name("bitmap".into())
         .spawn(move || {
-            let step = Duration::from_millis(100);
-            let mut waited = Duration::ZERO;
-            while !stopping.load(Ordering::SeqCst) {
-                std::thread::sleep(step);
-                waited += step;
-                if waited < period {
+            while !array.resync_halted() && !stopping.load(Ordering::SeqCst) {
+                if array.bitmap.is_clean() {
+                    // Nothing to clear until a bit is set: no timer while idle.
+                    array.bitmap.daemon_bell().wait(Duration::from_secs(30));
                     continue;
                 }
-                waited = Duration::ZERO;
+                // Woken early only by the stop (`Array::halt_resync`).
+                if array.wait_halt(period) {
+                    break;
+                }
                 if array.is_fenced() {
                     continue;
                 }

@@ -78,18 +78,32 @@ pub fn spawn(
         .spawn(move || run(&array, &progress, &stopping))
 }
 
+/// How long the resync thread, idle, sleeps before it looks again unasked: it is
+/// woken (the bitmap's resync doorbell) when chunks become needed, a leg changes
+/// state, a read repair is queued or the process stops.
+const IDLE_BACKSTOP: Duration = Duration::from_secs(30);
+
+/// How soon a cluster node's resync thread looks again after work (what the
+/// earlier polling did every time).
+const RETRY: Duration = Duration::from_millis(100);
+
+/// Waits for the resync thread's doorbell.
+fn idle(array: &Array) {
+    array.bitmap.resync_bell().wait(IDLE_BACKSTOP);
+}
+
 fn run(array: &Array, progress: &ResyncProgress, stopping: &AtomicBool) {
     let mut cursor = 0;
     let mut last_log = Instant::now();
     while !stopping.load(Ordering::SeqCst) {
         if array.is_fenced() {
-            std::thread::sleep(Duration::from_millis(100));
+            idle(array);
             continue;
         }
         array.run_repairs();
         if array.copy_targets() == 0 {
             // Degraded to one leg: nothing to copy to until a leg is re-added.
-            std::thread::sleep(Duration::from_millis(100));
+            idle(array);
             continue;
         }
         let Some(c) = array.bitmap.next_needed(cursor) else {
@@ -112,9 +126,11 @@ fn run(array: &Array, progress: &ResyncProgress, stopping: &AtomicBool) {
             if array.recovering() {
                 if let Err(e) = array.finish_recovery() {
                     warn!("cannot record the end of recovery: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
                 }
             }
-            std::thread::sleep(Duration::from_millis(50));
+            idle(array);
             continue;
         };
         if !progress.active.swap(true, Ordering::Relaxed) {
@@ -134,7 +150,7 @@ fn run(array: &Array, progress: &ResyncProgress, stopping: &AtomicBool) {
             );
         }
         if array.in_sync_count() == 0 {
-            std::thread::sleep(Duration::from_millis(200));
+            idle(array);
             continue;
         }
         match array.resync_chunk(c) {
@@ -173,20 +189,31 @@ pub fn spawn_cluster(
     std::thread::Builder::new()
         .name("cluster-resync".into())
         .spawn(move || {
+            // After work that may have left some undone (a resync that failed or
+            // was cut short), look again soon; idle, wait for the doorbell.
+            let mut wait = Duration::ZERO;
             while !stopping.load(Ordering::SeqCst) {
+                let bell = node.array.bitmap.resync_bell().receiver();
                 if node.array.is_fenced() {
                     // Writes nothing; the node restarts when the lock manager is back.
-                    std::thread::sleep(Duration::from_millis(100));
+                    let _ = bell.recv_timeout(IDLE_BACKSTOP);
                     continue;
                 }
                 node.array.run_repairs();
-                if let Ok(slot) = node.node.dead.recv_timeout(Duration::from_millis(100)) {
+                let dead = crossbeam_channel::select! {
+                    recv(node.node.dead) -> slot => slot.ok(),
+                    recv(bell) -> _ => None,
+                    default(wait) => None,
+                };
+                wait = IDLE_BACKSTOP;
+                if let Some(slot) = dead {
                     progress.active.store(true, Ordering::Relaxed);
                     match node.recover(slot) {
                         Ok(n) => info!("recovered node slot {slot}: {n} bytes resynced"),
                         Err(e) => warn!("recovery of node slot {slot} failed: {e}"),
                     }
                     progress.active.store(false, Ordering::Relaxed);
+                    wait = RETRY;
                     continue;
                 }
                 let a = &node.array;
@@ -199,10 +226,12 @@ pub fn spawn_cluster(
                         warn!("resync failed: {e}");
                     }
                     progress.active.store(false, Ordering::Relaxed);
+                    wait = RETRY;
                 } else if a.recovering() {
                     if let Err(e) = a.finish_recovery() {
                         warn!("cannot record the end of recovery: {e}");
                     }
+                    wait = RETRY;
                 }
             }
         })

@@ -445,15 +445,20 @@ pub struct Lockd {
 
 impl Lockd {
     pub fn start() -> Lockd {
+        Lockd::start_with(|_| {})
+    }
+
+    /// Starts it with its command changed by `configure` first.
+    pub fn start_with(configure: impl FnOnce(&mut Command)) -> Lockd {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("lockd.sock");
-        let child = bin()
-            .arg("lockd")
+        let mut cmd = bin();
+        cmd.arg("lockd")
             .arg("--socket")
             .arg(&socket)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+            .stderr(std::process::Stdio::null());
+        configure(&mut cmd);
+        let child = cmd.spawn().unwrap();
         for _ in 0..200 {
             if socket.exists() {
                 break;

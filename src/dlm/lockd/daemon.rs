@@ -53,7 +53,12 @@ impl Daemon {
                         warn!("cannot start a client thread: {e}");
                     }
                 }
-                Err(e) => warn!("accept: {e}"),
+                Err(e) => {
+                    warn!("accept: {e}");
+                    // Out of file descriptors (or another lasting error): the
+                    // client waits in the backlog instead of this thread spinning.
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
             }
         }
     }

@@ -185,6 +185,7 @@ impl Array {
             recovery: Mutex::new(0),
             manage: Mutex::new(()),
             resync_halted: AtomicBool::new(false),
+            halt: Default::default(),
             metadata_sync: Mutex::new(None),
             candidates: Mutex::new(Vec::new()),
             repairs: Mutex::new(Vec::new()),

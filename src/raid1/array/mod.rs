@@ -193,6 +193,8 @@ pub struct Array {
     pub(super) manage: Mutex<()>,
     /// The process is stopping: resync passes end, and a throttled copy stops waiting.
     resync_halted: AtomicBool,
+    /// `resync_halted` for threads that wait for it (the bitmap daemon).
+    pub(super) halt: (Mutex<bool>, std::sync::Condvar),
     /// How superblock updates are coordinated with other nodes (none: alone).
     pub(super) metadata_sync: Mutex<Option<Arc<dyn MetadataSync>>>,
     /// Devices another node is adding, found here by their uuid; the metadata
@@ -207,6 +209,19 @@ pub struct Array {
     fence: std::sync::OnceLock<Arc<Fence>>,
     /// Records leg failures for the I/O workers (cluster nodes).
     settler: Arc<super::settle::Settler>,
+}
+
+/// How long an idle background thread of the array (bitmap flusher, settler)
+/// sleeps before it looks again unasked: it is woken when it has work, and when
+/// the array is dropped. Hundreds of idle arrays on a host cost no CPU.
+pub(crate) const IDLE_BACKSTOP: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Drop for Array {
+    fn drop(&mut self) {
+        // Their threads hold no reference while idle: they see the array gone.
+        self.bitmap.flush_bell().ring();
+        self.settler.wake();
+    }
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -391,14 +406,21 @@ impl Array {
             return Ok(());
         }
         let weak = Arc::downgrade(self);
+        let bell = self.bitmap.flush_bell();
         std::thread::Builder::new()
             .name("bitmap-flush".into())
             .spawn(move || loop {
                 let Some(array) = weak.upgrade() else {
                     return;
                 };
-                let wait = std::time::Duration::from_millis(500);
-                if let Err(e) = array.bitmap.serve_flush(&*array, wait) {
+                if array.bitmap.flush_idle() {
+                    // Idle: waits without holding the array, which rings the bell
+                    // when it is dropped.
+                    drop(array);
+                    bell.wait(IDLE_BACKSTOP);
+                    continue;
+                }
+                if let Err(e) = array.bitmap.serve_flush(&*array, std::time::Duration::ZERO) {
                     warn!("bitmap write for waiting writes: {e}");
                 }
             })?;

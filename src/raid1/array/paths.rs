@@ -93,6 +93,8 @@ impl Array {
                 );
                 q.push((m, sector, sectors));
             }
+            drop(q);
+            self.bitmap.resync_bell().ring();
         } else if let (Err(_), Some((_, e))) = (&result, failed.last()) {
             result = Err(io::Error::new(
                 e.kind(),

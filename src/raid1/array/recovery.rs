@@ -178,6 +178,22 @@ impl Array {
     /// they copy (the chunks not reached stay needed, and dirty in the bitmap).
     pub fn halt_resync(&self) {
         self.resync_halted.store(true, Ordering::SeqCst);
+        self.bitmap.resync_bell().ring();
+        self.bitmap.daemon_bell().ring();
+        let mut halted = lock(&self.halt.0);
+        *halted = true;
+        self.halt.1.notify_all();
+    }
+
+    /// Waits up to `timeout` for [`Array::halt_resync`]; whether it was called.
+    pub fn wait_halt(&self, timeout: std::time::Duration) -> bool {
+        let halted = lock(&self.halt.0);
+        let (halted, _) = self
+            .halt
+            .1
+            .wait_timeout_while(halted, timeout, |h| !*h)
+            .unwrap_or_else(|e| e.into_inner());
+        *halted
     }
 
     /// Whether [`Array::halt_resync`] was called.

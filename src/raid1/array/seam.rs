@@ -19,7 +19,7 @@ impl Array {
         let spawned = std::thread::Builder::new()
             .name("settle".into())
             .spawn(move || loop {
-                let requested = settler.wait_request(std::time::Duration::from_millis(500));
+                let requested = settler.wait_request(IDLE_BACKSTOP);
                 let Some(array) = weak.upgrade() else {
                     return;
                 };

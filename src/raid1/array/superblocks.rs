@@ -136,6 +136,8 @@ impl Array {
             return Err(io::Error::other("no leg's superblock could be re-read"));
         };
         if sb.events <= meta.sb.events {
+            // A leg may have been found in sync above: the resync thread looks.
+            self.bitmap.resync_bell().ring();
             return Ok(());
         }
         let role_of = |m: &Member| {
