@@ -560,13 +560,7 @@ impl VhostUserBackend for BlockBackend {
         let Some(region) = self.inflight_region() else {
             return Ok(());
         };
-        let mem = self
-            .mem
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| io::Error::other("no guest memory"))?;
-        let mem = mem.memory();
+        let mem = self.current_memory()?.mem;
         let mut state = vring.get_mut();
         inflight::start_vring(&region, queue_index as usize, &mut state, &*mem).map(|_| ())
     }

@@ -2,11 +2,9 @@
 
 use super::*;
 
-/// A resync copies a chunk window by window: a guest write to another part of the
-/// chunk being copied goes on while one window's copy is held up, and the legs
-/// agree afterwards (the write included).
-#[test]
-fn a_write_elsewhere_in_the_chunk_being_resynced_does_not_wait_for_the_chunk() {
+/// Two 64 MiB in-memory legs of a new array with 4 MiB chunks (four resync
+/// windows each), and the legs' data offset in bytes.
+fn legs_with_4_mib_chunks() -> (Arc<dyn Leg>, Arc<dyn Leg>, u64) {
     let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 64 << 20));
     let b: Arc<dyn Leg> = Arc::new(MemLeg::new("b", 64 << 20));
     let (_, metas) = create_array(
@@ -22,7 +20,15 @@ fn a_write_elsewhere_in_the_chunk_being_resynced_does_not_wait_for_the_chunk() {
         },
     )
     .unwrap();
-    let data_offset = metas[1].sb.data_offset * 512;
+    (a, b, metas[1].sb.data_offset * 512)
+}
+
+/// A resync copies a chunk window by window: a guest write to another part of the
+/// chunk being copied goes on while one window's copy is held up, and the legs
+/// agree afterwards (the write included).
+#[test]
+fn a_write_elsewhere_in_the_chunk_being_resynced_does_not_wait_for_the_chunk() {
+    let (a, b, data_offset) = legs_with_4_mib_chunks();
     // Leg a holds data leg b lacks, in chunk 0.
     a.write_at(&vec![0x11u8; 4 << 20], data_offset).unwrap();
     // The resync's first write to leg b (its first window) waits at the gate.
@@ -80,21 +86,7 @@ fn a_write_elsewhere_in_the_chunk_being_resynced_does_not_wait_for_the_chunk() {
 /// of the windows copied before it joined).
 #[test]
 fn a_throttled_resync_lets_a_joining_leg_in_and_copies_the_chunk_again() {
-    let a: Arc<dyn Leg> = Arc::new(MemLeg::new("a", 64 << 20));
-    let b: Arc<dyn Leg> = Arc::new(MemLeg::new("b", 64 << 20));
-    create_array(
-        &[&*a, &*b],
-        &crate::raid1::metadata::NewArray {
-            name: "t".into(),
-            cluster_name: None,
-            nodes: 1,
-            bitmap_chunk: Some(4 << 20),
-            assume_clean: true,
-            now: 0,
-            uuid: None,
-        },
-    )
-    .unwrap();
+    let (a, b, _) = legs_with_4_mib_chunks();
     let (array, _) = Array::assemble(vec![a, b]).unwrap();
     let array = Arc::new(array);
     array.mark_active().unwrap();
