@@ -507,7 +507,7 @@ fn encode_status(s: &Status, enc: &mut DescriptorEncoder) -> Result<(), std::fmt
     gauges(
         enc,
         "writer_role",
-        "This node's writer role (held, refused, idle, fenced) as a label; always 1",
+        "This node's writer role (held, refused, releasing, idle, fenced) as a label; always 1",
         &[(role, 1)],
     )?;
     counter(
