@@ -125,6 +125,9 @@ impl Leg for FencedLeg {
     fn slow_writes(&self) -> bool {
         self.inner.slow_writes()
     }
+    fn issues_inline(&self) -> bool {
+        self.inner.issues_inline()
+    }
     fn raw_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
         // Asynchronous I/O only carries guest requests, which the writer role stops
         // while the node is fenced.

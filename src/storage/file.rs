@@ -29,6 +29,8 @@ pub struct FileLeg {
     block_device: bool,
     /// Alignment direct I/O needs (0: the file is not open with O_DIRECT).
     align: usize,
+    /// io_uring issues this leg's direct I/O inline ([`Leg::issues_inline`]).
+    inline: bool,
 }
 
 /// `BLKGETSIZE64`: `_IOR(0x12, 114, size_t)`.
@@ -163,12 +165,14 @@ impl FileLeg {
             }
             (true, false) => 512,
         };
+        let inline = align > 0 && super::uring::issues_inline(file.as_raw_fd(), align.max(4096));
         Ok(FileLeg {
             name: path.display().to_string(),
             file,
             size,
             block_device,
             align,
+            inline,
         })
     }
 
@@ -271,6 +275,10 @@ impl Leg for FileLeg {
 
     fn raw_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
         Some((self.file.as_raw_fd(), self.align))
+    }
+
+    fn issues_inline(&self) -> bool {
+        self.inline
     }
 
     fn size(&self) -> u64 {

@@ -65,6 +65,12 @@ pub trait Leg: Send + Sync {
     fn slow_writes(&self) -> bool {
         false
     }
+    /// Whether io_uring issues this leg's I/O on [`Leg::raw_fd`] to its device
+    /// from the submitting thread ([`uring::issues_inline`]), rather than
+    /// through the kernel's worker threads.
+    fn issues_inline(&self) -> bool {
+        false
+    }
 }
 
 /// Reads `len` bytes at `off`, failing with `UnexpectedEof` when the leg is shorter.

@@ -23,6 +23,15 @@ pub struct Ring {
     ring: Option<IoUring>,
     eventfd: EventFd,
     queued: usize,
+    /// Operations handed to the kernel, and completions taken back from it.
+    submitted: u64,
+    reaped: u64,
+    /// Whether the kernel still worked on operations when the last submission
+    /// returned (see [`Ring::busy_after_flush`]).
+    busy: bool,
+    /// An entry queued since the last submission goes to a file whose reads
+    /// and writes the kernel hands to its worker threads.
+    to_workers: std::cell::Cell<bool>,
 }
 
 impl Ring {
@@ -35,6 +44,10 @@ impl Ring {
             ring: Some(ring),
             eventfd,
             queued: 0,
+            submitted: 0,
+            reaped: 0,
+            busy: false,
+            to_workers: std::cell::Cell::new(false),
         })
     }
 
@@ -45,6 +58,10 @@ impl Ring {
             ring: None,
             eventfd: EventFd::new(EFD_NONBLOCK)?,
             queued: 0,
+            submitted: 0,
+            reaped: 0,
+            busy: false,
+            to_workers: std::cell::Cell::new(false),
         })
     }
 
@@ -130,6 +147,8 @@ impl Ring {
 
     /// Queues an fdatasync of `fd`.
     pub fn fdatasync(&mut self, fd: RawFd, tag: u64) -> io::Result<()> {
+        // The kernel runs syncs on its worker threads.
+        self.note_target(false);
         let e = opcode::Fsync::new(types::Fd(fd))
             .flags(types::FsyncFlags::DATASYNC)
             .build()
@@ -140,10 +159,33 @@ impl Ring {
     /// Hands queued entries to the kernel.
     pub fn flush(&mut self) -> io::Result<()> {
         if let (true, Some(ring)) = (self.queued > 0, self.ring.as_mut()) {
-            ring.submit()?;
+            self.submitted += ring.submit()? as u64;
             self.queued = 0;
+            // What the kernel finished within the call is in the completion
+            // queue already (page cache, tmpfs); what it did not is in flight.
+            let ready = ring.completion().len() as u64;
+            self.busy = self.submitted > self.reaped + ready && !self.to_workers.take();
         }
         Ok(())
+    }
+
+    /// Records that an entry about to be queued goes to a file whose I/O the
+    /// kernel issues to its device inline ([`issues_inline`]) or not.
+    pub fn note_target(&self, inline: bool) {
+        if !inline {
+            self.to_workers.set(true);
+        }
+    }
+
+    /// Whether operations were still in flight in the kernel when the last
+    /// submission returned, on devices that the submission itself started: the
+    /// legs' devices work asynchronously, so an operation handed over at once
+    /// starts at once, while the next ones are being prepared. `false` where the
+    /// kernel finished everything within the submission, or handed it to its
+    /// worker threads (there, submitting in batches saves system calls and
+    /// thread wake-ups and loses nothing), and before the first submission.
+    pub fn busy_after_flush(&self) -> bool {
+        self.busy
     }
 
     /// Takes every available completion (clearing the eventfd first, so none is
@@ -154,6 +196,7 @@ impl Ring {
             return;
         };
         for c in ring.completion() {
+            self.reaped += 1;
             out.push(Cqe {
                 tag: c.user_data(),
                 result: c.result(),
@@ -167,8 +210,167 @@ impl Ring {
         let Some(ring) = self.ring.as_mut() else {
             return Ok(());
         };
-        ring.submit_and_wait(1)?;
+        self.submitted += ring.submit_and_wait(1)? as u64;
         self.queued = 0;
         Ok(())
+    }
+}
+
+/// Whether io_uring issues reads of `fd` to its device from the submitting
+/// thread (the file takes non-blocking direct I/O, as block devices and the
+/// usual file systems' O_DIRECT files do), rather than handing each one to one
+/// of the kernel's worker threads (tmpfs, FUSE, buffered files). Tried with a
+/// `RWF_NOWAIT` read of the first `len` bytes (a multiple of the file's
+/// alignment), once more after a blocking read in case the first one only met
+/// metadata not cached yet. `false` where io_uring is missing or anything fails.
+pub fn issues_inline(fd: RawFd, len: usize) -> bool {
+    let Ok(mut ring) = IoUring::new(2) else {
+        return false;
+    };
+    let mut buf = super::aligned::AlignedBuf::zeroed(len.max(4096));
+    for nowait in [true, false, true] {
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_slice().as_mut_ptr().cast(),
+            iov_len: len,
+        }];
+        let e = opcode::Readv::new(types::Fd(fd), iov.as_ptr(), 1)
+            .offset(0)
+            .rw_flags(if nowait { libc::RWF_NOWAIT } else { 0 })
+            .build()
+            .user_data(0);
+        // SAFETY: `iov` and `buf` outlive the completion, waited for below.
+        if unsafe { ring.submission().push(&e) }.is_err() || ring.submit_and_wait(1).is_err() {
+            return false;
+        }
+        let Some(result) = ring.completion().next().map(|c| c.result()) else {
+            return false;
+        };
+        if nowait && result >= 0 {
+            return true;
+        }
+        if nowait && result != -libc::EAGAIN {
+            return false; // EOPNOTSUPP: the file takes no non-blocking I/O
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    fn iov(buf: &mut [u8]) -> [libc::iovec; 1] {
+        [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }]
+    }
+
+    #[test]
+    fn a_read_the_kernel_finishes_within_the_submission_leaves_the_ring_idle() {
+        let Ok(mut ring) = Ring::new(8) else {
+            return; // no io_uring in this kernel: nothing to measure
+        };
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[7u8; 4096]).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let iovs = iov(&mut buf);
+        // SAFETY: `buf` and `iovs` outlive the completion, reaped below.
+        unsafe { ring.readv(f.as_raw_fd(), &iovs, 0, 1).unwrap() };
+        ring.flush().unwrap();
+        // Page-cache data: read within the submission.
+        assert!(!ring.busy_after_flush());
+        let mut out = Vec::new();
+        ring.reap(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].result, 4096);
+        assert_eq!(buf[4095], 7);
+    }
+
+    #[test]
+    fn a_read_the_device_still_works_on_leaves_the_ring_busy_until_it_ends() {
+        let Ok(mut ring) = Ring::new(8) else {
+            return;
+        };
+        let (rx, tx) = std::io::pipe().unwrap();
+        let mut buf = vec![0u8; 16];
+        let iovs = iov(&mut buf);
+        // SAFETY: `buf` and `iovs` outlive the completion, waited for below.
+        unsafe { ring.readv(rx.as_raw_fd(), &iovs, u64::MAX, 1).unwrap() };
+        ring.flush().unwrap();
+        // Nothing to read yet: the read is in flight.
+        assert!(ring.busy_after_flush());
+        (&tx).write_all(b"hello").unwrap();
+        ring.wait().unwrap();
+        let mut out = Vec::new();
+        ring.reap(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].result, 5);
+        // The same read, marked as going to a file the kernel hands to its worker
+        // threads: in flight, but no device was started by the submission.
+        ring.note_target(false);
+        // SAFETY: as above.
+        unsafe { ring.readv(rx.as_raw_fd(), &iovs, u64::MAX, 3).unwrap() };
+        ring.flush().unwrap();
+        assert!(!ring.busy_after_flush());
+        (&tx).write_all(b"again").unwrap();
+        ring.wait().unwrap();
+        out.clear();
+        ring.reap(&mut out);
+        assert_eq!(out.len(), 1);
+        // The next submission, finished within the call, finds the ring idle again.
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[1u8; 512]).unwrap();
+        let mut buf2 = vec![0u8; 512];
+        let iovs2 = iov(&mut buf2);
+        // SAFETY: as above.
+        unsafe { ring.readv(f.as_raw_fd(), &iovs2, 0, 2).unwrap() };
+        ring.flush().unwrap();
+        assert!(!ring.busy_after_flush());
+        ring.reap(&mut out);
+    }
+
+    fn open_direct(dir: &std::path::Path) -> (tempfile::TempDir, std::fs::File) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let d = tempfile::tempdir_in(dir).unwrap();
+        let path = d.path().join("leg");
+        std::fs::write(&path, vec![5u8; 1 << 16]).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .or_else(|_| std::fs::File::open(&path))
+            .unwrap();
+        (d, f)
+    }
+
+    fn fs_type(f: &std::fs::File) -> i64 {
+        // SAFETY: statfs is plain data; all zeroes is a valid value.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs fills the live `st` for a live descriptor.
+        assert_eq!(unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) }, 0);
+        st.f_type as i64
+    }
+
+    #[test]
+    fn direct_io_on_a_disk_file_system_is_issued_inline_and_tmpfs_is_not() {
+        const TMPFS: i64 = 0x0102_1994;
+        const EXT4: i64 = 0xEF53;
+        const XFS: i64 = 0x5846_5342;
+        if IoUring::new(2).is_err() {
+            return; // no io_uring in this kernel: nothing to measure
+        }
+        let (_d, shm) = open_direct(std::path::Path::new("/dev/shm"));
+        assert_eq!(fs_type(&shm), TMPFS);
+        assert!(!issues_inline(shm.as_raw_fd(), 4096));
+        // /var/tmp lies on the machine's disk (where it is another kind of file
+        // system, an overlay say, only tmpfs is checked).
+        let (_d, disk) = open_direct(std::path::Path::new("/var/tmp"));
+        let t = fs_type(&disk);
+        if t == EXT4 || t == XFS {
+            assert!(issues_inline(disk.as_raw_fd(), 4096));
+        }
     }
 }

@@ -190,6 +190,17 @@ where
         self.io.submit()
     }
 
+    /// After [`Engine::start`]: hands what it queued to the kernel now where
+    /// the legs' devices work asynchronously ([`AsyncIo::submit_each`]); else
+    /// it waits for [`Engine::submit`] at the end of the batch.
+    pub fn submit_if_busy(&mut self) -> io::Result<()> {
+        if self.io.submit_each() {
+            self.io.submit()
+        } else {
+            Ok(())
+        }
+    }
+
     /// Finishes the requests the mirror completed: with `writethrough`, a write
     /// first has a flush after it; a read's buffers are logged dirty; the status
     /// is written. Returns `(head, used length)` for each, in completion order.

@@ -271,6 +271,18 @@ impl AsyncIo {
         self.ring.flush()
     }
 
+    /// Whether each request should be handed to the kernel as soon as it is
+    /// queued rather than with the rest of its batch: the last submission left
+    /// operations in flight, so the legs' devices work while the next requests
+    /// are taken. A batch handed over whole starts only once its last request is
+    /// prepared and, on a device that answers a batch at once, comes back whole:
+    /// the guest then refills its queue in step with it and the device idles
+    /// while each batch crosses the rings. Where the kernel finishes operations
+    /// within the submission (page cache, tmpfs), batches only save system calls.
+    pub fn submit_each(&self) -> bool {
+        self.ring.busy_after_flush()
+    }
+
     /// Takes the requests that finished.
     pub fn take_done(&mut self) -> Vec<(Token, io::Result<()>)> {
         std::mem::take(&mut self.done)
@@ -344,7 +356,8 @@ impl AsyncIo {
     }
 }
 
-/// Whether a leg can take `iovs` at byte `off` through `ring`.
+/// Whether a leg can take `iovs` at byte `off` through `ring` (the entry is
+/// then queued there).
 fn ring_fd(ring: &Ring, m: &Member, iovs: &[libc::iovec], off: u64) -> Option<std::os::fd::RawFd> {
     if !ring.is_async() {
         return None;
@@ -363,6 +376,7 @@ fn ring_fd(ring: &Ring, m: &Member, iovs: &[libc::iovec], off: u64) -> Option<st
     if iovs.len() > 1024 {
         return None;
     }
+    ring.note_target(m.leg.issues_inline());
     Some(fd)
 }
 

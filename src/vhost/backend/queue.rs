@@ -91,13 +91,16 @@ impl BlockBackend {
             if let Some(f) = first {
                 f.arrived();
             }
-            if let Some(used) = qs.start(&ctx, &snapshot.mem, head, &descs) {
-                inflight::add_used(&mut state, iq, head, used)?;
-                self.completed.fetch_add(1, Ordering::Relaxed);
-                if let Some(f) = first {
-                    f.ended(qi);
+            match qs.start(&ctx, &snapshot.mem, head, &descs) {
+                Some(used) => {
+                    inflight::add_used(&mut state, iq, head, used)?;
+                    self.completed.fetch_add(1, Ordering::Relaxed);
+                    if let Some(f) = first {
+                        f.ended(qi);
+                    }
+                    used_any = true;
                 }
-                used_any = true;
+                None => qs.submit_if_busy()?,
             }
         }
         qs.submit()?;
