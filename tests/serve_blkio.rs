@@ -103,3 +103,42 @@ fn whole_disk_pattern_on_two_queues_lands_on_both_legs() {
     assert_eq!(v["legs"][0]["superblock"]["state"], "clean");
     assert_eq!(v["legs"][0]["bitmap"]["slots"][0]["dirty"], 0);
 }
+
+/// A front-end that closes its connection (a VM shut down, the source of a
+/// migration) is an ordinary end: logged as a disconnection, not as a warning,
+/// and the next front-end is served.
+#[test]
+fn a_front_end_that_disconnects_is_logged_as_such_not_as_a_warning() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
+    let sock = d.path().join("vm.sock");
+    let mut serve = Serve::start(
+        &sock,
+        &[
+            "--create-size",
+            "16M",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
+    for round in 1..=2 {
+        let mut c = Client::connect(&sock, 1, MIB);
+        assert_eq!(c.read(0, 0, 0, 4096), 0);
+        drop(c);
+        let start = std::time::Instant::now();
+        while serve.log_text().matches("front-end disconnected").count() < round {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "no disconnection logged: {}",
+                serve.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+    }
+    let log = serve.log_text();
+    assert!(
+        !log.lines().any(|l| l.contains("WARN")),
+        "a warning for an ordinary disconnection: {log}"
+    );
+    assert!(serve.stop().success());
+}

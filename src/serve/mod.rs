@@ -474,7 +474,12 @@ fn serve_connections(
         }
         info!("front-end connected");
         match daemon.wait() {
-            Ok(()) => info!("front-end disconnected"),
+            // A front-end closing its socket (a VM shut down, a migration's
+            // source) ends the connection with this error: an ordinary end.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => info!("front-end disconnected"),
             Err(e) => warn!("front-end connection ended: {e}"),
         }
         daemon.request_shutdown();
