@@ -164,7 +164,8 @@ impl Ring {
             // What the kernel finished within the call is in the completion
             // queue already (page cache, tmpfs); what it did not is in flight.
             let ready = ring.completion().len() as u64;
-            self.busy = self.submitted > self.reaped + ready && !self.to_workers.take();
+            let to_workers = self.to_workers.take();
+            self.busy = self.submitted > self.reaped + ready && !to_workers;
         }
         Ok(())
     }
@@ -219,7 +220,7 @@ impl Ring {
 /// Whether io_uring issues reads of `fd` to its device from the submitting
 /// thread (the file takes non-blocking direct I/O, as block devices and the
 /// usual file systems' O_DIRECT files do), rather than handing each one to one
-/// of the kernel's worker threads (tmpfs, FUSE, buffered files). Tried with a
+/// of the kernel's worker threads (tmpfs, FUSE). Tried with a
 /// `RWF_NOWAIT` read of the first `len` bytes (a multiple of the file's
 /// alignment), once more after a blocking read in case the first one only met
 /// metadata not cached yet. `false` where io_uring is missing or anything fails.
@@ -287,6 +288,37 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].result, 4096);
         assert_eq!(buf[4095], 7);
+    }
+
+    #[test]
+    fn a_worker_thread_entry_counts_for_its_own_submission_only() {
+        let Ok(mut ring) = Ring::new(8) else {
+            return;
+        };
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[9u8; 4096]).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let iovs = iov(&mut buf);
+        // An entry for the kernel's workers, finished within its submission.
+        ring.note_target(false);
+        // SAFETY: `buf` and `iovs` outlive the completion, reaped below.
+        unsafe { ring.readv(f.as_raw_fd(), &iovs, 0, 1).unwrap() };
+        ring.flush().unwrap();
+        assert!(!ring.busy_after_flush());
+        let mut out = Vec::new();
+        ring.reap(&mut out);
+        // The next submission, a read still in flight, is judged on its own.
+        let (rx, tx) = std::io::pipe().unwrap();
+        let mut pbuf = vec![0u8; 16];
+        let piovs = iov(&mut pbuf);
+        // SAFETY: as above; waited for below.
+        unsafe { ring.readv(rx.as_raw_fd(), &piovs, u64::MAX, 2).unwrap() };
+        ring.flush().unwrap();
+        assert!(ring.busy_after_flush());
+        (&tx).write_all(b"x").unwrap();
+        ring.wait().unwrap();
+        ring.reap(&mut out);
+        assert_eq!(out.len(), 2);
     }
 
     #[test]
