@@ -32,6 +32,10 @@ pub struct Ring {
     /// An entry queued since the last submission goes to a file whose reads
     /// and writes the kernel hands to its worker threads.
     to_workers: std::cell::Cell<bool>,
+    /// Where the last read or write queued on each file ended, and whether the
+    /// last one queued began where the one before it on its file ended.
+    ends: Vec<(RawFd, u64)>,
+    stream: bool,
 }
 
 impl Ring {
@@ -48,6 +52,8 @@ impl Ring {
             reaped: 0,
             busy: false,
             to_workers: std::cell::Cell::new(false),
+            ends: Vec::new(),
+            stream: false,
         })
     }
 
@@ -62,6 +68,8 @@ impl Ring {
             reaped: 0,
             busy: false,
             to_workers: std::cell::Cell::new(false),
+            ends: Vec::new(),
+            stream: false,
         })
     }
 
@@ -120,6 +128,7 @@ impl Ring {
         off: u64,
         tag: u64,
     ) -> io::Result<()> {
+        self.note_range(fd, off, iovs);
         let e = opcode::Readv::new(types::Fd(fd), iovs.as_ptr(), iovs.len() as u32)
             .offset(off)
             .build()
@@ -138,11 +147,37 @@ impl Ring {
         off: u64,
         tag: u64,
     ) -> io::Result<()> {
+        self.note_range(fd, off, iovs);
         let e = opcode::Writev::new(types::Fd(fd), iovs.as_ptr(), iovs.len() as u32)
             .offset(off)
             .build()
             .user_data(tag);
         self.push(e)
+    }
+
+    fn note_range(&mut self, fd: RawFd, off: u64, iovs: &[libc::iovec]) {
+        let end = off.saturating_add(iovs.iter().map(|v| v.iov_len as u64).sum::<u64>());
+        match self.ends.iter_mut().find(|(f, _)| *f == fd) {
+            Some(e) => {
+                self.stream = e.1 == off;
+                e.1 = end;
+            }
+            None => {
+                self.stream = false;
+                // A handful of legs: the oldest file's entry goes first.
+                if self.ends.len() >= 16 {
+                    self.ends.remove(0);
+                }
+                self.ends.push((fd, end));
+            }
+        }
+    }
+
+    /// Whether the last read or write queued began where the previous one on
+    /// its file ended: part of a sequential stream, which the kernel merges
+    /// into larger device requests when the pieces reach it in one submission.
+    pub fn last_was_sequential(&self) -> bool {
+        self.stream
     }
 
     /// Queues an fdatasync of `fd`.
@@ -288,6 +323,35 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].result, 4096);
         assert_eq!(buf[4095], 7);
+    }
+
+    #[test]
+    fn a_read_that_continues_the_previous_one_on_its_file_is_sequential() {
+        let Ok(mut ring) = Ring::new(8) else {
+            return;
+        };
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[1u8; 16384]).unwrap();
+        let mut g = tempfile::tempfile().unwrap();
+        g.write_all(&[2u8; 16384]).unwrap();
+        let mut bufs = vec![vec![0u8; 4096]; 5];
+        let iovs: Vec<_> = bufs.iter_mut().map(|b| iov(b)).collect();
+        let mut queue = |fd: &std::fs::File, i: usize, off: u64| {
+            // SAFETY: `bufs` and `iovs` outlive the completions, reaped below.
+            unsafe { ring.readv(fd.as_raw_fd(), &iovs[i], off, i as u64).unwrap() };
+            ring.last_was_sequential()
+        };
+        assert!(!queue(&f, 0, 0)); // the first on its file
+        assert!(!queue(&g, 1, 4096)); // the first on its file
+        assert!(queue(&f, 2, 4096)); // continues f's last, with g's between
+        assert!(!queue(&f, 3, 12288)); // skips a block
+        assert!(queue(&g, 4, 8192)); // continues g's last
+        ring.flush().unwrap();
+        ring.wait().unwrap();
+        let mut out = Vec::new();
+        while out.len() < 5 {
+            ring.reap(&mut out);
+        }
     }
 
     #[test]

@@ -279,8 +279,11 @@ impl AsyncIo {
     /// the guest then refills its queue in step with it and the device idles
     /// while each batch crosses the rings. Where the kernel finishes operations
     /// within the submission (page cache, tmpfs), batches only save system calls.
+    /// A request that continues the previous one on its leg waits for the end
+    /// of the batch too: the kernel merges a sequential stream's pieces into
+    /// larger device requests only when they reach it together.
     pub fn submit_each(&self) -> bool {
-        self.ring.busy_after_flush()
+        self.ring.busy_after_flush() && !self.ring.last_was_sequential()
     }
 
     /// Takes the requests that finished.
