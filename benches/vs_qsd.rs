@@ -4,7 +4,7 @@
 //!
 //! cargo bench --bench vs_qsd -- [--seconds N] [--size-mib N] [--dir PATH]
 //!     [--devices files|loop --dev-iops N --dev-mbps N] [--bitmap-chunk BYTES]
-//!     [--workloads 4k-randwrite,...] [--no-qsd] [--also LABEL=PATH]
+//!     [--workloads 4k-randwrite,...] [--no-qsd] [--also LABEL=PATH] [--fio]
 //!
 //! `--devices files` (default) puts every image in `--dir` as a plain file, so every
 //! backend shares that directory's disk. `--devices loop` (root, cgroup v1 `blkio`)
@@ -19,6 +19,13 @@
 //! client thread per queue). Images are prefilled with written zeroes. Prints a
 //! Markdown table: IOPS, MiB/s, p50/p99 latency, backend CPU%, p99.9 latency (last, so
 //! that scripts reading the earlier columns by position keep working).
+//!
+//! `--fio` measures the device's limit for the read workloads in the same run: `fio`
+//! (io_uring, O_DIRECT, the same block size, queue depth and one job per queue) reads
+//! the mirror's first leg file before every backend and after the last one, and each
+//! backend's row gets a last column, its IOPS over the mean of the fio runs just
+//! before and just after it. The disk's pace drifts within seconds (a burst allowance
+//! spent and refilled), so a backend is compared with its neighbours in time.
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -42,6 +49,8 @@ struct Opts {
     other_bins: Vec<(String, PathBuf)>,
     /// The mirror's bitmap chunk (`create --bitmap-chunk`), when not mdadm's default.
     bitmap_chunk: Option<String>,
+    /// Interleave fio runs on a leg file (the device's limit) for read workloads.
+    fio: bool,
 }
 
 fn opts() -> Opts {
@@ -54,6 +63,7 @@ fn opts() -> Opts {
         no_qsd: false,
         other_bins: Vec::new(),
         bitmap_chunk: None,
+        fio: false,
     };
     let mut devices = String::from("files");
     let (mut iops, mut mbps) = (25_000u64, 500u64);
@@ -72,6 +82,11 @@ fn opts() -> Opts {
             "--workloads" => o.workloads = Some(val.split(',').map(str::to_string).collect()),
             "--no-qsd" => {
                 o.no_qsd = true;
+                i += 1;
+                continue;
+            }
+            "--fio" => {
+                o.fio = true;
                 i += 1;
                 continue;
             }
@@ -509,12 +524,37 @@ fn main() {
             .as_ref()
             .is_none_or(|ws| ws.iter().any(|x| *x == w.name.replace(' ', "-")))
     };
-    println!(
-        "| workload | queues | backend | IOPS | MiB/s | p50 µs | p99 µs | backend CPU% | p99.9 µs |"
-    );
-    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    if o.fio {
+        println!(
+            "| workload | queues | backend | IOPS | MiB/s | p50 µs | p99 µs | backend CPU% | p99.9 µs | of fio |"
+        );
+        println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    } else {
+        println!(
+            "| workload | queues | backend | IOPS | MiB/s | p50 µs | p99 µs | backend CPU% | p99.9 µs |"
+        );
+        println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    }
+    let leg_bytes = bytes + meta;
     for w in workloads.into_iter().filter(wanted) {
+        let with_fio = o.fio && !w.write;
         for queues in [1, 2] {
+            // The limit measured now: its IOPS and its row.
+            let limit = || {
+                let iops = fio_limit(&la, leg_bytes, queues, w, o.seconds);
+                let row = format!(
+                    "| {} | {queues} | fio on leg file (limit) | {iops:.0} | {:.1} | | | | | |",
+                    w.name,
+                    iops * w.bs as f64 / (1 << 20) as f64
+                );
+                (iops, row)
+            };
+            let mut before = 0.0;
+            if with_fio {
+                let (iops, row) = limit();
+                println!("{row}");
+                before = iops;
+            }
             for (name, start) in &backends {
                 let sock = d.join("bench.sock");
                 let _ = std::fs::remove_file(&sock);
@@ -525,11 +565,66 @@ fn main() {
                 // SAFETY: plain kill(2) on our child.
                 unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
                 let _ = child.wait();
-                println!(
+                let row = format!(
                     "| {} | {queues} | {name} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} |",
                     w.name, r.iops, r.mib_s, r.p50_us, r.p99_us, r.cpu_pct, r.p999_us
                 );
+                if with_fio {
+                    let (after, limit_row) = limit();
+                    println!("{row} {:.2} |", r.iops / ((before + after) / 2.0));
+                    println!("{limit_row}");
+                    before = after;
+                } else if o.fio {
+                    println!("{row} |");
+                } else {
+                    println!("{row}");
+                }
             }
         }
     }
+}
+
+/// The device's limit for a read workload: fio on the leg file `path` with the
+/// client's block size, queue depth and one job per queue. Returns IOPS.
+fn fio_limit(path: &Path, size: u64, queues: usize, w: Workload, secs: u64) -> f64 {
+    let pattern = if w.random { "randread" } else { "read" };
+    let part = size / queues as u64 / w.bs as u64 * w.bs as u64;
+    let out = Command::new("fio")
+        .args([
+            "--name=limit",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--time_based",
+            "--group_reporting",
+            "--output-format=json",
+        ])
+        .arg(format!("--filename={}", path.display()))
+        .arg(format!("--rw={pattern}"))
+        .arg(format!("--bs={}", w.bs))
+        .arg(format!("--iodepth={QD}"))
+        .arg(format!("--numjobs={queues}"))
+        // Each job reads its own part of the leg (fio's size is per job; a job
+        // reaching past the file's end would make fio lay the file out anew,
+        // over the superblock). `--readonly` refuses any write at all.
+        .arg(format!("--size={part}"))
+        .arg(format!("--offset_increment={part}"))
+        .arg("--readonly")
+        .arg(format!("--runtime={secs}"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("--fio needs fio installed (apt-get install fio)");
+    assert!(out.status.success(), "fio failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The one number wanted from fio's JSON: jobs[0].read.iops (group reporting).
+    let at = text
+        .find("\"read\"")
+        .expect("fio's JSON has a read section");
+    let rest = &text[at..];
+    let k = rest.find("\"iops\"").expect("fio's JSON has read IOPS");
+    let num: String = rest[k + 6..]
+        .chars()
+        .skip_while(|c| *c == ' ' || *c == ':')
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    num.parse().expect("fio's read IOPS is a number")
 }
