@@ -36,7 +36,17 @@ pub struct Ring {
     /// last one queued began where the one before it on its file ended.
     ends: Vec<(RawFd, u64)>,
     stream: bool,
+    /// Completions taken from the kernel while a submission was refused (to
+    /// make room), handed out by the next [`Ring::reap`].
+    held: Vec<Cqe>,
+    /// Errors the next submissions meet instead of calling the kernel (tests).
+    #[cfg(test)]
+    refuse: Vec<i32>,
 }
+
+/// How often in a row a submission refused for a moment (EAGAIN, EBUSY) is
+/// tried again, a millisecond apart, before the error is reported.
+const REFUSALS: u32 = 1000;
 
 impl Ring {
     /// A ring of `entries` submission slots.
@@ -54,6 +64,9 @@ impl Ring {
             to_workers: std::cell::Cell::new(false),
             ends: Vec::new(),
             stream: false,
+            held: Vec::new(),
+            #[cfg(test)]
+            refuse: Vec::new(),
         })
     }
 
@@ -70,6 +83,9 @@ impl Ring {
             to_workers: std::cell::Cell::new(false),
             ends: Vec::new(),
             stream: false,
+            held: Vec::new(),
+            #[cfg(test)]
+            refuse: Vec::new(),
         })
     }
 
@@ -191,17 +207,54 @@ impl Ring {
         self.push(e)
     }
 
-    /// Hands queued entries to the kernel.
+    /// Hands queued entries to the kernel. A submission interrupted by a signal,
+    /// or refused for a moment (EAGAIN: the kernel lacked memory; EBUSY: it holds
+    /// completions it had no room for, taken here to make room), is tried again;
+    /// entries after one the kernel could not start stay queued and go next.
     pub fn flush(&mut self) -> io::Result<()> {
-        if let (true, Some(ring)) = (self.queued > 0, self.ring.as_mut()) {
-            self.submitted += ring.submit()? as u64;
-            self.queued = 0;
-            // What the kernel finished within the call is in the completion
-            // queue already (page cache, tmpfs); what it did not is in flight.
-            let ready = ring.completion().len() as u64;
-            let to_workers = self.to_workers.take();
-            self.busy = self.submitted > self.reaped + ready && !to_workers;
+        let Some(ring) = self.ring.as_mut() else {
+            return Ok(());
+        };
+        if self.queued == 0 {
+            return Ok(());
         }
+        let mut refusals = 0;
+        while self.queued > 0 {
+            #[cfg(test)]
+            let refused = self.refuse.pop().map(io::Error::from_raw_os_error);
+            #[cfg(not(test))]
+            let refused: Option<io::Error> = None;
+            match refused.map_or_else(|| ring.submit(), Err) {
+                Ok(n) => {
+                    self.submitted += n as u64;
+                    self.queued = ring.submission().len();
+                    if n == 0 {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY))
+                        && refusals < REFUSALS =>
+                {
+                    refusals += 1;
+                    for c in ring.completion() {
+                        self.reaped += 1;
+                        self.held.push(Cqe {
+                            tag: c.user_data(),
+                            result: c.result(),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // What the kernel finished within the call is in the completion queue
+        // already (page cache, tmpfs); what it did not is in flight.
+        let ready = ring.completion().len() as u64 + self.held.len() as u64;
+        let to_workers = self.to_workers.take();
+        self.busy = self.submitted > self.reaped + ready && !to_workers;
         Ok(())
     }
 
@@ -225,30 +278,69 @@ impl Ring {
     }
 
     /// Takes every available completion (clearing the eventfd first, so none is
-    /// missed).
+    /// missed), including those the kernel kept aside when its completion queue
+    /// was full.
     pub fn reap(&mut self, out: &mut Vec<Cqe>) {
         let _ = self.eventfd.read();
+        out.append(&mut self.held);
         let Some(ring) = self.ring.as_mut() else {
             return;
         };
-        for c in ring.completion() {
-            self.reaped += 1;
-            out.push(Cqe {
-                tag: c.user_data(),
-                result: c.result(),
-            });
+        loop {
+            for c in ring.completion() {
+                self.reaped += 1;
+                out.push(Cqe {
+                    tag: c.user_data(),
+                    result: c.result(),
+                });
+            }
+            // Completions the queue had no room for wait in the kernel until a
+            // call moves them over (they ring no eventfd again): now there is room.
+            if !ring.submission().cq_overflow() {
+                break;
+            }
+            match ring.submit() {
+                Ok(n) => {
+                    self.submitted += n as u64;
+                    self.queued = ring.submission().len();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("cannot take the completions the kernel kept aside: {e}");
+                    break;
+                }
+            }
         }
     }
 
     /// Waits until at least one completion is available (a synchronous ring has
-    /// none in flight: it returns at once).
+    /// none in flight: it returns at once). A wait interrupted by a signal, or a
+    /// submission refused for a moment, returns early: the caller reaps and waits
+    /// again.
     pub fn wait(&mut self) -> io::Result<()> {
         let Some(ring) = self.ring.as_mut() else {
             return Ok(());
         };
-        self.submitted += ring.submit_and_wait(1)? as u64;
-        self.queued = 0;
-        Ok(())
+        match ring.submit_and_wait(1) {
+            Ok(n) => {
+                self.submitted += n as u64;
+                self.queued = ring.submission().len();
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
+                for c in ring.completion() {
+                    self.reaped += 1;
+                    self.held.push(Cqe {
+                        tag: c.user_data(),
+                        result: c.result(),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -274,12 +366,26 @@ pub fn issues_inline(fd: RawFd, len: usize) -> bool {
             .rw_flags(if nowait { libc::RWF_NOWAIT } else { 0 })
             .build()
             .user_data(0);
-        // SAFETY: `iov` and `buf` outlive the completion, waited for below.
-        if unsafe { ring.submission().push(&e) }.is_err() || ring.submit_and_wait(1).is_err() {
+        // SAFETY: `iov` and `buf` outlive the completion, waited for below (or
+        // `buf` is leaked); the kernel takes the vector itself at submission.
+        if unsafe { ring.submission().push(&e) }.is_err() || ring.submit().is_err() {
+            // Nothing was submitted: the kernel reports a count once it took an entry.
             return false;
         }
-        let Some(result) = ring.completion().next().map(|c| c.result()) else {
-            return false;
+        let result = loop {
+            if let Some(c) = ring.completion().next() {
+                break c.result();
+            }
+            match ring.submit_and_wait(1) {
+                // A signal during the wait returns the count submitted, or EINTR.
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // The read may still be in flight: its buffer must outlive it.
+                    std::mem::forget(buf);
+                    return false;
+                }
+            }
         };
         if nowait && result >= 0 {
             return true;
@@ -302,6 +408,132 @@ mod tests {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         }]
+    }
+
+    /// Queues a read of the first 4 KiB of `f` (page-cache data: the kernel
+    /// finishes it within the submission) into the buffer `iovs` describes.
+    fn queue_cached_read(ring: &mut Ring, f: &std::fs::File, iovs: &[libc::iovec; 1], tag: u64) {
+        // SAFETY: each test keeps `iovs` and its buffer until the completion is
+        // reaped (the kernel reads the vector when the entry is submitted).
+        unsafe { ring.readv(f.as_raw_fd(), iovs, 0, tag).unwrap() };
+    }
+
+    fn cached_file() -> std::fs::File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[7u8; 4096]).unwrap();
+        f
+    }
+
+    #[test]
+    fn a_submission_interrupted_or_refused_for_a_moment_is_tried_again() {
+        let Ok(mut ring) = Ring::new(8) else {
+            return;
+        };
+        let f = cached_file();
+        let mut buf = vec![0u8; 4096];
+        let iovs = iov(&mut buf);
+        queue_cached_read(&mut ring, &f, &iovs, 5);
+        // Popped from the end: EINTR first, then EAGAIN, then EBUSY.
+        ring.refuse = vec![libc::EBUSY, libc::EAGAIN, libc::EINTR];
+        ring.flush().unwrap();
+        let mut out = Vec::new();
+        ring.reap(&mut out);
+        assert_eq!(out.len(), 1, "the read never reached the kernel");
+        assert_eq!((out[0].tag, out[0].result), (5, 4096));
+        assert_eq!(buf[4095], 7);
+    }
+
+    #[test]
+    fn completions_beyond_the_completion_queue_are_all_reaped() {
+        // Two submission slots, four completion slots; eight reads that end
+        // within their submissions: four of them find no room.
+        let Ok(mut ring) = Ring::new(2) else {
+            return;
+        };
+        let f = cached_file();
+        let mut bufs = vec![vec![0u8; 4096]; 8];
+        let iovs: Vec<_> = bufs.iter_mut().map(|b| iov(b)).collect();
+        for (i, v) in iovs.iter().enumerate() {
+            queue_cached_read(&mut ring, &f, v, i as u64);
+        }
+        ring.flush().unwrap();
+        let mut out = Vec::new();
+        ring.reap(&mut out);
+        let mut tags: Vec<u64> = out.iter().map(|c| c.tag).collect();
+        tags.sort_unstable();
+        assert_eq!(
+            tags,
+            (0..8).collect::<Vec<_>>(),
+            "completions left in the kernel"
+        );
+    }
+
+    #[test]
+    fn entries_after_one_the_kernel_could_not_start_go_to_it_too() {
+        let Ok(mut ring) = Ring::new(8) else {
+            return;
+        };
+        // An entry with an unknown flag: the kernel fails it and stops there.
+        let bad = opcode::Nop::new()
+            .build()
+            .flags(io_uring::squeue::Flags::from_bits_retain(0x80))
+            .user_data(1);
+        ring.push(bad).unwrap();
+        let f = cached_file();
+        let mut buf = vec![0u8; 4096];
+        let iovs = iov(&mut buf);
+        queue_cached_read(&mut ring, &f, &iovs, 2);
+        ring.flush().unwrap();
+        let mut out = Vec::new();
+        ring.reap(&mut out);
+        let mut tags: Vec<(u64, bool)> = out.iter().map(|c| (c.tag, c.result >= 0)).collect();
+        tags.sort_unstable();
+        assert_eq!(
+            tags,
+            [(1, false), (2, true)],
+            "the read after it was left queued"
+        );
+    }
+
+    /// The probe's blocking read waits on a pipe; a signal interrupts its wait.
+    /// It must keep waiting for the read: returning would free the buffer the
+    /// kernel still reads into.
+    #[test]
+    fn the_leg_probe_waits_for_its_read_through_a_signal() {
+        extern "C" fn nothing(_: libc::c_int) {}
+        let sig = libc::SIGRTMIN() + 7;
+        // SAFETY: a handler that does nothing, without SA_RESTART.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            assert_eq!(libc::sigaction(sig, &sa, std::ptr::null_mut()), 0);
+        }
+        let (rx, tx) = std::io::pipe().unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let probe = std::thread::spawn(move || {
+            let inline = issues_inline(rx.as_raw_fd(), 4096);
+            let _ = done_tx.send(());
+            drop(rx);
+            inline
+        });
+        // The non-blocking read finds nothing; the blocking one waits.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        use std::os::unix::thread::JoinHandleExt;
+        // SAFETY: the thread is alive (it waits on the pipe).
+        assert_eq!(unsafe { libc::pthread_kill(probe.as_pthread_t(), sig) }, 0);
+        assert!(
+            done_rx
+                .recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "the probe returned with its read still in flight"
+        );
+        (&tx).write_all(&[1u8; 4096]).unwrap();
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the probe did not end once its read did");
+        // A pipe takes no non-blocking read of data that is not there: not inline.
+        assert!(!probe.join().unwrap());
     }
 
     #[test]
