@@ -233,18 +233,9 @@ impl Ring {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY))
-                        && refusals < REFUSALS =>
-                {
+                Err(e) if refused_for_a_moment(&e) && refusals < REFUSALS => {
                     refusals += 1;
-                    for c in ring.completion() {
-                        self.reaped += 1;
-                        self.held.push(Cqe {
-                            tag: c.user_data(),
-                            result: c.result(),
-                        });
-                    }
+                    take_completions(ring, &mut self.held, &mut self.reaped);
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
                 Err(e) => return Err(e),
@@ -287,13 +278,7 @@ impl Ring {
             return;
         };
         loop {
-            for c in ring.completion() {
-                self.reaped += 1;
-                out.push(Cqe {
-                    tag: c.user_data(),
-                    result: c.result(),
-                });
-            }
+            take_completions(ring, out, &mut self.reaped);
             // Completions the queue had no room for wait in the kernel until a
             // call moves them over (they ring no eventfd again): now there is room.
             if !ring.submission().cq_overflow() {
@@ -328,20 +313,32 @@ impl Ring {
                 Ok(())
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
-                for c in ring.completion() {
-                    self.reaped += 1;
-                    self.held.push(Cqe {
-                        tag: c.user_data(),
-                        result: c.result(),
-                    });
-                }
+            Err(e) if refused_for_a_moment(&e) => {
+                take_completions(ring, &mut self.held, &mut self.reaped);
                 std::thread::sleep(std::time::Duration::from_millis(1));
                 Ok(())
             }
             Err(e) => Err(e),
         }
     }
+}
+
+/// Moves the completions in `ring`'s completion queue to `into`, counting them
+/// in `reaped`.
+fn take_completions(ring: &mut IoUring, into: &mut Vec<Cqe>, reaped: &mut u64) {
+    for c in ring.completion() {
+        *reaped += 1;
+        into.push(Cqe {
+            tag: c.user_data(),
+            result: c.result(),
+        });
+    }
+}
+
+/// A submission the kernel refused for a moment: EAGAIN (short of memory) or
+/// EBUSY (completions waiting for room in the completion queue).
+fn refused_for_a_moment(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY))
 }
 
 /// Whether io_uring issues reads of `fd` to its device from the submitting
