@@ -268,8 +268,10 @@ impl Array {
             }
         }
         drop(guard);
-        self.update_bitmap_state();
         if promoted {
+            // Only a change rings the resync doorbell: a look that found the
+            // recovery still running (another node's) must not wake its caller.
+            self.update_bitmap_state();
             self.update_superblocks(|_| {})?;
         }
         Ok(())

@@ -611,3 +611,28 @@ fn a_leg_failing_its_bitmap_write_is_failed_and_the_write_goes_on_with_the_other
     a.read_at(&mut slot, bitmap_at).unwrap();
     assert_ne!(slot[256 + 1] & (1 << 1), 0, "chunk 9's bit on leg a");
 }
+
+/// While another node rebuilds a leg, this node's resync thread finds nothing to
+/// copy and looks whether recovery is over: a look that changes nothing must not
+/// ring the resync doorbell, or the thread wakes itself at once, for ever (a core
+/// spinning on every other node for the whole rebuild).
+#[test]
+fn a_look_at_a_recovery_another_node_runs_does_not_wake_the_resync_thread() {
+    let (a, b, _) = two_legs(None, 1);
+    let (array, _) = Array::assemble(vec![a, b]).unwrap();
+    let m = array.members()[1].clone().unwrap();
+    m.state.store(LegState::Recovering as u8, Ordering::Release);
+    m.remote_recovery.store(true, Ordering::Release);
+    let bell = array.bitmap.resync_bell();
+    while bell.wait(std::time::Duration::ZERO) {}
+    array.finish_recovery().unwrap();
+    assert_eq!(
+        m.state(),
+        LegState::Recovering,
+        "another node's rebuild ended here"
+    );
+    assert!(
+        !bell.wait(std::time::Duration::ZERO),
+        "the look rang the resync thread's doorbell"
+    );
+}
