@@ -25,7 +25,10 @@ use std::time::{Duration, Instant};
 /// The lock resource of the writer role.
 pub const WRITER: &[u8] = b"vumd-writer";
 
-/// How long a node retries when another node holds the role.
+/// How long a node retries when another node holds the role, counted in its own
+/// pauses between attempts: the time the lock manager takes to answer does not
+/// count (while it is slow, as in a recovery, a release of the role by the other
+/// node, a migration's source, is slowed as much), up to [`STEP_TIMEOUT`] in all.
 pub const ACQUIRE_RETRY: Duration = Duration::from_secs(1);
 
 /// Pause between two attempts.
@@ -61,6 +64,8 @@ struct RoleLock {
     ls: Arc<dyn LockSpace>,
     router: Arc<Router>,
     id: LockId,
+    /// How long a release waits for the lock manager ([`STEP_TIMEOUT`]).
+    step_timeout: Duration,
 }
 
 /// This node's writer role.
@@ -115,6 +120,7 @@ impl WriterRole {
                 ls: comms.ls().clone(),
                 router: comms.router().clone(),
                 id,
+                step_timeout: STEP_TIMEOUT,
             })),
             mode: if shared { Mode::Cw } else { Mode::Ex },
             state: RoleShared::new(),
@@ -145,8 +151,11 @@ impl WriterRole {
         };
         let start = Instant::now();
         let mut attempts = 0u32;
+        // Time spent waiting for the lock manager's answers (not counted in `retry`).
+        let mut answering = Duration::ZERO;
         *st = loop {
             attempts += 1;
+            let asked = Instant::now();
             let rx = l.router.expect(l.id);
             if let Err(e) =
                 l.ls.convert(l.id, self.mode, flags::CONVERT | flags::NOQUEUE, None)
@@ -154,9 +163,12 @@ impl WriterRole {
                 warn!("writer role: the lock manager refused the request: {e}");
                 break RoleState::Refused;
             }
-            match rx.recv_timeout(STEP_TIMEOUT) {
+            let answer = rx.recv_timeout(STEP_TIMEOUT);
+            answering += asked.elapsed();
+            let retrying = start.elapsed().saturating_sub(answering);
+            match answer {
                 Ok((Status::Granted, _)) => break RoleState::Held,
-                Ok((Status::Again, _)) if start.elapsed() < retry => {
+                Ok((Status::Again, _)) if retrying < retry && start.elapsed() < STEP_TIMEOUT => {
                     std::thread::sleep(RETRY_PAUSE)
                 }
                 Ok((Status::Again, _)) => break RoleState::Refused,
@@ -185,6 +197,7 @@ impl WriterRole {
     }
 
     /// Gives the role back (or forgets a refusal): the next start tries again.
+    /// Where the lock manager does not take it back, the role stays held.
     pub fn release(&self) {
         let mut st = self.state.settled();
         let was = std::mem::replace(&mut *st, RoleState::Idle);
@@ -192,7 +205,9 @@ impl WriterRole {
             return;
         }
         if let Some(l) = &self.lock {
-            l.give_back();
+            if !l.give_back() {
+                *st = RoleState::Held;
+            }
         }
     }
 
@@ -216,8 +231,12 @@ impl WriterRole {
         drop(st);
         let shared = self.state.clone();
         let end = move |l: &RoleLock| {
-            l.give_back();
-            *shared.state.lock().unwrap_or_else(|e| e.into_inner()) = RoleState::Idle;
+            let now = if l.give_back() {
+                RoleState::Idle
+            } else {
+                RoleState::Held
+            };
+            *shared.state.lock().unwrap_or_else(|e| e.into_inner()) = now;
             shared.released.notify_all();
         };
         let spawned = std::thread::Builder::new()
@@ -235,20 +254,39 @@ impl WriterRole {
 
 impl RoleLock {
     /// Converts the role's lock back to NL and waits for the lock manager.
-    fn give_back(&self) {
+    /// Returns whether the role was given back; if not, the lock is as it was
+    /// (held): a conversion left unanswered is cancelled, so that its answer
+    /// cannot come later and be taken for the grant of the next take.
+    fn give_back(&self) -> bool {
         let rx = self.router.expect(self.id);
-        let done = self
-            .ls
-            .convert(self.id, Mode::Nl, flags::CONVERT, None)
-            .map_err(|e| e.to_string())
-            .and_then(|()| match rx.recv_timeout(STEP_TIMEOUT) {
+        let done = match self.ls.convert(self.id, Mode::Nl, flags::CONVERT, None) {
+            Err(e) => Err(e.to_string()),
+            Ok(()) => match rx.recv_timeout(self.step_timeout) {
                 Ok((Status::Granted, _)) => Ok(()),
                 Ok((s, _)) => Err(format!("ended with {s:?}")),
-                Err(_) => Err(format!("no answer in {STEP_TIMEOUT:?}")),
-            });
+                Err(_) => {
+                    let cancel = self.router.expect(self.id);
+                    let answer = match self.ls.unlock(self.id, flags::CANCEL, None) {
+                        Ok(()) => cancel.recv_timeout(Duration::from_secs(5)).ok(),
+                        Err(_) => None,
+                    };
+                    match answer {
+                        // The release went through before the cancel.
+                        Some((Status::Granted, _)) => Ok(()),
+                        _ => Err(format!("no answer in {:?}", self.step_timeout)),
+                    }
+                }
+            },
+        };
         match done {
-            Ok(()) => info!("writer role released"),
-            Err(e) => warn!("writer role release: {e}"),
+            Ok(()) => {
+                info!("writer role released");
+                true
+            }
+            Err(e) => {
+                warn!("writer role release: {e}; the role stays with this node");
+                false
+            }
         }
     }
 }
@@ -339,6 +377,142 @@ mod tests {
         assert_eq!(a.acquire(Duration::ZERO), RoleState::Refused);
         a.release_in_background();
         assert_eq!(a.state(), RoleState::Idle);
+    }
+
+    /// A lockspace member whose lock manager is slow or failing on demand.
+    #[derive(Default)]
+    struct Moody {
+        inner: Option<Arc<dyn LockSpace>>,
+        /// Delay before a conversion to NL (a release) reaches the lock manager.
+        nl_delay: Mutex<Duration>,
+        /// Delay of the answer to the next conversion to another mode.
+        next_answer_delay: Mutex<Duration>,
+        /// Conversions to NL: refused (`Some(true)`) or never answered (`Some(false)`).
+        nl_fails: Mutex<Option<bool>>,
+    }
+
+    impl Moody {
+        fn inner(&self) -> &dyn LockSpace {
+            &**self.inner.as_ref().expect("joined")
+        }
+    }
+
+    impl LockSpace for Moody {
+        fn node(&self) -> crate::dlm::NodeId {
+            self.inner().node()
+        }
+        fn lvb_len(&self) -> usize {
+            self.inner().lvb_len()
+        }
+        fn lock(
+            &self,
+            name: &[u8],
+            mode: Mode,
+            fl: u32,
+            lvb: Option<&[u8]>,
+        ) -> Result<LockId, crate::dlm::DlmError> {
+            self.inner().lock(name, mode, fl, lvb)
+        }
+        fn convert(
+            &self,
+            lock: LockId,
+            mode: Mode,
+            fl: u32,
+            lvb: Option<&[u8]>,
+        ) -> Result<(), crate::dlm::DlmError> {
+            if mode == Mode::Nl {
+                match *self.nl_fails.lock().unwrap() {
+                    Some(true) => return Err(crate::dlm::DlmError::Rejected("refused".into())),
+                    Some(false) => return Ok(()),
+                    None => {}
+                }
+                std::thread::sleep(*self.nl_delay.lock().unwrap());
+                return self.inner().convert(lock, mode, fl, lvb);
+            }
+            let r = self.inner().convert(lock, mode, fl, lvb);
+            let delay = std::mem::take(&mut *self.next_answer_delay.lock().unwrap());
+            std::thread::sleep(delay);
+            r
+        }
+        fn unlock(
+            &self,
+            lock: LockId,
+            fl: u32,
+            lvb: Option<&[u8]>,
+        ) -> Result<(), crate::dlm::DlmError> {
+            self.inner().unlock(lock, fl, lvb)
+        }
+        fn events(&self) -> crossbeam_channel::Receiver<crate::dlm::Event> {
+            self.inner().events()
+        }
+    }
+
+    fn moody_role(dlm: &LocalDlm) -> (WriterRole, Arc<Comms>, Arc<Moody>) {
+        let m = Arc::new(Moody {
+            inner: Some(Arc::new(dlm.join(LS, 32))),
+            ..Moody::default()
+        });
+        let ls: Arc<dyn LockSpace> = m.clone();
+        let comms = Comms::join(ls, 1, Box::new(|_| {})).unwrap();
+        (WriterRole::cluster(&comms, false).unwrap(), comms, m)
+    }
+
+    /// A migration's destination asks for the role while the source's release,
+    /// answered in the background, is held up by a slow lock manager (a
+    /// recovery), which answers the destination as slowly: the time the lock
+    /// manager takes does not count against the retries, and the destination
+    /// gets the role once the release is through.
+    #[test]
+    fn a_take_waits_out_a_release_the_lock_manager_is_slow_to_do() {
+        let dlm = LocalDlm::new();
+        let (a, _ca, ma) = moody_role(&dlm);
+        let (b, _cb, mb) = moody_role(&dlm);
+        assert_eq!(a.acquire(ACQUIRE_RETRY), RoleState::Held);
+        *ma.nl_delay.lock().unwrap() = Duration::from_millis(1500);
+        a.release_in_background();
+        *mb.next_answer_delay.lock().unwrap() = Duration::from_millis(1200);
+        assert_eq!(b.acquire(ACQUIRE_RETRY), RoleState::Held);
+        assert_eq!(a.acquire(Duration::ZERO), RoleState::Refused);
+    }
+
+    /// A release the lock manager refuses leaves the lock held: the role is
+    /// still this node's, and its state says so (not "idle" while every other
+    /// node is refused).
+    #[test]
+    fn a_release_the_lock_manager_refuses_leaves_the_role_held() {
+        let dlm = LocalDlm::new();
+        let (a, _ca, ma) = moody_role(&dlm);
+        let (b, _cb, _mb) = moody_role(&dlm);
+        assert_eq!(a.acquire(ACQUIRE_RETRY), RoleState::Held);
+        *ma.nl_fails.lock().unwrap() = Some(true);
+        a.release_in_background();
+        assert_eq!(*a.state.settled(), RoleState::Held);
+        a.release();
+        assert_eq!(a.state(), RoleState::Held);
+        assert_eq!(b.acquire(Duration::ZERO), RoleState::Refused);
+        // Once the lock manager takes it, the role goes back.
+        *ma.nl_fails.lock().unwrap() = None;
+        a.release();
+        assert_eq!(a.state(), RoleState::Idle);
+        b.release();
+        assert_eq!(b.acquire(Duration::ZERO), RoleState::Held);
+    }
+
+    /// A release the lock manager never answers is cancelled: the role stays
+    /// held (an answer coming later must not pass for the next take's grant).
+    #[test]
+    fn an_unanswered_release_is_cancelled_and_the_role_stays_held() {
+        let dlm = LocalDlm::new();
+        let (mut a, _ca, ma) = moody_role(&dlm);
+        let (b, _cb, _mb) = moody_role(&dlm);
+        if let Some(l) = a.lock.as_mut().and_then(Arc::get_mut) {
+            l.step_timeout = Duration::from_millis(200);
+        }
+        assert_eq!(a.acquire(ACQUIRE_RETRY), RoleState::Held);
+        *ma.nl_fails.lock().unwrap() = Some(false);
+        a.release_in_background();
+        assert_eq!(*a.state.settled(), RoleState::Held);
+        assert_eq!(b.acquire(Duration::ZERO), RoleState::Refused);
     }
 
     #[test]
