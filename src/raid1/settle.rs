@@ -27,6 +27,8 @@ pub(crate) struct Settler {
 struct State {
     /// A worker parked a request since the settler last began a record.
     requested: bool,
+    /// Woken without a request (the array is gone) since the last wait.
+    woken: bool,
     /// Failures up to this count could not be recorded (no leg took the update).
     failed_upto: u64,
     /// Why, for the requests that fail because of it.
@@ -70,19 +72,21 @@ impl Settler {
 
     /// Wakes the settler thread without a request (the array is gone).
     pub(crate) fn wake(&self) {
-        let _g = lock(&self.state);
+        // Kept for a thread not waiting yet (between two waits).
+        lock(&self.state).woken = true;
         self.wake.notify_all();
     }
 
     /// Waits until a record is requested; `false` when none came within `timeout`.
     pub(crate) fn wait_request(&self, timeout: Duration) -> bool {
         let mut st = lock(&self.state);
-        if !st.requested {
+        if !st.requested && !std::mem::take(&mut st.woken) {
             st = self
                 .wake
                 .wait_timeout(st, timeout)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
+            st.woken = false;
         }
         std::mem::take(&mut st.requested)
     }
@@ -91,6 +95,24 @@ impl Settler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The array's drop wakes its settler thread; a thread not waiting at that
+    /// moment (between two records) must see it at its next wait, not sleep the
+    /// whole backstop with its array gone.
+    #[test]
+    fn a_wake_before_the_wait_is_not_lost() {
+        let s = Settler::default();
+        s.wake();
+        let t = std::time::Instant::now();
+        assert!(
+            !s.wait_request(Duration::from_secs(5)),
+            "no record was asked"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "the wake-up was lost: slept the whole wait"
+        );
+    }
 
     #[test]
     fn an_outcome_waits_for_the_record_or_its_failure() {
