@@ -14,6 +14,12 @@ impl WriteIntent {
         self.flush_locked(self.lock(), t.generation, store)
     }
 
+    /// Bitmap writes tried so far (tests).
+    #[cfg(test)]
+    pub(crate) fn flush_attempts(&self) -> u64 {
+        self.lock().flush_attempts
+    }
+
     /// Whether a flusher thread serves [`WriteIntent::request_flush`].
     pub fn flushes_in_background(&self) -> bool {
         self.flusher.load(Ordering::Acquire)

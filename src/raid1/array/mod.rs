@@ -216,6 +216,10 @@ pub struct Array {
 /// the array is dropped. Hundreds of idle arrays on a host cost no CPU.
 pub(crate) const IDLE_BACKSTOP: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long the bitmap flusher waits before it tries a failed bitmap write again
+/// (unless asked again meanwhile).
+const FAILED_FLUSH_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl Drop for Array {
     fn drop(&mut self) {
         // Their threads hold no reference while idle: they see the array gone.
@@ -422,6 +426,10 @@ impl Array {
                 }
                 if let Err(e) = array.bitmap.serve_flush(&*array, std::time::Duration::ZERO) {
                     warn!("bitmap write for waiting writes: {e}");
+                    // The writes waiting for it failed; what asked stays asked:
+                    // tried again after a pause, or at once when asked again.
+                    drop(array);
+                    bell.wait(FAILED_FLUSH_PAUSE);
                 }
             })?;
         self.bitmap.set_flusher(true);
