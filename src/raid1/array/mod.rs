@@ -516,4 +516,6 @@ pub(super) fn now() -> u64 {
 }
 
 #[cfg(test)]
+mod background_tests;
+#[cfg(test)]
 mod tests;
