@@ -59,7 +59,7 @@ pub(crate) fn take(file: &File, claim: Claim) -> io::Result<()> {
         if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
             return Err(err);
         }
-        if std::time::Instant::now() >= deadline || !held_by_udev_only(file) {
+        if std::time::Instant::now() >= deadline || !held_for_a_moment(file) {
             return Err(busy(file));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -71,11 +71,18 @@ pub(crate) fn take(file: &File, claim: Claim) -> io::Result<()> {
 /// flock, for a moment.
 const UDEV_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Whether every holder of a flock on `file` is udev probing it.
-fn held_by_udev_only(file: &File) -> bool {
+/// Whether the flocks on `file` are held for a moment only: by udev probing it,
+/// or by a process on its way out (its lock goes with it), or released since.
+fn held_for_a_moment(file: &File) -> bool {
     let Ok(m) = file.metadata() else { return false };
-    let hs = holders(m.dev(), m.ino());
-    !hs.is_empty() && hs.iter().all(|h| !h.exclusive && h.is_udev())
+    worth_waiting_for(&holders(m.dev(), m.ino()))
+}
+
+/// See [`held_for_a_moment`].
+fn worth_waiting_for(holders: &[Holder]) -> bool {
+    holders
+        .iter()
+        .all(|h| h.is_exiting() || (!h.exclusive && h.is_udev()))
 }
 
 /// The refusal of an `O_EXCL` open of a block device (`EBUSY`): names our holder if
@@ -133,6 +140,12 @@ impl Holder {
         let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
         let name = argv0.rsplit(|b| *b == b'/').next().unwrap_or_default();
         matches!(name, b"(udev-worker)" | b"systemd-udevd" | b"udevd")
+    }
+
+    /// Whether the holder is gone or exiting: its command line is empty or
+    /// unreadable (a process that ended, or is ending and closing its files).
+    fn is_exiting(&self) -> bool {
+        std::fs::read(format!("/proc/{}/cmdline", self.pid)).map_or(true, |c| c.is_empty())
     }
 
     /// "pid N (vhost-user-md serve --socket PATH)" as far as `/proc` tells.
@@ -287,6 +300,26 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         child
+    }
+
+    /// A holder that is ending (udev's worker done with its probe) is waited for,
+    /// not named in a refusal as "pid N" with nothing else known: the claim
+    /// raced with its exit.
+    #[test]
+    fn a_holder_on_its_way_out_is_waited_for() {
+        let gone = Holder {
+            pid: i32::MAX,
+            exclusive: false,
+        };
+        assert!(worth_waiting_for(std::slice::from_ref(&gone)));
+        let ours = Holder {
+            pid: std::process::id() as i32,
+            exclusive: false,
+        };
+        assert!(
+            !worth_waiting_for(&[gone, ours]),
+            "a live holder is no udev"
+        );
     }
 
     #[test]
