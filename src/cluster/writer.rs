@@ -265,11 +265,15 @@ impl RoleLock {
                 Ok((Status::Granted, _)) => Ok(()),
                 Ok((s, _)) => Err(format!("ended with {s:?}")),
                 Err(_) => {
+                    // From here the conversion's answer, if it comes, comes to
+                    // `cancel`; one that came just before is in `rx`.
                     let cancel = self.router.expect(self.id);
-                    let answer = match self.ls.unlock(self.id, flags::CANCEL, None) {
-                        Ok(()) => cancel.recv_timeout(Duration::from_secs(5)).ok(),
-                        Err(_) => None,
-                    };
+                    let answer = rx.try_recv().ok().or_else(|| {
+                        // Refused when nothing is queued any more: the conversion
+                        // was granted meanwhile, and its answer is on its way.
+                        let _ = self.ls.unlock(self.id, flags::CANCEL, None);
+                        cancel.recv_timeout(Duration::from_secs(5)).ok()
+                    });
                     match answer {
                         // The release went through before the cancel.
                         Some((Status::Granted, _)) => Ok(()),
@@ -389,6 +393,8 @@ mod tests {
         next_answer_delay: Mutex<Duration>,
         /// Conversions to NL: refused (`Some(true)`) or never answered (`Some(false)`).
         nl_fails: Mutex<Option<bool>>,
+        /// Conversions to NL reach the lock manager this late, after the call.
+        nl_late: Mutex<Option<Duration>>,
     }
 
     impl Moody {
@@ -425,6 +431,14 @@ mod tests {
                     Some(true) => return Err(crate::dlm::DlmError::Rejected("refused".into())),
                     Some(false) => return Ok(()),
                     None => {}
+                }
+                if let Some(late) = *self.nl_late.lock().unwrap() {
+                    let inner = self.inner.clone().expect("joined");
+                    std::thread::spawn(move || {
+                        std::thread::sleep(late);
+                        let _ = inner.convert(lock, mode, fl, None);
+                    });
+                    return Ok(());
                 }
                 std::thread::sleep(*self.nl_delay.lock().unwrap());
                 return self.inner().convert(lock, mode, fl, lvb);
@@ -513,6 +527,25 @@ mod tests {
         a.release_in_background();
         assert_eq!(*a.state.settled(), RoleState::Held);
         assert_eq!(b.acquire(Duration::ZERO), RoleState::Refused);
+    }
+
+    /// A release answered only after the wait for it gave up, too late to be
+    /// cancelled: it went through, so the role is given back. Taken for held,
+    /// this node would write on a lock another node can now take.
+    #[test]
+    fn a_release_answered_after_its_wait_gave_up_is_given_back() {
+        let dlm = LocalDlm::new();
+        let (mut a, _ca, ma) = moody_role(&dlm);
+        let (b, _cb, _mb) = moody_role(&dlm);
+        if let Some(l) = a.lock.as_mut().and_then(Arc::get_mut) {
+            l.step_timeout = Duration::from_millis(200);
+        }
+        assert_eq!(a.acquire(ACQUIRE_RETRY), RoleState::Held);
+        *ma.nl_late.lock().unwrap() = Some(Duration::from_millis(500));
+        a.release_in_background();
+        assert_eq!(*a.state.settled(), RoleState::Idle);
+        assert_eq!(b.acquire(ACQUIRE_RETRY), RoleState::Held);
+        assert_eq!(a.acquire(Duration::ZERO), RoleState::Refused);
     }
 
     #[test]
